@@ -1,0 +1,297 @@
+"""The node's one settings model.
+
+Sources, highest priority first:
+    1. environment variables ``MEDGEMMA_NODE_<KEY>`` (nested keys with ``__``, e.g.
+       ``MEDGEMMA_NODE_DICOM__PORT=11112``);
+    2. the TOML file given by ``--config PATH``;
+    3. the defaults below (also documented in config/node.example.toml).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "MEDGEMMA_NODE_"
+
+# DICOM PS3.4 Annex B storage SOP classes accepted by default (CR, DX, CT, MR, SC).
+DEFAULT_SOP_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+]
+
+# SR and presentation states that PACS may echo back to us: accepted (so the sender sees
+# Success) but stored aside and never re-processed (PS3.4 B.5: Basic/Enhanced/Comprehensive SR,
+# Grayscale Softcopy Presentation State).
+DEFAULT_IGNORED_SOP_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.88.11",
+    "1.2.840.10008.5.1.4.1.1.88.22",
+    "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.88.34",
+    "1.2.840.10008.5.1.4.1.1.11.1",
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+]
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 §6.2: AE is at most 16 characters, no backslash or control characters.
+    if not value.strip() or len(value) > 16 or "\\" in value or not value.isprintable():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters)")
+    return value
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+class TLSSettings(BaseModel):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs cert_file and key_file")
+        return self
+
+
+class DicomSettings(BaseModel):
+    ae_title: AETitle = "MEDGEMMA"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    max_associations: int = Field(default=10, ge=1)
+    max_pdu: int = Field(default=262144, ge=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    accepted_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_SOP_CLASSES))
+    ignored_sop_classes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IGNORED_SOP_CLASSES)
+    )
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aes(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+
+class QuietRule(BaseModel):
+    """A study is complete once nothing has arrived for ``seconds``."""
+
+    modality: str | None = None  # None: any modality
+    calling_ae: str | None = None  # None: any sender
+    seconds: float = Field(ge=0)
+
+
+class CompletionSettings(BaseModel):
+    default_seconds: float = Field(default=15.0, ge=0)
+    rules: list[QuietRule] = Field(
+        default_factory=lambda: [
+            QuietRule(modality="CR", seconds=5),
+            QuietRule(modality="DX", seconds=5),
+            QuietRule(modality="CT", seconds=30),
+            QuietRule(modality="MR", seconds=30),
+        ]
+    )
+    poll_interval_s: float = Field(default=0.5, gt=0)
+
+    def quiet_seconds(self, modality: str, calling_ae: str) -> float:
+        """Most specific rule wins: modality+AE, then AE, then modality, then the default."""
+        best: tuple[int, float] | None = None
+        for rule in self.rules:
+            if rule.modality not in (None, modality) or rule.calling_ae not in (None, calling_ae):
+                continue
+            rank = (2 if rule.calling_ae else 0) + (1 if rule.modality else 0)
+            if best is None or rank > best[0]:
+                best = (rank, rule.seconds)
+        return best[1] if best else self.default_seconds
+
+
+class StorageSettings(BaseModel):
+    data_dir: Path = Path("data")
+    database_url: str | None = None  # default: sqlite:///<data_dir>/node.db
+    min_free_disk_mb: int = Field(default=1024, ge=0)
+    phi_hash_salt: str = ""  # empty: a random salt kept in <data_dir>/.phi_salt
+
+
+class ModelSettings(BaseModel):
+    model_id: str = "google/medgemma-1.5-4b-it"
+    # A local directory with the weights; None: the local Hugging Face cache (HF_HUB_OFFLINE=1).
+    model_path: Path | None = None
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    language: Literal["en", "zh"] = "en"
+    prompts_dir: Path | None = None  # site templates that override the shipped ones
+    max_new_tokens: int = Field(default=1024, ge=1)
+    max_batch: int = Field(default=8, ge=1)
+    batch_wait_ms: int = Field(default=20, ge=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_s: float = Field(default=30.0, ge=0)
+    lease_seconds: float = Field(default=600.0, gt=0)
+    fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
+
+
+class RetryPolicy(BaseModel):
+    max_attempts: int = Field(default=20, ge=1)
+    max_age_s: float = Field(default=86400.0, gt=0)
+    initial_backoff_s: float = Field(default=2.0, ge=0)
+    max_backoff_s: float = Field(default=600.0, gt=0)
+
+
+class DestinationBase(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    enabled: bool = True
+    # Routing: empty lists mean "all".
+    only_calling_aets: list[str] = Field(default_factory=list)
+    only_modalities: list[str] = Field(default_factory=list)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+
+
+class DicomDestination(DestinationBase):
+    kind: Literal["dicom"]
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    send_gsps: bool = True
+
+
+class HL7Destination(DestinationBase):
+    kind: Literal["hl7"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "MEDGEMMA"
+    sending_facility: str = "MEDGEMMA"
+    receiving_application: str = "HIS"
+    receiving_facility: str = "HOSPITAL"
+    processing_id: Literal["P", "T", "D"] = "P"
+    placer_from: Literal["accession", "study_uid"] = "accession"
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    ack_timeout_s: float = Field(default=30.0, gt=0)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+
+class FileDestination(DestinationBase):
+    kind: Literal["file"]
+    directory: Path
+    write_hl7: bool = True
+    copy_dicom: bool = True
+
+
+class HttpDestination(DestinationBase):
+    kind: Literal["http"]
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    bearer_token: str | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+Destination = Annotated[
+    DicomDestination | HL7Destination | FileDestination | HttpDestination,
+    Field(discriminator="kind"),
+]
+
+
+class MetricsSettings(BaseModel):
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)
+
+
+class LoggingSettings(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = None  # default: <data_dir>/logs/node.log
+
+
+class NodeSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
+    )
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> NodeSettings:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique; repeated: {duplicates}")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        if self.storage.database_url:
+            return self.storage.database_url
+        return f"sqlite:///{(self.storage.data_dir / 'node.db').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init kwargs), which beats the defaults.
+        return (env_settings, init_settings)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` names each bad key."""
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(root)"
+        lines.append(f"{key}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
+    """Load and validate; raise ConfigError with one line per bad key."""
+    data = read_toml(path) if path is not None else {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition("__")
+        data.setdefault(section, {})[key] = value
+    try:
+        return NodeSettings(**data)
+    except ValidationError as exc:
+        source = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{source}:\n{_format_validation_error(exc)}") from exc

@@ -1,0 +1,238 @@
+"""SQLAlchemy 2.x models: what the node has received, what it must do, what it has sent.
+
+Tables:
+    studies ─< series ─< instances
+    studies ─< study_versions >─< instances   (the set a job covers)
+    study_versions ─ jobs ─ reports ─< report_objects
+                             reports ─< outbox
+    audit_events
+
+Schema changes go through Alembic (storage/migrations); ``serve`` upgrades a fresh database.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)  # DICOM PS3.5 §9: a UID is at most 64 characters
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TZDateTime(DateTime):
+    """Timezone-aware timestamps on both SQLite and PostgreSQL."""
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True, index=True)
+    patient_hash: Mapped[str] = mapped_column(String(32), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    first_received_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    # True while instances exist that no study version covers yet (the scheduler's work list).
+    has_unversioned: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+    versions: Mapped[list[StudyVersion]] = relationship(
+        back_populates="study", order_by="StudyVersion.version_number"
+    )
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True, index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+version_instances = Table(
+    "study_version_instances",
+    Base.metadata,
+    Column("version_id", ForeignKey("study_versions.id"), primary_key=True),
+    Column("instance_id", ForeignKey("instances.id"), primary_key=True),
+)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)  # relative to the data directory
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class StudyVersion(Base):
+    """The set of instances one job covers; a later arrival makes the next version."""
+
+    __tablename__ = "study_versions"
+    __table_args__ = (UniqueConstraint("study_id", "version_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    version_number: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="versions")
+    instances: Mapped[list[Instance]] = relationship(secondary=version_instances)
+    job: Mapped[Job | None] = relationship(back_populates="study_version")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_version_id: Mapped[int] = mapped_column(
+        ForeignKey("study_versions.id"), unique=True
+    )
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    available_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+
+    study_version: Mapped[StudyVersion] = relationship(back_populates="job")
+
+
+class Report(Base):
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_version_id: Mapped[int] = mapped_column(ForeignKey("study_versions.id"))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    language: Mapped[str] = mapped_column(String(16), default="en")
+    parse_status: Mapped[str] = mapped_column(String(32))
+    urgency: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    question: Mapped[str] = mapped_column(Text, default="")
+    raw_text: Mapped[str] = mapped_column(Text, default="")
+    content_json: Mapped[dict[str, Any]] = mapped_column(JSON)  # storage.report_schema.ReportContent
+    model_json: Mapped[dict[str, Any]] = mapped_column(JSON)  # storage.report_schema.ModelIdentity
+    timings_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    is_test_model: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    objects: Mapped[list[ReportObject]] = relationship(back_populates="report")
+
+
+class ReportObject(Base):
+    """A built output object (SR, GSPS, PDF) on disk under <data>/reports/."""
+
+    __tablename__ = "report_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "sr" | "gsps" | "pdf"
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    path: Mapped[str] = mapped_column(Text)  # relative to the data directory
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+    report: Mapped[Report] = relationship(back_populates="objects")
+
+
+class OutboxItem(Base):
+    """One object for one destination. Written in the report's transaction (design.md)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("report_id", "destination", "object_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "dicom" | "hl7" | "file" | "http"
+    object_id: Mapped[int | None] = mapped_column(ForeignKey("report_objects.id"), nullable=True)
+    # Fixed at creation so every retry sends the same thing (HL7 MSH-10, HTTP idempotency key).
+    message_id: Mapped[str] = mapped_column(String(64))
+    # The exact bytes to send (ORU message, JSON report), built once with the report; for DICOM
+    # the object's file (report_objects.path). Relative to the data directory.
+    payload_path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
