@@ -21,12 +21,14 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Dialect,
     ForeignKey,
     Integer,
     MetaData,
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -38,11 +40,23 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class TZDateTime(DateTime):
-    """Timezone-aware timestamps on both SQLite and PostgreSQL."""
+class TZDateTime(TypeDecorator[datetime]):
+    """UTC timestamps that come back timezone-aware on SQLite too (it stores naive text)."""
 
-    def __init__(self) -> None:
-        super().__init__(timezone=True)
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given; use UTC-aware datetimes")
+        if value is not None and dialect.name == "sqlite":
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
 
 NAMING = {
@@ -149,9 +163,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_version_id: Mapped[int] = mapped_column(
-        ForeignKey("study_versions.id"), unique=True
-    )
+    study_version_id: Mapped[int] = mapped_column(ForeignKey("study_versions.id"), unique=True)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -180,7 +192,9 @@ class Report(Base):
     urgency: Mapped[str | None] = mapped_column(String(16), nullable=True)
     question: Mapped[str] = mapped_column(Text, default="")
     raw_text: Mapped[str] = mapped_column(Text, default="")
-    content_json: Mapped[dict[str, Any]] = mapped_column(JSON)  # storage.report_schema.ReportContent
+    content_json: Mapped[dict[str, Any]] = mapped_column(
+        JSON
+    )  # storage.report_schema.ReportContent
     model_json: Mapped[dict[str, Any]] = mapped_column(JSON)  # storage.report_schema.ModelIdentity
     timings_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     is_test_model: Mapped[bool] = mapped_column(Boolean, default=False)

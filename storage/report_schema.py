@@ -104,6 +104,4 @@ class ReportDocument(BaseModel):
 
 
 TEST_MODEL_BANNER = "TEST MODEL – NOT FOR CLINICAL USE"
-AI_DISCLAIMER = (
-    "AI-generated, preliminary, not verified — must be reviewed by a physician."
-)
+AI_DISCLAIMER = "AI-generated, preliminary, not verified — must be reviewed by a physician."

@@ -1,0 +1,374 @@
+"""The Storage SCP: C-ECHO and C-STORE (DICOM PS3.4 Annex A and B, PS3.7 §9.1.1).
+
+The C-STORE handler does four things — check, write, record, return a status — and turns every
+failure into a DIMSE status (PS3.4 B.2.3):
+    0x0000 Success            file fsynced + renamed + row committed (or a known duplicate)
+    0xA700 Out of resources   disk below the watermark, or the disk/database failed
+    0xA900 Data set does not match SOP class   UIDs missing or not those of the request
+    0xC000 Cannot understand  the data set does not parse
+It runs in the association's thread: it never touches the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, Association, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import OperationalError
+
+from config.settings import NodeSettings, TLSSettings
+from storage.db import Database
+from storage.files import free_disk_mb, instance_relpath, uid_component, write_durably
+from storage.ingest import ReceivedInstance, instance_exists, record_instance
+from storage.phi import phi_hash
+
+log = logging.getLogger("medgemma_node.scp")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+UNCOMPRESSED_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+]
+
+# PS3.5 Annex A.4: the compressed syntaxes we accept when a decoder for them is installed.
+COMPRESSED_CANDIDATES = [
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # High-Throughput JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.202",  # High-Throughput JPEG 2000 with RPCL Lossless Only
+    "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+
+def decodable_compressed_syntaxes() -> list[str]:
+    """Compressed transfer syntaxes whose pixel data the installed plugins can decode."""
+    usable = []
+    for uid in COMPRESSED_CANDIDATES:
+        try:
+            if get_decoder(UID(uid)).is_available:
+                usable.append(uid)
+        except NotImplementedError:
+            continue
+    return usable
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    return [*UNCOMPRESSED_SYNTAXES, *decodable_compressed_syntaxes()]
+
+
+class StoreRejected(Exception):
+    """A C-STORE that must fail with ``status``; the message is safe to log (no PHI)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass
+class ScpCounters:
+    """Thread-safe counts for status and metrics."""
+
+    stored: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    failed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, name: str) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+class StorageSCP:
+    """The node's DICOM listener. ``start()`` returns once it listens; ``stop()`` shuts it."""
+
+    def __init__(self, settings: NodeSettings, db: Database, salt: bytes) -> None:
+        self.settings = settings
+        self.db = db
+        self.salt = salt
+        self.data_dir = settings.storage.data_dir
+        self.counters = ScpCounters()
+        self.accepted_sop_classes = set(settings.dicom.accepted_sop_classes)
+        self.ignored_sop_classes = set(settings.dicom.ignored_sop_classes)
+        self.server: ThreadedAssociationServer | None = None
+        self.on_instance_stored: list[Any] = []  # callables(ReceivedInstance) for metrics
+
+    def build_ae(self) -> AE:
+        dicom = self.settings.dicom
+        ae = AE(ae_title=dicom.ae_title)
+        ae.maximum_associations = dicom.max_associations
+        ae.maximum_pdu_size = dicom.max_pdu
+        ae.network_timeout = dicom.network_timeout_s
+        ae.acse_timeout = dicom.network_timeout_s
+        ae.dimse_timeout = dicom.network_timeout_s
+        if dicom.allowed_calling_aets:
+            ae.require_calling_aet = list(dicom.allowed_calling_aets)
+        ae.add_supported_context(Verification)
+        syntaxes = accepted_transfer_syntaxes()
+        for sop_class in sorted(self.accepted_sop_classes | self.ignored_sop_classes):
+            ae.add_supported_context(sop_class, syntaxes)
+        return ae
+
+    def start(self) -> None:
+        dicom = self.settings.dicom
+        if not dicom.allowed_calling_aets:
+            log.warning(
+                "dicom.allowed_calling_aets is empty: any calling AE title may store studies"
+            )
+        handlers = [
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, _handle_echo),
+            (evt.EVT_ACCEPTED, _log_accepted),
+            (evt.EVT_REJECTED, _log_rejected),
+            (evt.EVT_ABORTED, _log_aborted),
+        ]
+        ae = self.build_ae()
+        self.server = ae.start_server(
+            (dicom.bind_address, dicom.port),
+            block=False,
+            evt_handlers=handlers,  # type: ignore[arg-type]
+            ssl_context=server_ssl_context(dicom.tls),
+        )
+        log.info(
+            "DICOM SCP %s listening on %s:%d (%d transfer syntaxes)",
+            dicom.ae_title,
+            dicom.bind_address,
+            self.port,
+            len(accepted_transfer_syntaxes()),
+        )
+
+    @property
+    def port(self) -> int:
+        if self.server is None:
+            return self.settings.dicom.port
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # -- C-STORE ---------------------------------------------------------------------------
+
+    def _handle_store(self, event: evt.Event) -> int:
+        try:
+            status = self._store(event)
+        except StoreRejected as rejected:
+            self.counters.add("failed")
+            log.warning("C-STORE refused with 0x%04X: %s", rejected.status, rejected)
+            return rejected.status
+        except (OSError, OperationalError) as exc:
+            self.counters.add("failed")
+            log.error("C-STORE failed, disk or database unavailable: %s", type(exc).__name__)
+            log.debug("C-STORE failure detail", exc_info=True)
+            return STATUS_OUT_OF_RESOURCES
+        except Exception:
+            self.counters.add("failed")
+            log.exception("C-STORE failed unexpectedly")
+            return STATUS_CANNOT_UNDERSTAND
+        return status
+
+    def _store(self, event: evt.Event) -> int:
+        self._check_disk()
+        dataset = _decode_fully(event)
+        request = event.request
+        uids = _required_uids(dataset, request)
+        calling_ae = _calling_ae(event.assoc)
+        if uids.sop_class in self.ignored_sop_classes:
+            return self._store_ignored(event, uids, calling_ae)
+        if instance_exists(self.db, uids.sop_instance):
+            self.counters.add("duplicates")
+            log.info("duplicate SOP %s from %s acknowledged", uids.sop_instance, calling_ae)
+            return STATUS_SUCCESS
+        relpath = instance_relpath(uids.study, uids.series, uids.sop_instance)
+        encoded = event.encoded_dataset()
+        write_durably(self.data_dir / relpath, encoded)
+        item = self._received(dataset, uids, event, relpath, len(encoded), calling_ae)
+        if record_instance(self.db, item):
+            self.counters.add("stored")
+            for callback in self.on_instance_stored:
+                callback(item)
+        log.debug("stored SOP %s of study %s from %s", uids.sop_instance, uids.study, calling_ae)
+        return STATUS_SUCCESS
+
+    def _check_disk(self) -> None:
+        free = free_disk_mb(self.data_dir)
+        if free < self.settings.storage.min_free_disk_mb:
+            raise StoreRejected(
+                STATUS_OUT_OF_RESOURCES,
+                f"free disk {free:.0f} MB below watermark "
+                f"{self.settings.storage.min_free_disk_mb} MB",
+            )
+
+    def _store_ignored(self, event: evt.Event, uids: RequiredUIDs, calling_ae: str) -> int:
+        """SR/GSPS echoed back by PACS: kept aside so nothing acknowledged is lost."""
+        path = self.data_dir / "ignored" / f"{uid_component(uids.sop_instance)}.dcm"
+        if not path.exists():
+            write_durably(path, event.encoded_dataset())
+        self.counters.add("ignored")
+        log.info("SOP class %s from %s stored aside, not processed", uids.sop_class, calling_ae)
+        return STATUS_SUCCESS
+
+    def _received(
+        self,
+        dataset: Dataset,
+        uids: RequiredUIDs,
+        event: evt.Event,
+        relpath: Path,
+        size: int,
+        calling_ae: str,
+    ) -> ReceivedInstance:
+        patient_key = f"{dataset.get('PatientID', '')}|{dataset.get('PatientName', '')}"
+        return ReceivedInstance(
+            study_uid=uids.study,
+            series_uid=uids.series,
+            sop_uid=uids.sop_instance,
+            sop_class_uid=uids.sop_class,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            relpath=relpath.as_posix(),
+            size_bytes=size,
+            calling_ae=calling_ae,
+            modality=str(dataset.get("Modality", "") or "")[:16],
+            body_part=str(dataset.get("BodyPartExamined", "") or "")[:64],
+            instance_number=_int_or_none(dataset.get("InstanceNumber")),
+            patient_hash=phi_hash(patient_key, self.salt),
+        )
+
+
+@dataclass(frozen=True)
+class RequiredUIDs:
+    study: str
+    series: str
+    sop_instance: str
+    sop_class: str
+
+
+def _decode_fully(event: evt.Event) -> Dataset:
+    """Parse every element (not the pixel data): garbage must fail now, not in the worker."""
+    try:
+        dataset = event.dataset
+        _walk(dataset)
+    except Exception as exc:
+        raise StoreRejected(
+            STATUS_CANNOT_UNDERSTAND, f"data set does not parse ({type(exc).__name__})"
+        ) from exc
+    return dataset
+
+
+def _walk(dataset: Dataset) -> None:
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value:
+                _walk(item)
+
+
+def _required_uids(dataset: Dataset, request: Any) -> RequiredUIDs:
+    """PS3.4 B.2.3: the instance must carry its UIDs and match the request's."""
+    values = {
+        keyword: str(dataset.get(keyword, "") or "").strip()
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+    }
+    missing = [keyword for keyword, value in values.items() if not value]
+    if missing:
+        raise StoreRejected(STATUS_DATASET_MISMATCH, f"data set lacks {', '.join(missing)}")
+    if values["SOPClassUID"] != str(request.AffectedSOPClassUID):
+        raise StoreRejected(STATUS_DATASET_MISMATCH, "SOPClassUID differs from the request")
+    if values["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID):
+        raise StoreRejected(STATUS_DATASET_MISMATCH, "SOPInstanceUID differs from the request")
+    return RequiredUIDs(
+        study=values["StudyInstanceUID"],
+        series=values["SeriesInstanceUID"],
+        sop_instance=values["SOPInstanceUID"],
+        sop_class=values["SOPClassUID"],
+    )
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(str(value)) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _calling_ae(assoc: Association) -> str:
+    return str(assoc.requestor.ae_title).strip()
+
+
+def _handle_echo(_event: evt.Event) -> int:
+    return STATUS_SUCCESS
+
+
+def _log_accepted(event: evt.Event) -> None:
+    log.info(
+        "association accepted from %s (%s:%s)",
+        _calling_ae(event.assoc),
+        event.assoc.requestor.address,
+        event.assoc.requestor.port,
+    )
+
+
+def _log_rejected(event: evt.Event) -> None:
+    log.warning(
+        "association rejected from %s (%s): calling AE not allowed or no shared context",
+        _calling_ae(event.assoc),
+        event.assoc.requestor.address,
+    )
+
+
+def _log_aborted(event: evt.Event) -> None:
+    log.warning("association from %s aborted", _calling_ae(event.assoc))
+
+
+def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    """TLS per PS3.15 Annex B.9 (BCP 195); client certificates optional."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert tls.cert_file is not None and tls.key_file is not None
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(tls.ca_file)
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    if tls.ca_file is None:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def client_ssl_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context

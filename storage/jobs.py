@@ -1,0 +1,100 @@
+"""The job queue: claim with a lease, finish, fail with backoff (rq-style status enum).
+
+PostgreSQL: several workers claim safely with SELECT … FOR UPDATE SKIP LOCKED.
+SQLite: one worker process; its single writer lock serialises claims.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+
+from storage.db import Database
+from storage.models import Job, JobStatus, utcnow
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    backoff_s: float = 30.0
+
+    def delay(self, attempts: int) -> timedelta:
+        return timedelta(seconds=self.backoff_s * (2 ** max(attempts - 1, 0)))
+
+
+def claim_jobs(db: Database, owner: str, limit: int, lease_seconds: float) -> list[int]:
+    """Lease up to ``limit`` due jobs to ``owner``; return their ids (oldest, highest first)."""
+    now = utcnow()
+    with db.session() as session:
+        query = (
+            select(Job)
+            .where(Job.status == JobStatus.QUEUED, Job.available_at <= now)
+            .order_by(Job.priority.desc(), Job.id)
+            .limit(limit)
+        )
+        if not db.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        jobs = list(session.scalars(query))
+        for job in jobs:
+            job.status = JobStatus.RUNNING
+            job.lease_owner = owner
+            job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            job.attempts += 1
+        return [job.id for job in jobs]
+
+
+def extend_lease(db: Database, job_ids: list[int], owner: str, lease_seconds: float) -> None:
+    with db.session() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.lease_owner == owner)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        )
+
+
+def release_jobs(db: Database, job_ids: list[int], owner: str) -> None:
+    """Give leased jobs back untouched (e.g. the batch was split after running out of memory)."""
+    with db.session() as session:
+        for job in session.scalars(select(Job).where(Job.id.in_(job_ids))):
+            if job.lease_owner == owner and job.status == JobStatus.RUNNING:
+                job.status = JobStatus.QUEUED
+                job.lease_owner = None
+                job.lease_expires_at = None
+                job.attempts = max(job.attempts - 1, 0)
+
+
+def fail_job(db: Database, job_id: int, error: BaseException, policy: RetryPolicy) -> str:
+    """Record the failure with its traceback; requeue with backoff or end as failed."""
+    with db.session() as session:
+        job = session.get_one(Job, job_id)
+        job.last_error = f"{type(error).__name__}: {error}"[:2000]
+        job.last_traceback = "".join(traceback.format_exception(error))[-20000:]
+        job.lease_owner = None
+        job.lease_expires_at = None
+        if job.attempts >= policy.max_attempts:
+            job.status = JobStatus.FAILED
+            job.finished_at = utcnow()
+        else:
+            job.status = JobStatus.QUEUED
+            job.available_at = utcnow() + policy.delay(job.attempts)
+        return job.status
+
+
+def requeue_expired_leases(db: Database, *, all_running: bool = False) -> int:
+    """Jobs whose worker died (lease expired) return to the queue.
+
+    ``all_running``: at start-up with SQLite there is only one worker — this process — so every
+    running job belonged to the previous run and returns at once.
+    """
+    now = utcnow()
+    expired = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
+    with db.session() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.status == JobStatus.RUNNING, *(() if all_running else (expired,)))
+            .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
