@@ -13,7 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "MEDGEMMA_NODE_"
@@ -53,7 +60,13 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
 
 
-class TLSSettings(BaseModel):
+class Section(BaseModel):
+    """A settings table: a misspelt key is an error, not a silently ignored line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(Section):
     enabled: bool = False
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -67,7 +80,7 @@ class TLSSettings(BaseModel):
         return self
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(Section):
     ae_title: AETitle = "MEDGEMMA"
     bind_address: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
@@ -92,7 +105,7 @@ class DicomSettings(BaseModel):
         return [_check_ae_title(v) for v in values]
 
 
-class QuietRule(BaseModel):
+class QuietRule(Section):
     """A study is complete once nothing has arrived for ``seconds``."""
 
     modality: str | None = None  # None: any modality
@@ -100,7 +113,7 @@ class QuietRule(BaseModel):
     seconds: float = Field(ge=0)
 
 
-class CompletionSettings(BaseModel):
+class CompletionSettings(Section):
     default_seconds: float = Field(default=15.0, ge=0)
     rules: list[QuietRule] = Field(
         default_factory=lambda: [
@@ -124,14 +137,18 @@ class CompletionSettings(BaseModel):
         return best[1] if best else self.default_seconds
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(Section):
     data_dir: Path = Path("data")
     database_url: str | None = None  # default: sqlite:///<data_dir>/node.db
     min_free_disk_mb: int = Field(default=1024, ge=0)
     phi_hash_salt: str = ""  # empty: a random salt kept in <data_dir>/.phi_salt
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
+    # "scripted" answers from scripted_responses_file: a test double for pipelines without a
+    # model, never for clinical use (every output is then marked as a test model).
+    engine: Literal["transformers", "scripted"] = "transformers"
+    scripted_responses_file: Path | None = None
     model_id: str = "google/medgemma-1.5-4b-it"
     # A local directory with the weights; None: the local Hugging Face cache (HF_HUB_OFFLINE=1).
     model_path: Path | None = None
@@ -146,16 +163,26 @@ class ModelSettings(BaseModel):
     retry_backoff_s: float = Field(default=30.0, ge=0)
     lease_seconds: float = Field(default=600.0, gt=0)
     fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
+    # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
+    # weights); True writes and loads the tiny random demo model, loudly marked as a test model.
+    demo_model_if_missing: bool = False
+    weights_check_interval_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _scripted_needs_file(self) -> ModelSettings:
+        if self.engine == "scripted" and self.scripted_responses_file is None:
+            raise ValueError("model.engine = 'scripted' needs model.scripted_responses_file")
+        return self
 
 
-class RetryPolicy(BaseModel):
+class RetryPolicy(Section):
     max_attempts: int = Field(default=20, ge=1)
     max_age_s: float = Field(default=86400.0, gt=0)
     initial_backoff_s: float = Field(default=2.0, ge=0)
     max_backoff_s: float = Field(default=600.0, gt=0)
 
 
-class DestinationBase(BaseModel):
+class DestinationBase(Section):
     name: str = Field(min_length=1, max_length=64)
     enabled: bool = True
     # Routing: empty lists mean "all".
@@ -177,10 +204,11 @@ class HL7Destination(DestinationBase):
     kind: Literal["hl7"]
     host: str
     port: int = Field(ge=1, le=65535)
-    sending_application: str = "MEDGEMMA"
-    sending_facility: str = "MEDGEMMA"
-    receiving_application: str = "HIS"
-    receiving_facility: str = "HOSPITAL"
+    # HL7 v2.5 HD namespace ids (MSH-3..6) are at most 20 characters.
+    sending_application: str = Field(default="MEDGEMMA", min_length=1, max_length=20)
+    sending_facility: str = Field(default="MEDGEMMA", min_length=1, max_length=20)
+    receiving_application: str = Field(default="HIS", min_length=1, max_length=20)
+    receiving_facility: str = Field(default="HOSPITAL", min_length=1, max_length=20)
     processing_id: Literal["P", "T", "D"] = "P"
     placer_from: Literal["accession", "study_uid"] = "accession"
     connect_timeout_s: float = Field(default=10.0, gt=0)
@@ -209,13 +237,24 @@ Destination = Annotated[
 ]
 
 
-class MetricsSettings(BaseModel):
+class IdentitySettings(Section):
+    """The node as equipment and device observer in the objects it creates (PS3.3 C.7.5.1)."""
+
+    device_name: str = Field(default="medgemma-node", min_length=1, max_length=64)
+    institution_name: str | None = Field(default=None, max_length=64)
+    serial_number: str | None = Field(default=None, max_length=64)
+    # The organisation's UID root (PS3.5 §9.1), e.g. "1.2.826.0.1.3680043.10.1234."; empty: the
+    # pydicom root. Derived UIDs stay deterministic either way.
+    uid_root: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
+
+
+class MetricsSettings(Section):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535)
 
 
-class LoggingSettings(BaseModel):
+class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None  # default: <data_dir>/logs/node.log
 
@@ -230,6 +269,7 @@ class NodeSettings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     destinations: list[Destination] = Field(default_factory=list)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 

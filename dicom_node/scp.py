@@ -33,6 +33,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import OperationalError
 
 from config.settings import NodeSettings, TLSSettings
+from dicom_node.scu import client_ssl_context as client_ssl_context  # moved to the SCU
 from storage.db import Database
 from storage.files import free_disk_mb, instance_relpath, uid_component, write_durably
 from storage.ingest import ReceivedInstance, instance_exists, record_instance
@@ -361,14 +362,4 @@ def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext | None:
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     if tls.ca_file is None:
         context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def client_ssl_context(tls: TLSSettings) -> ssl.SSLContext | None:
-    if not tls.enabled:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.cert_file is not None and tls.key_file is not None:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
     return context

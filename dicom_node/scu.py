@@ -3,6 +3,10 @@
 Used by ``medgemma-node send``/``echo`` and by the delivery worker. Files are sent as they are
 on disk (no re-encoding): each (SOP class, transfer syntax) pair gets its own presentation
 context so the peer can accept each one separately.
+
+``store_batch`` is the delivery worker's entry: one association per batch, optional TLS
+(PS3.15 Annex B.9), an Explicit VR Little Endian fallback context per SOP class, and one
+``StoreOutcome`` per file judged by its C-STORE status (PS3.4 B.2.3, PS3.7 Annex C).
 """
 
 from __future__ import annotations
@@ -10,12 +14,17 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, Association, build_context
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, Association, build_context, evt
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from config.settings import DicomDestination, TLSSettings
 
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1..255
 
@@ -76,6 +85,21 @@ def make_ae(calling_aet: str) -> AE:
     return ae
 
 
+def client_ssl_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    """TLS for an outgoing association (PS3.15 Annex B.9, BCP 195: TLS 1.2 or newer).
+
+    The peer is verified against ``ca_file`` (else the system CAs) and its host name; our
+    certificate is presented when ``cert_file`` and ``key_file`` are set.
+    """
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
 def associate(
     ae: AE,
     host: str,
@@ -83,9 +107,24 @@ def associate(
     called_aet: str,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Association:
-    tls_args = (ssl_context, "") if ssl_context is not None else None
-    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
+    """Request an association; raise AssociationFailed when it is not established.
+
+    With TLS the peer's certificate must name ``host`` (when the context checks host names).
+    """
+    server_hostname = host if ssl_context is not None and ssl_context.check_hostname else ""
+    tls_args = (ssl_context, server_hostname) if ssl_context is not None else None
+    # pynetdicom reports a refused TCP connection as an abort; tell the two apart.
+    connected: list[bool] = []
+    handlers: list[evt.EventHandlerType] = [
+        (evt.EVT_CONN_OPEN, lambda _event: connected.append(True))
+    ]
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args, evt_handlers=handlers)
     if not assoc.is_established:
+        if not connected:
+            raise AssociationFailed(
+                f"cannot connect to {host}:{port} (nothing listening, unreachable, "
+                "or the TLS handshake failed)"
+            )
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise AssociationFailed(f"association to {called_aet}@{host}:{port} {reason}")
     return assoc
@@ -172,3 +211,190 @@ def _record_status(item: FileToSend, status: int | None, summary: SendSummary) -
     else:
         text = "no response (timeout or abort)" if status is None else f"status 0x{status:04X}"
         summary.failed.append((item.path, text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch delivery of report objects (the delivery worker's C-STORE)
+
+UNCOMPRESSED_FALLBACK: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+_RETRYABLE_FAILURES = {0x0210, 0x0213}  # PS3.7 C.5: duplicate invocation, resource limitation
+
+
+class StoreVerdict(StrEnum):
+    """What the worker does with a file after a C-STORE attempt."""
+
+    DELIVERED = "delivered"  # Success or Warning: the peer stored it
+    RETRY = "retry"  # transient: out of resources, no response, association failed or lost
+    REJECTED = "rejected"  # the peer will not take this object: sending again gives the same
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """One file's result. ``status`` is the C-STORE response status, None when none came."""
+
+    path: Path
+    verdict: StoreVerdict
+    status: int | None = None
+    reason: str = ""
+
+    @property
+    def status_text(self) -> str:
+        return "none" if self.status is None else f"0x{self.status:04X}"
+
+
+def judge_store_status(status: int | None) -> StoreVerdict:
+    """Classify a C-STORE response status (PS3.4 B.2.3, PS3.7 Annex C).
+
+    Success 0x0000 and the Warning statuses 0xB000/0xB006/0xB007 (the object was stored) are
+    delivered. Out of resources 0xA7xx, resource limitation 0x0213, duplicate invocation 0x0210
+    and no response at all are worth retrying. The refusals — 0xA9xx data set does not match
+    SOP class, 0xCxxx cannot understand, 0x01xx (SOP class not supported, not authorized,
+    invalid SOP instance), 0x0211/0x0212 — are rejections. Unknown codes are retried.
+    """
+    if status is None:
+        return StoreVerdict.RETRY
+    if status == 0x0000 or (status & 0xF000) == 0xB000:
+        return StoreVerdict.DELIVERED
+    if (status & 0xFF00) == 0xA700 or status in _RETRYABLE_FAILURES:
+        return StoreVerdict.RETRY
+    if (status & 0xFF00) in (0xA900, 0x0100) or (status & 0xF000) == 0xC000:
+        return StoreVerdict.REJECTED
+    if status in (0x0211, 0x0212):
+        return StoreVerdict.REJECTED
+    return StoreVerdict.RETRY
+
+
+def store_batch(
+    paths: Sequence[Path],
+    destination: DicomDestination,
+    calling_aet: str,
+    *,
+    timeout_s: float = 30.0,
+) -> list[StoreOutcome]:
+    """C-STORE ``paths`` to ``destination`` over one association; one outcome per path, in order.
+
+    Each file is offered in its own transfer syntax plus an Explicit/Implicit VR Little Endian
+    context per SOP class; a compressed file whose own syntax is not accepted is decompressed
+    and sent in the uncompressed context. If the association cannot be established every file
+    is RETRY; files left when it drops are RETRY too. A file that cannot be read, or whose SOP
+    class the peer accepted no context for, is REJECTED.
+    """
+    outcomes: dict[int, StoreOutcome] = {}
+    files: dict[int, FileToSend] = {}
+    for index, path in enumerate(paths):
+        try:
+            files[index] = inspect_file(path)
+        except InvalidDicomError as exc:
+            outcomes[index] = StoreOutcome(path, StoreVerdict.REJECTED, reason=str(exc))
+    if files:
+        outcomes.update(_store_over_one_association(files, destination, calling_aet, timeout_s))
+    return [outcomes[index] for index in range(len(paths))]
+
+
+def batch_contexts(files: Iterable[FileToSend]) -> list[PresentationContext]:
+    """Presentation contexts for a batch (PS3.8 §9.3.2.2): each file's own syntax, and one
+    uncompressed fallback context per SOP class. Raises ValueError above 128 contexts."""
+    pairs = {(f.sop_class_uid, f.transfer_syntax_uid) for f in files}
+    contexts = [
+        build_context(sop_class, syntax)
+        for sop_class, syntax in sorted(pairs)
+        if syntax not in UNCOMPRESSED_FALLBACK
+    ]
+    for sop_class in sorted({sop_class for sop_class, _ in pairs}):
+        contexts.append(build_context(sop_class, UNCOMPRESSED_FALLBACK))
+    if len(contexts) > MAX_CONTEXTS:
+        raise ValueError(f"a batch needs {len(contexts)} presentation contexts; at most 128")
+    return contexts
+
+
+def _store_over_one_association(
+    files: dict[int, FileToSend],
+    destination: DicomDestination,
+    calling_aet: str,
+    timeout_s: float,
+) -> dict[int, StoreOutcome]:
+    ae = make_ae(calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.requested_contexts = batch_contexts(files.values())
+    try:
+        assoc = associate(
+            ae,
+            destination.host,
+            destination.port,
+            destination.ae_title,
+            client_ssl_context(destination.tls),
+        )
+    except (AssociationFailed, OSError, RuntimeError, ValueError) as exc:
+        reason = f"association failed: {exc}"
+        return {
+            index: StoreOutcome(item.path, StoreVerdict.RETRY, reason=reason)
+            for index, item in files.items()
+        }
+    try:
+        return _store_files(assoc, files)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _store_files(assoc: Association, files: dict[int, FileToSend]) -> dict[int, StoreOutcome]:
+    """Send in order; once a C-STORE got no response the association is not trusted any more
+    (pynetdicom aborts it on a DIMSE timeout), so the remaining files wait for a retry."""
+    outcomes: dict[int, StoreOutcome] = {}
+    usable = True
+    for index, item in files.items():
+        if not (usable and assoc.is_established):
+            outcomes[index] = StoreOutcome(item.path, StoreVerdict.RETRY, reason="association lost")
+            continue
+        outcome = _store_file(assoc, item)
+        outcomes[index] = outcome
+        usable = not (outcome.status is None and outcome.verdict is StoreVerdict.RETRY)
+    return outcomes
+
+
+def _store_file(assoc: Association, item: FileToSend) -> StoreOutcome:
+    try:
+        dataset_or_path = _encodable_for_peer(assoc, item)
+    except (ValueError, RuntimeError, NotImplementedError, OSError, AttributeError) as exc:
+        reason = f"cannot decompress for the peer's Explicit VR Little Endian context: {exc}"
+        return StoreOutcome(item.path, StoreVerdict.REJECTED, reason=reason)
+    if dataset_or_path is None:
+        reason = f"the peer accepted no presentation context for SOP class {item.sop_class_uid}"
+        return StoreOutcome(item.path, StoreVerdict.REJECTED, reason=reason)
+    try:
+        response = assoc.send_c_store(dataset_or_path)
+    except (ValueError, AttributeError, OSError, RuntimeError) as exc:
+        return StoreOutcome(item.path, StoreVerdict.RETRY, reason=f"C-STORE not sent: {exc}")
+    status = int(response.Status) if response is not None and "Status" in response else None
+    verdict = judge_store_status(status)
+    reason = "" if status == 0 else _status_reason(status)
+    return StoreOutcome(item.path, verdict, status, reason)
+
+
+def _encodable_for_peer(assoc: Association, item: FileToSend) -> Path | Dataset | None:
+    """The path when an accepted context carries the file as it is (pynetdicom converts
+    between uncompressed syntaxes); a decompressed data set for the fallback context; None
+    when the peer accepted nothing for the SOP class."""
+    accepted = [
+        context
+        for context in assoc.accepted_contexts
+        if context.abstract_syntax == item.sop_class_uid and context.as_scu
+    ]
+    syntaxes = {UID(context.transfer_syntax[0]) for context in accepted}
+    file_syntax = UID(item.transfer_syntax_uid)
+    if file_syntax in syntaxes:
+        return item.path
+    if not syntaxes & set(UNCOMPRESSED_FALLBACK):
+        return None
+    if not file_syntax.is_compressed:
+        return item.path
+    dataset = dcmread(item.path)
+    dataset.decompress()  # PS3.5 A.2: now Explicit VR Little Endian
+    return dataset
+
+
+def _status_reason(status: int | None) -> str:
+    if status is None:
+        return "no C-STORE response (timeout or abort)"
+    kind = "warning" if (status & 0xF000) == 0xB000 else "failure"
+    return f"C-STORE {kind} status 0x{status:04X}"

@@ -3,30 +3,52 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from pydicom.errors import InvalidDicomError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import func, select
 
 from config.settings import ConfigError, DicomSettings, NodeSettings, StorageSettings, load_settings
 from dicom_node.scu import AssociationFailed, FileToSend, echo, inspect_file, iter_files, send_files
-from medgemma_node.service import Node, open_database, read_runtime_state
+from inference.demo_model import write_demo_model
+from medgemma_node.delivery import DeliveryWorker
+from medgemma_node.logs import setup_logging
+from medgemma_node.service import (
+    Node,
+    open_database,
+    read_runtime_state,
+    read_worker_states,
+    start_serving,
+    start_worker,
+)
+from storage import outbox
 from storage.db import Database
 from storage.files import free_disk_mb
-from storage.models import Instance, Job, Study
+from storage.models import Instance, Job, OutboxItem, OutboxStatus, Study
 
 app = typer.Typer(help="DICOM node that runs MedGemma on received studies.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+outbox_app = typer.Typer(
+    help="Results waiting for their destinations, sent, or given up on.", no_args_is_help=True
+)
+app.add_typer(outbox_app, name="outbox")
 
 console = Console()
-errors = Console(stderr=True)
+# Errors are read by people and by scripts: never wrapped at the terminal width.
+errors = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML settings file (see node.example.toml)")
@@ -49,7 +71,7 @@ def settings_or_exit(
                 {**settings.storage.model_dump(), "data_dir": data_dir}
             )
     except (ConfigError, ValueError) as exc:
-        errors.print(f"[red]configuration error[/red]\n{exc}")
+        errors.print(f"[red]configuration error[/red]\n{escape(str(exc))}")
         raise typer.Exit(2) from exc
     return settings
 
@@ -62,15 +84,34 @@ def serve(
 ) -> None:
     """Run the node: DICOM SCP, study completion, inference and delivery workers."""
     settings = settings_or_exit(config, port=port, data_dir=data_dir)
-    node = Node(settings)
+    _run_node(Node(settings), lambda node: start_serving(node, config))
+
+
+@app.command()
+def worker(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Run only the inference worker (e.g. a second GPU box on the same PostgreSQL)."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    _run_node(Node(settings, with_scp=False), start_worker)
+
+
+def _run_node(node: Node, start: Callable[[Node], None]) -> None:
     node.prepare()
     try:
-        node.start()
+        start(node)
     except OSError as exc:
         errors.print(f"[red]cannot start:[/red] {exc}")
         node.stop()
         raise typer.Exit(1) from exc
     node.run_until_signal()
+
+
+@app.command("demo-model")
+def demo_model(
+    path: Annotated[Path, typer.Argument(help="Directory to write the model into")],
+) -> None:
+    """Write the tiny random TEST model (offline; every output it makes is marked as a test)."""
+    write_demo_model(path)
+    console.print(f"demo TEST model written to {path} (not for clinical use)")
 
 
 @app.command("validate-config")
@@ -191,6 +232,7 @@ def collect_status(settings: NodeSettings) -> dict[str, Any]:
     return {
         "scp": scp,
         "process": runtime,
+        "workers": read_worker_states(data_dir),
         "database": _database_counts(settings),
         "disk_free_mb": round(free_disk_mb(data_dir), 1),
         "disk_watermark_mb": settings.storage.min_free_disk_mb,
@@ -233,6 +275,10 @@ def _print_status(report: dict[str, Any]) -> None:
         "process",
         f"pid {process['pid']} since {process['started_at']}" if process else "not running",
     )
+    for worker_state in report["workers"]:
+        table.add_row("model", _model_text(worker_state.get("model", {})))
+    if not report["workers"]:
+        table.add_row("model", "[yellow]no inference worker running[/yellow]")
     database = report["database"]
     if "error" in database:
         table.add_row("database", f"[red]{database['error']}[/red]")
@@ -248,6 +294,18 @@ def _print_status(report: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _model_text(model: dict[str, Any]) -> str:
+    if model.get("status") != "loaded":
+        return f"[yellow]{model.get('status', 'unknown')}[/yellow] {model.get('message', '')}"
+    identity = model["identity"]
+    test = (
+        " [bold red]TEST MODEL – NOT FOR CLINICAL USE[/bold red]"
+        if identity.get("is_test_model")
+        else ""
+    )
+    return f"{identity['model_id']} on {identity['device']} ({identity['dtype']}){test}"
+
+
 def _redact_url(url: str) -> str:
     """Hide a password in a database URL."""
     if "@" in url and "://" in url:
@@ -256,6 +314,180 @@ def _redact_url(url: str) -> str:
         user = credentials.split(":", 1)[0]
         return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
     return url
+
+
+# ---------------------------------------------------------------------------------------------
+# outbox: list, retry, purge, deliver
+
+
+@outbox_app.command("list")
+def outbox_list(
+    status: Annotated[OutboxStatus | None, typer.Option(help="Only rows in this state")] = None,
+    destination: Annotated[str | None, typer.Option(help="Only rows for this destination")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many rows, newest first")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Show outbox rows: destination, state, attempts, next attempt or sent time, last error."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    db = open_database(settings)
+    try:
+        items = outbox.list_items(db, status, destination, limit)
+    finally:
+        db.dispose()
+    if as_json:
+        rows = [_outbox_row(item) for item in items]
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+    elif items:
+        console.print(_outbox_table(items))
+    else:
+        console.print("no outbox rows")
+
+
+def _outbox_row(item: OutboxItem) -> dict[str, Any]:
+    keys = (
+        "id", "report_id", "destination", "kind", "status", "attempts", "message_id",
+        "next_attempt_at", "sent_at", "created_at", "last_error", "payload_path", "lease_owner",
+    )  # fmt: skip
+    return {key: getattr(item, key) for key in keys}
+
+
+def _outbox_table(items: list[OutboxItem]) -> Table:
+    table = Table("id", "report", "destination", "kind", "status", "tries", "when")
+    table.add_column("message id", overflow="fold")
+    table.add_column("last error", overflow="fold")
+    colours = {OutboxStatus.PENDING: "yellow", OutboxStatus.SENT: "green", OutboxStatus.DEAD: "red"}
+    for item in items:
+        colour = colours.get(OutboxStatus(item.status), "white")
+        when = item.sent_at if item.status == OutboxStatus.SENT else item.next_attempt_at
+        table.add_row(
+            str(item.id),
+            str(item.report_id),
+            escape(item.destination),
+            item.kind,
+            f"[{colour}]{item.status}[/{colour}]",
+            str(item.attempts),
+            _short_time(when),
+            escape(item.message_id),
+            escape((item.last_error or "")[:200]),
+        )
+    return table
+
+
+def _short_time(value: datetime | None) -> str:
+    return value.strftime("%m-%d %H:%M:%S") if value is not None else ""
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    item_id: Annotated[int | None, typer.Argument(help="The outbox row id")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="Every dead row")] = False,
+    destination: Annotated[
+        str | None, typer.Option(help="With --dead: only this destination's rows")
+    ] = None,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Make a row (or every dead row) pending again, due now, with its attempts reset."""
+    if (item_id is None) == (not dead):
+        errors.print("[red]give either an outbox row id or --dead[/red]")
+        raise typer.Exit(2)
+    settings = settings_or_exit(config, data_dir=data_dir)
+    db = open_database(settings)
+    try:
+        if dead:
+            count = outbox.retry_dead(db, destination)
+            console.print(f"{count} dead row(s) pending again")
+            return
+        assert item_id is not None
+        before = outbox.retry_item(db, item_id)
+    finally:
+        db.dispose()
+    if before is None:
+        errors.print(f"[red]no outbox row {item_id}[/red]")
+        raise typer.Exit(1)
+    if before == OutboxStatus.SENT:
+        errors.print(f"[yellow]outbox row {item_id} was already sent; left as it is[/yellow]")
+        raise typer.Exit(1)
+    console.print(f"outbox row {item_id} ({before}) pending again, due now")
+
+
+@outbox_app.command("purge")
+def outbox_purge(
+    older_than: Annotated[
+        float, typer.Option("--older-than", min=0, help="Delete SENT rows sent over DAYS ago")
+    ],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Delete sent rows older than DAYS. Pending and dead rows are never deleted."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    db = open_database(settings)
+    try:
+        count = outbox.purge_sent(db, timedelta(days=older_than))
+    finally:
+        db.dispose()
+    console.print(f"{count} sent row(s) deleted")
+
+
+@outbox_app.command("deliver")
+def outbox_deliver(
+    once: Annotated[bool, typer.Option("--once", help="Send what is due now, then exit")] = False,
+    poll_interval: Annotated[float, typer.Option(min=0.05, help="Seconds between looks")] = 2.0,
+    lease_seconds: Annotated[
+        float, typer.Option(min=1, help="A claimed row returns to others after this long")
+    ] = 300.0,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Run the delivery worker alone (in the foreground, until SIGTERM or Ctrl-C)."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    setup_logging(
+        settings.logging.level,
+        settings.logging.file or settings.storage.data_dir / "logs" / "node.log",
+    )
+    db = open_database(settings)
+    if db.is_sqlite and _serving_pid(settings.storage.data_dir) is not None:
+        errors.print("[red]`serve` is running on this SQLite database and delivers already[/red]")
+        db.dispose()
+        raise typer.Exit(1)
+    worker = DeliveryWorker.from_settings(
+        settings, db, poll_interval_s=poll_interval, lease_s=lease_seconds
+    )
+    try:
+        if once:
+            console.print(f"{worker.deliver_once()} row(s) handled")
+            return
+        _run_worker_until_signal(worker)
+    finally:
+        db.dispose()
+
+
+def _run_worker_until_signal(worker: DeliveryWorker) -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    worker.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        worker.stop()
+
+
+def _serving_pid(data_dir: Path) -> int | None:
+    state = read_runtime_state(data_dir)
+    pid = (state or {}).get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,11 @@ from typing import Any, Protocol
 from config.settings import NodeSettings
 from dicom_node.completion import CompletionScheduler
 from dicom_node.scp import StorageSCP
+from inference.loader import EngineProvider
+from inference.worker import InferenceWorker
 from medgemma_node.logs import setup_logging
+from medgemma_node.outputs import ReportOutputs
+from medgemma_node.supervisor import ChildProcess
 from storage.db import Database
 from storage.phi import load_or_create_salt
 from storage.recovery import recover
@@ -32,6 +37,7 @@ from storage.recovery import recover
 log = logging.getLogger("medgemma_node.service")
 
 STATUS_FILE = Path("run") / "status.json"
+WORKER_STATUS_GLOB = "worker-*.json"
 
 
 class Part(Protocol):
@@ -69,6 +75,11 @@ class Node:
         self.settings = settings
         self.data_dir = settings.storage.data_dir
         self.with_scp = with_scp
+        self.status_file = (
+            STATUS_FILE
+            if with_scp
+            else Path("run") / f"worker-{socket.gethostname()}-{os.getpid()}.json"
+        )
         self.stop_event = threading.Event()
         self.state = RuntimeState()
         self.parts: dict[str, Part] = {}
@@ -111,7 +122,7 @@ class Node:
             provider(self.state)
         for name, part in self.parts.items():
             self.state.parts[name] = {"last_error": getattr(part, "last_error", None)}
-        path = self.data_dir / STATUS_FILE
+        path = self.data_dir / self.status_file
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_suffix(".tmp")
         temp.write_text(json.dumps(self.state.__dict__, default=str, indent=2))
@@ -134,14 +145,14 @@ class Node:
         for name, part in reversed(list(self.parts.items())):
             part.stop()
             log.info("%s stopped", name)
-        (self.data_dir / STATUS_FILE).unlink(missing_ok=True)
+        (self.data_dir / self.status_file).unlink(missing_ok=True)
         if self.db is not None:
             self.db.dispose()
         log.info("stopped")
 
 
-def read_runtime_state(data_dir: Path) -> dict[str, Any] | None:
-    path = data_dir / STATUS_FILE
+def read_runtime_state(data_dir: Path, path: Path | None = None) -> dict[str, Any] | None:
+    path = path or data_dir / STATUS_FILE
     try:
         state: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -149,3 +160,51 @@ def read_runtime_state(data_dir: Path) -> dict[str, Any] | None:
     age = time.time() - path.stat().st_mtime
     state["age_s"] = round(age, 1)
     return state
+
+
+def read_worker_states(data_dir: Path, max_age_s: float = 30.0) -> list[dict[str, Any]]:
+    """States of inference workers on this data directory that wrote recently."""
+    states = []
+    for path in sorted((data_dir / "run").glob(WORKER_STATUS_GLOB)):
+        state = read_runtime_state(data_dir, path)
+        if state is not None and state["age_s"] <= max_age_s:
+            states.append(state)
+    return states
+
+
+def worker_argv(config_path: Path | None, data_dir: Path) -> list[str]:
+    """The command line of the inference worker child that `serve` supervises."""
+    argv = [sys.executable, "-m", "medgemma_node.cli", "worker", "--data-dir", str(data_dir)]
+    if config_path is not None:
+        argv += ["--config", str(config_path)]
+    return argv
+
+
+def start_serving(node: Node, config_path: Path | None) -> None:
+    """`serve`: SCP + completion in this process, the inference worker as a supervised child."""
+    node.start()
+    data_dir = node.data_dir.resolve()
+    node.add_part("inference", ChildProcess("inference worker", worker_argv(config_path, data_dir)))
+
+
+def start_worker(node: Node) -> None:
+    """`worker`: the inference worker alone, with the model loaded in this process."""
+    db = node.db or node.prepare()
+    node.start()
+    provider = EngineProvider(node.settings)
+    worker = InferenceWorker(db, node.settings, provider, ReportOutputs(node.settings))
+    node.state_providers.append(lambda state: _model_state(state, provider, worker))
+    node.add_part("inference", worker)
+
+
+def _model_state(state: RuntimeState, provider: EngineProvider, worker: InferenceWorker) -> None:
+    state.model = dict(provider.state)
+    stats = worker.stats
+    state.model["worker"] = {
+        "batches": stats.batches,
+        "jobs_done": stats.jobs_done,
+        "jobs_failed": stats.jobs_failed,
+        "last_batch_size": stats.last_batch_size,
+        "last_batch_seconds": round(stats.last_batch_seconds, 3),
+        "last_error": worker.last_error,
+    }

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import Connection, CursorResult, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from storage.db import Database
 from storage.models import (
@@ -42,78 +42,102 @@ class ReceivedInstance:
 
 
 def instance_exists(db: Database, sop_uid: str) -> bool:
-    with db.session() as session:
-        return session.scalar(select(exists().where(Instance.sop_instance_uid == sop_uid))) or False
+    # Core, not the ORM: this runs once per C-STORE, where ORM overhead dominated the handler.
+    with db.engine.connect() as connection:
+        query = select(Instance.id).where(Instance.sop_instance_uid == sop_uid)
+        return connection.scalar(query) is not None
+
+
+RECORD_ATTEMPTS = 3
 
 
 def record_instance(db: Database, item: ReceivedInstance) -> bool:
     """Insert the instance row (and its study/series); False when the SOP UID is already known.
 
     The study row is touched first so that, on PostgreSQL, its row lock orders this insert
-    against the completion scheduler (see close_quiet_study).
+    against the completion scheduler (see close_quiet_study). Core statements in one
+    transaction: this runs once per C-STORE and the ORM's unit of work cost more than the rest.
     """
-    try:
-        with db.session() as session:
-            if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == item.sop_uid)):
-                return False
-            study = _touch_study(session, item)
-            series = _get_series(session, study, item)
-            session.add(_instance_row(item, study, series))
-        return True
-    except IntegrityError:
-        # Two associations raced on the same new UID; the other one recorded it.
-        if instance_exists(db, item.sop_uid):
-            return False
-        raise
+    for attempt in range(1, RECORD_ATTEMPTS + 1):
+        try:
+            with db.engine.begin() as connection:
+                return _record(connection, item)
+        except IntegrityError:
+            # Two associations raced to create the same study, series or instance; the
+            # other one committed first, so the next attempt finds its rows.
+            if attempt == RECORD_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
-def _touch_study(session: Session, item: ReceivedInstance) -> Study:
+def _record(connection: Connection, item: ReceivedInstance) -> bool:
+    known = select(Instance.id).where(Instance.sop_instance_uid == item.sop_uid)
+    if connection.scalar(known) is not None:
+        return False
+    study_id = _touch_study(connection, item)
+    series_id = _series_id(connection, study_id, item)
+    connection.execute(insert(Instance).values(_instance_values(item, study_id, series_id)))
+    return True
+
+
+def _touch_study(connection: Connection, item: ReceivedInstance) -> int:
     now = utcnow()
-    study = session.scalar(
-        select(Study).where(Study.study_instance_uid == item.study_uid).with_for_update()
-    )
-    if study is None:
-        study = Study(
-            study_instance_uid=item.study_uid,
-            patient_hash=item.patient_hash,
-            modality=item.modality,
-            calling_ae=item.calling_ae,
-            first_received_at=now,
+    query = select(Study.id).where(Study.study_instance_uid == item.study_uid).with_for_update()
+    study_id = connection.scalar(query)
+    if study_id is None:
+        created = connection.execute(
+            insert(Study).values(
+                study_instance_uid=item.study_uid,
+                patient_hash=item.patient_hash,
+                modality=item.modality,
+                calling_ae=item.calling_ae,
+                first_received_at=now,
+                last_received_at=now,
+                has_unversioned=True,
+            )
         )
-        session.add(study)
-    study.last_received_at = now
-    study.has_unversioned = True
-    session.flush()
-    return study
-
-
-def _get_series(session: Session, study: Study, item: ReceivedInstance) -> Series:
-    series = session.scalar(select(Series).where(Series.series_instance_uid == item.series_uid))
-    if series is None:
-        series = Series(
-            study_id=study.id,
-            series_instance_uid=item.series_uid,
-            modality=item.modality,
-            body_part=item.body_part,
-        )
-        session.add(series)
-        session.flush()
-    return series
-
-
-def _instance_row(item: ReceivedInstance, study: Study, series: Series) -> Instance:
-    return Instance(
-        study_id=study.id,
-        series_id=series.id,
-        sop_instance_uid=item.sop_uid,
-        sop_class_uid=item.sop_class_uid,
-        transfer_syntax_uid=item.transfer_syntax_uid,
-        path=item.relpath,
-        size_bytes=item.size_bytes,
-        calling_ae=item.calling_ae,
-        instance_number=item.instance_number,
-        received_at=utcnow(),
+        return _new_id(created)
+    connection.execute(
+        update(Study).where(Study.id == study_id).values(last_received_at=now, has_unversioned=True)
     )
+    return int(study_id)
+
+
+def _series_id(connection: Connection, study_id: int, item: ReceivedInstance) -> int:
+    query = select(Series.id).where(Series.series_instance_uid == item.series_uid)
+    series_id = connection.scalar(query)
+    if series_id is None:
+        created = connection.execute(
+            insert(Series).values(
+                study_id=study_id,
+                series_instance_uid=item.series_uid,
+                modality=item.modality,
+                body_part=item.body_part,
+            )
+        )
+        return _new_id(created)
+    return int(series_id)
+
+
+def _new_id(result: CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None, "INSERT returned no primary key"
+    return int(key[0])
+
+
+def _instance_values(item: ReceivedInstance, study_id: int, series_id: int) -> dict[str, object]:
+    return {
+        "study_id": study_id,
+        "series_id": series_id,
+        "sop_instance_uid": item.sop_uid,
+        "sop_class_uid": item.sop_class_uid,
+        "transfer_syntax_uid": item.transfer_syntax_uid,
+        "path": item.relpath,
+        "size_bytes": item.size_bytes,
+        "calling_ae": item.calling_ae,
+        "instance_number": item.instance_number,
+        "received_at": utcnow(),
+    }
 
 
 QuietPeriod = Callable[[str, str], float]  # (modality, calling AE) -> seconds

@@ -23,6 +23,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -222,7 +223,10 @@ class OutboxItem(Base):
     """One object for one destination. Written in the report's transaction (design.md)."""
 
     __tablename__ = "outbox"
-    __table_args__ = (UniqueConstraint("report_id", "destination", "object_id", "kind"),)
+    __table_args__ = (
+        UniqueConstraint("report_id", "destination", "object_id", "kind"),
+        Index("ix_outbox_due", "destination", "status", "next_attempt_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
@@ -240,6 +244,10 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    # The delivery worker's claim while it sends (migration 0002): another worker skips the row
+    # until the claim expires, so a worker that died mid-send gives its rows back by itself.
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
 
 class AuditEvent(Base):

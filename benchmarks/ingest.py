@@ -1,0 +1,256 @@
+"""Ingest throughput: the node's Storage SCP against DCMTK's storescp, in the same run.
+
+200 Secondary Capture instances of ~40 KB (new UIDs each) are sent in ONE association by DCMTK's
+storescu (TCP_NODELAY=1) to
+    (a) `medgemma-node serve` (full durability: file fsync + rename + directory fsync + committed
+        row before each Success), default settings except data dir, port, quiet periods and
+        metrics (off, so the run needs no fixed port);
+    (b) DCMTK's storescp writing to a temp dir (no fsync: an upper bound, not a peer in
+        durability).
+Each is measured `--rounds` times, alternating; the median files/s and the ratio are printed.
+
+    .venv/bin/python benchmarks/ingest.py [--count 200] [--rounds 3] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import create_engine, func, select
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from storage.models import Instance  # noqa: E402
+
+ROWS, COLUMNS = 128, 160  # 128 x 160 x 16 bit = 40 960 bytes of pixel data
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_instances(directory: Path, count: int) -> list[Path]:
+    """One study, one series, ``count`` SC images with distinct pixel data and new UIDs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    rng = np.random.default_rng(7)
+    paths = []
+    for number in range(1, count + 1):
+        path = directory / f"sc{number:04d}.dcm"
+        dataset = secondary_capture(study, series, number, rng)
+        dataset.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def secondary_capture(study: str, series: str, number: int, rng: np.random.Generator) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality, ds.ConversionType = "OT", "WSD"
+    ds.PatientName, ds.PatientID = "Bench^Mark", "BENCH001"
+    ds.InstanceNumber = number
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = ROWS, COLUMNS
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = rng.integers(0, 4096, (ROWS, COLUMNS), dtype=np.uint16).tobytes()
+    return ds
+
+
+def echo_ok(port: int) -> bool:
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 2
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="ANY")
+    except OSError:
+        return False
+    if not assoc.is_established:
+        return False
+    assoc.release()
+    return True
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        if echo_ok(port):
+            return
+        time.sleep(0.1)
+    raise TimeoutError("server did not start")
+
+
+def send(port: int, files: list[Path]) -> float:
+    """Seconds storescu takes to send every file in one association."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [STORESCU, "-aec", "ANY", "127.0.0.1", str(port), *map(str, files)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed:\n{result.stderr[-2000:]}")
+    return elapsed
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextmanager
+def node_server(workdir: Path, database_url: str | None) -> Iterator[tuple[int, str]]:
+    port = free_port()
+    data_dir = workdir / "data"
+    storage = f'data_dir = "{data_dir}"\n'
+    if database_url:
+        storage += f'database_url = "{database_url}"\n'
+    config = workdir / "node.toml"
+    config.write_text(
+        f'[dicom]\nbind_address = "127.0.0.1"\nport = {port}\n'
+        f"[storage]\n{storage}"
+        "[completion]\ndefault_seconds = 5.0\nrules = []\n"
+        "[metrics]\nenabled = false\n"
+    )
+    command = [sys.executable, "-m", "medgemma_node.cli", "serve", "--config", str(config)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_NODE_")}
+    with (workdir / "serve.log").open("ab") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
+    try:
+        wait_listening(port, proc)
+        yield port, database_url or f"sqlite:///{data_dir / 'node.db'}"
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def dcmtk_server(workdir: Path) -> Iterator[int]:
+    port = free_port()
+    output = workdir / "received"
+    output.mkdir(parents=True)
+    command = [STORESCP, "-od", str(output), str(port)]
+    proc = subprocess.Popen(
+        command, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_listening(port, proc)
+        yield port
+    finally:
+        stop(proc)
+
+
+def rows_stored(database_url: str) -> int:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.scalar(select(func.count()).select_from(Instance)) or 0)
+    finally:
+        engine.dispose()
+
+
+def measure_node(files: list[Path], scratch: Path, database_url: str | None) -> float:
+    workdir = Path(tempfile.mkdtemp(prefix="node-", dir=scratch))
+    with node_server(workdir, database_url) as (port, url):
+        elapsed = send(port, files)
+        stored = rows_stored(url)
+    if stored != len(files):
+        raise RuntimeError(f"node stored {stored} of {len(files)} instances")
+    return len(files) / elapsed
+
+
+def measure_storescp(files: list[Path], scratch: Path) -> float:
+    workdir = Path(tempfile.mkdtemp(prefix="storescp-", dir=scratch))
+    with dcmtk_server(workdir) as port:
+        elapsed = send(port, files)
+    stored = len(list((workdir / "received").iterdir()))
+    if stored != len(files):
+        raise RuntimeError(f"storescp stored {stored} of {len(files)} instances")
+    return len(files) / elapsed
+
+
+def fresh_database(url: str | None, round_number: int) -> str | None:
+    """PostgreSQL: one new database per round, so each round starts empty."""
+    if not url:
+        return None
+    from sqlalchemy import text
+
+    base, _, _name = url.rpartition("/")
+    name = f"bench_{os.getpid()}_{round_number}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"{base}/{name}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--database-url", default=None, help="PostgreSQL admin URL (default: SQLite)"
+    )
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    try:
+        files = make_instances(scratch / "instances", args.count)
+        size_kb = sum(p.stat().st_size for p in files) / len(files) / 1024
+        print(f"{len(files)} instances, {size_kb:.1f} KB each, one association per run")
+        node_rates, dcmtk_rates = [], []
+        for round_number in range(1, args.rounds + 1):
+            url = fresh_database(args.database_url, round_number)
+            node_rates.append(measure_node(files, scratch, url))
+            dcmtk_rates.append(measure_storescp(files, scratch))
+            print(
+                f"  round {round_number}: node {node_rates[-1]:7.1f} files/s   "
+                f"storescp {dcmtk_rates[-1]:7.1f} files/s"
+            )
+        node, dcmtk = statistics.median(node_rates), statistics.median(dcmtk_rates)
+        print(f"node      {node:7.1f} files/s (median)")
+        print(f"storescp  {dcmtk:7.1f} files/s (median)")
+        print(f"ratio node/storescp = {node / dcmtk:.2f} (target >= 0.5)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""The DICOM Structured Report of one AI report: a Comprehensive SR (PS3.3 A.35.3) holding a
+TID 1500 Measurement Report (PS3.16).
+
+Content tree::
+
+    CONTAINER Imaging Measurement Report (TID 1500)
+      HAS CONCEPT MOD  Language of Content Item and Descendants (TID 1204): en-US or zh-CN
+      HAS OBS CONTEXT  Observer Type = Device, Device Observer UID/Name/Manufacturer/Model
+                       Name (= model id)/Serial Number (TID 1002, TID 1004)
+      HAS CONCEPT MOD  Procedure reported: Plain X-ray of chest, else Imaging procedure
+      CONTAINS CONTAINER Imaging Measurements (omitted when there are no findings)
+        CONTAINER Measurement Group, one per finding:
+          TID 1410 Planar ROI Measurements when the finding has a region, else TID 1501:
+          Tracking Identifier "Finding n" + Tracking Unique Identifier (TID 4108)
+          Finding = coded finding type (finding_codes: SCT/DCM, else 99MEDGEMMA)
+          Finding Site (+ Laterality) when the location maps to a code
+          Algorithm Name = model id, Version = revision, Parameters (TID 4019)
+          Image Region: closed POLYLINE, 5 points, on the source image (SCOORD, TID 1410)
+          Width, Height of the box in mm, Diameter = model's size_mm (TID 300), only when
+            the image has a pixel spacing
+          TEXT reported label, location, density, boundary (and size when not measured)
+      CONTAINS CONTAINER Qualitative Evaluations (TID 1500 row 12)
+        TEXT test model notice (test models only), AI disclaimer
+        TEXT Impression, Recommendation, Narrative Summary; CODE urgency
+        TEXT question, parse status, model identity, processing device, generation time
+
+Document level: same study as the sources, own series (derived UIDs, output_common),
+Preliminary Flag PRELIMINARY, Verification Flag UNVERIFIED, Completion Flag COMPLETE only
+when the model answer parsed, Specific Character Set ISO_IR 192, evidence in the Current
+Requested Procedure Evidence Sequence, previous version in the Predecessor Documents Sequence
+(PS3.3 C.17.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_node import finding_codes as fc
+from dicom_node.output_common import (
+    SR_SERIES_DESCRIPTION,
+    SR_SERIES_NUMBER,
+    UTF8,
+    NodeIdentity,
+    PixelBox,
+    SourceImages,
+    content_datetime,
+    free_text,
+    model_description,
+    model_parameters,
+    pin_creation_times,
+    pixel_box,
+    pixel_spacing_mm,
+    series_description,
+    sr_instance_uid,
+    sr_series_uid,
+    tracking_uid,
+)
+from storage.report_schema import (
+    AI_DISCLAIMER,
+    TEST_MODEL_BANNER,
+    Finding,
+    ModelIdentity,
+    ParseStatus,
+    PixelRegion,
+    ReportDocument,
+)
+
+DEFAULT_NODE = NodeIdentity()
+_CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG"})
+_CHEST_MODALITIES = frozenset({"CR", "DX"})
+_CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
+
+MeasurementGroup = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
+
+
+@dataclass(frozen=True)
+class SrReference:
+    """The identity of a stored SR, as the Predecessor Documents Sequence needs it."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> SrReference:
+        return cls(
+            str(dataset.StudyInstanceUID),
+            str(dataset.SeriesInstanceUID),
+            str(dataset.SOPClassUID),
+            str(dataset.SOPInstanceUID),
+        )
+
+    def as_dataset(self) -> Dataset:
+        reference = Dataset()
+        reference.StudyInstanceUID = self.study_instance_uid
+        reference.SeriesInstanceUID = self.series_instance_uid
+        reference.SOPClassUID = self.sop_class_uid
+        reference.SOPInstanceUID = self.sop_instance_uid
+        return reference
+
+
+def build_sr(
+    report: ReportDocument,
+    sources: Sequence[Dataset],
+    predecessor: SrReference | None = None,
+    *,
+    node: NodeIdentity = DEFAULT_NODE,
+) -> hd.sr.ComprehensiveSR:
+    """The Comprehensive SR of ``report`` (see the module docstring for its content).
+
+    ``sources`` are the images the report was made from (headers suffice), at least one of the
+    report's study; every finding region must refer to one of them. ``predecessor`` is the SR
+    of the previous version of this study's report, if any.
+    """
+    images = SourceImages(sources, report.study_instance_uid)
+    when, utc_offset = content_datetime(report.created_at, images.primary)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=images.ordered,
+        content=_measurement_report(report, images, node),
+        series_instance_uid=sr_series_uid(node, report),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sr_instance_uid(node, report),
+        instance_number=report.version_number,
+        manufacturer=node.manufacturer,
+        is_complete=report.content.parse_status == ParseStatus.OK,
+        is_final=False,
+        is_verified=False,
+        institution_name=node.institution_name,
+        previous_versions=[predecessor.as_dataset()] if predecessor else None,
+        series_description=series_description(SR_SERIES_DESCRIPTION, report.model),
+        manufacturer_model_name=node.model_name,
+        software_versions=node.software_version,
+        device_serial_number=node.serial_number,
+        content_date=when.date(),
+        content_time=when.time(),
+        specific_character_set=UTF8,
+        coding_schemes=[fc.coding_scheme_identification()],
+    )
+    pin_creation_times(sr, when)
+    if utc_offset is not None:
+        sr.TimezoneOffsetFromUTC = utc_offset
+    # Re-read in place so that .content is a MeasurementReport with its query methods.
+    return cast(hd.sr.ComprehensiveSR, hd.sr.ComprehensiveSR.from_dataset(sr, copy=False))
+
+
+# --- TID 1500 ------------------------------------------------------------------------------
+
+
+def _measurement_report(
+    report: ReportDocument, images: SourceImages, node: NodeIdentity
+) -> hd.sr.MeasurementReport:
+    groups = [
+        _finding_group(number, finding, report, images, node)
+        for number, finding in enumerate(report.content.findings, start=1)
+    ]
+    measurement_report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(report.model, node),
+        procedure_reported=_procedure_reported(images.primary),
+        imaging_measurements=groups or [_placeholder_group()],
+        language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
+            hd.sr.CodedConcept.from_code(fc.language_code(report.content.language))
+        ),
+    )
+    root = measurement_report[0]
+    if not groups:
+        _drop_imaging_measurements(root)
+    root.ContentSequence.append(_report_evaluations(report))
+    return measurement_report
+
+
+def _placeholder_group() -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid="2.25.0", identifier="none")
+    )
+
+
+def _drop_imaging_measurements(root: Dataset) -> None:
+    """TID 1500: "Imaging Measurements" (row 6) may be absent when row 12 is present.
+
+    highdicom's MeasurementReport always writes row 6, so a report without findings is built
+    with one placeholder group whose container is removed here.
+    """
+    content = root.ContentSequence
+    for index, item in enumerate(content):
+        if item.name == codes.DCM.ImagingMeasurements:
+            del content[index]
+            return
+
+
+def _observation_context(model: ModelIdentity, node: NodeIdentity) -> hd.sr.ObservationContext:
+    """TID 1001/1002/1004: the node running the model is the (device) observer."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=node.device_uid,
+        name=node.name,
+        manufacturer_name=node.manufacturer,
+        model_name=_non_blank(model.model_id),
+        serial_number=node.serial_number,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _procedure_reported(image: Dataset) -> Code:
+    body_part = str(image.get("BodyPartExamined", "")).upper()
+    modality = str(image.get("Modality", "")).upper()
+    if body_part in _CHEST_BODY_PARTS and modality in _CHEST_MODALITIES:
+        return fc.PLAIN_CHEST_XRAY
+    return fc.IMAGING_PROCEDURE
+
+
+# --- one finding: TID 1410 / TID 1501 ------------------------------------------------------
+
+
+def _finding_group(
+    number: int,
+    finding: Finding,
+    report: ReportDocument,
+    images: SourceImages,
+    node: NodeIdentity,
+) -> MeasurementGroup:
+    tracking = hd.sr.TrackingIdentifier(
+        uid=tracking_uid(node, report, number), identifier=f"Finding {number}"
+    )
+    group: MeasurementGroup
+    if finding.region is None:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=fc.finding_type_code(finding.label),
+            algorithm_id=algorithm_identification(report.model),
+            finding_sites=_finding_sites(finding.location),
+        )
+        measured_size = False
+    else:
+        image = images.image(finding.region.sop_instance_uid)
+        group, measured_size = _planar_group(tracking, finding, finding.region, image, report)
+    group[0].ContentSequence.extend(_finding_texts(finding, measured_size))
+    return group
+
+
+def _planar_group(
+    tracking: hd.sr.TrackingIdentifier,
+    finding: Finding,
+    region: PixelRegion,
+    image: Dataset,
+    report: ReportDocument,
+) -> tuple[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, bool]:
+    """TID 1410 for a boxed finding, and whether its size went in as a measurement."""
+    box = pixel_box(region, image)
+    measurements = _size_measurements(box, finding.size_mm, pixel_spacing_mm(image))
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=_image_region(box, image, region.frame_number),
+        finding_type=fc.finding_type_code(finding.label),
+        algorithm_id=algorithm_identification(report.model),
+        finding_sites=_finding_sites(finding.location),
+        measurements=measurements or None,
+    )
+    return group, bool(measurements)
+
+
+def algorithm_identification(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: name = model id, version = revision, parameters = how it ran."""
+    return hd.sr.AlgorithmIdentification(
+        name=_non_blank(model.model_id),
+        version=_non_blank(model.revision),
+        parameters=[free_text(parameter) for parameter in model_parameters(model)],
+    )
+
+
+def _non_blank(text: str) -> str:
+    return free_text(text).strip() or "unknown"
+
+
+def _finding_sites(location: str | None) -> list[hd.sr.FindingSite] | None:
+    site = fc.finding_site(location)
+    if site is None:
+        return None
+    return [hd.sr.FindingSite(anatomic_location=site.structure, laterality=site.laterality)]
+
+
+def _image_region(box: PixelBox, image: Dataset, frame_number: int | None) -> hd.sr.ImageRegion:
+    """SCOORD POLYLINE (PS3.3 C.18.6): the box corners in the image's pixel space."""
+    frames = [frame_number] if frame_number and int(image.get("NumberOfFrames", 1)) > 1 else None
+    source = hd.sr.SourceImageForRegion.from_source_image(image, referenced_frame_numbers=frames)
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=box.closed_polyline(),
+        source_image=source,
+    )
+
+
+def _size_measurements(
+    box: PixelBox, size_mm: float | None, spacing: tuple[float, float] | None
+) -> list[hd.sr.Measurement]:
+    """TID 300 in mm: box width/height (CID 7469 Width, Height) and the model's size
+    (Diameter), only when the image says how large a pixel is."""
+    if spacing is None:
+        return []
+    row_mm, column_mm = spacing
+    measurements = [
+        _millimetres(codes.SCT.Width, box.width * column_mm, fc.BOX_EXTENT_METHOD),
+        _millimetres(codes.DCM.Height, box.height * row_mm, fc.BOX_EXTENT_METHOD),
+    ]
+    if size_mm is not None:
+        measurements.append(_millimetres(codes.SCT.Diameter, size_mm, fc.MODEL_SIZE_METHOD))
+    return measurements
+
+
+def _millimetres(name: Code, value: float, method: Code) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=name, value=round(value, 2), unit=codes.UCUM.Millimeter, method=method
+    )
+
+
+def _finding_texts(finding: Finding, measured_size: bool) -> list[hd.sr.TextContentItem]:
+    """TID 1501 row 12 text answers: the model's own words for the finding."""
+    size_text = None
+    if finding.size_mm is not None and not measured_size:
+        size_text = f"{finding.size_mm:g} mm"
+    return _texts(
+        [
+            (fc.REPORTED_LABEL, finding.label),
+            (fc.REPORTED_LOCATION, finding.location),
+            (fc.REPORTED_DENSITY, finding.density),
+            (fc.REPORTED_BOUNDARY, finding.boundary),
+            (fc.REPORTED_SIZE_TEXT, size_text),
+        ]
+    )
+
+
+# --- report-level evaluations: TID 1500 row 12 ---------------------------------------------
+
+
+def _report_evaluations(report: ReportDocument) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(
+        name=fc.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [*_warning_items(report.model), *_answer_items(report), *_provenance_items(report)]
+    )
+    return container
+
+
+def _warning_items(model: ModelIdentity) -> list[hd.sr.TextContentItem]:
+    banner = TEST_MODEL_BANNER if model.is_test_model else None
+    return _texts([(fc.TEST_MODEL_NOTICE, banner), (fc.DISCLAIMER, AI_DISCLAIMER)])
+
+
+def _answer_items(report: ReportDocument) -> list[hd.sr.ContentItem]:
+    content = report.content
+    texts: list[hd.sr.ContentItem] = list(
+        _texts(
+            [
+                (fc.IMPRESSION, content.impression),
+                (fc.RECOMMENDATION, content.recommendation),
+                (fc.NARRATIVE, content.narrative),
+            ]
+        )
+    )
+    if content.urgency is not None:
+        texts.append(
+            hd.sr.CodeContentItem(
+                name=fc.URGENCY,
+                value=fc.URGENCY_VALUES[content.urgency],
+                relationship_type=_CONTAINS,
+            )
+        )
+    return texts
+
+
+def _provenance_items(report: ReportDocument) -> list[hd.sr.TextContentItem]:
+    return _texts(
+        [
+            (fc.QUESTION, report.question),
+            (fc.PARSE_STATUS, report.content.parse_status.value),
+            (fc.MODEL_IDENTITY, model_description(report.model)),
+            (fc.PROCESSING_DEVICE, report.model.device),
+            (fc.GENERATED_AT, report.created_at.isoformat()),
+        ]
+    )
+
+
+def _texts(answers: Sequence[tuple[Code, str | None]]) -> list[hd.sr.TextContentItem]:
+    """TEXT content items (UT) for the non-blank answers, cleaned of disallowed characters."""
+    items = []
+    for name, value in answers:
+        text = free_text(value or "")
+        if text.strip():
+            items.append(hd.sr.TextContentItem(name=name, value=text, relationship_type=_CONTAINS))
+    return items

@@ -1,0 +1,500 @@
+"""HL7 v2.5 ORU^R01 (§7.3.1 "Unsolicited transmission of an observation message") for a report.
+
+Message layout::
+
+    MSH                         §2.15.9  header, MSH-18 UNICODE UTF-8
+    PID                         §3.4.2   from the DICOM Patient Module
+    PV1                         §3.4.3   patient class U (unknown)
+    ORC                         §4.5.1   RE, order numbers, ORC-7.6 priority
+    OBR                         §7.4.1   procedure, times, status P, priority
+    NTE...                      §2.15.10 what the result is: test-model banner, AI disclaimer,
+                                         model identity
+    [TQ1]                       §4.5.4   TQ1-9 priority, when one is known
+    OBX (one OBSERVATION group  §7.4.2   TX, one report line each, LOINC section code,
+         per report line)...             OBX-11 P
+
+The message is built with hl7apy at STRICT validation, validated, and returned as ER7 text with
+every segment ended by CR (§2.5.1). Nothing in it depends on the clock: the same report, source,
+destination, control id and message time always give the same characters, so a re-sent outbox
+row is byte-identical.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.core import Field, Group, Message, Segment
+from hl7apy.exceptions import HL7apyException
+from hl7apy.parser import parse_message
+from pydicom import Dataset
+
+from config.settings import HL7Destination
+from hl7_out.dicom_source import CodedConcept, SourceStudy, read_source_study
+from hl7_out.encoding import (
+    ENCODING_CHARACTERS,
+    FIELD_SEPARATOR,
+    SUBCOMPONENT_SEPARATOR,
+    escape_text,
+    escaped_length,
+    format_dtm,
+    join_components,
+)
+from storage.report_schema import (
+    AI_DISCLAIMER,
+    TEST_MODEL_BANNER,
+    Finding,
+    ParseStatus,
+    ReportContent,
+    ReportDocument,
+    Urgency,
+)
+
+HL7_VERSION = "2.5"
+MESSAGE_TYPE = "ORU^R01^ORU_R01"
+CHARACTER_SET = "UNICODE UTF-8"  # HL7 table 0211
+RESULT_STATUS_PRELIMINARY = "P"  # HL7 table 0123 (OBR-25), table 0085 (OBX-11)
+ORDER_CONTROL_RESULTS = "RE"  # HL7 table 0119: observations/performed service to follow
+PATIENT_CLASS_UNKNOWN = "U"  # HL7 table 0004
+SEGMENT_TERMINATOR = "\r"
+
+# MSH-10 is ST with a length of 20 in HL7 v2.5 §2.15.9.10.
+MAX_CONTROL_ID_LENGTH = 20
+# hl7apy types OBX-5 ("varies") as ST and limits it to 199 characters at STRICT level, in
+# building and in parsing; longer report lines are carried over several OBX segments.
+MAX_OBX_TEXT_LENGTH = 199
+# HL7 v2.5 §2.A.36 HD-1 (IS) is at most 20 characters.
+MAX_NAMESPACE_ID_LENGTH = 20
+
+_CONTROL_ID = re.compile(r"^[\x21-\x7e]+$")
+
+
+class OruBuildError(ValueError):
+    """The inputs cannot make a valid ORU^R01; ``str()`` says which field and why."""
+
+
+@dataclass(frozen=True)
+class ObservationCode:
+    """An OBX-3 observation identifier (CE, HL7 v2.5 §2.A.8) in LOINC."""
+
+    code: str
+    text: str
+    coding_system: str = "LN"
+
+    def to_er7(self) -> str:
+        return join_components(self.code, escape_text(self.text), self.coding_system)
+
+
+# LOINC radiology report sections (DICOM PS3.16 CID 7001 Diagnostic Imaging Report Headings).
+FINDINGS = ObservationCode("18782-3", "Radiology Study observation (narrative)")
+IMPRESSION = ObservationCode("19005-8", "Radiology Imaging study [Impression] (narrative)")
+RECOMMENDATION = ObservationCode("18783-1", "Radiology Study recommendation (narrative)")
+
+
+@dataclass(frozen=True)
+class ObservationLine:
+    """One OBX-5 text value (unescaped) and the report section it belongs to."""
+
+    section: ObservationCode
+    text: str
+
+
+# HL7 table 0027 priority, ordered by how soon: Stat before ASAP before Routine.
+PRIORITY_STAT = "S"
+PRIORITY_ASAP = "A"
+PRIORITY_ROUTINE = "R"
+_PRIORITY_RANK = {PRIORITY_ROUTINE: 0, PRIORITY_ASAP: 1, PRIORITY_STAT: 2}
+_PRIORITY_NAMES = {PRIORITY_STAT: "Stat", PRIORITY_ASAP: "ASAP", PRIORITY_ROUTINE: "Routine"}
+# DICOM (0040,1003) Requested Procedure Priority and retired (0032,000C) Study Priority ID.
+_DICOM_PRIORITIES = {
+    "STAT": PRIORITY_STAT,
+    "HIGH": PRIORITY_ASAP,
+    "ROUTINE": PRIORITY_ROUTINE,
+    "MEDIUM": PRIORITY_ROUTINE,
+    "MED": PRIORITY_ROUTINE,
+    "LOW": PRIORITY_ROUTINE,
+}
+_URGENCY_PRIORITIES = {Urgency.CRITICAL: PRIORITY_STAT, Urgency.URGENT: PRIORITY_ASAP}
+# HL7 table 0078 abnormal flags: A abnormal, AA very abnormal (critical).
+_URGENCY_ABNORMAL_FLAGS = {Urgency.URGENT: "A", Urgency.CRITICAL: "AA"}
+# HL7 table 0001 administrative sex; DICOM (0010,0040) uses M, F, O.
+_SEXES = {"M": "M", "F": "F", "O": "O"}
+_NAME_REPRESENTATIONS = ("A", "I", "P")  # HL7 table 0465, in DICOM PN group order
+_EMPTY_RESULT_TEXT = {
+    "en": "The model produced no report text.",
+    "zh": "模型未生成报告文本。",
+}
+
+
+def build_oru(
+    report: ReportDocument,
+    source: Dataset,
+    destination: HL7Destination,
+    control_id: str,
+    message_time: datetime,
+) -> str:
+    """Build and strictly validate the ORU^R01 for ``report`` (HL7 v2.5 §7.3.1).
+
+    ``source`` is one instance of the study (its Patient and Study modules are read);
+    ``control_id`` becomes MSH-10 and ``message_time`` MSH-7, both fixed per outbox row.
+    Returns ER7 text, segments ended by CR; encode it as UTF-8 (MSH-18).
+
+    Raises OruBuildError when the inputs cannot make a valid message (no Patient ID, a control
+    id that is not 1-20 printable ASCII characters, settings values too long for their field).
+    """
+    _check_control_id(control_id)
+    study = read_source_study(source)
+    if not study.patient_id:
+        raise OruBuildError("the source has no Patient ID (0010,0020); PID-3 is required")
+    try:
+        message = _assemble(report, study, destination, control_id, message_time)
+        message.validate()
+        text = message.to_er7() + SEGMENT_TERMINATOR
+        parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    except HL7apyException as exc:
+        raise OruBuildError(f"ORU^R01 failed strict validation: {exc}") from exc
+    return text
+
+
+def observation_lines(content: ReportContent) -> list[ObservationLine]:
+    """The report's lines in OBX order: findings, impression, recommendation.
+
+    A result without structured sections (parse_status other than ok, or ok with all sections
+    empty) is sent as its narrative under the findings code. Blank lines are dropped and
+    trailing spaces removed (HL7 v2.5 §2.A.80 TX: leading spaces are significant, trailing
+    ones are not).
+    """
+    lines = _structured_lines(content) if content.parse_status == ParseStatus.OK else []
+    if not lines:
+        lines = [ObservationLine(FINDINGS, text) for text in _text_lines(content.narrative)]
+    if not lines:
+        language = content.language.split("-")[0].lower()
+        empty_text = _EMPTY_RESULT_TEXT.get(language, _EMPTY_RESULT_TEXT["en"])
+        lines = [ObservationLine(FINDINGS, empty_text)]
+    return lines
+
+
+def wrap_line(text: str, max_escaped_length: int = MAX_OBX_TEXT_LENGTH) -> list[str]:
+    """Cut ``text`` into pieces whose escaped form fits one OBX-5; ``"".join`` restores it.
+
+    Cuts go before a space where there is one (the space starts the next piece: leading
+    spaces are kept by TX receivers, §2.A.80), else at the length limit.
+    """
+    pieces: list[str] = []
+    start = 0
+    while escaped_length(text[start:]) > max_escaped_length:
+        end = _longest_fitting_end(text, start, max_escaped_length)
+        cut = _cut_before_spaces(text, start, end)
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def result_priority(order_priority: str, urgency: Urgency | None) -> str:
+    """The priority to send (HL7 table 0027): the order's, raised by the model's urgency.
+
+    Critical raises to S (stat), urgent to A (ASAP). A routine or missing urgency never changes
+    the order's priority, and an order priority outside S/A/R (P, C, T) is kept as it is, since
+    it cannot be ranked against stat or ASAP. Nothing is sent when neither is known, so the HIS
+    keeps the priority it has.
+    """
+    raised = _URGENCY_PRIORITIES.get(urgency) if urgency else None
+    if raised is None:
+        return order_priority
+    if not order_priority:
+        return raised
+    if order_priority not in _PRIORITY_RANK:
+        return order_priority
+    return max(order_priority, raised, key=_PRIORITY_RANK.__getitem__)
+
+
+def _check_control_id(control_id: str) -> None:
+    if not _CONTROL_ID.match(control_id) or len(control_id) > MAX_CONTROL_ID_LENGTH:
+        raise OruBuildError(
+            f"control id {control_id!r} must be 1-{MAX_CONTROL_ID_LENGTH} printable ASCII "
+            "characters without spaces"
+        )
+    if any(char in control_id for char in FIELD_SEPARATOR + ENCODING_CHARACTERS):
+        raise OruBuildError(f"control id {control_id!r} contains an HL7 delimiter")
+
+
+def _assemble(
+    report: ReportDocument,
+    study: SourceStudy,
+    destination: HL7Destination,
+    control_id: str,
+    message_time: datetime,
+) -> Message:
+    message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
+    _fill_msh(message.msh, destination, control_id, message_time)
+    result = message.add_group("ORU_R01_PATIENT_RESULT")
+    patient = result.add_group("ORU_R01_PATIENT")
+    _fill_pid(patient.add_segment("PID"), study)
+    _fill_pv1(patient.add_group("ORU_R01_VISIT").add_segment("PV1"), study)
+    order = result.add_group("ORU_R01_ORDER_OBSERVATION")
+    order_number = _order_number(report, study, destination)
+    priority = result_priority(
+        _DICOM_PRIORITIES.get(study.requested_priority, ""), report.content.urgency
+    )
+    _fill_orc(order.add_segment("ORC"), order_number, priority)
+    _fill_obr(order.add_segment("OBR"), report, study, order_number, priority)
+    _add_notes(order, report)
+    if priority:
+        _add_timing(order, priority)
+    _add_observations(order, report)
+    return message
+
+
+def _fill_msh(
+    msh: Segment, destination: HL7Destination, control_id: str, message_time: datetime
+) -> None:
+    """HL7 v2.5 §2.15.9 MSH; MSH-15/16 empty: original acknowledgment mode (§2.9.2)."""
+    msh.msh_3 = _namespace_id(destination.sending_application, "sending_application")
+    msh.msh_4 = _namespace_id(destination.sending_facility, "sending_facility")
+    msh.msh_5 = _namespace_id(destination.receiving_application, "receiving_application")
+    msh.msh_6 = _namespace_id(destination.receiving_facility, "receiving_facility")
+    msh.msh_7 = format_dtm(message_time)
+    msh.msh_9 = MESSAGE_TYPE
+    msh.msh_10 = control_id
+    msh.msh_11 = destination.processing_id
+    msh.msh_12 = HL7_VERSION
+    msh.msh_18 = CHARACTER_SET
+
+
+def _namespace_id(value: str, setting: str) -> str:
+    """HD-1 namespace id (IS, at most 20 characters, §2.A.36) from a destination setting."""
+    escaped = escape_text(value.strip())
+    if not escaped or len(escaped) > MAX_NAMESPACE_ID_LENGTH:
+        raise OruBuildError(
+            f"{setting} {value!r} must be 1-{MAX_NAMESPACE_ID_LENGTH} characters (HL7 HD-1)"
+        )
+    return escaped
+
+
+def _fill_pid(pid: Segment, study: SourceStudy) -> None:
+    """HL7 v2.5 §3.4.2 PID: PID-3 CX with assigning authority, PID-5 XPN, PID-7, PID-8."""
+    pid.pid_1 = "1"
+    pid.pid_3 = join_components(escape_text(study.patient_id), "", "", _assigning_authority(study))
+    _set_repetitions(pid, "PID_5", _patient_names(study))
+    if study.birth_date:
+        pid.pid_7 = study.birth_date
+    pid.pid_8 = _SEXES.get(study.sex, "U")
+
+
+def _assigning_authority(study: SourceStudy) -> str:
+    """CX-4 (HD, §2.A.36) from Issuer of Patient ID and its qualifiers.
+
+    A local issuer longer than HD-1 allows goes into HD-2 with type L (HL7 table 0301,
+    locally defined) when the qualifiers give no universal id.
+    """
+    issuer = study.issuer
+    local_id = escape_text(issuer.local_id)
+    universal_id = escape_text(issuer.universal_id)
+    universal_type = escape_text(issuer.universal_id_type)
+    if len(local_id) > MAX_NAMESPACE_ID_LENGTH:
+        if not universal_id:
+            universal_id, universal_type = local_id, "L"
+        local_id = ""
+    return join_components(local_id, universal_id, universal_type, separator=SUBCOMPONENT_SEPARATOR)
+
+
+def _patient_names(study: SourceStudy) -> list[str]:
+    """PID-5 XPN repetitions (§2.A.88) from the DICOM PN component groups.
+
+    DICOM orders family^given^middle^prefix^suffix; XPN orders family^given^middle^suffix^
+    prefix. Ideographic and phonetic groups become further repetitions with XPN-8 I and P.
+    No name at all is sent as XPN-7 name type U (unspecified, HL7 table 0200).
+    """
+    groups = [
+        (code, group)
+        for code, group in zip(_NAME_REPRESENTATIONS, study.name_groups, strict=False)
+        if any(group)
+    ]
+    names = []
+    for code, group in groups:
+        family, given, middle, prefix, suffix = (escape_text(part) for part in group)
+        representation = code if len(groups) > 1 else ""
+        names.append(join_components(family, given, middle, suffix, prefix, "", "", representation))
+    return names or ["^^^^^^U"]
+
+
+def _set_repetitions(segment: Segment, field_name: str, values: list[str]) -> None:
+    for value in values:
+        field = Field(field_name, version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
+        field.value = value
+        segment.add(field)
+
+
+def _fill_pv1(pv1: Segment, study: SourceStudy) -> None:
+    """HL7 v2.5 §3.4.3 PV1. PV1-2 is U: an imaging study does not say whether the patient is
+    an inpatient, outpatient or emergency case, and a guessed class could misroute the result
+    in the HIS. PV1-19 visit number from DICOM Admission ID (0038,0010) when present."""
+    pv1.pv1_1 = "1"
+    pv1.pv1_2 = PATIENT_CLASS_UNKNOWN
+    if study.admission_id:
+        pv1.pv1_19 = escape_text(study.admission_id)
+
+
+def _order_number(report: ReportDocument, study: SourceStudy, destination: HL7Destination) -> str:
+    """Placer and filler order number (EI-1, §2.A.24) per ``placer_from``.
+
+    ``accession`` uses the Accession Number (0008,0050) and falls back to the Study Instance
+    UID when the study has none; ``study_uid`` always uses the Study Instance UID.
+    """
+    if destination.placer_from == "accession" and study.accession_number:
+        return escape_text(study.accession_number)
+    return escape_text(report.study_instance_uid or study.study_instance_uid)
+
+
+def _fill_orc(orc: Segment, order_number: str, priority: str) -> None:
+    """HL7 v2.5 §4.5.1 ORC: ORC-1 RE, ORC-2/3 order numbers, ORC-7.6 priority (TQ)."""
+    orc.orc_1 = ORDER_CONTROL_RESULTS
+    orc.orc_2 = order_number
+    orc.orc_3 = order_number
+    if priority:
+        orc.orc_7 = _timing_quantity(priority)
+
+
+def _timing_quantity(priority: str) -> str:
+    """TQ (§2.A.81) carrying only TQ-6 priority."""
+    return join_components("", "", "", "", "", priority)
+
+
+def _fill_obr(
+    obr: Segment, report: ReportDocument, study: SourceStudy, order_number: str, priority: str
+) -> None:
+    """HL7 v2.5 §7.4.1 OBR.
+
+    OBR-4 procedure, OBR-5 and OBR-27.6 priority (both kept in v2.5 for backward
+    compatibility, beside TQ1-9), OBR-7 when the images were made, OBR-22 when the result was
+    made, OBR-25 P (preliminary).
+    """
+    obr.obr_1 = "1"
+    obr.obr_2 = order_number
+    obr.obr_3 = order_number
+    obr.obr_4 = _universal_service_id(study)
+    if priority:
+        obr.obr_5 = priority
+    if study.observation_time:
+        obr.obr_7 = study.observation_time
+    obr.obr_22 = format_dtm(report.created_at)
+    obr.obr_25 = RESULT_STATUS_PRELIMINARY
+    if priority:
+        obr.obr_27 = _timing_quantity(priority)
+
+
+def _universal_service_id(study: SourceStudy) -> str:
+    """OBR-4 (CE, §2.A.8): the procedure code when the study has one, else its description."""
+    code: CodedConcept | None = study.procedure_code
+    if code is not None:
+        return join_components(
+            escape_text(code.value),
+            escape_text(code.meaning or study.procedure_text),
+            escape_text(code.scheme),
+        )
+    return join_components("", escape_text(study.procedure_text or "Imaging study"))
+
+
+def _add_notes(order: Group, report: ReportDocument) -> None:
+    """NTE (§2.15.10) after OBR: what this result is, in the order a reader should see it."""
+    for set_id, text in enumerate(_note_texts(report), start=1):
+        nte = order.add_segment("NTE")
+        nte.nte_1 = str(set_id)
+        nte.nte_3 = escape_text(text)
+        nte.nte_4 = "RE^Remark^HL70364"
+
+
+def _note_texts(report: ReportDocument) -> list[str]:
+    model = report.model
+    notes = [TEST_MODEL_BANNER] if model.is_test_model else []
+    notes.append(AI_DISCLAIMER)
+    notes.append(
+        f"Model: {model.model_id}; revision: {model.revision}; device: {model.device}; "
+        f"dtype: {model.dtype}; quantization: {model.quantization}; "
+        f"generated: {report.created_at.isoformat()}"
+    )
+    return notes
+
+
+def _add_timing(order: Group, priority: str) -> None:
+    """TQ1 (§4.5.4), the v2.5 home of the priority: TQ1-9 (CWE, HL7 table 0485)."""
+    tq1 = order.add_group("ORU_R01_TIMING_QTY").add_segment("TQ1")
+    tq1.tq1_1 = "1"
+    tq1.tq1_9 = join_components(priority, _PRIORITY_NAMES.get(priority, ""), "HL70485")
+
+
+def _add_observations(order: Group, report: ReportDocument) -> None:
+    """One OBX (§7.4.2) per report line, each in its own OBSERVATION group.
+
+    OBX-2 TX, OBX-3 the LOINC section, OBX-4 a sub-id unique in the message, OBX-5 the escaped
+    text, OBX-8 the abnormal flag for urgent (A) and critical (AA) results, OBX-11 P.
+    """
+    urgency = report.content.urgency
+    abnormal_flag = _URGENCY_ABNORMAL_FLAGS.get(urgency) if urgency else None
+    pieces = [
+        (line.section, piece)
+        for line in observation_lines(report.content)
+        for piece in wrap_line(line.text)
+    ]
+    for set_id, (section, text) in enumerate(pieces, start=1):
+        obx = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
+        obx.obx_1 = str(set_id)
+        obx.obx_2 = "TX"
+        obx.obx_3 = section.to_er7()
+        obx.obx_4 = str(set_id)
+        obx.obx_5 = escape_text(text)
+        if abnormal_flag:
+            obx.obx_8 = abnormal_flag
+        obx.obx_11 = RESULT_STATUS_PRELIMINARY
+
+
+def _structured_lines(content: ReportContent) -> list[ObservationLine]:
+    lines = [
+        ObservationLine(FINDINGS, text)
+        for finding in content.findings
+        for text in _text_lines(finding_text(finding))
+    ]
+    lines += [ObservationLine(IMPRESSION, text) for text in _text_lines(content.impression)]
+    lines += [ObservationLine(RECOMMENDATION, text) for text in _text_lines(content.recommendation)]
+    return lines
+
+
+def finding_text(finding: Finding) -> str:
+    """One finding as a line: ``label (location, size mm, density, boundary)``."""
+    size = f"{finding.size_mm:g} mm" if finding.size_mm is not None else None
+    details = [
+        part.strip()
+        for part in (finding.location, size, finding.density, finding.boundary)
+        if part and part.strip()
+    ]
+    label = finding.label.strip()
+    return f"{label} ({', '.join(details)})" if details else label
+
+
+def _text_lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines() if line.strip()]
+
+
+def _cut_before_spaces(text: str, start: int, end: int) -> int:
+    """Where to cut ``text[start:end]``: before the last run of spaces in it, else at end."""
+    space = text.rfind(" ", start + 1, end + 1)
+    if space <= start:
+        return end
+    while space - 1 > start and text[space - 1] == " ":
+        space -= 1
+    return space
+
+
+def _longest_fitting_end(text: str, start: int, max_escaped_length: int) -> int:
+    """The largest end such that ``text[start:end]`` escapes to at most the limit."""
+    length = 0
+    end = start
+    while end < len(text):
+        length += escaped_length(text[end])
+        if length > max_escaped_length:
+            break
+        end += 1
+    return end

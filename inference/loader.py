@@ -1,0 +1,124 @@
+"""Which engine the worker runs, and what status says about it.
+
+engine = "transformers"  MedGemma from model_path or the local HF cache (never downloaded);
+                         the demo model when none is found and demo_model_if_missing is on;
+                         otherwise None: jobs wait, and status/log say how to add weights.
+engine = "scripted"      answers from a JSON file (a test double, marked as a test model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging as hf_logging
+
+from config.settings import NodeSettings
+from inference.demo_model import write_demo_model
+from inference.engine import Engine, GenerationRequest
+from inference.scripted_engine import SCRIPTED_IDENTITY, ScriptedEngine
+from inference.transformers_engine import (
+    ModelLoadError,
+    TransformersEngine,
+    locate_weights,
+    missing_weights_message,
+)
+
+log = logging.getLogger("medgemma_node.model")
+
+DEMO_MODEL_DIR = "demo-model"
+
+
+class EngineProvider:
+    """Loads the engine once; while weights are missing, looks again every check interval."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.state: dict[str, Any] = {"status": "not loaded"}
+        self._next_check = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Engine | None:
+        with self._lock:
+            if self.engine is None and time.monotonic() >= self._next_check:
+                self._next_check = time.monotonic() + self.settings.model.weights_check_interval_s
+                self.engine = self._load()
+            return self.engine
+
+    def _load(self) -> Engine | None:
+        model = self.settings.model
+        try:
+            engine = (
+                scripted_engine(model.scripted_responses_file)
+                if model.engine == "scripted"
+                else self._transformers()
+            )
+        except ModelLoadError as exc:
+            self.state = {"status": "error", "message": str(exc)}
+            log.error("model not loaded: %s", exc)
+            return None
+        if engine is None:
+            message = missing_weights_message(model)
+            self.state = {"status": "missing weights", "message": message}
+            log.warning("%s", message)
+            return None
+        self.state = {"status": "loaded", "identity": engine.identity.model_dump(mode="json")}
+        if engine.identity.is_test_model:
+            log.warning(
+                "TEST MODEL loaded (%s): its outputs are NOT FOR CLINICAL USE and say so",
+                engine.identity.model_id,
+            )
+        else:
+            log.info("model loaded: %s on %s", engine.identity.model_id, engine.identity.device)
+        return engine
+
+    def _transformers(self) -> Engine | None:
+        # Progress bars on stderr would interleave with the node's log lines.
+        hf_logging.disable_progress_bar()
+        model = self.settings.model
+        weights = locate_weights(model)
+        if weights is None and model.demo_model_if_missing:
+            weights = self.settings.storage.data_dir / DEMO_MODEL_DIR
+            if not (weights / "config.json").exists():
+                write_demo_model(weights)
+            log.warning("no MedGemma weights found: using the demo TEST model at %s", weights)
+        if weights is None:
+            return None
+        engine = TransformersEngine(model, weights_dir=weights)
+        attach_fast_path(engine, self.settings)
+        return engine
+
+
+def attach_fast_path(engine: TransformersEngine, settings: NodeSettings) -> None:
+    """CUDA: static KV buffers + CUDA graphs (inference/fast_decode.py), warmed up at load."""
+    if not engine.wants_fast_path:
+        return
+    from inference.fast_decode import FastGreedyGenerator
+
+    generator = FastGreedyGenerator(engine.model, max_batch=settings.model.max_batch)
+    generator.warm_up()
+    engine.attach_fast_generator(generator)
+
+
+def scripted_engine(path: Path | None) -> ScriptedEngine:
+    """Answers from a JSON file: a list of texts, used in turn and then cycled."""
+    if path is None:
+        raise ModelLoadError("model.engine = 'scripted' needs model.scripted_responses_file")
+    try:
+        texts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read scripted responses {path}: {exc}") from exc
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ModelLoadError(f"{path}: expected a non-empty JSON list of strings")
+    counter = iter(range(10**12))
+
+    def responder(_request: GenerationRequest) -> str:
+        return str(texts[next(counter) % len(texts)])
+
+    identity = SCRIPTED_IDENTITY.model_copy(update={"is_test_model": True})
+    return ScriptedEngine(responder=responder, identity=identity)

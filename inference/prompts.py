@@ -1,0 +1,218 @@
+"""The question the model is asked for a study: templates chosen by modality, body part, sender.
+
+Templates are TOML files. The node ships ``config/prompts/*.toml``; a site adds or overrides
+templates in ``ModelSettings.prompts_dir`` without code changes. One file is one template::
+
+    description = "Chest radiograph: structured findings with boxes"
+    en = "..."            # the question in English
+    zh = "..."            # the question in Chinese (at least one of en/zh)
+
+    [match]               # every key optional; a missing key matches anything
+    modality = ["CR", "DX"]        # (0008,0060) Modality, a string or a list
+    body_part = ["CHEST"]          # (0018,0015) Body Part Examined
+    calling_ae = ["ER_CR01"]       # the sending AE title
+
+Selection: among the templates whose keys all match, the most specific wins — a calling AE
+counts 4, a body part 2, a modality 1. At equal rank a site template beats a shipped one, and
+a site file with the same name as a shipped file replaces it. Remaining ties go to the file
+name that sorts first. ``default.toml`` (no keys) matches every study.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+import config
+from config.settings import ModelSettings
+
+SHIPPED_PROMPTS_DIR = Path(config.__file__).resolve().parent / "prompts"  # package data
+LANGUAGES = ("en", "zh")
+RANK_CALLING_AE = 4
+RANK_BODY_PART = 2
+RANK_MODALITY = 1
+
+
+class PromptTemplateError(ValueError):
+    """A template file cannot be used; ``str()`` names the file and the problem."""
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+class _MatchKeys(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    modality: list[str] = Field(default_factory=list)
+    body_part: list[str] = Field(default_factory=list)
+    calling_ae: list[str] = Field(default_factory=list)
+
+    @field_validator("modality", "body_part", "calling_ae", mode="before")
+    @classmethod
+    def _listify(cls, value: str | list[str]) -> list[str]:
+        return _as_list(value)
+
+    @field_validator("modality", "body_part", "calling_ae")
+    @classmethod
+    def _no_blank(cls, values: list[str]) -> list[str]:
+        if any(not v.strip() for v in values):
+            raise ValueError("values must not be blank")
+        return [v.strip() for v in values]
+
+
+class _TemplateFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = ""
+    en: str | None = None
+    zh: str | None = None
+    match: _MatchKeys = Field(default_factory=_MatchKeys)
+
+    @field_validator("en", "zh")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the question text is empty")
+        return value
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One template file, validated. Match keys are upper-cased except the AE title."""
+
+    name: str  # file name without .toml
+    source: Path
+    description: str
+    texts: dict[str, str]  # language -> question
+    modalities: frozenset[str]
+    body_parts: frozenset[str]
+    calling_aes: frozenset[str]
+    from_site: bool = False
+
+    @property
+    def rank(self) -> int:
+        return (
+            RANK_CALLING_AE * bool(self.calling_aes)
+            + RANK_BODY_PART * bool(self.body_parts)
+            + RANK_MODALITY * bool(self.modalities)
+        )
+
+    def matches(self, modality: str, body_part: str, calling_ae: str) -> bool:
+        return (
+            (not self.modalities or modality.strip().upper() in self.modalities)
+            and (not self.body_parts or body_part.strip().upper() in self.body_parts)
+            and (not self.calling_aes or calling_ae.strip() in self.calling_aes)
+        )
+
+    def text(self, language: str) -> tuple[str, str]:
+        """(question, language used): the requested language, else the other one."""
+        if language in self.texts:
+            return self.texts[language], language
+        fallback = next(lang for lang in LANGUAGES if lang in self.texts)
+        return self.texts[fallback], fallback
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The question chosen for a study, with where it came from (for logs and audit)."""
+
+    text: str
+    language: str
+    template_name: str
+    source: Path
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(file)"
+        parts.append(f"{key}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def load_template(path: Path, from_site: bool = False) -> PromptTemplate:
+    """Read and validate one template file; every error names the file."""
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as exc:
+        raise PromptTemplateError(f"{path}: cannot read ({exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise PromptTemplateError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        parsed = _TemplateFile.model_validate(raw)
+    except ValidationError as exc:
+        raise PromptTemplateError(f"{path}: {_describe(exc)}") from exc
+    texts = {lang: text.strip() for lang in LANGUAGES if (text := getattr(parsed, lang))}
+    if not texts:
+        raise PromptTemplateError(f"{path}: needs a question in 'en' or 'zh'")
+    return PromptTemplate(
+        name=path.stem,
+        source=path,
+        description=parsed.description,
+        texts=texts,
+        modalities=frozenset(m.upper() for m in parsed.match.modality),
+        body_parts=frozenset(b.upper() for b in parsed.match.body_part),
+        calling_aes=frozenset(parsed.match.calling_ae),
+        from_site=from_site,
+    )
+
+
+def load_templates(directory: Path, from_site: bool = False) -> list[PromptTemplate]:
+    """All ``*.toml`` templates of a directory, in file-name order."""
+    if not directory.is_dir():
+        raise PromptTemplateError(f"{directory}: prompt template directory not found")
+    return [load_template(p, from_site) for p in sorted(directory.glob("*.toml"))]
+
+
+class PromptLibrary:
+    """The shipped templates with a site's templates layered on top."""
+
+    def __init__(self, site_dir: Path | None = None, shipped_dir: Path = SHIPPED_PROMPTS_DIR):
+        by_name = {t.name: t for t in load_templates(shipped_dir)}
+        if site_dir is not None:
+            by_name.update({t.name: t for t in load_templates(site_dir, from_site=True)})
+        self.templates: list[PromptTemplate] = sorted(by_name.values(), key=lambda t: t.name)
+
+    @classmethod
+    def load(cls, site_dir: Path | None = None) -> PromptLibrary:
+        """The shipped templates plus those of ``site_dir`` (ModelSettings.prompts_dir)."""
+        return cls(site_dir=site_dir)
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings) -> PromptLibrary:
+        return cls(site_dir=settings.prompts_dir)
+
+    def candidates(self, modality: str, body_part: str, calling_ae: str) -> list[PromptTemplate]:
+        """Matching templates, best first."""
+        matching: Iterable[PromptTemplate] = (
+            t for t in self.templates if t.matches(modality, body_part, calling_ae)
+        )
+        return sorted(matching, key=lambda t: (-t.rank, not t.from_site, t.name))
+
+    def select(
+        self, modality: str, body_part: str = "", calling_ae: str = "", language: str = "en"
+    ) -> Prompt:
+        """The most specific template for the study; raise when none matches (no default)."""
+        found = self.candidates(modality, body_part, calling_ae)
+        if not found:
+            raise PromptTemplateError(
+                f"no prompt template matches modality={modality!r} body_part={body_part!r} "
+                f"calling_ae={calling_ae!r}; add a default.toml without [match] keys"
+            )
+        best = found[0]
+        text, used_language = best.text(language)
+        return Prompt(
+            text=text, language=used_language, template_name=best.name, source=best.source
+        )
+
+    def question(
+        self, modality: str, body_part: str = "", calling_ae: str = "", language: str = "en"
+    ) -> str:
+        """The question text alone (see ``select`` for the template it came from)."""
+        return self.select(modality, body_part, calling_ae, language).text

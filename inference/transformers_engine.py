@@ -1,0 +1,381 @@
+"""The real engine: MedGemma (or the tiny demo model) through Hugging Face transformers.
+
+Loading follows the model card (design.md, "Model facts"): ``AutoProcessor`` +
+``AutoModelForImageTextToText`` from a local directory, bf16 on CUDA (fp16 is broken for
+Gemma 3), float32 on CPU, optional NF4/int8 through bitsandbytes on CUDA, SDPA attention,
+greedy decoding. Nothing is ever downloaded: weights come from ``ModelSettings.model_path`` or
+from a snapshot already in the local Hugging Face cache, read with ``local_files_only=True``
+and ``HF_HUB_OFFLINE=1``. ``locate_weights`` finds them; ``missing_weights_message`` tells an
+operator what was searched and how to provide them.
+
+A batch is one ``processor(...)`` call with left padding, so every prompt ends at the same
+column and the new tokens of every row start right after it. Rows finish at the first
+end-of-sequence token; ``GenerationRequest.settings.max_new_tokens`` is honoured per request
+by generating up to the batch maximum and cutting each row at its own limit (greedy decoding
+makes the cut identical to stopping there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import transformers
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from config.settings import ModelSettings
+from inference.demo_model import DEMO_MODEL_MARKER
+from inference.engine import GenerationRequest, GenerationResult, OutOfMemory
+from storage.report_schema import ModelIdentity
+
+log = logging.getLogger(__name__)
+
+# Text markers of MedGemma's thinking block; kept in the decoded text for the parser.
+THINKING_TOKENS = ("<unused94>", "<unused95>")
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded as configured; ``str()`` says why and what to do."""
+
+
+class FastGenerator(Protocol):
+    """A greedy decode loop that replaces ``model.generate`` on CUDA (inference/fast_decode.py,
+    ``FastGreedyGenerator``).
+
+    Same contract as ``model.generate(**inputs, max_new_tokens=n, do_sample=False)`` with the
+    prompt columns cut off: the new ids only, [batch, <= n], rows that stop early padded after
+    their end-of-sequence token.
+    """
+
+    def generate(self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _hub_cache_dir() -> Path:
+    """HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub rules)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return Path(home) / "hub"
+
+
+def cache_repo_dir(model_id: str, cache_dir: Path | None = None) -> Path:
+    """Where the Hugging Face cache keeps a model: ``models--{org}--{name}``."""
+    return (cache_dir or _hub_cache_dir()) / ("models--" + model_id.replace("/", "--"))
+
+
+def has_weights(directory: Path) -> bool:
+    """A loadable model directory: config.json plus at least one readable weight file."""
+    if not (directory / "config.json").is_file():
+        return False
+    return any(p.exists() for pattern in WEIGHT_FILE_PATTERNS for p in directory.glob(pattern))
+
+
+def _snapshot_in_cache(repo_dir: Path) -> Path | None:
+    """The snapshot ``refs/main`` points at, else the newest complete one."""
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo_dir / "snapshots" / ref.read_text(encoding="utf-8").strip()
+        if has_weights(snapshot):
+            return snapshot
+    snapshots = repo_dir / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    complete = [p for p in snapshots.iterdir() if p.is_dir() and has_weights(p)]
+    return max(complete, key=lambda p: p.stat().st_mtime) if complete else None
+
+
+def searched_weight_paths(settings: ModelSettings) -> list[Path]:
+    """Where ``locate_weights`` looks, in order."""
+    if settings.model_path is not None:
+        return [settings.model_path]
+    return [cache_repo_dir(settings.model_id)]
+
+
+def locate_weights(settings: ModelSettings) -> Path | None:
+    """The directory to load the model from, or None when no complete copy is present.
+
+    ``model.model_path`` may be a plain model directory (config.json + safetensors) or a
+    Hugging Face cache folder ``models--org--name``; without it the local Hugging Face cache
+    is searched for ``model.model_id``.
+    """
+    for candidate in searched_weight_paths(settings):
+        if has_weights(candidate):
+            return candidate
+        if candidate.is_dir() and (snapshot := _snapshot_in_cache(candidate)) is not None:
+            return snapshot
+    return None
+
+
+def missing_weights_message(settings: ModelSettings) -> str:
+    """What an operator reads in status and logs when no weights were found."""
+    searched = ", ".join(str(p) for p in searched_weight_paths(settings))
+    return (
+        f"Model weights for {settings.model_id} not found (searched: {searched}). "
+        "The node keeps receiving and storing studies and holds their jobs until weights are "
+        "present; it never downloads anything. To provide MedGemma weights either set "
+        "model.model_path to a local directory containing config.json and the *.safetensors "
+        "files, or on a machine with internet access accept the licence at "
+        f"https://huggingface.co/{settings.model_id} and run "
+        f"`huggingface-cli download {settings.model_id}`, then copy the cache folder "
+        f"{cache_repo_dir(settings.model_id).name} into {_hub_cache_dir()} on this machine "
+        "(or point HF_HUB_CACHE at it)."
+    )
+
+
+def model_revision(weights_dir: Path) -> str:
+    """The commit hash of a cache snapshot, else a short sha256 of the model's index/config."""
+    if weights_dir.parent.name == "snapshots":
+        return weights_dir.name
+    digest = hashlib.sha256()
+    for name in ("model.safetensors.index.json", "config.json"):
+        path = weights_dir / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    for weight in sorted(weights_dir.glob("*.safetensors")):
+        digest.update(f"{weight.name}:{weight.stat().st_size}".encode())
+    return "sha256:" + digest.hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device is {setting!r} but no CUDA device is available")
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _quantization_config(quantization: str, device: torch.device) -> Any:
+    """BitsAndBytesConfig for nf4/int8 (bf16 compute), or None."""
+    if quantization == "none":
+        return None
+    if device.type != "cuda":
+        raise ModelLoadError(
+            f"model.quantization={quantization!r} needs a CUDA device (bitsandbytes); "
+            f"this node runs on {device}. Set model.quantization='none' for CPU."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"model.quantization={quantization!r} needs the bitsandbytes package: "
+            "pip install 'medgemma-node[quantization]'"
+        )
+    if quantization == "nf4":
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    return transformers.BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _demo_marker(weights_dir: Path) -> dict[str, Any] | None:
+    marker = weights_dir / DEMO_MODEL_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    return data if isinstance(data, dict) else {}
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class TransformersEngine:
+    """``Engine`` over a Gemma 3 image-text-to-text model."""
+
+    def __init__(self, settings: ModelSettings, weights_dir: Path | None = None) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        located = weights_dir or locate_weights(settings)
+        if located is None:
+            raise ModelLoadError(missing_weights_message(settings))
+        self.weights_dir = located
+        self.device = resolve_device(settings.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        quantization = _quantization_config(settings.quantization, self.device)
+        self.processor = self._load_processor()
+        self.model = self._load_model(quantization)
+        self.identity = self._identity(settings)
+        self._end_ids = self._stop_token_ids()
+        self._thinking_ids = self._marker_ids()
+        # CUDA fast path hook: when wants_fast_path (settings.fast_path and a CUDA device) the
+        # process wiring attaches inference.fast_decode.FastGreedyGenerator(engine.model, ...)
+        # with attach_fast_generator(); while it is None, _generate_ids uses model.generate.
+        self.wants_fast_path = settings.fast_path and self.device.type == "cuda"
+        self._fast_generator: FastGenerator | None = None
+
+    # -- loading -----------------------------------------------------------------------
+
+    def _load_processor(self) -> Any:
+        processor = AutoProcessor.from_pretrained(self.weights_dir, local_files_only=True)
+        processor.tokenizer.padding_side = "left"
+        return processor
+
+    def _load_model(self, quantization: Any) -> Any:
+        kwargs: dict[str, Any] = {
+            "dtype": self.dtype,
+            "attn_implementation": "sdpa",
+            "local_files_only": True,
+        }
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
+            kwargs["device_map"] = {"": self.device.index or 0}
+        try:
+            model: Any = AutoModelForImageTextToText.from_pretrained(self.weights_dir, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the model from {self.weights_dir}: {exc}") from exc
+        if quantization is None:
+            model = model.to(self.device)
+        return model.eval()
+
+    def _identity(self, settings: ModelSettings) -> ModelIdentity:
+        marker = _demo_marker(self.weights_dir)
+        model_id = str(marker.get("model_id", settings.model_id)) if marker else settings.model_id
+        return ModelIdentity(
+            model_id=model_id,
+            revision=model_revision(self.weights_dir),
+            dtype=str(self.dtype).removeprefix("torch."),
+            quantization=settings.quantization,
+            device=_device_name(self.device),
+            library_versions={"torch": torch.__version__, "transformers": transformers.__version__},
+            is_test_model=marker is not None,
+        )
+
+    def _stop_token_ids(self) -> set[int]:
+        configured = self.model.generation_config.eos_token_id
+        ids = configured if isinstance(configured, list) else [configured]
+        ids = [*ids, self.processor.tokenizer.eos_token_id]
+        return {int(i) for i in ids if i is not None}
+
+    def _marker_ids(self) -> dict[int, str]:
+        vocab = self.processor.tokenizer.get_vocab()
+        return {vocab[token]: token for token in THINKING_TOKENS if token in vocab}
+
+    def attach_fast_generator(self, generator: FastGenerator | None) -> None:
+        """Use ``generator`` instead of ``model.generate`` (None goes back to the plain path)."""
+        self._fast_generator = generator
+
+    def close(self) -> None:
+        """Free the model's memory (the worker reloads a fresh engine when needed)."""
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- generation --------------------------------------------------------------------
+
+    def _chat_text(self, request: GenerationRequest) -> str:
+        """One user turn: the images, then the question (no system role in Gemma 3)."""
+        content: list[dict[str, str]] = [{"type": "image"} for _ in request.images]
+        content.append({"type": "text", "text": request.prompt})
+        messages = [{"role": "user", "content": content}]
+        text: str = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        return text
+
+    def _inputs(self, requests: Sequence[GenerationRequest]) -> Any:
+        texts = [self._chat_text(r) for r in requests]
+        images = [[image.convert("RGB") for image in r.images] for r in requests]
+        inputs = self.processor(
+            text=texts,
+            images=images if any(images) else None,
+            padding=True,
+            return_tensors="pt",
+        )
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def _generate_ids(
+        self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int
+    ) -> torch.Tensor:
+        """The new ids of every row, [batch, <= max_new_tokens].
+
+        CUDA fast path hook: with a FastGenerator attached (attach_fast_generator) the decode
+        runs there; otherwise plain greedy ``model.generate``.
+        """
+        if self._fast_generator is not None:
+            return self._fast_generator.generate(inputs, max_new_tokens)
+        output: torch.Tensor = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False
+        )
+        return output[:, inputs["input_ids"].shape[1] :]
+
+    def _new_tokens(self, row: torch.Tensor, limit: int) -> tuple[list[int], int]:
+        """(ids of the answer text, tokens generated): the row up to its own limit and its
+        first stop token, which counts as generated but is not part of the text."""
+        ids = [int(t) for t in row[:limit]]
+        for position, token in enumerate(ids):
+            if token in self._end_ids:
+                return ids[:position], position + 1
+        return ids, len(ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        """Text without special tokens, except the thinking markers the parser needs."""
+        pieces: list[str] = []
+        segment: list[int] = []
+        for token in ids:
+            if token in self._thinking_ids:
+                pieces.append(self.processor.tokenizer.decode(segment, skip_special_tokens=True))
+                pieces.append(self._thinking_ids[token])
+                segment = []
+            else:
+                segment.append(token)
+        pieces.append(self.processor.tokenizer.decode(segment, skip_special_tokens=True))
+        return "".join(pieces)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run one batch; raise OutOfMemory when it does not fit on the device."""
+        if not requests:
+            return []
+        started = time.perf_counter()
+        limit = max(r.settings.max_new_tokens for r in requests)
+        try:
+            with torch.inference_mode():
+                inputs = self._inputs(requests)
+                output = self._generate_ids(inputs, limit)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemory(f"batch of {len(requests)} does not fit on {self.device}") from exc
+        seconds = time.perf_counter() - started
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for index, request in enumerate(requests):
+            text_ids, generated = self._new_tokens(output[index], request.settings.max_new_tokens)
+            results.append(
+                GenerationResult(
+                    text=self._decode(text_ids),
+                    prompt_tokens=int(prompt_tokens[index]),
+                    new_tokens=generated,
+                    seconds=seconds,
+                    batch_size=len(requests),
+                )
+            )
+        return results

@@ -1,0 +1,277 @@
+"""The inference worker: queued study versions → model → stored reports.
+
+One batch at a time:
+    claim ready jobs with a lease (wait up to batch_wait_ms to fill max_batch)
+    → read each version's instances from disk → preprocess → question
+    → engine.generate(batch)    (CUDA out of memory: halve the batch and retry)
+    → parse → Report row + job done + outputs/outbox rows, in ONE transaction per job.
+Failures keep their traceback; retried with backoff, then the job ends `failed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from config.settings import NodeSettings
+from inference.engine import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    GenerationSettings,
+    OutOfMemory,
+)
+from inference.parsing import parse_report
+from inference.preprocess import PreparedStudy, PreprocessError, attach_regions, prepare_study
+from inference.prompts import PromptLibrary
+from storage.db import Database
+from storage.jobs import RetryPolicy, claim_jobs, extend_lease, fail_job
+from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
+
+log = logging.getLogger("medgemma_node.worker")
+
+ReportHook = Callable[[Session, Report], None]
+EngineProvider = Callable[[], Engine | None]
+
+
+class PermanentJobError(Exception):
+    """Retrying cannot help (the study has no usable image); the job fails at once."""
+
+
+@dataclass
+class PreparedJob:
+    job_id: int
+    study_id: int
+    study_version_id: int
+    study_uid: str
+    prepared: PreparedStudy
+    question: str
+    language: str  # the template's: a site template with English only answers in English
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    last_batch_seconds: float = 0.0
+    last_batch_size: int = 0
+    inference_seconds_total: float = 0.0
+    recent: list[dict[str, Any]] = field(default_factory=list)
+
+
+class InferenceWorker:
+    """A supervised part: start() runs the loop in a thread, stop() ends it."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: NodeSettings,
+        engine_provider: EngineProvider,
+        on_report: ReportHook | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.model_settings = settings.model
+        self.data_dir = settings.storage.data_dir
+        self.engine_provider = engine_provider
+        self.on_report = on_report
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.prompts = PromptLibrary.load(settings.model.prompts_dir)
+        self.retry = RetryPolicy(settings.model.max_attempts, settings.model.retry_backoff_s)
+        self.engine: Engine | None = None
+        self.stats = WorkerStats()
+        self.last_error: str | None = None
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.poll_interval_s = 0.5
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                done = self.run_once()
+                self.last_error = None
+            except Exception as exc:  # the loop survives; the supervisor shows the error
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("inference loop error")
+                done = 0
+            if done == 0:
+                self.stop_event.wait(self.poll_interval_s)
+
+    def ensure_engine(self) -> Engine | None:
+        if self.engine is None:
+            self.engine = self.engine_provider()
+        return self.engine
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Process at most one batch; return how many jobs it finished (done or failed)."""
+        engine = self.ensure_engine()
+        if engine is None:
+            return 0
+        job_ids = self._claim_batch()
+        if not job_ids:
+            return 0
+        prepared = [job for job in (self._prepare(job_id) for job_id in job_ids) if job]
+        if prepared:
+            self._run_batch(engine, prepared)
+        return len(job_ids)
+
+    def _claim_batch(self) -> list[int]:
+        limit = self.model_settings.max_batch
+        lease = self.model_settings.lease_seconds
+        job_ids = claim_jobs(self.db, self.owner, limit, lease)
+        if job_ids and len(job_ids) < limit and self.model_settings.batch_wait_ms > 0:
+            # A burst arrives over a few milliseconds: wait briefly to serve it as one batch.
+            time.sleep(self.model_settings.batch_wait_ms / 1000)
+            job_ids += claim_jobs(self.db, self.owner, limit - len(job_ids), lease)
+        return job_ids
+
+    def _prepare(self, job_id: int) -> PreparedJob | None:
+        try:
+            return self._load_job(job_id)
+        except Exception as exc:
+            self._fail(job_id, exc)
+            return None
+
+    def _load_job(self, job_id: int) -> PreparedJob:
+        with self.db.session() as session:
+            job = session.get_one(Job, job_id)
+            version = session.get_one(StudyVersion, job.study_version_id)
+            study = session.get_one(Study, version.study_id)
+            paths = [self.data_dir / instance.path for instance in version.instances]
+            calling_ae = study.calling_ae
+            ids = (job.id, study.id, version.id, study.study_instance_uid)
+        try:
+            prepared = prepare_study(paths)
+        except PreprocessError as exc:
+            raise PermanentJobError(str(exc)) from exc
+        prompt = self.prompts.select(
+            prepared.modality, prepared.body_part, calling_ae, self.model_settings.language
+        )
+        return PreparedJob(ids[0], ids[1], ids[2], ids[3], prepared, prompt.text, prompt.language)
+
+    def _run_batch(self, engine: Engine, jobs: list[PreparedJob]) -> None:
+        extend_lease(
+            self.db, [job.job_id for job in jobs], self.owner, self.model_settings.lease_seconds
+        )
+        started = time.monotonic()
+        try:
+            results = self._generate_splitting(engine, jobs)
+        except Exception as exc:
+            for job in jobs:
+                self._fail(job.job_id, exc)
+            return
+        elapsed = time.monotonic() - started
+        self._record_batch_stats(len(jobs), elapsed)
+        for job, result in zip(jobs, results, strict=True):
+            try:
+                self._store(engine, job, result)
+            except Exception as exc:
+                self._fail(job.job_id, exc)
+
+    def _generate_splitting(
+        self, engine: Engine, jobs: list[PreparedJob]
+    ) -> list[GenerationResult]:
+        """On OutOfMemory halve the batch, down to one study (which then fails the job)."""
+        requests = [self._request(job) for job in jobs]
+        try:
+            return engine.generate(requests)
+        except OutOfMemory:
+            if len(jobs) == 1:
+                raise
+            half = len(jobs) // 2
+            log.warning(
+                "out of memory at batch %d: retrying as %d + %d", len(jobs), half, len(jobs) - half
+            )
+            return self._generate_splitting(engine, jobs[:half]) + self._generate_splitting(
+                engine, jobs[half:]
+            )
+
+    def _request(self, job: PreparedJob) -> GenerationRequest:
+        return GenerationRequest(
+            images=job.prepared.images,
+            prompt=job.question,
+            settings=GenerationSettings(max_new_tokens=self.model_settings.max_new_tokens),
+        )
+
+    def _store(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> None:
+        parsed = parse_report(result.text, job.language, image_count=len(job.prepared.images))
+        for note in parsed.notes:
+            log.info("study %s: %s", job.study_uid, note)
+        content = attach_regions(parsed.content, job.prepared.geometries)
+        with self.db.session() as session:
+            db_job = session.get_one(Job, job.job_id)
+            if db_job.lease_owner != self.owner or db_job.status != JobStatus.RUNNING:
+                log.warning("job %d lost its lease while running; result dropped", job.job_id)
+                return
+            report = Report(
+                job_id=job.job_id,
+                study_id=job.study_id,
+                study_version_id=job.study_version_id,
+                language=content.language,
+                parse_status=content.parse_status,
+                urgency=content.urgency,
+                question=job.question,
+                raw_text=result.text,
+                content_json=content.model_dump(mode="json"),
+                model_json=engine.identity.model_dump(mode="json"),
+                timings_json={
+                    "batch_seconds": round(result.seconds, 4),
+                    "batch_size": result.batch_size,
+                    "prompt_tokens": result.prompt_tokens,
+                    "new_tokens": result.new_tokens,
+                    "source_sop_instance_uids": job.prepared.sop_instance_uids,
+                },
+                is_test_model=engine.identity.is_test_model,
+                created_at=utcnow(),
+            )
+            session.add(report)
+            session.flush()
+            db_job.status = JobStatus.DONE
+            db_job.finished_at = utcnow()
+            db_job.lease_owner = None
+            db_job.lease_expires_at = None
+            db_job.last_error = None
+            if self.on_report is not None:
+                self.on_report(session, report)
+        self.stats.jobs_done += 1
+        log.info(
+            "study %s: report stored (%s, %d findings, urgency %s)",
+            job.study_uid,
+            content.parse_status,
+            len(content.findings),
+            content.urgency or "-",
+        )
+
+    def _fail(self, job_id: int, exc: BaseException) -> None:
+        policy = RetryPolicy(1, 0) if isinstance(exc, PermanentJobError) else self.retry
+        status = fail_job(self.db, job_id, exc, policy)
+        self.stats.jobs_failed += status == JobStatus.FAILED
+        log.error("job %d: %s: %s (now %s)", job_id, type(exc).__name__, exc, status)
+
+    def _record_batch_stats(self, size: int, seconds: float) -> None:
+        self.stats.batches += 1
+        self.stats.last_batch_size = size
+        self.stats.last_batch_seconds = seconds
+        self.stats.inference_seconds_total += seconds

@@ -1,0 +1,289 @@
+"""Report → output objects + outbox rows, inside the report's own transaction.
+
+For each stored report the inference worker calls ReportOutputs(session, report), which:
+    builds the SR (TID 1500) and one GSPS per image with boxes  → <data>/reports/<id>/
+    writes the JSON report                                       → <data>/reports/<id>/report.json
+    builds one ORU^R01 per HL7 destination (and for file ones)  → <data>/reports/<id>/*.hl7
+    adds one outbox row per object per routed destination.
+Everything a delivery will send is fixed here, so a retry re-sends the same bytes: the same SR
+SOP Instance UID, the same HL7 control id (design.md, "Exactly one result per study version").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from config.settings import (
+    Destination,
+    DicomDestination,
+    FileDestination,
+    HL7Destination,
+    HttpDestination,
+    NodeSettings,
+)
+from dicom_node.gsps import build_gsps
+from dicom_node.output_common import NodeIdentity, OutputRecord, write_datasets
+from dicom_node.sr import SrReference, build_sr
+from hl7_out.oru import build_oru
+from storage.files import write_durably
+from storage.models import (
+    Instance,
+    OutboxItem,
+    Report,
+    ReportObject,
+    Study,
+    StudyVersion,
+)
+from storage.report_schema import (
+    AI_DISCLAIMER,
+    TEST_MODEL_BANNER,
+    ModelIdentity,
+    ReportContent,
+    ReportDocument,
+)
+
+log = logging.getLogger("medgemma_node.outputs")
+
+REPORT_JSON = "report.json"
+
+
+def node_identity(settings: NodeSettings) -> NodeIdentity:
+    identity = settings.identity
+    return NodeIdentity(
+        name=identity.device_name,
+        serial_number=identity.serial_number,
+        institution_name=identity.institution_name,
+        uid_prefix=identity.uid_root,
+    )
+
+
+def report_document(session: Session, report: Report) -> ReportDocument:
+    version = session.get_one(StudyVersion, report.study_version_id)
+    study = session.get_one(Study, report.study_id)
+    return ReportDocument(
+        report_id=report.id,
+        study_instance_uid=study.study_instance_uid,
+        version_number=version.version_number,
+        created_at=report.created_at,
+        content=ReportContent.model_validate(report.content_json),
+        model=ModelIdentity.model_validate(report.model_json),
+        question=report.question,
+        source_sop_instance_uids=list(report.timings_json.get("source_sop_instance_uids", [])),
+    )
+
+
+class ReportOutputs:
+    """The on_report hook of the inference worker."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.data_dir = settings.storage.data_dir
+        self.node = node_identity(settings)
+
+    def __call__(self, session: Session, report: Report) -> None:
+        document = report_document(session, report)
+        study = session.get_one(Study, report.study_id)
+        sources = self._sources(session, report, document)
+        directory = self.data_dir / "reports" / str(report.id)
+        records = self._build_dicom(session, document, sources, directory)
+        objects = [self._object_row(session, report, record) for record in records]
+        json_path = self._write_json(document, study, records, directory)
+        for index, destination in enumerate(self.settings.destinations):
+            if destination.enabled and routed(destination, study):
+                self._queue(
+                    session, report, document, sources[0], destination, index, objects, json_path
+                )
+
+    # -- building -------------------------------------------------------------------------
+
+    def _sources(self, session: Session, report: Report, document: ReportDocument) -> list[Dataset]:
+        """The images the model saw (headers + pixels: a GSPS may need a computed window)."""
+        paths = session.scalars(
+            select(Instance.path)
+            .join(StudyVersion.instances)
+            .where(StudyVersion.id == report.study_version_id)
+            .order_by(Instance.id)
+        ).all()
+        datasets: list[Dataset] = [
+            dcmread(self.data_dir / path, defer_size="1 MB") for path in paths
+        ]
+        wanted = set(document.source_sop_instance_uids)
+        used = [ds for ds in datasets if str(ds.SOPInstanceUID) in wanted]
+        return used or datasets[:1]
+
+    def _build_dicom(
+        self, session: Session, document: ReportDocument, sources: list[Dataset], directory: Path
+    ) -> list[OutputRecord]:
+        predecessor = previous_sr(session, document, self.data_dir)
+        sr = build_sr(document, sources, predecessor, node=self.node)
+        has_regions = any(f.region is not None for f in document.content.findings)
+        gsps = build_gsps(document, sources, node=self.node) if has_regions else []
+        return write_datasets([sr, *gsps], directory)
+
+    def _object_row(self, session: Session, report: Report, record: OutputRecord) -> ReportObject:
+        row = ReportObject(
+            report_id=report.id,
+            kind=record.kind.lower(),
+            sop_class_uid=record.sop_class_uid,
+            sop_instance_uid=record.sop_instance_uid,
+            path=record.path.relative_to(self.data_dir).as_posix(),
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+    def _write_json(
+        self,
+        document: ReportDocument,
+        study: Study,
+        records: Sequence[OutputRecord],
+        directory: Path,
+    ) -> Path:
+        payload: dict[str, Any] = {
+            "notice": document_notice(document),
+            "report": document.model_dump(mode="json"),
+            "study": {"modality": study.modality, "calling_ae": study.calling_ae},
+            "objects": [
+                {
+                    "kind": r.kind,
+                    "sop_class_uid": r.sop_class_uid,
+                    "sop_instance_uid": r.sop_instance_uid,
+                }
+                for r in records
+            ],
+        }
+        path = directory / REPORT_JSON
+        write_durably(path, json.dumps(payload, ensure_ascii=False, indent=2).encode("utf-8"))
+        return path
+
+    # -- outbox ---------------------------------------------------------------------------
+
+    def _queue(
+        self,
+        session: Session,
+        report: Report,
+        document: ReportDocument,
+        source: Dataset,
+        destination: Destination,
+        index: int,
+        objects: list[ReportObject],
+        json_path: Path,
+    ) -> None:
+        if isinstance(destination, DicomDestination):
+            for obj in objects:
+                if obj.kind == "gsps" and not destination.send_gsps:
+                    continue
+                self._add(
+                    session,
+                    report,
+                    destination,
+                    "dicom",
+                    obj.sop_instance_uid,
+                    Path(obj.path),
+                    obj.id,
+                )
+        elif isinstance(destination, HL7Destination):
+            control_id = hl7_control_id(report.id, index)
+            path = self._write_oru(document, source, destination, control_id)
+            self._add(session, report, destination, "hl7", control_id, path)
+        elif isinstance(destination, FileDestination):
+            if destination.write_hl7:
+                self._write_oru(
+                    document,
+                    source,
+                    file_hl7_settings(destination),
+                    hl7_control_id(report.id, index),
+                )
+            self._add(
+                session, report, destination, "file", f"report-{report.id}", self._rel(json_path)
+            )
+        elif isinstance(destination, HttpDestination):
+            self._add(
+                session, report, destination, "http", f"report-{report.id}", self._rel(json_path)
+            )
+
+    def _write_oru(
+        self,
+        document: ReportDocument,
+        source: Dataset,
+        destination: HL7Destination,
+        control_id: str,
+    ) -> Path:
+        message = build_oru(document, source, destination, control_id, document.created_at)
+        path = self.data_dir / "reports" / str(document.report_id) / f"oru-{destination.name}.hl7"
+        write_durably(path, message.encode("utf-8"))
+        return self._rel(path)
+
+    def _rel(self, path: Path) -> Path:
+        return path.relative_to(self.data_dir) if path.is_absolute() else path
+
+    def _add(
+        self,
+        session: Session,
+        report: Report,
+        destination: Destination,
+        kind: str,
+        message_id: str,
+        payload: Path,
+        object_id: int | None = None,
+    ) -> None:
+        session.add(
+            OutboxItem(
+                report_id=report.id,
+                destination=destination.name,
+                kind=kind,
+                object_id=object_id,
+                message_id=message_id,
+                payload_path=payload.as_posix(),
+            )
+        )
+
+
+def routed(destination: Destination, study: Study) -> bool:
+    """Routing: empty lists mean every sender and modality."""
+    if destination.only_calling_aets and study.calling_ae not in destination.only_calling_aets:
+        return False
+    return not destination.only_modalities or study.modality in destination.only_modalities
+
+
+def hl7_control_id(report_id: int, destination_index: int) -> str:
+    """MSH-10, at most 20 characters (HL7 v2.5 §2.15.9.10), fixed per report and destination."""
+    return f"MGN{report_id}D{destination_index}"
+
+
+def file_hl7_settings(destination: FileDestination) -> HL7Destination:
+    """HL7 header values for the .hl7 file a file destination writes (no MLLP peer)."""
+    return HL7Destination(kind="hl7", name=destination.name, host="localhost", port=1)
+
+
+def document_notice(document: ReportDocument) -> str:
+    return (
+        f"{TEST_MODEL_BANNER}. {AI_DISCLAIMER}" if document.model.is_test_model else AI_DISCLAIMER
+    )
+
+
+def previous_sr(session: Session, document: ReportDocument, data_dir: Path) -> SrReference | None:
+    """The SR of the newest earlier report of the same study (Predecessor Documents, C.17.2)."""
+    row = session.execute(
+        select(ReportObject.path)
+        .join(Report, Report.id == ReportObject.report_id)
+        .join(Study, Study.id == Report.study_id)
+        .where(
+            Study.study_instance_uid == document.study_instance_uid,
+            Report.id < document.report_id,
+            ReportObject.kind == "sr",
+        )
+        .order_by(Report.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    return SrReference.of(dcmread(data_dir / row[0], stop_before_pixels=True))

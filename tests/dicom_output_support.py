@@ -1,0 +1,206 @@
+"""Shared by the SR and GSPS tests: the real CR chest image, reports, and the validators.
+
+The image is pydicom-data's RG1_UNCI.dcm (Philips CR chest PA, MONOCHROME1, 1841 columns x
+1955 rows, Pixel Spacing 0\\0 and no Imager Pixel Spacing). Only get_testdata_file is used:
+it reads the installed pydicom-data package and never downloads.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pydicom.data
+import pytest
+from pydicom import Dataset
+
+from storage.report_schema import (
+    Finding,
+    ModelIdentity,
+    ParseStatus,
+    PixelRegion,
+    ReportContent,
+    ReportDocument,
+    Urgency,
+)
+
+RG1 = "RG1_UNCI.dcm"
+SPACING_MM = (0.15, 0.175)  # (row, column) set on copies that need a spacing
+CREATED_AT = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)
+
+# dciodvfy warnings every object of ours draws, and why they stay:
+ALLOWED_WARNINGS = (
+    # Private coding scheme: declared in the Coding Scheme Identification Sequence, which
+    # dciodvfy does not consult; CodingSchemeDesignator is a defined-terms attribute.
+    "Unrecognized defined term <99MEDGEMMA> for value 1 of attribute <Coding Scheme Designator>",
+    # RG1's own Referring Physician's Name "ward", copied unchanged from the source study.
+    "(0x0008,0x0090) PN Referring Physician's Name  PN [1] = <ward> - Retired Person Name form",
+)
+
+needs_dicom3tools = pytest.mark.skipif(
+    shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) is not installed"
+)
+needs_dcmtk = pytest.mark.skipif(
+    not Path("/usr/bin/dsrdump").exists(), reason="DCMTK (dsrdump) is not installed"
+)
+
+
+@cache
+def _rg1(with_pixels: bool) -> Dataset:
+    path = pydicom.data.get_testdata_file(RG1)
+    assert path is not None, "pydicom-data is not installed"
+    return pydicom.dcmread(path, stop_before_pixels=not with_pixels)
+
+
+def rg1(*, with_pixels: bool = False) -> Dataset:
+    """A fresh copy of the CR chest image (headers only unless asked)."""
+    return copy.deepcopy(_rg1(with_pixels))
+
+
+def rg1_with_spacing() -> Dataset:
+    image = rg1()
+    image.ImagerPixelSpacing = list(SPACING_MM)
+    return image
+
+
+def rg1_without_spacing() -> Dataset:
+    image = rg1()
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+        if keyword in image:
+            delattr(image, keyword)
+    return image
+
+
+def region(image: Dataset, x0: float, y0: float, x1: float, y1: float) -> PixelRegion:
+    return PixelRegion(sop_instance_uid=str(image.SOPInstanceUID), x0=x0, y0=y0, x1=x1, y1=y1)
+
+
+def boxed_findings(image: Dataset, *, chinese: bool = False) -> list[Finding]:
+    """Two findings with regions and one without, coordinates exact in float32."""
+    return [
+        Finding(
+            label="结节" if chinese else "nodule",
+            location="右肺上叶" if chinese else "right upper lobe",
+            size_mm=12.5,
+            density="实性" if chinese else "solid",
+            boundary="边界清楚" if chinese else "well defined",
+            box_2d=[150.0, 210.0, 330.0, 380.0],
+            region=region(image, 400.5, 300.25, 700.0, 650.75),
+        ),
+        Finding(
+            label="胸腔积液" if chinese else "Pleural effusions",
+            location="左侧肋膈角" if chinese else "left costophrenic angle",
+            box_2d=[760.0, 650.0, 970.0, 920.0],
+            region=region(image, 1200.0, 1500.0, 1700.0, 1900.0),
+        ),
+        Finding(label="主动脉迂曲" if chinese else "tortuous aorta", size_mm=40.0),
+    ]
+
+
+@dataclass(frozen=True)
+class ReportTexts:
+    impression: str
+    recommendation: str
+    narrative: str
+    question: str
+
+
+ENGLISH = ReportTexts(
+    impression="Right upper lobe nodule; small left pleural effusion.",
+    recommendation="CT chest in 3 months.",
+    narrative="A 12 mm nodule projects over the right upper lobe.",
+    question="What are the findings on this chest X-ray?",
+)
+CHINESE = ReportTexts(
+    impression="右肺上叶结节，左侧少量胸腔积液。",
+    recommendation="建议3个月后复查胸部CT。",
+    narrative="右肺上叶见一约12毫米结节影。",
+    question="这张胸片有什么发现？",
+)
+
+
+def make_report(
+    image: Dataset,
+    findings: list[Finding],
+    *,
+    chinese: bool = False,
+    is_test_model: bool = False,
+    parse_status: ParseStatus = ParseStatus.OK,
+    report_id: int = 41,
+    version_number: int = 2,
+    urgency: Urgency | None = Urgency.URGENT,
+) -> ReportDocument:
+    texts = CHINESE if chinese else ENGLISH
+    return ReportDocument(
+        report_id=report_id,
+        study_instance_uid=str(image.StudyInstanceUID),
+        version_number=version_number,
+        created_at=CREATED_AT,
+        content=ReportContent(
+            parse_status=parse_status,
+            language="zh" if chinese else "en",
+            findings=findings,
+            impression=texts.impression,
+            recommendation=texts.recommendation,
+            urgency=urgency,
+            narrative=texts.narrative,
+        ),
+        model=ModelIdentity(
+            model_id="google/medgemma-1.5-4b-it",
+            revision="e9792da5fb8ee651083d345ec4bce07c3c9f1641",
+            dtype="bfloat16",
+            quantization="none",
+            device="cuda:0",
+            library_versions={"transformers": "4.57.1", "torch": "2.8.0"},
+            is_test_model=is_test_model,
+        ),
+        question=texts.question,
+        source_sop_instance_uids=[str(image.SOPInstanceUID)],
+    )
+
+
+@dataclass(frozen=True)
+class Validation:
+    errors: list[str]
+    warnings: list[str]
+
+    @property
+    def unexpected_warnings(self) -> list[str]:
+        return [w for w in self.warnings if not any(a in w for a in ALLOWED_WARNINGS)]
+
+
+def dciodvfy(path: Path) -> Validation:
+    """dicom3tools' IOD validator: its "Error" and "Warning" lines."""
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    return Validation(
+        errors=[line for line in lines if line.startswith("Error")],
+        warnings=[line for line in lines if line.startswith("Warning")],
+    )
+
+
+def assert_valid(path: Path) -> None:
+    validation = dciodvfy(path)
+    assert validation.errors == []
+    assert validation.unexpected_warnings == []
+
+
+def dsrdump(path: Path) -> str:
+    """DCMTK's SR dump with long values in full; fails the test unless it exits 0."""
+    result = subprocess.run(["/usr/bin/dsrdump", "+Pl", str(path)], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+    return result.stdout.decode("utf-8")
+
+
+def measurement_report(sr: hd.sr.ComprehensiveSR) -> hd.sr.MeasurementReport:
+    """The SR's content as highdicom's TID 1500 reader, which it must be."""
+    content = sr.content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content

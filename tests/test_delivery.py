@@ -1,0 +1,674 @@
+"""Delivery worker against real peers on loopback: Orthanc (DICOM), an MLLP listener (HL7),
+a directory, and an HTTP server; outages, a slow destination, a killed worker, the CLI.
+
+Rows are built the way the report code writes them (tests/delivery_rows.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from config.settings import (
+    DicomDestination,
+    FileDestination,
+    HL7Destination,
+    HttpDestination,
+    RetryPolicy,
+)
+from medgemma_node.cli import app
+from medgemma_node.delivery import DeliveryWorker, delivered_file_name, next_attempt_at
+from medgemma_node.delivery_metrics import DeliveryCollector
+from storage import outbox
+from storage.db import Database
+from storage.models import OutboxItem, OutboxStatus, utcnow
+from tests.delivery_rows import all_in, make_report, outbox_rows, queue
+from tests.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
+from tests.nodeproc import REPO, free_port, wait_for, write_toml
+from tests.orthanc import OrthancServer
+
+FAST_RETRY = RetryPolicy(max_attempts=100, max_age_s=600, initial_backoff_s=0.1, max_backoff_s=0.3)
+
+
+def make_worker(
+    db: Database, data_dir: Path, destinations: list[Any], **options: Any
+) -> DeliveryWorker:
+    settings: dict[str, Any] = {
+        "calling_aet": "MEDGEMMA",
+        "poll_interval_s": 0.05,
+        "watch_interval_s": 0.2,
+        "batch_size": 8,
+        "lease_s": 30.0,
+        "join_timeout_s": 15.0,
+    }
+    return DeliveryWorker(db, data_dir, destinations, **{**settings, **options})
+
+
+def pacs_destination(pacs: OrthancServer, name: str = "pacs") -> DicomDestination:
+    return DicomDestination(
+        kind="dicom",
+        name=name,
+        ae_title=pacs.aet,
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        retry=FAST_RETRY,
+    )
+
+
+def his_destination(port: int, ack_timeout_s: float = 1.0, **retry: Any) -> HL7Destination:
+    return HL7Destination(
+        kind="hl7",
+        name="his",
+        host="127.0.0.1",
+        port=port,
+        connect_timeout_s=1.0,
+        ack_timeout_s=ack_timeout_s,
+        retry=RetryPolicy(**{**FAST_RETRY.model_dump(), **retry}),
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
+    with OrthancServer(tmp_path / "orthanc") as server:
+        yield server
+
+
+@pytest.fixture
+def listener() -> Iterator[MLLPListener]:
+    with MLLPListener(ReplyMode.AA) as started:
+        yield started
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM
+
+
+def test_dicom_destination_delivers_each_object_to_orthanc(
+    db: Database, data_dir: Path, orthanc: OrthancServer
+) -> None:
+    reports = [make_report(db, data_dir, number) for number in (1, 2)]
+    for report in reports:
+        queue(db, report, "pacs", "dicom")
+    worker = make_worker(db, data_dir, [pacs_destination(orthanc)])
+    worker.start()
+    try:
+        wait_for(lambda: all_in(db, OutboxStatus.SENT), 15, message="rows not all SENT")
+    finally:
+        worker.stop()
+
+    stored = [orthanc.instance_tags(orthanc_id) for orthanc_id in orthanc.instance_ids()]
+    assert sorted(tags["SOPInstanceUID"] for tags in stored) == sorted(
+        uid for report in reports for uid in report.sop_uids
+    )
+    study_by_sop = {tags["SOPInstanceUID"]: tags["StudyInstanceUID"] for tags in stored}
+    for report in reports:
+        assert all(study_by_sop[uid] == report.study_uid for uid in report.sop_uids)
+    study_uids = {
+        orthanc.study(i)["MainDicomTags"]["StudyInstanceUID"] for i in orthanc.get("/studies")
+    }
+    assert study_uids == {report.study_uid for report in reports}
+    for row in outbox_rows(db):
+        assert (row.attempts, row.last_error, row.lease_owner) == (1, None, None)
+        assert row.sent_at is not None
+    assert worker.counters.get("delivered", "pacs") == 4
+    assert worker.last_error is None
+    registry = CollectorRegistry()
+    registry.register(DeliveryCollector(worker.counters))
+    exposition = generate_latest(registry).decode()
+    assert 'medgemma_delivery_delivered_total{destination="pacs"} 4.0' in exposition
+    assert 'medgemma_delivery_attempts_total{destination="pacs"} 4.0' in exposition
+
+
+def test_pacs_outage_then_recovery_delivers_each_object_exactly_once(
+    db: Database, data_dir: Path, orthanc: OrthancServer
+) -> None:
+    orthanc.stop()
+    reports = [make_report(db, data_dir, number) for number in (1, 2, 3)]
+    for report in reports:
+        queue(db, report, "pacs", "dicom")
+    worker = make_worker(db, data_dir, [pacs_destination(orthanc)])
+    worker.start()
+    try:
+        wait_for(
+            lambda: all(row.attempts >= 2 for row in outbox_rows(db)),
+            10,
+            message="the worker did not keep retrying during the outage",
+        )
+        rows = outbox_rows(db)
+        assert all(row.status == OutboxStatus.PENDING for row in rows)
+        assert all("association failed" in (row.last_error or "") for row in rows)
+        assert worker.last_error is not None and "pacs" in worker.last_error
+        orthanc.start()
+        wait_for(lambda: all_in(db, OutboxStatus.SENT), 10, message="not delivered after recovery")
+    finally:
+        worker.stop()
+
+    sop_uids = orthanc.sop_instance_uids()
+    expected = sorted(uid for report in reports for uid in report.sop_uids)
+    assert sorted(sop_uids) == expected  # every object, none twice
+    assert worker.counters.get("delivered", "pacs") == len(expected)
+    assert worker.counters.get("dead", "pacs") == 0
+
+
+def test_down_destinations_never_delay_the_others(
+    db: Database, data_dir: Path, orthanc: OrthancServer, listener: MLLPListener
+) -> None:
+    listener.reply_mode = ReplyMode.SILENT  # the HIS reads and never answers
+    ack_timeout_s = 3.0
+    destinations = [
+        DicomDestination(
+            kind="dicom", name="old-pacs", ae_title="GONE", host="127.0.0.1",
+            port=free_port(), retry=FAST_RETRY,
+        ),
+        his_destination(listener.port, ack_timeout_s=ack_timeout_s),
+        pacs_destination(orthanc),
+    ]  # fmt: skip
+    reports = [make_report(db, data_dir, number) for number in (1, 2, 3)]
+    for report in reports:
+        queue(db, report, "old-pacs", "dicom")
+        queue(db, report, "his", "hl7")
+        queue(db, report, "pacs", "dicom")
+    worker = make_worker(db, data_dir, destinations)
+    started = time.monotonic()
+    worker.start()
+    try:
+        wait_for(lambda: all_in(db, OutboxStatus.SENT, "pacs"), 5, interval=0.05)
+        elapsed = time.monotonic() - started
+        assert elapsed < ack_timeout_s * 0.75, f"pacs waited for the silent HIS: {elapsed:.1f} s"
+        assert len(orthanc.instance_ids()) == 6
+        assert all(row.status == OutboxStatus.PENDING for row in outbox_rows(db, "his"))
+        wait_for(
+            lambda: all(row.attempts >= 3 for row in outbox_rows(db, "old-pacs")),
+            5,
+            message="the unreachable PACS is not retried",
+        )
+        wait_for(
+            lambda: all("no complete ACK" in (r.last_error or "") for r in outbox_rows(db, "his")),
+            ack_timeout_s + 3,
+            message="the silent HIS attempt did not end in a retry",
+        )
+    finally:
+        worker.stop()
+    assert all(row.status == OutboxStatus.PENDING for row in outbox_rows(db, "old-pacs"))
+    # Each HIS attempt sent the batch's first message only; the rest waited for an answer.
+    assert {message.control_id for message in listener.received} == {reports[0].control_id}
+
+
+# ---------------------------------------------------------------------------------------------
+# HL7 over MLLP
+
+
+def test_hl7_accepted_message_is_sent_once_exactly(
+    db: Database, data_dir: Path, listener: MLLPListener
+) -> None:
+    report = make_report(db, data_dir, 1)
+    queue(db, report, "his", "hl7")
+    worker = make_worker(db, data_dir, [his_destination(listener.port)])
+    assert worker.deliver_once() == 1
+    (row,) = outbox_rows(db)
+    assert (row.status, row.attempts, row.sent_at is not None) == (OutboxStatus.SENT, 1, True)
+    (received,) = listener.received
+    assert received.raw == (data_dir / report.oru_path).read_bytes()
+    assert received.control_id == report.control_id == row.message_id
+    assert worker.deliver_once() == 0
+    assert len(listener.received) == 1
+
+
+def test_hl7_application_error_is_retried_until_accepted(
+    db: Database, data_dir: Path, listener: MLLPListener
+) -> None:
+    listener.reply_mode = ReplyMode.AE
+    report = make_report(db, data_dir, 1)
+    queue(db, report, "his", "hl7")
+    worker = make_worker(db, data_dir, [his_destination(listener.port)])
+    before = utcnow()
+    worker.deliver_once()
+    (row,) = outbox_rows(db)
+    assert (row.status, row.attempts) == (OutboxStatus.PENDING, 1)
+    assert row.last_error is not None and "AE" in row.last_error and ERROR_TEXT in row.last_error
+    assert row.next_attempt_at >= before + timedelta(seconds=0.1)
+    listener.reply_mode = ReplyMode.AA
+    wait_for(lambda: worker.deliver_once() and all_in(db, OutboxStatus.SENT), 5)
+    (row,) = outbox_rows(db)
+    assert row.attempts == 2
+    texts = {message.raw for message in listener.received}
+    assert len(listener.received) == 2 and texts == {(data_dir / report.oru_path).read_bytes()}
+
+
+def test_hl7_application_reject_is_dead_at_once(
+    db: Database, data_dir: Path, listener: MLLPListener
+) -> None:
+    listener.reply_mode = ReplyMode.AR
+    queue(db, make_report(db, data_dir, 1), "his", "hl7")
+    worker = make_worker(db, data_dir, [his_destination(listener.port)])
+    worker.deliver_once()
+    (row,) = outbox_rows(db)
+    assert (row.status, row.attempts) == (OutboxStatus.DEAD, 1)
+    assert row.last_error is not None and REJECT_TEXT in row.last_error
+    assert worker.counters.get("dead", "his") == 1
+    worker.deliver_once()
+    assert len(listener.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [(ReplyMode.GARBAGE, "unreadable ACK"), (ReplyMode.SILENT, "no complete ACK")],
+)
+def test_hl7_without_a_readable_ack_is_retried(
+    db: Database, data_dir: Path, listener: MLLPListener, mode: ReplyMode, reason: str
+) -> None:
+    listener.reply_mode = mode
+    for number in (1, 2):
+        queue(db, make_report(db, data_dir, number), "his", "hl7")
+    worker = make_worker(db, data_dir, [his_destination(listener.port, ack_timeout_s=0.3)])
+    before = utcnow()
+    worker.deliver_once()
+    rows = outbox_rows(db)
+    assert [(row.status, row.attempts) for row in rows] == [(OutboxStatus.PENDING, 1)] * 2
+    assert all(reason in (row.last_error or "") for row in rows)
+    assert all(row.next_attempt_at > before for row in rows)
+    assert len(listener.received) == 1  # the receiver was taken as down after the first
+
+
+def test_hl7_gives_up_after_max_attempts(
+    db: Database, data_dir: Path, listener: MLLPListener
+) -> None:
+    listener.reply_mode = ReplyMode.AE
+    queue(db, make_report(db, data_dir, 1), "his", "hl7")
+    destination = his_destination(listener.port, max_attempts=2, initial_backoff_s=0)
+    worker = make_worker(db, data_dir, [destination])
+    worker.deliver_once()
+    worker.deliver_once()
+    (row,) = outbox_rows(db)
+    assert (row.status, row.attempts) == (OutboxStatus.DEAD, 2)
+    assert "gave up after 2 attempts" in (row.last_error or "")
+    assert len(listener.received) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# File and HTTP
+
+
+def test_file_destination_writes_each_payload_once_by_name(
+    db: Database, data_dir: Path, tmp_path: Path
+) -> None:
+    report = make_report(db, data_dir, 1)
+    ids = queue(db, report, "archive", "file")
+    target = tmp_path / "out"
+    destination = FileDestination(kind="file", name="archive", directory=target)
+    worker = make_worker(db, data_dir, [destination])
+    assert worker.deliver_once() == 4
+    assert all_in(db, OutboxStatus.SENT)
+    stem = f"{report.study_uid}_{report.report_id}"
+    (sr_uid, pdf_uid) = report.sop_uids
+    expected = {
+        f"{stem}_report.json": report.json_path,
+        f"{stem}_oru.hl7": report.oru_path,
+        f"{stem}_sr_{sr_uid}.dcm": report.objects[0][2],
+        f"{stem}_pdf_{pdf_uid}.dcm": report.objects[1][2],
+    }
+    assert sorted(p.name for p in target.iterdir()) == sorted(expected)
+    for name, payload in expected.items():
+        assert (target / name).read_bytes() == (data_dir / payload).read_bytes()
+    assert pydicom.dcmread(target / f"{stem}_sr_{sr_uid}.dcm").SOPInstanceUID == sr_uid
+    written = {path.name: path.stat().st_mtime_ns for path in target.iterdir()}
+
+    for item_id in ids:  # a re-send (after a crash, or by an operator) changes nothing
+        assert outbox.retry_item(db, item_id) == OutboxStatus.SENT
+    with db.session() as session:
+        for row in session.scalars(select(OutboxItem)):
+            row.status = OutboxStatus.PENDING
+    assert worker.deliver_once() == 4
+    assert {path.name: path.stat().st_mtime_ns for path in target.iterdir()} == written
+
+
+class RecordingHttpServer:
+    """An HTTP server on 127.0.0.1 that records requests and answers scripted statuses."""
+
+    def __init__(self, replies: list[tuple[int, dict[str, str]]]) -> None:
+        self.replies = list(replies)
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                recorder.requests.append((self.path, dict(self.headers.items()), body))
+                status, headers = recorder.replies.pop(0) if recorder.replies else (200, {})
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *_: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/results"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def http_server() -> Iterator[Any]:
+    servers: list[RecordingHttpServer] = []
+
+    def start(replies: list[tuple[int, dict[str, str]]]) -> RecordingHttpServer:
+        servers.append(RecordingHttpServer(replies))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def http_destination(url: str) -> HttpDestination:
+    return HttpDestination(
+        kind="http",
+        name="ris-api",
+        url=url,
+        headers={"X-Site": "ward-3"},
+        bearer_token="s3cret",
+        timeout_s=2.0,
+        retry=FAST_RETRY,
+    )
+
+
+def test_http_post_is_retried_with_the_same_idempotency_key(
+    db: Database, data_dir: Path, http_server: Any
+) -> None:
+    server = http_server([(503, {})])
+    report = make_report(db, data_dir, 1)
+    queue(db, report, "ris-api", "http")
+    worker = make_worker(db, data_dir, [http_destination(server.url)])
+    worker.deliver_once()
+    (row,) = outbox_rows(db)
+    assert (row.status, row.attempts) == (OutboxStatus.PENDING, 1)
+    assert "HTTP 503" in (row.last_error or "")
+    wait_for(lambda: worker.deliver_once() and all_in(db, OutboxStatus.SENT), 5)
+    assert len(server.requests) == 2
+    payload = (data_dir / report.json_path).read_bytes()
+    for path, headers, body in server.requests:
+        assert (path, body) == ("/results", payload)
+        assert headers["Idempotency-Key"] == row.message_id == f"report-{report.report_id}-ris-api"
+        assert headers["Authorization"] == "Bearer s3cret"
+        assert headers["X-Site"] == "ward-3"
+        assert headers["Content-Type"] == "application/json"
+
+
+def test_http_client_errors_are_dead_and_throttling_waits(
+    db: Database, data_dir: Path, http_server: Any
+) -> None:
+    server = http_server([(400, {}), (429, {"Retry-After": "3"})])
+    for number in (1, 2):
+        queue(db, make_report(db, data_dir, number), "ris-api", "http")
+    destination = http_destination(server.url).model_copy(
+        update={"retry": RetryPolicy(initial_backoff_s=0.1, max_backoff_s=10)}
+    )
+    worker = make_worker(db, data_dir, [destination])
+    before = utcnow()
+    worker.deliver_once()
+    rejected, throttled = outbox_rows(db)
+    assert rejected.status == OutboxStatus.DEAD and "HTTP 400" in (rejected.last_error or "")
+    assert throttled.status == OutboxStatus.PENDING and "HTTP 429" in (throttled.last_error or "")
+    assert throttled.next_attempt_at >= before + timedelta(seconds=2.9)  # Retry-After
+    assert worker.deliver_once() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety, leases, unserved rows
+
+
+def test_killed_worker_resends_the_same_payloads_and_loses_nothing(
+    db: Database, db_url: str, data_dir: Path, tmp_path: Path,
+    orthanc: OrthancServer, listener: MLLPListener,
+) -> None:  # fmt: skip
+    listener.reply_mode = ReplyMode.SILENT  # the first attempt never gets its ACK
+    reports = [make_report(db, data_dir, number) for number in range(1, 5)]
+    for report in reports:
+        queue(db, report, "pacs", "dicom")
+        queue(db, report, "his", "hl7")
+    retry = {"initial_backoff_s": 0.2, "max_backoff_s": 0.5, "max_attempts": 100}
+    config = write_toml(
+        tmp_path / "node.toml",
+        {
+            "dicom": {"ae_title": "MEDGEMMA"},
+            "storage": {"data_dir": str(data_dir), "database_url": db_url},
+            "logging": {"level": "INFO"},
+            "metrics": {"enabled": False},
+            "destinations": [
+                {"kind": "dicom", "name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                 "port": orthanc.dicom_port, "retry": retry},
+                {"kind": "hl7", "name": "his", "host": "127.0.0.1", "port": listener.port,
+                 "ack_timeout_s": 2.0, "retry": retry},
+            ],
+        },
+    )  # fmt: skip
+    log_path = tmp_path / "deliver.log"
+    first = _start_deliver_process(config, log_path)
+    try:
+        wait_for(
+            lambda: listener.received and orthanc.instance_ids(),
+            20,
+            message=f"nothing sent before the kill:\n{log_path.read_text()}",
+        )
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert not all_in(db, OutboxStatus.SENT, "his")
+    listener.reply_mode = ReplyMode.AA
+    second = _start_deliver_process(config, log_path)
+    try:
+        wait_for(
+            lambda: all_in(db, OutboxStatus.SENT),
+            30,
+            message=f"not all delivered after the restart:\n{log_path.read_text()}",
+        )
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+
+    expected_sops = sorted(uid for report in reports for uid in report.sop_uids)
+    assert sorted(orthanc.sop_instance_uids()) == expected_sops
+    by_control_id: dict[str, set[bytes]] = {}
+    for message in listener.received:
+        by_control_id.setdefault(message.control_id, set()).add(message.raw)
+    assert sorted(by_control_id) == sorted(report.control_id for report in reports)
+    for report in reports:  # one form per report: the payload written with the report
+        assert by_control_id[report.control_id] == {(data_dir / report.oru_path).read_bytes()}
+    counts = Counter(message.control_id for message in listener.received)
+    assert max(counts.values()) >= 2  # the message in flight at the kill was sent again
+
+
+def _start_deliver_process(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "medgemma_node.cli", "outbox", "deliver", "--config", str(config),
+        "--poll-interval", "0.1", "--lease-seconds", "2",
+    ]  # fmt: skip
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log
+        )
+
+
+def test_claims_are_disjoint_and_expire(db: Database, data_dir: Path) -> None:
+    report = make_report(db, data_dir, 1)
+    with db.session() as session:
+        session.add_all(
+            OutboxItem(
+                report_id=report.report_id, destination="his", kind="hl7",
+                message_id=f"MG{n}", payload_path=report.oru_path,
+            )
+            for n in range(40)
+        )  # fmt: skip
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claim_until_empty(owner: str) -> None:
+        while items := outbox.claim_due(db, "his", "hl7", owner, 3, 30.0):
+            with lock:
+                claimed.extend(item.id for item in items)
+
+    threads = [threading.Thread(target=claim_until_empty, args=(f"w{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    all_ids = [row.id for row in outbox_rows(db)]
+    assert sorted(claimed) == all_ids  # every row once, none twice
+    assert all(row.attempts == 1 for row in outbox_rows(db))
+
+    assert outbox.release_leases(db) == 40
+    (first,) = outbox.claim_due(db, "his", "hl7", "a", 1, 0.3)
+    assert outbox.claim_due(db, "his", "hl7", "b", 1, 30.0)[0].id != first.id
+    time.sleep(0.4)
+    retaken = [item for item in outbox.claim_due(db, "his", "hl7", "c", 40, 30.0)]
+    assert first.id in [item.id for item in retaken]
+    assert next(item for item in retaken if item.id == first.id).attempts == 3
+    # The first owner's late failure no longer applies; its late success still counts.
+    outbox.finish(db, [], [outbox.Failure(first, "late", None)])
+    row = next(row for row in outbox_rows(db) if row.id == first.id)
+    assert (row.status, row.last_error) == (OutboxStatus.PENDING, None)
+    outbox.finish(db, [first], [])
+    row = next(row for row in outbox_rows(db) if row.id == first.id)
+    assert row.status == OutboxStatus.SENT and row.lease_owner is None
+
+
+def test_rows_nobody_serves_stay_pending_with_a_note(
+    db: Database, data_dir: Path, listener: MLLPListener, caplog: pytest.LogCaptureFixture
+) -> None:
+    report = make_report(db, data_dir, 1)
+    queue(db, report, "gone", "hl7")
+    queue(db, report, "his", "dicom")  # a destination renamed to another kind
+    queue(db, report, "paused", "hl7")
+    paused = HL7Destination(kind="hl7", name="paused", host="127.0.0.1", port=1, enabled=False)
+    worker = make_worker(db, data_dir, [his_destination(listener.port), paused])
+    with caplog.at_level(logging.WARNING, logger="medgemma_node.delivery"):
+        worker.deliver_once()
+        worker.deliver_once()
+    notes = {row.destination: row.last_error or "" for row in outbox_rows(db)}
+    assert all(row.status == OutboxStatus.PENDING for row in outbox_rows(db))
+    assert "'gone' is not configured" in notes["gone"]
+    assert "'his' is 'hl7'" in notes["his"]
+    assert "'paused' is disabled" in notes["paused"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3  # one per route, not one per pass
+    assert all("DELIVERY^TEST" not in message for message in caplog.messages)
+    assert listener.received == []
+    assert worker.last_error is not None and "gone (hl7): unserved" in worker.last_error
+
+
+def test_backoff_doubles_up_to_the_maximum_then_dead_letters() -> None:
+    policy = RetryPolicy(max_attempts=6, max_age_s=3600, initial_backoff_s=2, max_backoff_s=10)
+    now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+    def item(attempts: int, age_s: float = 0) -> outbox.ClaimedItem:
+        return outbox.ClaimedItem(
+            1,
+            1,
+            "d",
+            "hl7",
+            "m",
+            "p",
+            attempts,
+            now - timedelta(seconds=age_s),
+            "t",
+            "1.2",
+            None,
+            None,
+        )
+
+    delays = [(next_attempt_at(policy, item(n), now) - now).total_seconds() for n in range(1, 6)]  # type: ignore[operator]
+    assert delays == [2, 4, 8, 10, 10]
+    assert next_attempt_at(policy, item(6), now) is None
+    assert next_attempt_at(policy, item(1, age_s=3600), now) is None
+    retry_after = next_attempt_at(policy, item(1), now, retry_after_s=7)
+    assert retry_after == now + timedelta(seconds=7)
+    assert delivered_file_name(item(1)) == "1.2_1_p"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_outbox_cli_lists_retries_and_purges(
+    db: Database, db_url: str, data_dir: Path, tmp_path: Path, listener: MLLPListener
+) -> None:
+    listener.reply_mode = ReplyMode.AR
+    rejected = make_report(db, data_dir, 1)
+    queue(db, rejected, "his", "hl7")
+    waiting = make_report(db, data_dir, 2)
+    queue(db, waiting, "elsewhere", "hl7")
+    worker = make_worker(db, data_dir, [his_destination(listener.port)])
+    worker.deliver_once()
+    config = write_toml(
+        tmp_path / "node.toml",
+        {"storage": {"data_dir": str(data_dir), "database_url": db_url}},
+    )
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        return runner.invoke(app, ["outbox", *args, "--config", str(config)])
+
+    table = run("list", "--status", "dead")
+    assert table.exit_code == 0, table.output
+    assert "dead" in table.output and "pending" not in table.output
+    listed = json.loads(run("list", "--status", "dead", "--json").output)
+    assert [(row["message_id"], row["status"]) for row in listed] == [(rejected.control_id, "dead")]
+    assert REJECT_TEXT in listed[0]["last_error"]
+    elsewhere = json.loads(run("list", "--destination", "elsewhere", "--json").output)
+    assert [row["message_id"] for row in elsewhere] == [waiting.control_id]
+    assert "not configured" in elsewhere[0]["last_error"]
+
+    retried = run("retry", "--dead")
+    assert retried.exit_code == 0 and "1 dead row(s)" in retried.output
+    (dead_row,) = outbox_rows(db, "his")
+    assert (dead_row.status, dead_row.attempts) == (OutboxStatus.PENDING, 0)
+    assert dead_row.next_attempt_at <= utcnow()
+    listener.reply_mode = ReplyMode.AA
+    worker.deliver_once()
+    assert all_in(db, OutboxStatus.SENT, "his")
+
+    again = run("retry", str(dead_row.id))
+    assert again.exit_code == 1 and "already sent" in again.output
+    assert run("retry", "99999").exit_code == 1
+    assert run("retry").exit_code == 2
+
+    kept = run("purge", "--older-than", "1")
+    assert kept.exit_code == 0 and "0 sent row(s)" in kept.output
+    purged = run("purge", "--older-than", "0")
+    assert purged.exit_code == 0 and "1 sent row(s)" in purged.output
+    assert [row.destination for row in outbox_rows(db)] == ["elsewhere"]  # pending rows stay

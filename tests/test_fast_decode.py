@@ -1,0 +1,159 @@
+"""The static-buffer greedy decoder gives the tokens ``model.generate(do_sample=False)`` gives.
+
+On CPU (CI) the decode step runs eagerly on the same static buffers the CUDA graphs replay,
+so the bookkeeping — left padding, batch buckets, sliding-window columns, EOS and padding,
+forced length, batches over max_batch, the fallback — is checked against ``generate`` on the
+tiny demo model in float32, where both must agree token for token. The graph and Triton
+variants run only where CUDA is present.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from inference.demo_model import write_demo_model
+from inference.fast_decode import HAS_TRITON, FastGreedyGenerator
+
+QUESTIONS = ["Describe the chest X-ray.", "Any fracture?", "List the findings, then an impression."]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("demo-model")
+    write_demo_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def processor(demo_dir: Path) -> Any:
+    proc = AutoProcessor.from_pretrained(demo_dir)
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model(demo_dir: Path) -> Any:
+    return AutoModelForImageTextToText.from_pretrained(demo_dir, dtype=torch.float32).eval()
+
+
+def study_inputs(processor: Any, questions: list[str]) -> dict[str, torch.Tensor]:
+    """Left-padded processor output: one random image and one question per row."""
+    rng = np.random.default_rng(7)
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for q in questions
+    ]
+    images = [[Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8))] for _ in texts]
+    return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+
+
+def plain(model: Any, inputs: dict[str, torch.Tensor], new: int, **kwargs: Any) -> torch.Tensor:
+    out = model.generate(**inputs, max_new_tokens=new, do_sample=False, **kwargs)
+    return out[:, inputs["input_ids"].shape[1] :].cpu()
+
+
+def text_inputs(rows: int, length: int, pads: list[int]) -> dict[str, torch.Tensor]:
+    """Random text-only prompts, row i left-padded by pads[i]."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(12, 300, (rows, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+def test_left_padded_batch_matches_generate(model: Any, processor: Any) -> None:
+    inputs = study_inputs(processor, QUESTIONS)
+    assert inputs["attention_mask"].sum(-1).unique().numel() == 3  # three prompt lengths
+    gen = FastGreedyGenerator(model, max_batch=4, max_total_len=256)
+
+    fast = gen.generate(inputs, max_new_tokens=24)
+
+    assert torch.equal(fast, plain(model, inputs, 24))
+    assert list(gen._states) == [(4, 256)]  # three rows ran in the bucket of four
+
+
+def test_forced_length_matches_min_new_tokens(model: Any, processor: Any) -> None:
+    inputs = study_inputs(processor, QUESTIONS[:2])
+    gen = FastGreedyGenerator(model, max_batch=2, max_total_len=256)
+
+    fast = gen.generate(inputs, max_new_tokens=20, force_new_tokens=True)
+
+    assert fast.shape == (2, 20)
+    assert torch.equal(fast, plain(model, inputs, 20, min_new_tokens=20))
+
+
+def test_rows_stop_at_eos_and_pad_after(model: Any, processor: Any) -> None:
+    inputs = study_inputs(processor, QUESTIONS)
+    free = plain(model, inputs, 24)
+    stop = int(free[0, 5])  # a token row 0 emits early: make it the end of sequence
+    gen = FastGreedyGenerator(model, max_batch=4, max_total_len=256, check_every=3)
+
+    fast = gen.generate(inputs, max_new_tokens=24, eos_token_ids=[stop], pad_token_id=0)
+
+    expected = plain(model, inputs, 24, eos_token_id=[stop], pad_token_id=0)
+    assert torch.equal(fast, expected)
+    first_stop = int((fast[0] == stop).nonzero()[0])
+    assert (fast[0, first_stop + 1 :] == 0).all()
+
+
+def test_sliding_window_chunks_and_buckets(model: Any) -> None:
+    # A window of 6 columns, prompts of 20: the local layers drop prompt columns at prefill
+    # and keep dropping them while decoding; five rows over max_batch 2 run as 2 + 2 + 1.
+    small = copy.deepcopy(model)
+    small.config.text_config.sliding_window = 6
+    inputs = text_inputs(5, 20, pads=[0, 5, 11, 3, 0])
+    gen = FastGreedyGenerator(small, max_batch=2, max_total_len=64, len_step=16)
+
+    fast = gen.generate(inputs, max_new_tokens=30, force_new_tokens=True)
+
+    assert torch.equal(fast, plain(small, inputs, 30, min_new_tokens=30))
+    assert sorted(gen._states) == [(1, 64), (2, 64)]
+
+
+def test_too_long_falls_back_to_generate(model: Any) -> None:
+    inputs = text_inputs(2, 20, pads=[0, 4])
+    gen = FastGreedyGenerator(model, max_batch=2, max_total_len=32)
+
+    fast = gen.generate(inputs, max_new_tokens=40)
+
+    assert torch.equal(fast, plain(model, inputs, 40))
+    assert not gen._states  # no static buffers were used
+
+
+def test_warm_up_captures_every_bucket_once(model: Any, processor: Any) -> None:
+    gen = FastGreedyGenerator(model, max_batch=8, max_total_len=512)
+    sample = study_inputs(processor, QUESTIONS[:1])
+
+    gen.warm_up(prompt_len=60, max_new_tokens=100, sample_inputs=sample)
+    warm = set(gen._states)
+    gen.generate(study_inputs(processor, QUESTIONS), max_new_tokens=8)
+
+    assert warm == {(b, 256) for b in (1, 2, 4, 8)}
+    assert set(gen._states) == warm  # shorter requests reuse the warm graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="needs Triton"))])  # fmt: skip
+def test_cuda_graph_replay_matches_generate(model: Any, processor: Any, use_triton: bool) -> None:
+    cuda_model = copy.deepcopy(model).to("cuda")
+    inputs = {k: v.to("cuda") for k, v in study_inputs(processor, QUESTIONS).items()}
+    gen = FastGreedyGenerator(cuda_model, max_batch=4, max_total_len=256, use_triton=use_triton)
+
+    fast = gen.generate(inputs, max_new_tokens=32, force_new_tokens=True)
+
+    assert all(state.graph is not None for state in gen._states.values())
+    assert torch.equal(fast, plain(cuda_model, inputs, 32, min_new_tokens=32))
