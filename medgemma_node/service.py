@@ -86,6 +86,7 @@ class Node:
         self.state_providers: list[Callable[[RuntimeState], None]] = []
         self.db: Database | None = None
         self.scp: StorageSCP | None = None
+        self.metrics_server: Any = None
 
     def prepare(self) -> Database:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +143,8 @@ class Node:
     def stop(self) -> None:
         if self.scp is not None:
             self.scp.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         for name, part in reversed(list(self.parts.items())):
             part.stop()
             log.info("%s stopped", name)
@@ -185,6 +188,18 @@ def start_serving(node: Node, config_path: Path | None) -> None:
     node.start()
     data_dir = node.data_dir.resolve()
     node.add_part("inference", ChildProcess("inference worker", worker_argv(config_path, data_dir)))
+    metrics = node.settings.metrics
+    if metrics.enabled:
+        from medgemma_node.metrics import start_metrics_server
+
+        assert node.db is not None
+        node.metrics_server = start_metrics_server(
+            metrics.bind_address,
+            metrics.port,
+            node.db,
+            node.data_dir,
+            lambda: node.scp.counters if node.scp else None,
+        )
 
 
 def start_worker(node: Node) -> None:
@@ -206,5 +221,6 @@ def _model_state(state: RuntimeState, provider: EngineProvider, worker: Inferenc
         "jobs_failed": stats.jobs_failed,
         "last_batch_size": stats.last_batch_size,
         "last_batch_seconds": round(stats.last_batch_seconds, 3),
+        "inference_seconds_total": round(stats.inference_seconds_total, 3),
         "last_error": worker.last_error,
     }
