@@ -7,9 +7,9 @@ storescu (TCP_NODELAY=1) to
         metrics (off, so the run needs no fixed port);
     (b) DCMTK's storescp writing to a temp dir (no fsync: an upper bound, not a peer in
         durability).
-Each is measured `--rounds` times, alternating; the median files/s and the ratio are printed.
+Each is measured `--rounds` times, alternating; median and best files/s and the ratio are printed.
 
-    .venv/bin/python benchmarks/ingest.py [--count 200] [--rounds 3] [--database-url URL]
+    .venv/bin/python benchmarks/ingest.py [--count 200] [--rounds 5] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -206,15 +206,11 @@ def measure_storescp(files: list[Path], scratch: Path) -> float:
     return len(files) / elapsed
 
 
-def fresh_database(url: str | None, round_number: int) -> str | None:
+def fresh_database(admin_url: str, round_number: int) -> str:
     """PostgreSQL: one new database per round, so each round starts empty."""
-    if not url:
-        return None
-    from sqlalchemy import text
-
-    base, _, _name = url.rpartition("/")
+    base = admin_url.rpartition("/")[0]
     name = f"bench_{os.getpid()}_{round_number}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         connection.execute(text(f'CREATE DATABASE "{name}"'))
@@ -222,10 +218,29 @@ def fresh_database(url: str | None, round_number: int) -> str | None:
     return f"{base}/{name}"
 
 
+def drop_database(admin_url: str, url: str) -> None:
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        name = url.rpartition("/")[2]
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def report(node_rates: list[float], dcmtk_rates: list[float]) -> None:
+    """Median and best: other load on the machine only ever slows a round down."""
+    node, dcmtk = statistics.median(node_rates), statistics.median(dcmtk_rates)
+    print(f"node      median {node:7.1f} files/s   best {max(node_rates):7.1f}")
+    print(f"storescp  median {dcmtk:7.1f} files/s   best {max(dcmtk_rates):7.1f}")
+    print(
+        f"ratio node/storescp: median {node / dcmtk:.2f}, "
+        f"best/best {max(node_rates) / max(dcmtk_rates):.2f} (target >= 0.5)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--database-url", default=None, help="PostgreSQL admin URL (default: SQLite)"
     )
@@ -237,17 +252,18 @@ def main() -> None:
         print(f"{len(files)} instances, {size_kb:.1f} KB each, one association per run")
         node_rates, dcmtk_rates = [], []
         for round_number in range(1, args.rounds + 1):
-            url = fresh_database(args.database_url, round_number)
-            node_rates.append(measure_node(files, scratch, url))
+            url = fresh_database(args.database_url, round_number) if args.database_url else None
+            try:
+                node_rates.append(measure_node(files, scratch, url))
+            finally:
+                if url and args.database_url:
+                    drop_database(args.database_url, url)
             dcmtk_rates.append(measure_storescp(files, scratch))
             print(
                 f"  round {round_number}: node {node_rates[-1]:7.1f} files/s   "
                 f"storescp {dcmtk_rates[-1]:7.1f} files/s"
             )
-        node, dcmtk = statistics.median(node_rates), statistics.median(dcmtk_rates)
-        print(f"node      {node:7.1f} files/s (median)")
-        print(f"storescp  {dcmtk:7.1f} files/s (median)")
-        print(f"ratio node/storescp = {node / dcmtk:.2f} (target >= 0.5)")
+        report(node_rates, dcmtk_rates)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -248,6 +248,13 @@ class IdentitySettings(Section):
     uid_root: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
 
 
+class DeliverySettings(Section):
+    # How often each destination's lane looks for due rows. Results are written by the inference
+    # worker process, so this bounds the delay between a stored report and its first send.
+    poll_interval_s: float = Field(default=0.1, gt=0)
+    batch_size: int = Field(default=16, ge=1)  # rows of one destination sent per claim
+
+
 class MetricsSettings(Section):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
@@ -270,6 +277,7 @@ class NodeSettings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     destinations: list[Destination] = Field(default_factory=list)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
@@ -334,4 +342,5 @@ def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
         return NodeSettings(**data)
     except ValidationError as exc:
         source = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{source}:\n{_format_validation_error(exc)}") from exc
+        details = _format_validation_error(exc)
+        raise ConfigError(f"invalid configuration{source}:\n{details}") from exc

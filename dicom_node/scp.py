@@ -46,6 +46,8 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
+DUL_LOOP_DELAY_S = 0.0002  # see _shorten_dul_polling
+
 UNCOMPRESSED_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -148,6 +150,7 @@ class StorageSCP:
         handlers = [
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, _handle_echo),
+            (evt.EVT_REQUESTED, _shorten_dul_polling),
             (evt.EVT_ACCEPTED, _log_accepted),
             (evt.EVT_REJECTED, _log_rejected),
             (evt.EVT_ABORTED, _log_aborted),
@@ -322,6 +325,20 @@ def _int_or_none(value: object) -> int | None:
 
 def _calling_ae(assoc: Association) -> str:
     return str(assoc.requestor.ae_title).strip()
+
+
+def _shorten_dul_polling(event: evt.Event) -> None:
+    """Poll the socket more often than pynetdicom's 1 ms while this association lasts.
+
+    pynetdicom's DUL thread sleeps ``_run_loop_delay`` whenever it finds nothing to do, which
+    adds up to that much latency to every PDU received and every response sent; with one
+    C-STORE at a time per association that latency, not the disk, bounded throughput.
+    The price is CPU while an association sits idle (measured: ~3 % of a core at 1 ms, ~8 %
+    at 0.2 ms), paid only while the association is open.
+    """
+    dul = getattr(event.assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = DUL_LOOP_DELAY_S
 
 
 def _handle_echo(_event: evt.Event) -> int:

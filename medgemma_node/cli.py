@@ -22,7 +22,6 @@ from sqlalchemy import func, select
 
 from config.settings import ConfigError, DicomSettings, NodeSettings, StorageSettings, load_settings
 from dicom_node.scu import AssociationFailed, FileToSend, echo, inspect_file, iter_files, send_files
-from inference.demo_model import write_demo_model
 from medgemma_node.delivery import DeliveryWorker
 from medgemma_node.logs import setup_logging
 from medgemma_node.service import (
@@ -110,6 +109,8 @@ def demo_model(
     path: Annotated[Path, typer.Argument(help="Directory to write the model into")],
 ) -> None:
     """Write the tiny random TEST model (offline; every output it makes is marked as a test)."""
+    from inference.demo_model import write_demo_model  # torch: only for this command
+
     write_demo_model(path)
     console.print(f"demo TEST model written to {path} (not for clinical use)")
 

@@ -24,8 +24,9 @@ Outbox rows, as this worker reads them (``kind`` is the destination's kind):
     hl7    payload_path = the ORU^R01 as ER7 text, UTF-8, segments ended by CR;
            message_id = its MSH-10 (checked before sending).
     http   payload_path = the JSON document POSTed as is; message_id = Idempotency-Key.
-    file   payload_path = the file to place in the destination directory: the JSON report,
-           the ORU (.hl7) or, with object_id set, a DICOM object. One row per file.
+    file   payload_path = the JSON report: the report's set is written (its DICOM objects when
+           copy_dicom, reports/<id>/oru-<destination name>.hl7 when write_hl7, then the
+           JSON). A row with object_id set, or with an .hl7 payload, is that one file.
 Paths are relative to the data directory. Logs carry row ids, UIDs / control ids,
 destination names and status codes only; the peers' own words go to last_error.
 """
@@ -69,6 +70,7 @@ from storage.outbox import (
     note_on_pending,
     pending_routes,
     release_leases,
+    report_object_files,
 )
 
 log = logging.getLogger("medgemma_node.delivery")
@@ -209,39 +211,83 @@ def hl7_verdict(outcome: DeliveryOutcome) -> Verdict:
 
 
 class FileSender:
-    """Copies each payload into the destination directory, durably (fsync, rename, fsync dir).
+    """Places a row's files in the destination directory, durably (fsync, rename, fsync dir).
 
-    The name is fixed by the row, so a re-send rewrites the same file (an identical file is
-    left untouched): ``<study uid>_<report id>_<label><suffix>`` — see delivered_file_name().
+    A row with object_id set (or an .hl7 payload) is that one file. A JSON report row is the
+    report's whole set, written in this order so that the JSON, last, marks it complete:
+    the DICOM objects (copy_dicom), the ORU ``oru-<destination name>.hl7`` beside the JSON
+    (write_hl7), then the JSON. Names are fixed by the report (delivered_file_name), so a
+    re-send rewrites the same files; an identical file already there is left untouched.
     """
+
+    def __init__(self, db: Database, data_dir: Path) -> None:
+        self.db = db
+        self.data_dir = data_dir
 
     def send(self, destination: DestinationConfig, parcels: Sequence[Parcel]) -> list[Verdict]:
         assert isinstance(destination, FileDestination)
         return send_each(parcels, lambda parcel: self._write(destination, parcel))
 
     def _write(self, destination: FileDestination, parcel: Parcel) -> Verdict:
-        data = parcel.path.read_bytes()
-        target = destination.directory / delivered_file_name(parcel.item)
-        try:
-            if target.is_file() and target.read_bytes() == data:
-                return Verdict(Outcome.DELIVERED, "", "unchanged")
-            write_durably(target, data)
-        except OSError as exc:
-            return Verdict(Outcome.RETRY, f"cannot write {target}: {exc}", type(exc).__name__, True)
-        return Verdict(Outcome.DELIVERED, "", "written")
+        files = self.files_for(destination, parcel)
+        missing = [source for source, _ in files if not source.is_file()]
+        if missing:
+            reason = f"payload file missing: {missing[0]}"
+            return Verdict(Outcome.REJECTED, reason, "payload-missing")
+        written = 0
+        for source, name in files:
+            target = destination.directory / name
+            try:
+                written += _place(source.read_bytes(), target)
+            except OSError as exc:
+                reason = f"cannot write {target}: {exc}"
+                return Verdict(Outcome.RETRY, reason, type(exc).__name__, True)
+        return Verdict(Outcome.DELIVERED, "", f"{written} of {len(files)} written")
+
+    def files_for(self, destination: FileDestination, parcel: Parcel) -> list[tuple[Path, str]]:
+        """(source file, name in the destination directory) pairs, the row's payload last."""
+        item = parcel.item
+        own = (parcel.path, delivered_file_name(item))
+        if item.object_kind is not None or parcel.path.suffix.lower() == ".hl7":
+            return [own]
+        stem = report_file_stem(item)
+        files: list[tuple[Path, str]] = []
+        if destination.copy_dicom:
+            for obj in report_object_files(self.db, item.report_id):
+                name = object_file_name(stem, obj.kind, obj.sop_instance_uid, Path(obj.path))
+                files.append((self.data_dir / obj.path, name))
+        if destination.write_hl7:
+            oru = parcel.path.parent / f"oru-{destination.name}.hl7"
+            files.append((oru, f"{stem}_oru.hl7"))
+        return [*files, own]
+
+
+def _place(data: bytes, target: Path) -> int:
+    """Write ``data`` at ``target`` unless it is there already; 1 when written."""
+    if target.is_file() and target.read_bytes() == data:
+        return 0
+    write_durably(target, data)
+    return 1
 
 
 _LABEL_BY_SUFFIX = {".json": "report", ".hl7": "oru"}
 
 
+def report_file_stem(item: ClaimedItem) -> str:
+    return f"{uid_component(item.study_instance_uid)}_{item.report_id}"
+
+
+def object_file_name(stem: str, kind: str, sop_instance_uid: str, payload: Path) -> str:
+    return f"{stem}_{kind}_{uid_component(sop_instance_uid)}{payload.suffix or '.dcm'}"
+
+
 def delivered_file_name(item: ClaimedItem) -> str:
     """``<study uid>_<report id>_report.json``, ``..._oru.hl7``, or for a DICOM object
     ``..._<object kind>_<SOP instance uid>.dcm``; any other payload keeps its own name."""
-    stem = f"{uid_component(item.study_instance_uid)}_{item.report_id}"
+    stem = report_file_stem(item)
     payload = Path(item.payload_path)
     if item.object_kind is not None and item.sop_instance_uid is not None:
-        suffix = payload.suffix or ".dcm"
-        return f"{stem}_{item.object_kind}_{uid_component(item.sop_instance_uid)}{suffix}"
+        return object_file_name(stem, item.object_kind, item.sop_instance_uid, payload)
     label = _LABEL_BY_SUFFIX.get(payload.suffix.lower())
     return f"{stem}_{label}{payload.suffix}" if label else f"{stem}_{payload.name}"
 
@@ -308,11 +354,11 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
         return None
 
 
-def default_senders(calling_aet: str) -> dict[str, Sender]:
+def default_senders(calling_aet: str, db: Database, data_dir: Path) -> dict[str, Sender]:
     return {
         "dicom": DicomSender(calling_aet),
         "hl7": HL7OruSender(),
-        "file": FileSender(),
+        "file": FileSender(db, data_dir),
         "http": HttpSender(),
     }
 
@@ -481,7 +527,7 @@ class DeliveryWorker:
         self.db = db
         self.data_dir = Path(data_dir)
         self.destinations = {destination.name: destination for destination in destinations}
-        self.senders = dict(senders) if senders is not None else default_senders(calling_aet)
+        self.senders = {**default_senders(calling_aet, db, self.data_dir), **(senders or {})}
         self.poll_interval_s = poll_interval_s
         self.watch_interval_s = watch_interval_s
         self.batch_size = batch_size

@@ -4,11 +4,12 @@
     counters.snapshot()["attempts"]["pacs"]          # plain numbers for status output
     prometheus_client.REGISTRY.register(DeliveryCollector(counters))
 
-Exposed metric families (the client library adds ``_total``):
-    medgemma_delivery_attempts{destination}   outbox rows tried (a DICOM batch counts each row)
-    medgemma_delivery_delivered{destination}  rows that arrived (SENT)
-    medgemma_delivery_failures{destination,outcome}  outcome = retry | rejected
-    medgemma_delivery_dead{destination}       rows dead-lettered
+Exposed metric families, counted by this process's worker since it started (the client
+library adds ``_total``; the database-wide outbox gauges live in medgemma_node.metrics):
+    medgemma_delivery_worker_attempts{destination}   rows tried (a DICOM batch counts each row)
+    medgemma_delivery_worker_delivered{destination}  rows that arrived (SENT)
+    medgemma_delivery_worker_failures{destination,outcome}  outcome = retry | rejected
+    medgemma_delivery_worker_dead{destination}       rows dead-lettered
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class DeliveryCollector(Collector):
         yield _family("attempts", "Outbox rows tried, by destination", counts["attempts"])
         yield _family("delivered", "Outbox rows delivered, by destination", counts["delivered"])
         failures = CounterMetricFamily(
-            "medgemma_delivery_failures",
+            "medgemma_delivery_worker_failures",
             "Failed delivery attempts, by destination and outcome",
             labels=["destination", "outcome"],
         )
@@ -69,7 +70,9 @@ class DeliveryCollector(Collector):
 
 
 def _family(name: str, documentation: str, values: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(f"medgemma_delivery_{name}", documentation, labels=["destination"])
+    family = CounterMetricFamily(
+        f"medgemma_delivery_worker_{name}", documentation, labels=["destination"]
+    )
     for destination, value in sorted(values.items()):
         family.add_metric([destination], value)
     return family

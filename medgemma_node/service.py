@@ -20,19 +20,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from config.settings import NodeSettings
 from dicom_node.completion import CompletionScheduler
 from dicom_node.scp import StorageSCP
-from inference.loader import EngineProvider
-from inference.worker import InferenceWorker
+from medgemma_node.delivery import DeliveryWorker
 from medgemma_node.logs import setup_logging
-from medgemma_node.outputs import ReportOutputs
 from medgemma_node.supervisor import ChildProcess
 from storage.db import Database
 from storage.phi import load_or_create_salt
 from storage.recovery import recover
+
+if TYPE_CHECKING:
+    from inference.loader import EngineProvider
+    from inference.worker import InferenceWorker
 
 log = logging.getLogger("medgemma_node.service")
 
@@ -188,6 +190,17 @@ def start_serving(node: Node, config_path: Path | None) -> None:
     node.start()
     data_dir = node.data_dir.resolve()
     node.add_part("inference", ChildProcess("inference worker", worker_argv(config_path, data_dir)))
+    assert node.db is not None
+    delivery = node.settings.delivery
+    node.add_part(
+        "delivery",
+        DeliveryWorker.from_settings(
+            node.settings,
+            node.db,
+            poll_interval_s=delivery.poll_interval_s,
+            batch_size=delivery.batch_size,
+        ),
+    )
     metrics = node.settings.metrics
     if metrics.enabled:
         from medgemma_node.metrics import start_metrics_server
@@ -204,6 +217,12 @@ def start_serving(node: Node, config_path: Path | None) -> None:
 
 def start_worker(node: Node) -> None:
     """`worker`: the inference worker alone, with the model loaded in this process."""
+    # The model stack (torch, transformers) loads here, not at import: `serve`, `status`,
+    # `echo` and the other commands start in a second instead of several.
+    from inference.loader import EngineProvider
+    from inference.worker import InferenceWorker
+    from medgemma_node.outputs import ReportOutputs
+
     db = node.db or node.prepare()
     node.start()
     provider = EngineProvider(node.settings)

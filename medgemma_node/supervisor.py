@@ -7,13 +7,20 @@ starts (storage.recovery / requeue_expired_leases).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
+import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("medgemma_node.supervisor")
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 MAX_RESTART_DELAY_S = 60.0
 STOP_GRACE_S = 60.0
@@ -37,7 +44,7 @@ class ChildProcess:
         self.watcher.start()
 
     def _launch(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env)
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent())
         log.info("%s started (pid %d)", self.name, self.process.pid)
 
     def _watch(self) -> None:
@@ -69,3 +76,22 @@ class ChildProcess:
             log.warning("%s did not stop in %.0f s: killing it", self.name, STOP_GRACE_S)
             process.kill()
             process.wait(10)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A pre-exec hook that makes the child get SIGTERM when this process dies (Linux).
+
+    Without it a `serve` killed with SIGKILL leaves its worker running: the restarted `serve`
+    then starts a second one and requeues the jobs the orphan still holds.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl  # resolved pre-fork
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the hook ran
+            os._exit(1)
+
+    return hook

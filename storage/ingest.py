@@ -5,9 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, CursorResult, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import Database
@@ -41,11 +50,26 @@ class ReceivedInstance:
     patient_hash: str
 
 
+# The per-C-STORE statements, built once on the tables (not the ORM classes): building and
+# compiling statements per call cost more CPU than the rest of the C-STORE handler.
+_INSTANCES = cast(Table, Instance.__table__)
+_SERIES = cast(Table, Series.__table__)
+_STUDIES = cast(Table, Study.__table__)
+_FIND_INSTANCE = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+_LOCK_STUDY = (
+    select(_STUDIES.c.id).where(_STUDIES.c.study_instance_uid == bindparam("uid")).with_for_update()
+)
+_FIND_SERIES = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("uid"))
+_TOUCH_STUDY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("study_id"))
+    .values(last_received_at=bindparam("now"), has_unversioned=True)
+)
+
+
 def instance_exists(db: Database, sop_uid: str) -> bool:
-    # Core, not the ORM: this runs once per C-STORE, where ORM overhead dominated the handler.
     with db.engine.connect() as connection:
-        query = select(Instance.id).where(Instance.sop_instance_uid == sop_uid)
-        return connection.scalar(query) is not None
+        return connection.scalar(_FIND_INSTANCE, {"uid": sop_uid}) is not None
 
 
 RECORD_ATTEMPTS = 3
@@ -55,8 +79,7 @@ def record_instance(db: Database, item: ReceivedInstance) -> bool:
     """Insert the instance row (and its study/series); False when the SOP UID is already known.
 
     The study row is touched first so that, on PostgreSQL, its row lock orders this insert
-    against the completion scheduler (see close_quiet_study). Core statements in one
-    transaction: this runs once per C-STORE and the ORM's unit of work cost more than the rest.
+    against the completion scheduler (see close_quiet_study).
     """
     for attempt in range(1, RECORD_ATTEMPTS + 1):
         try:
@@ -71,51 +94,42 @@ def record_instance(db: Database, item: ReceivedInstance) -> bool:
 
 
 def _record(connection: Connection, item: ReceivedInstance) -> bool:
-    known = select(Instance.id).where(Instance.sop_instance_uid == item.sop_uid)
-    if connection.scalar(known) is not None:
+    if connection.scalar(_FIND_INSTANCE, {"uid": item.sop_uid}) is not None:
         return False
     study_id = _touch_study(connection, item)
     series_id = _series_id(connection, study_id, item)
-    connection.execute(insert(Instance).values(_instance_values(item, study_id, series_id)))
+    connection.execute(insert(_INSTANCES), _instance_values(item, study_id, series_id))
     return True
 
 
 def _touch_study(connection: Connection, item: ReceivedInstance) -> int:
     now = utcnow()
-    query = select(Study.id).where(Study.study_instance_uid == item.study_uid).with_for_update()
-    study_id = connection.scalar(query)
+    study_id = connection.scalar(_LOCK_STUDY, {"uid": item.study_uid})
     if study_id is None:
-        created = connection.execute(
-            insert(Study).values(
-                study_instance_uid=item.study_uid,
-                patient_hash=item.patient_hash,
-                modality=item.modality,
-                calling_ae=item.calling_ae,
-                first_received_at=now,
-                last_received_at=now,
-                has_unversioned=True,
-            )
-        )
-        return _new_id(created)
-    connection.execute(
-        update(Study).where(Study.id == study_id).values(last_received_at=now, has_unversioned=True)
-    )
+        values = {
+            "study_instance_uid": item.study_uid,
+            "patient_hash": item.patient_hash,
+            "modality": item.modality,
+            "calling_ae": item.calling_ae,
+            "first_received_at": now,
+            "last_received_at": now,
+            "has_unversioned": True,
+        }
+        return _new_id(connection.execute(insert(_STUDIES), values))
+    connection.execute(_TOUCH_STUDY, {"study_id": study_id, "now": now})
     return int(study_id)
 
 
 def _series_id(connection: Connection, study_id: int, item: ReceivedInstance) -> int:
-    query = select(Series.id).where(Series.series_instance_uid == item.series_uid)
-    series_id = connection.scalar(query)
+    series_id = connection.scalar(_FIND_SERIES, {"uid": item.series_uid})
     if series_id is None:
-        created = connection.execute(
-            insert(Series).values(
-                study_id=study_id,
-                series_instance_uid=item.series_uid,
-                modality=item.modality,
-                body_part=item.body_part,
-            )
-        )
-        return _new_id(created)
+        values = {
+            "study_id": study_id,
+            "series_instance_uid": item.series_uid,
+            "modality": item.modality,
+            "body_part": item.body_part,
+        }
+        return _new_id(connection.execute(insert(_SERIES), values))
     return int(series_id)
 
 

@@ -184,6 +184,25 @@ def _failure_values(failure: Failure) -> dict[str, object]:
     return values
 
 
+@dataclass(frozen=True)
+class ObjectFile:
+    """A built DICOM object of a report (report_objects row)."""
+
+    kind: str
+    sop_instance_uid: str
+    path: str  # relative to the data directory
+
+
+def report_object_files(db: Database, report_id: int) -> list[ObjectFile]:
+    with db.session() as session:
+        rows = session.execute(
+            select(ReportObject.kind, ReportObject.sop_instance_uid, ReportObject.path)
+            .where(ReportObject.report_id == report_id)
+            .order_by(ReportObject.id)
+        ).all()
+    return [ObjectFile(kind, sop_uid, path) for kind, sop_uid, path in rows]
+
+
 def release_leases(db: Database) -> int:
     """Take back every lease on pending rows (SQLite start-up: the previous owner is gone)."""
     with db.session() as session:

@@ -25,6 +25,9 @@ def testdata(name: str) -> Path:
     return Path(str(path))
 
 
+testdata.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test, when imported
+
+
 def postgres_available() -> bool:
     try:
         engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -53,6 +53,7 @@ class ReportFiles:
     oru_path: str
     control_id: str
     json_path: str
+    data_dir: Path
 
     @property
     def sop_uids(self) -> list[str]:
@@ -67,8 +68,8 @@ def _common_dataset(sop_class: str, sop_uid: str, study_uid: str, number: int) -
     dataset = Dataset()
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset.file_meta.MediaStorageSOPClassUID = sop_class
-    dataset.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    dataset.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    dataset.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     dataset.SOPClassUID = sop_class
     dataset.SOPInstanceUID = sop_uid
     dataset.PatientName = f"DELIVERY^TEST{number}"
@@ -157,12 +158,12 @@ def make_report(db: Database, data_dir: Path, number: int) -> ReportFiles:
         report_id = report.id
     source = pydicom.dcmread(data_dir / objects[0][2])
     control_id = f"MG{report_id:08d}"
-    oru_path = f"reports/{report_id}/oru.hl7"
+    oru_path = f"reports/{report_id}/oru-his.hl7"  # medgemma_node.outputs: oru-<destination>
     (data_dir / oru_path).write_bytes(_oru(report_id, study_uid, source, control_id).encode())
     json_path = f"reports/{report_id}/report.json"
     document = {"report_id": report_id, "study_instance_uid": study_uid, "impression": "none"}
     (data_dir / json_path).write_text(json.dumps(document, sort_keys=True))
-    return ReportFiles(report_id, study_uid, objects, oru_path, control_id, json_path)
+    return ReportFiles(report_id, study_uid, objects, oru_path, control_id, json_path, data_dir)
 
 
 def _write_objects(
@@ -207,21 +208,28 @@ def _oru(report_id: int, study_uid: str, source: Dataset, control_id: str) -> st
 
 
 def queue(db: Database, report: ReportFiles, destination: str, kind: str) -> list[int]:
-    """Outbox rows for one report and one destination, as written with the report."""
-    rows: list[OutboxItem] = []
+    """Outbox rows for one report and one destination, as medgemma_node.outputs writes them:
+    dicom one row per object; hl7 the ORU; http the JSON; file one JSON row (with the ORU
+    beside it as oru-<destination>.hl7)."""
     common = {"report_id": report.report_id, "destination": destination, "kind": kind}
-    if kind in ("dicom", "file"):
-        rows += [
+    if kind == "dicom":
+        rows = [
             OutboxItem(**common, object_id=object_id, message_id=sop_uid, payload_path=path)
             for object_id, sop_uid, path in report.objects
         ]
-    if kind in ("hl7", "file"):
-        rows.append(
-            OutboxItem(**common, message_id=report.control_id, payload_path=report.oru_path)
-        )
-    if kind in ("http", "file"):
-        key = f"report-{report.report_id}-{destination}"
-        rows.append(OutboxItem(**common, message_id=key, payload_path=report.json_path))
+    elif kind == "hl7":
+        rows = [OutboxItem(**common, message_id=report.control_id, payload_path=report.oru_path)]
+    else:
+        rows = [
+            OutboxItem(
+                **common,
+                message_id=f"report-{report.report_id}-{destination}",
+                payload_path=report.json_path,
+            )
+        ]
+    if kind == "file":
+        oru = Path(report.oru_path).with_name(f"oru-{destination}.hl7")
+        (report.data_dir / oru).write_bytes((report.data_dir / report.oru_path).read_bytes())
     with db.session() as session:
         session.add_all(rows)
         session.flush()

@@ -75,6 +75,7 @@ class NodeProcess:
         self, workdir: Path, sections: dict[str, Any], extra_env: dict[str, str] | None = None
     ) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = workdir / "data"
         self.port = int(sections.get("dicom", {}).get("port") or free_port())
         sections = {**sections}

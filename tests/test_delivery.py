@@ -24,7 +24,6 @@ from typing import Any
 import pydicom
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import select
 from typer.testing import CliRunner
 
 from config.settings import (
@@ -140,8 +139,8 @@ def test_dicom_destination_delivers_each_object_to_orthanc(
     registry = CollectorRegistry()
     registry.register(DeliveryCollector(worker.counters))
     exposition = generate_latest(registry).decode()
-    assert 'medgemma_delivery_delivered_total{destination="pacs"} 4.0' in exposition
-    assert 'medgemma_delivery_attempts_total{destination="pacs"} 4.0' in exposition
+    assert 'medgemma_delivery_worker_delivered_total{destination="pacs"} 4.0' in exposition
+    assert 'medgemma_delivery_worker_attempts_total{destination="pacs"} 4.0' in exposition
 
 
 def test_pacs_outage_then_recovery_delivers_each_object_exactly_once(
@@ -314,15 +313,21 @@ def test_hl7_gives_up_after_max_attempts(
 # File and HTTP
 
 
-def test_file_destination_writes_each_payload_once_by_name(
+def test_file_destination_writes_each_report_file_once_by_name(
     db: Database, data_dir: Path, tmp_path: Path
 ) -> None:
     report = make_report(db, data_dir, 1)
-    ids = queue(db, report, "archive", "file")
-    target = tmp_path / "out"
-    destination = FileDestination(kind="file", name="archive", directory=target)
-    worker = make_worker(db, data_dir, [destination])
-    assert worker.deliver_once() == 4
+    (row_id,) = queue(db, report, "archive", "file")
+    queue(db, report, "json-only", "file")
+    target, json_only = tmp_path / "out", tmp_path / "json-only"
+    destinations = [
+        FileDestination(kind="file", name="archive", directory=target),
+        FileDestination(
+            kind="file", name="json-only", directory=json_only, write_hl7=False, copy_dicom=False
+        ),
+    ]
+    worker = make_worker(db, data_dir, destinations)
+    assert worker.deliver_once() == 2
     assert all_in(db, OutboxStatus.SENT)
     stem = f"{report.study_uid}_{report.report_id}"
     (sr_uid, pdf_uid) = report.sop_uids
@@ -332,19 +337,31 @@ def test_file_destination_writes_each_payload_once_by_name(
         f"{stem}_sr_{sr_uid}.dcm": report.objects[0][2],
         f"{stem}_pdf_{pdf_uid}.dcm": report.objects[1][2],
     }
-    assert sorted(p.name for p in target.iterdir()) == sorted(expected)
+    assert sorted(p.name for p in target.iterdir()) == sorted(expected)  # no temp files left
     for name, payload in expected.items():
         assert (target / name).read_bytes() == (data_dir / payload).read_bytes()
     assert pydicom.dcmread(target / f"{stem}_sr_{sr_uid}.dcm").SOPInstanceUID == sr_uid
+    assert [p.name for p in json_only.iterdir()] == [f"{stem}_report.json"]
     written = {path.name: path.stat().st_mtime_ns for path in target.iterdir()}
 
-    for item_id in ids:  # a re-send (after a crash, or by an operator) changes nothing
-        assert outbox.retry_item(db, item_id) == OutboxStatus.SENT
+    # A re-send (a crash before SENT was recorded) finds the same names and changes nothing.
     with db.session() as session:
-        for row in session.scalars(select(OutboxItem)):
-            row.status = OutboxStatus.PENDING
-    assert worker.deliver_once() == 4
+        session.get_one(OutboxItem, row_id).status = OutboxStatus.PENDING
+    assert worker.deliver_once() == 1
     assert {path.name: path.stat().st_mtime_ns for path in target.iterdir()} == written
+
+
+def test_file_destination_without_its_oru_is_dead(
+    db: Database, data_dir: Path, tmp_path: Path
+) -> None:
+    report = make_report(db, data_dir, 1)
+    queue(db, report, "archive", "file")
+    (data_dir / f"reports/{report.report_id}/oru-archive.hl7").unlink()
+    destination = FileDestination(kind="file", name="archive", directory=tmp_path / "out")
+    make_worker(db, data_dir, [destination]).deliver_once()
+    (row,) = outbox_rows(db)
+    assert row.status == OutboxStatus.DEAD and "oru-archive.hl7" in (row.last_error or "")
+    assert not (tmp_path / "out").exists()
 
 
 class RecordingHttpServer:

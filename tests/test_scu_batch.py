@@ -46,7 +46,7 @@ class ScriptedSCP:
         ae = AE("PACS")
         ae.add_supported_context(BASIC_TEXT_SR, ALL_TRANSFER_SYNTAXES)
         self.port = free_port()
-        self.server: ThreadedAssociationServer = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
             evt_handlers=[
@@ -54,12 +54,14 @@ class ScriptedSCP:
                 (evt.EVT_ACCEPTED, self._accepted),
             ],
         )
+        assert server is not None
+        self.server: ThreadedAssociationServer = server
 
     def _accepted(self, _event: evt.Event) -> None:
         self.associations += 1
 
     def _store(self, event: evt.Event) -> int:
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        sop_uid = str(event.dataset.SOPInstanceUID)
         status = self.statuses.get(sop_uid, 0x0000)
         if status == self.ABORT:
             event.assoc.abort()
@@ -185,9 +187,15 @@ def test_mutual_tls_to_orthanc(tmp_path: Path, certificates: Path, sr_files: lis
         "DicomTlsTrustedCertificates": str(certificates / "node.crt"),
         "DicomTlsRemoteCertificateRequired": True,
     }
-    client = {"cert_file": certificates / "node.crt", "key_file": certificates / "node.key"}
-    trusted = TLSSettings(enabled=True, ca_file=certificates / "pacs.crt", **client)
-    untrusted = TLSSettings(enabled=True, ca_file=certificates / "node.crt", **client)
+    trusted, untrusted = (
+        TLSSettings(
+            enabled=True,
+            ca_file=certificates / ca,
+            cert_file=certificates / "node.crt",
+            key_file=certificates / "node.key",
+        )
+        for ca in ("pacs.crt", "node.crt")
+    )
     with OrthancServer(tmp_path / "orthanc", extra_config=config) as pacs:
         port = pacs.dicom_port
         (plain,) = store_batch(sr_files[:1], destination(port), "MG", timeout_s=5)

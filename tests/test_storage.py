@@ -116,6 +116,33 @@ def test_resent_sop_uid_is_deduplicated(db: Database) -> None:
     assert count(db, Study) == 1
 
 
+def test_concurrent_first_instances_of_a_new_study(db: Database) -> None:
+    """Parallel associations sending the first instances of one study all get their rows."""
+    threads_n, per_thread = 4, 5
+    barrier = threading.Barrier(threads_n)
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def sender(number: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            for index in range(per_thread):
+                results.append(record_instance(db, received(f"1.2.3.{number}.{index}")))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert results == [True] * threads_n * per_thread
+    assert count(db, Study) == 1
+    assert count(db, Series) == 1
+    assert count(db, Instance) == threads_n * per_thread
+
+
 # -- completion: study versions and jobs -------------------------------------------------------
 
 

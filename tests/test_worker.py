@@ -60,7 +60,9 @@ def ingest_copy(db: Database, data_dir: Path, source: Path, work: Path) -> str:
     """Store a copy of a real image as a new study, the way the SCP does; return its UID."""
     copy = copy_with_new_uids(source, work / f"{pydicom.uid.generate_uid()}.dcm")
     dataset = pydicom.dcmread(copy)
-    relpath = instance_relpath(dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
+    relpath = instance_relpath(
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+    )
     write_durably(data_dir / relpath, copy.read_bytes())
     record_instance(
         db,
@@ -88,7 +90,9 @@ def queue_studies(db: Database, data_dir: Path, source: Path, work: Path, count:
     return close_quiet_studies(db, lambda _modality, _ae: 0.0)
 
 
-def test_demo_model_batch_of_two_through_real_loading_path(tmp_path: Path, db: Database, rg1_unci: Path) -> None:
+def test_demo_model_batch_of_two_through_real_loading_path(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
     settings = make_settings(tmp_path, db.url, max_batch=2)
     job_ids = queue_studies(db, settings.storage.data_dir, rg1_unci, tmp_path / "in", 2)
     write_demo_model(tmp_path / "demo")
@@ -115,11 +119,16 @@ def test_demo_model_batch_of_two_through_real_loading_path(tmp_path: Path, db: D
         identity = report.model_json
         assert identity["is_test_model"] is True
         assert identity["dtype"] == "float32" and identity["device"] == "cpu"
-        assert "torch" in identity["library_versions"] and "transformers" in identity["library_versions"]
+        assert (
+            "torch" in identity["library_versions"]
+            and "transformers" in identity["library_versions"]
+        )
         assert 0 < report.timings_json["new_tokens"] <= 8
 
 
-def test_scripted_answer_becomes_findings_with_pixel_regions_and_sr(tmp_path: Path, db: Database, rg1_unci: Path) -> None:
+def test_scripted_answer_becomes_findings_with_pixel_regions_and_sr(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
     settings = make_settings(tmp_path, db.url)
     queue_studies(db, settings.storage.data_dir, rg1_unci, tmp_path / "in", 1)
     engine = ScriptedEngine(texts=[CHEST_ANSWER])
@@ -143,7 +152,9 @@ def test_scripted_answer_becomes_findings_with_pixel_regions_and_sr(tmp_path: Pa
     assert kinds == ["gsps", "sr"]
 
 
-def test_job_failing_three_times_ends_failed_with_traceback(tmp_path: Path, db: Database, rg1_unci: Path) -> None:
+def test_job_failing_three_times_ends_failed_with_traceback(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
     settings = make_settings(tmp_path, db.url, max_attempts=3)
     [job_id] = queue_studies(db, settings.storage.data_dir, rg1_unci, tmp_path / "in", 1)
 
@@ -173,7 +184,9 @@ def test_out_of_memory_halves_the_batch(tmp_path: Path, db: Database, rg1_unci: 
         assert session.scalars(select(Job.status)).all() == [JobStatus.DONE] * 4
 
 
-def test_study_without_pixel_data_fails_at_once(tmp_path: Path, db: Database, rg1_unci: Path) -> None:
+def test_study_without_pixel_data_fails_at_once(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
     settings = make_settings(tmp_path, db.url)
     data_dir = settings.storage.data_dir
     study_uid = ingest_copy(db, data_dir, rg1_unci, tmp_path / "in")
