@@ -123,7 +123,7 @@ class CompletionSettings(Section):
             QuietRule(modality="MR", seconds=30),
         ]
     )
-    poll_interval_s: float = Field(default=0.5, gt=0)
+    poll_interval_s: float = Field(default=0.1, gt=0)
 
     def quiet_seconds(self, modality: str, calling_ae: str) -> float:
         """Most specific rule wins: modality+AE, then AE, then modality, then the default."""
@@ -162,6 +162,7 @@ class ModelSettings(Section):
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_s: float = Field(default=30.0, ge=0)
     lease_seconds: float = Field(default=600.0, gt=0)
+    poll_interval_s: float = Field(default=0.1, gt=0)  # how often an idle worker looks for jobs
     fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
     # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
     # weights); True writes and loads the tiny random demo model, loudly marked as a test model.

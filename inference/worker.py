@@ -55,6 +55,7 @@ class PreparedJob:
     prepared: PreparedStudy
     question: str
     language: str  # the template's: a site template with English only answers in English
+    preprocess_seconds: float = 0.0
 
 
 @dataclass
@@ -93,7 +94,7 @@ class InferenceWorker:
         self.last_error: str | None = None
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self.poll_interval_s = 0.5
+        self.poll_interval_s = settings.model.poll_interval_s
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -161,15 +162,25 @@ class InferenceWorker:
             study = session.get_one(Study, version.study_id)
             paths = [self.data_dir / instance.path for instance in version.instances]
             calling_ae = study.calling_ae
-            ids = (job.id, study.id, version.id, study.study_instance_uid)
+            job_ids = {"job_id": job.id, "study_id": study.id, "study_version_id": version.id}
+            study_uid = study.study_instance_uid
+        started = time.perf_counter()
         try:
             prepared = prepare_study(paths)
         except PreprocessError as exc:
             raise PermanentJobError(str(exc)) from exc
+        preprocess_seconds = time.perf_counter() - started
         prompt = self.prompts.select(
             prepared.modality, prepared.body_part, calling_ae, self.model_settings.language
         )
-        return PreparedJob(ids[0], ids[1], ids[2], ids[3], prepared, prompt.text, prompt.language)
+        return PreparedJob(
+            **job_ids,
+            study_uid=study_uid,
+            prepared=prepared,
+            question=prompt.text,
+            language=prompt.language,
+            preprocess_seconds=preprocess_seconds,
+        )
 
     def _run_batch(self, engine: Engine, jobs: list[PreparedJob]) -> None:
         extend_lease(
@@ -241,6 +252,7 @@ class InferenceWorker:
                     "batch_size": result.batch_size,
                     "prompt_tokens": result.prompt_tokens,
                     "new_tokens": result.new_tokens,
+                    "preprocess_seconds": round(job.preprocess_seconds, 4),
                     "source_sop_instance_uids": job.prepared.sop_instance_uids,
                 },
                 is_test_model=engine.identity.is_test_model,
@@ -254,7 +266,12 @@ class InferenceWorker:
             db_job.lease_expires_at = None
             db_job.last_error = None
             if self.on_report is not None:
+                started = time.perf_counter()
                 self.on_report(session, report)
+                report.timings_json = {
+                    **report.timings_json,
+                    "outputs_seconds": round(time.perf_counter() - started, 4),
+                }
         self.stats.jobs_done += 1
         log.info(
             "study %s: report stored (%s, %d findings, urgency %s)",

@@ -19,7 +19,7 @@ import socketserver
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
 
@@ -57,6 +57,7 @@ class ReceivedMessage:
     text: str  # raw decoded as UTF-8
     control_id: str  # MSH-10 as parsed by the hl7 package
     message: hl7.Message
+    received_at: float = field(default_factory=time.perf_counter)  # for latency benchmarks
 
 
 class MLLPListener:

@@ -21,6 +21,7 @@ import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
+from hl7_out.encoding import unescape_text
 from tests.conftest import copy_with_new_uids, testdata
 from tests.mllp_listener import MLLPListener
 from tests.nodeproc import NodeProcess, dcmtk_storescu, wait_for
@@ -224,21 +225,12 @@ def test_scripted_answer_content_in_sr_oru_and_json(
     assert hl7.parse(message.raw.decode("utf-8")).segment("MSH")[18][0] == "UNICODE UTF-8"
     for finding in answer["findings"]:
         assert finding["label"] in sr_text
-    assert answer["impression"].rstrip("。.") in hl7_unescaped(oru_texts)
+    assert answer["impression"].rstrip("。.") in unescape_text(oru_texts)
     report = json.loads(json_files[0].read_text(encoding="utf-8"))
     stored = report["report"]["content"]
     assert [f["label"] for f in stored["findings"]] == [f["label"] for f in answer["findings"]]
     assert stored["findings"][0]["region"]["sop_instance_uid"] == source.SOPInstanceUID
     assert stored["impression"] == answer["impression"] and stored["urgency"] == answer["urgency"]
-
-
-def hl7_unescaped(text: str) -> str:
-    return (
-        text.replace("\\T\\", "&")
-        .replace("\\S\\", "^")
-        .replace("\\F\\", "|")
-        .replace("\\E\\", "\\")
-    )
 
 
 @pytest.mark.slow

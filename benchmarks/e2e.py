@@ -1,0 +1,201 @@
+"""End-to-end latency of the node's own pipeline, with real peers on loopback.
+
+For each of N studies (the real chest CR RG1_UNCI, each as a new study) sent one at a time by a
+pynetdicom SCU to `medgemma-node serve` (scripted engine: the model itself takes ~0 s):
+
+    latency = (SR stored at Orthanc and ORU received by the MLLP listener, whichever is later)
+              - (Success of the last C-STORE)
+              - the study's quiet period
+              - the model's time for that study (Report.timings_json.batch_seconds)
+
+That is the time the node adds: completion scheduling, preprocessing, SR/GSPS/ORU building,
+database commits, delivery. Target: p50 <= 0.5 s.
+
+    .venv/bin/python benchmarks/e2e.py [--studies 50] [--quiet 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from sqlalchemy import select
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from storage.db import Database  # noqa: E402
+from storage.models import Report, Study  # noqa: E402
+from tests.conftest import copy_with_new_uids, testdata  # noqa: E402
+from tests.mllp_listener import MLLPListener  # noqa: E402
+from tests.nodeproc import NodeProcess  # noqa: E402
+from tests.orthanc import OrthancServer  # noqa: E402
+
+ANSWER = {
+    "findings": [
+        {"label": "nodule", "location": "right upper lobe", "box_2d": [210, 180, 330, 300]}
+    ],
+    "impression": "Right upper lobe nodule.",
+    "recommendation": "CT chest.",
+    "urgency": "routine",
+}
+POLL_S = 0.005
+
+
+class SrWatcher:
+    """Polls Orthanc's REST API and notes when each study's SR arrived."""
+
+    def __init__(self, orthanc: OrthancServer) -> None:
+        self.orthanc = orthanc
+        self.arrived: dict[str, float] = {}
+        self.seen: set[str] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for orthanc_id in set(self.orthanc.instance_ids()) - self.seen:
+                now = time.perf_counter()
+                self.seen.add(orthanc_id)
+                tags = self.orthanc.instance_tags(orthanc_id)
+                if str(tags.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.88."):
+                    self.arrived[tags["StudyInstanceUID"]] = now
+            time.sleep(POLL_S)
+
+
+def send(path: Path, port: int) -> float:
+    dataset = pydicom.dcmread(path)
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDGEMMA")
+    status = assoc.send_c_store(dataset)
+    acked = time.perf_counter()
+    assoc.release()
+    if not status or status.Status != 0:
+        raise RuntimeError(f"C-STORE failed: {status}")
+    return acked
+
+
+def oru_times(listener: MLLPListener) -> dict[str, float]:
+    """Arrival time per study: the ORU's OBR carries no UID, so match on MSH-10 order."""
+    return {message.control_id: message.received_at for message in listener.received}
+
+
+def report_timings(db: Database) -> dict[str, dict[str, float]]:
+    with db.session() as session:
+        rows = session.execute(
+            select(Study.study_instance_uid, Report.timings_json).join(
+                Report, Report.study_id == Study.id
+            )
+        ).all()
+    return {uid: timings for uid, timings in rows}
+
+
+def run(studies: int, quiet: float) -> list[float]:
+    work = Path(tempfile.mkdtemp(prefix="mgn-e2e-"))
+    responses = work / "answers.json"
+    responses.write_text(json.dumps([json.dumps(ANSWER)]))
+    latencies: list[float] = []
+    with OrthancServer(work / "orthanc") as orthanc:
+        listener = MLLPListener().start()
+        sections = {
+            "completion": {"default_seconds": quiet, "poll_interval_s": 0.05, "rules": []},
+            "model": {
+                "engine": "scripted",
+                "scripted_responses_file": str(responses),
+                "batch_wait_ms": 0,
+                "poll_interval_s": 0.05,
+            },
+            "delivery": {"poll_interval_s": 0.05},
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "kind": "dicom",
+                    "ae_title": orthanc.aet,
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                },
+                {"name": "his", "kind": "hl7", "host": "127.0.0.1", "port": listener.port},
+            ],
+        }
+        node = NodeProcess(work / "node", sections).start()
+        watcher = SrWatcher(orthanc)
+        watcher.thread.start()
+        db = Database(node.database_url)
+        try:
+            latencies = _measure(studies, quiet, work, node, watcher, listener, db)
+        finally:
+            watcher.stop.set()
+            node.terminate()
+            listener.stop()
+            db.dispose()
+    return latencies
+
+
+def _measure(
+    studies: int,
+    quiet: float,
+    work: Path,
+    node: NodeProcess,
+    watcher: SrWatcher,
+    listener: MLLPListener,
+    db: Database,
+) -> list[float]:
+    latencies = []
+    source = testdata("RG1_UNCI.dcm")
+    # Study 0 warms up the worker process (imports, first database connections); not counted.
+    for index in range(studies + 1):
+        path = copy_with_new_uids(source, work / "send" / f"{index}.dcm")
+        study_uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+        acked = send(path, node.port)
+        expected_orus = index + 1
+        deadline = time.monotonic() + 60
+        while study_uid not in watcher.arrived or len(listener.received) < expected_orus:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"study {index}: results did not arrive")
+            time.sleep(POLL_S)
+        oru_at = listener.received[-1].received_at
+        done = max(watcher.arrived[study_uid], oru_at)
+        timings = report_timings(db)[study_uid]
+        if index > 0:
+            latencies.append(done - acked - quiet - float(timings.get("batch_seconds", 0.0)))
+            BREAKDOWN.append(timings)
+    return latencies
+
+
+BREAKDOWN: list[dict[str, float]] = []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--studies", type=int, default=50)
+    parser.add_argument("--quiet", type=float, default=1.0, help="quiet period, seconds")
+    args = parser.parse_args()
+    latencies = run(args.studies, args.quiet)
+    ordered = sorted(latencies)
+    p50 = statistics.median(ordered)
+    p95 = ordered[max(0, round(0.95 * len(ordered)) - 1)]
+    print(
+        f"studies: {len(ordered)}  quiet period: {args.quiet:.2f} s (subtracted)  engine: scripted"
+    )
+    print(
+        f"node latency  p50 {p50:.3f} s   p95 {p95:.3f} s   min {ordered[0]:.3f} s   max {ordered[-1]:.3f} s"
+    )
+    print(f"target        p50 <= 0.500 s   -> {'met' if p50 <= 0.5 else 'NOT met'}")
+    for key in ("preprocess_seconds", "batch_seconds", "outputs_seconds"):
+        values = [float(t.get(key, 0.0)) for t in BREAKDOWN]
+        print(f"  inside the worker, median {key:20s} {statistics.median(values):.3f} s")
+
+
+if __name__ == "__main__":
+    main()
