@@ -188,9 +188,8 @@ def main() -> None:
     print(
         f"studies: {len(ordered)}  quiet period: {args.quiet:.2f} s (subtracted)  engine: scripted"
     )
-    print(
-        f"node latency  p50 {p50:.3f} s   p95 {p95:.3f} s   min {ordered[0]:.3f} s   max {ordered[-1]:.3f} s"
-    )
+    spread = f"min {ordered[0]:.3f} s   max {ordered[-1]:.3f} s"
+    print(f"node latency  p50 {p50:.3f} s   p95 {p95:.3f} s   {spread}")
     print(f"target        p50 <= 0.500 s   -> {'met' if p50 <= 0.5 else 'NOT met'}")
     for key in ("preprocess_seconds", "batch_seconds", "outputs_seconds"):
         values = [float(t.get(key, 0.0)) for t in BREAKDOWN]
