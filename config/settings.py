@@ -254,6 +254,9 @@ class DeliverySettings(Section):
     # worker process, so this bounds the delay between a stored report and its first send.
     poll_interval_s: float = Field(default=0.1, gt=0)
     batch_size: int = Field(default=16, ge=1)  # rows of one destination sent per claim
+    # A delivery worker that dies leaves its claimed rows leased this long (PostgreSQL; with
+    # SQLite they are taken back at start). Must exceed the slowest batch.
+    lease_s: float = Field(default=300.0, gt=0)
 
 
 class MetricsSettings(Section):

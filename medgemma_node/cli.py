@@ -24,11 +24,10 @@ from config.settings import ConfigError, DicomSettings, NodeSettings, StorageSet
 from dicom_node.scu import AssociationFailed, FileToSend, echo, inspect_file, iter_files, send_files
 from medgemma_node.delivery import DeliveryWorker
 from medgemma_node.logs import setup_logging
+from medgemma_node.runtime import read_runtime_state, read_worker_states
 from medgemma_node.service import (
     Node,
     open_database,
-    read_runtime_state,
-    read_worker_states,
     start_serving,
     start_worker,
 )
@@ -435,7 +434,10 @@ def outbox_purge(
 @outbox_app.command("deliver")
 def outbox_deliver(
     once: Annotated[bool, typer.Option("--once", help="Send what is due now, then exit")] = False,
-    poll_interval: Annotated[float, typer.Option(min=0.05, help="Seconds between looks")] = 2.0,
+    poll_interval: Annotated[
+        float | None,
+        typer.Option(min=0.01, help="Seconds between looks [default: delivery.poll_interval_s]"),
+    ] = None,
     lease_seconds: Annotated[
         float, typer.Option(min=1, help="A claimed row returns to others after this long")
     ] = 300.0,
@@ -454,7 +456,11 @@ def outbox_deliver(
         db.dispose()
         raise typer.Exit(1)
     worker = DeliveryWorker.from_settings(
-        settings, db, poll_interval_s=poll_interval, lease_s=lease_seconds
+        settings,
+        db,
+        poll_interval_s=poll_interval or settings.delivery.poll_interval_s,
+        batch_size=settings.delivery.batch_size,
+        lease_s=lease_seconds,
     )
     try:
         if once:

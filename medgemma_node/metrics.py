@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from dicom_node.scp import ScpCounters
-from medgemma_node.service import read_worker_states
+from medgemma_node.delivery_metrics import DeliveryCollector, DeliveryCounters
+from medgemma_node.runtime import read_worker_states
 from storage.db import Database
 from storage.models import Job, JobStatus, OutboxItem
 
@@ -127,15 +129,19 @@ def _outbox_metrics(rows: Sequence[Any]) -> Iterator[Metric]:
     yield from (items, attempts, dead)
 
 
-def start_metrics_server(
-    bind_address: str,
-    port: int,
-    db: Database,
-    data_dir: Path,
-    scp_counters: Callable[[], ScpCounters | None],
-) -> Any:
+@dataclass(frozen=True)
+class MetricSources:
+    db: Database
+    data_dir: Path
+    scp_counters: Callable[[], ScpCounters | None]
+    delivery_counters: DeliveryCounters | None = None
+
+
+def start_metrics_server(bind_address: str, port: int, sources: MetricSources) -> Any:
     registry = CollectorRegistry()
-    registry.register(NodeCollector(db, data_dir, scp_counters))
+    registry.register(NodeCollector(sources.db, sources.data_dir, sources.scp_counters))
+    if sources.delivery_counters is not None:
+        registry.register(DeliveryCollector(sources.delivery_counters))
     server, _thread = start_http_server(port, addr=bind_address, registry=registry)
     log.info("metrics at http://%s:%d/metrics", bind_address, port)
     return server

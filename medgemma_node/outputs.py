@@ -11,9 +11,12 @@ SOP Instance UID, the same HL7 control id (design.md, "Exactly one result per st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,6 @@ from config.settings import (
     DicomDestination,
     FileDestination,
     HL7Destination,
-    HttpDestination,
     NodeSettings,
 )
 from dicom_node.gsps import build_gsps
@@ -80,6 +82,18 @@ def report_document(session: Session, report: Report) -> ReportDocument:
     )
 
 
+@dataclass(frozen=True)
+class BuiltReport:
+    """What one report's outbox rows are made from."""
+
+    session: Session
+    report: Report
+    document: ReportDocument
+    source: Dataset  # the first image: patient and study modules for the ORU
+    objects: list[ReportObject]
+    json_path: Path
+
+
 class ReportOutputs:
     """The on_report hook of the inference worker."""
 
@@ -96,11 +110,10 @@ class ReportOutputs:
         records = self._build_dicom(session, document, sources, directory)
         objects = [self._object_row(session, report, record) for record in records]
         json_path = self._write_json(document, study, records, directory)
-        for index, destination in enumerate(self.settings.destinations):
+        built = BuiltReport(session, report, document, sources[0], objects, json_path)
+        for destination in self.settings.destinations:
             if destination.enabled and routed(destination, study):
-                self._queue(
-                    session, report, document, sources[0], destination, index, objects, json_path
-                )
+                self._queue(built, destination)
 
     # -- building -------------------------------------------------------------------------
 
@@ -166,58 +179,30 @@ class ReportOutputs:
 
     # -- outbox ---------------------------------------------------------------------------
 
-    def _queue(
-        self,
-        session: Session,
-        report: Report,
-        document: ReportDocument,
-        source: Dataset,
-        destination: Destination,
-        index: int,
-        objects: list[ReportObject],
-        json_path: Path,
-    ) -> None:
+    def _queue(self, built: BuiltReport, destination: Destination) -> None:
+        """The outbox rows of one destination (design.md: written with the report)."""
+        study_uid, report_id = built.document.study_instance_uid, built.report.id
+        key = idempotency_key(study_uid, report_id, destination.name)
         if isinstance(destination, DicomDestination):
-            for obj in objects:
-                if obj.kind == "gsps" and not destination.send_gsps:
-                    continue
-                self._add(
-                    session,
-                    report,
-                    destination,
-                    "dicom",
-                    obj.sop_instance_uid,
-                    Path(obj.path),
-                    obj.id,
-                )
+            for obj in built.objects:
+                if obj.kind != "gsps" or destination.send_gsps:
+                    self._add(built, destination, obj.sop_instance_uid, Path(obj.path), obj.id)
         elif isinstance(destination, HL7Destination):
-            control_id = hl7_control_id(report.id, index)
-            path = self._write_oru(document, source, destination, control_id)
-            self._add(session, report, destination, "hl7", control_id, path)
+            control_id = hl7_control_id(study_uid, report_id, destination.name)
+            self._add(
+                built, destination, control_id, self._write_oru(built, destination, control_id)
+            )
         elif isinstance(destination, FileDestination):
             if destination.write_hl7:
-                self._write_oru(
-                    document,
-                    source,
-                    file_hl7_settings(destination),
-                    hl7_control_id(report.id, index),
-                )
-            self._add(
-                session, report, destination, "file", f"report-{report.id}", self._rel(json_path)
-            )
-        elif isinstance(destination, HttpDestination):
-            self._add(
-                session, report, destination, "http", f"report-{report.id}", self._rel(json_path)
-            )
+                control_id = hl7_control_id(study_uid, report_id, destination.name)
+                self._write_oru(built, file_hl7_settings(destination), control_id)
+            self._add(built, destination, key, self._rel(built.json_path))
+        else:
+            self._add(built, destination, key, self._rel(built.json_path))
 
-    def _write_oru(
-        self,
-        document: ReportDocument,
-        source: Dataset,
-        destination: HL7Destination,
-        control_id: str,
-    ) -> Path:
-        message = build_oru(document, source, destination, control_id, document.created_at)
+    def _write_oru(self, built: BuiltReport, destination: HL7Destination, control_id: str) -> Path:
+        document = built.document
+        message = build_oru(document, built.source, destination, control_id, document.created_at)
         path = self.data_dir / "reports" / str(document.report_id) / f"oru-{destination.name}.hl7"
         write_durably(path, message.encode("utf-8"))
         return self._rel(path)
@@ -225,21 +210,19 @@ class ReportOutputs:
     def _rel(self, path: Path) -> Path:
         return path.relative_to(self.data_dir) if path.is_absolute() else path
 
+    @staticmethod
     def _add(
-        self,
-        session: Session,
-        report: Report,
+        built: BuiltReport,
         destination: Destination,
-        kind: str,
         message_id: str,
         payload: Path,
         object_id: int | None = None,
     ) -> None:
-        session.add(
+        built.session.add(
             OutboxItem(
-                report_id=report.id,
+                report_id=built.report.id,
                 destination=destination.name,
-                kind=kind,
+                kind=destination.kind,
                 object_id=object_id,
                 message_id=message_id,
                 payload_path=payload.as_posix(),
@@ -254,9 +237,21 @@ def routed(destination: Destination, study: Study) -> bool:
     return not destination.only_modalities or study.modality in destination.only_modalities
 
 
-def hl7_control_id(report_id: int, destination_index: int) -> str:
-    """MSH-10, at most 20 characters (HL7 v2.5 §2.15.9.10), fixed per report and destination."""
-    return f"MGN{report_id}D{destination_index}"
+def hl7_control_id(study_uid: str, report_id: int, destination: str) -> str:
+    """MSH-10, at most 20 characters (HL7 v2.5 §2.15.9.10), fixed per report and destination.
+
+    Derived from the Study Instance UID (globally unique) as well as the report id, so two
+    nodes — or one node after a database reset — never reuse a control id at the same HIS.
+    """
+    digest = hashlib.sha256(f"{study_uid}|{report_id}|{destination}".encode()).hexdigest()
+    return f"MG{digest[:18].upper()}"
+
+
+def idempotency_key(study_uid: str, report_id: int, destination: str) -> str:
+    """The HTTP Idempotency-Key of a report: a UUID that no other report of any node shares."""
+    return str(
+        uuid.uuid5(uuid.NAMESPACE_OID, f"medgemma-node:{study_uid}:{report_id}:{destination}")
+    )
 
 
 def file_hl7_settings(destination: FileDestination) -> HL7Destination:

@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,9 +23,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from config.settings import NodeSettings
 from dicom_node.completion import CompletionScheduler
-from dicom_node.scp import StorageSCP
+from dicom_node.scp import ScpCounters, StorageSCP
 from medgemma_node.delivery import DeliveryWorker
 from medgemma_node.logs import setup_logging
+from medgemma_node.metrics import MetricSources, start_metrics_server
+from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
 from storage.db import Database
 from storage.phi import load_or_create_salt
@@ -37,9 +38,6 @@ if TYPE_CHECKING:
     from inference.worker import InferenceWorker
 
 log = logging.getLogger("medgemma_node.service")
-
-STATUS_FILE = Path("run") / "status.json"
-WORKER_STATUS_GLOB = "worker-*.json"
 
 
 class Part(Protocol):
@@ -115,6 +113,9 @@ class Node:
             self.add_part("completion", CompletionScheduler(db, self.settings.completion))
         self.write_state()
 
+    def scp_counters(self) -> ScpCounters | None:
+        return self.scp.counters if self.scp is not None else None
+
     def add_part(self, name: str, part: Part) -> None:
         self.parts[name] = part
         part.start()
@@ -156,27 +157,6 @@ class Node:
         log.info("stopped")
 
 
-def read_runtime_state(data_dir: Path, path: Path | None = None) -> dict[str, Any] | None:
-    path = path or data_dir / STATUS_FILE
-    try:
-        state: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    age = time.time() - path.stat().st_mtime
-    state["age_s"] = round(age, 1)
-    return state
-
-
-def read_worker_states(data_dir: Path, max_age_s: float = 30.0) -> list[dict[str, Any]]:
-    """States of inference workers on this data directory that wrote recently."""
-    states = []
-    for path in sorted((data_dir / "run").glob(WORKER_STATUS_GLOB)):
-        state = read_runtime_state(data_dir, path)
-        if state is not None and state["age_s"] <= max_age_s:
-            states.append(state)
-    return states
-
-
 def worker_argv(config_path: Path | None, data_dir: Path) -> list[str]:
     """The command line of the inference worker child that `serve` supervises."""
     argv = [sys.executable, "-m", "medgemma_node.cli", "worker", "--data-dir", str(data_dir)]
@@ -186,32 +166,27 @@ def worker_argv(config_path: Path | None, data_dir: Path) -> list[str]:
 
 
 def start_serving(node: Node, config_path: Path | None) -> None:
-    """`serve`: SCP + completion in this process, the inference worker as a supervised child."""
+    """`serve`: SCP, completion and delivery in this process; inference as a supervised child."""
     node.start()
+    db = node.db
+    assert db is not None
     data_dir = node.data_dir.resolve()
     node.add_part("inference", ChildProcess("inference worker", worker_argv(config_path, data_dir)))
-    assert node.db is not None
     delivery = node.settings.delivery
-    node.add_part(
-        "delivery",
-        DeliveryWorker.from_settings(
-            node.settings,
-            node.db,
-            poll_interval_s=delivery.poll_interval_s,
-            batch_size=delivery.batch_size,
-        ),
+    delivery_worker = DeliveryWorker.from_settings(
+        node.settings,
+        db,
+        poll_interval_s=delivery.poll_interval_s,
+        batch_size=delivery.batch_size,
+        lease_s=delivery.lease_s,
     )
+    node.add_part("delivery", delivery_worker)
     metrics = node.settings.metrics
     if metrics.enabled:
-        from medgemma_node.metrics import start_metrics_server
-
-        assert node.db is not None
         node.metrics_server = start_metrics_server(
             metrics.bind_address,
             metrics.port,
-            node.db,
-            node.data_dir,
-            lambda: node.scp.counters if node.scp else None,
+            MetricSources(db, node.data_dir, node.scp_counters, delivery_worker.counters),
         )
 
 

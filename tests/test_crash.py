@@ -1,9 +1,10 @@
 """Nothing acknowledged is ever lost: kill -9 the node in the middle of a burst of C-STOREs.
 
 A pynetdicom SCU sends 60 instances in one association from a thread and records which got
-Success; the node is killed with SIGKILL after the 20th. After a restart every acknowledged
-instance has its row and a readable file, no temp file is left, and once the sender has
-re-sent the rest the study gets a version covering all 60 and a job.
+Success; the node is killed with SIGKILL after the 20th. Its worker child must go with it.
+After a restart every acknowledged instance has its row and a readable file, no temp file is
+left, and once the sender has re-sent the rest the study gets a version covering all 60 and a
+job.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def test_kill9_during_burst_loses_nothing_acknowledged(tmp_path: Path) -> None:
         sender.start()
         assert sender.enough.wait(60), "the burst did not reach 20 acknowledgements"
         node.kill9()
+        # serve's children (the inference worker) must not outlive it: a restarted serve
+        # would otherwise run a second worker beside the orphan.
+        wait_for(lambda: not processes_of(node.config_path), 15, message="orphaned child")
         sender.join(30)
         assert not sender.is_alive()
         assert sender.error is None, repr(sender.error)
@@ -119,6 +123,21 @@ def test_kill9_during_burst_loses_nothing_acknowledged(tmp_path: Path) -> None:
         if db is not None:
             db.dispose()
         node.terminate()
+
+
+def processes_of(config: Path) -> list[int]:
+    """Processes started with this node's config file on their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command_line = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(config).encode() in command_line:
+            found.append(int(entry.name))
+    return found
 
 
 def _version_covering(db: Database, study_uid: str, uids: frozenset[str]) -> bool:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
 import hl7
+import httpx
 import pydicom
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
@@ -24,7 +26,7 @@ from hl7apy.parser import parse_message
 from hl7_out.encoding import unescape_text
 from tests.conftest import copy_with_new_uids, testdata
 from tests.mllp_listener import MLLPListener
-from tests.nodeproc import NodeProcess, dcmtk_storescu, wait_for
+from tests.nodeproc import NodeProcess, dcmtk_storescu, free_port, wait_for
 from tests.orthanc import OrthancServer
 
 PATIENT_NAME = "Quendolyn^Zarkowitz"
@@ -140,6 +142,34 @@ def dciodvfy_errors(path: Path) -> list[str]:
     ]
 
 
+def node_status(node: NodeProcess, with_worker: bool = False) -> dict[str, Any] | None:
+    """`medgemma-node status --json`, as an operator runs it."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medgemma_node.cli",
+            "status",
+            "--config",
+            str(node.config_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=node.workdir,
+    )
+    if result.returncode != 0:
+        return None
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status if status["workers"] or not with_worker else None
+
+
+def scrape_when_delivered(port: int) -> str | None:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return text if 'destination="files",status="sent"' in text else None
+
+
 def parse_oru_strict(raw: bytes) -> Any:
     text = raw.decode("utf-8")
     parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
@@ -155,6 +185,8 @@ def test_tiny_model_study_reaches_orthanc_his_and_files(
     tmp_path: Path, orthanc: OrthancServer, his: MLLPListener
 ) -> None:
     sections = node_sections(tmp_path, orthanc, his, {"demo_model_if_missing": True})
+    metrics_port = free_port()
+    sections["metrics"] = {"enabled": True, "bind_address": "127.0.0.1", "port": metrics_port}
     node = NodeProcess(tmp_path / "node", sections)
     node.start()
     try:
@@ -162,8 +194,17 @@ def test_tiny_model_study_reaches_orthanc_his_and_files(
         objects = wait_for(lambda: orthanc_objects(orthanc)["sr"], 120, message="no SR at Orthanc")
         [message] = his.wait_for(1, timeout=60)
         json_files = wait_for(lambda: list((tmp_path / "results").glob("*.json")), 30)
+        status = wait_for(lambda: node_status(node, with_worker=True), 30)
+        metrics = wait_for(lambda: scrape_when_delivered(metrics_port), 30)
     finally:
         assert node.terminate() == 0
+    [worker] = status["workers"]
+    assert worker["model"]["status"] == "loaded"
+    assert worker["model"]["identity"]["is_test_model"] is True
+    assert status["scp"]["echo_ok"] is True and status["database"]["jobs"] == {"done": 1}
+    assert 'medgemma_instances_received_total{outcome="stored"} 1.0' in metrics
+    assert 'medgemma_jobs{status="done"} 1.0' in metrics
+    assert 'medgemma_outbox{destination="pacs",status="sent"} 1.0' in metrics
     [sr] = objects
     assert sr["StudyInstanceUID"] == source.StudyInstanceUID
     sr_file = download(orthanc, sr["id"], tmp_path / "sr.dcm")
