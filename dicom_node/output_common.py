@@ -15,8 +15,8 @@ study version downstream"). Each UID is ``generate_uid(prefix, entropy_srcs=[key
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -31,6 +31,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM
 
+from storage.files import write_durably
 from storage.report_schema import (
     AI_DISCLAIMER,
     TEST_MODEL_BANNER,
@@ -341,24 +342,13 @@ def write_datasets(datasets: Iterable[Dataset], directory: Path) -> list[OutputR
         kind = object_kind(dataset)
         uid = str(dataset.SOPInstanceUID)
         path = directory / f"{kind.lower()}-{uid}.dcm"
-        _write_atomically(dataset, path)
+        write_durably(path, encode_file(dataset))
         records.append(OutputRecord(kind, str(dataset.SOPClassUID), uid, path))
-    _fsync_directory(directory)
     return records
 
 
-def _write_atomically(dataset: Dataset, path: Path) -> None:
-    temporary = path.with_name(path.name + ".part")
-    with open(temporary, "wb") as handle:
-        dataset.save_as(handle, enforce_file_format=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+def encode_file(dataset: Dataset) -> bytes:
+    """The PS3.10 file (preamble, meta group, data set) as bytes."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -41,8 +41,18 @@ log = logging.getLogger(__name__)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor so the graph never changes
-_ATTN_BLOCK = 64  # KV columns per step of the decode attention's inner loop
-_PROGRAMS_PER_SM = 4  # decode attention: enough programs in flight to keep HBM busy
+
+
+@dataclass
+class AttnTuning:
+    """Launch shape of the decode attention (``_TritonOps.attn``)."""
+
+    kernel: str = "dot"  # "dot": a program per KV head (tensor cores); "head": per query head
+    block: int = 64  # KV columns per step of a program's loop
+    warps: int = 4
+    programs_per_sm: int = 4  # enough programs in flight to keep HBM busy
+    max_per_split: int = 1 << 30
+
 
 # transformers' modules are reached by attribute (q_proj, input_layernorm, ...); torch's stubs
 # type such access as ``Tensor | Module``, so they are handled as Any here.
@@ -190,6 +200,7 @@ class _TritonOps(_TorchOps):
         self._weights: dict[int, torch.Tensor] = {}
         cuda = torch.cuda.is_available()
         self._sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 132
+        self.attn = AttnTuning()
 
     def _w1(self, module: HFModule) -> torch.Tensor:
         # Gemma's RMSNorm multiplies by (1 + w) in float32; computed once, bit-identical.
@@ -260,11 +271,13 @@ class _TritonOps(_TorchOps):
         s = self.shape
         keys, values = cache
         rows, length = keys.shape[0], keys.shape[2]
-        blocks = triton.cdiv(length, _ATTN_BLOCK)
+        t = self.attn
+        blocks = triton.cdiv(length, t.block)
         # Few rows: one block per program so that enough programs run; many rows: longer
         # shares, so each program streams several blocks and fewer partials are written.
-        wanted = _PROGRAMS_PER_SM * self._sms
-        per_split = max(1, min(blocks, rows * s.num_kv_heads * blocks // wanted))
+        heads = s.num_kv_heads if t.kernel == "dot" else s.num_heads
+        wanted = t.programs_per_sm * self._sms
+        per_split = max(1, min(blocks, t.max_per_split, rows * heads * blocks // wanted))
         splits = triton.cdiv(blocks, per_split)
         part_max = torch.empty(rows, s.num_heads, splits, dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
@@ -272,12 +285,20 @@ class _TritonOps(_TorchOps):
             rows, s.num_heads, splits, s.head_dim, dtype=torch.float32, device=q.device
         )
         group = s.num_heads // s.num_kv_heads
-        _attn_partial_kernel[(rows, s.num_kv_heads, splits)](
-            q, keys, values, starts, column, part_max, part_sum, part_acc,
-            keys.stride(0), keys.stride(1), s.scaling, window, splits, per_split,
-            H=s.num_heads, G=group, GP=max(16, triton.next_power_of_2(group)), D=s.head_dim,
-            BLOCK_N=_ATTN_BLOCK, PREC="ieee" if q.dtype == torch.float32 else None, num_warps=4,
-        )  # fmt: skip
+        if t.kernel == "dot":
+            _attn_partial_kernel[(rows, s.num_kv_heads, splits)](
+                q, keys, values, starts, column, part_max, part_sum, part_acc,
+                keys.stride(0), keys.stride(1), s.scaling, window, splits, per_split,
+                H=s.num_heads, G=group, GP=max(16, triton.next_power_of_2(group)),
+                D=s.head_dim, BLOCK_N=t.block,
+                PREC="ieee" if q.dtype == torch.float32 else None, num_warps=t.warps,
+            )  # fmt: skip
+        else:
+            _attn_head_kernel[(rows, s.num_heads, splits)](
+                q, keys, values, starts, column, part_max, part_sum, part_acc,
+                keys.stride(0), keys.stride(1), s.scaling, window, splits, per_split,
+                H=s.num_heads, G=group, D=s.head_dim, BLOCK_N=t.block, num_warps=t.warps,
+            )  # fmt: skip
         out = torch.empty(rows, s.num_heads, s.head_dim, dtype=q.dtype, device=q.device)
         _attn_combine_kernel[(rows, s.num_heads)](
             part_max, part_sum, part_acc, out, splits,
@@ -832,6 +853,49 @@ if HAS_TRITON:
         tl.store(m_ptr + part, m_i, mask=keep)
         tl.store(l_ptr + part, l_i, mask=keep)
         tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=keep[:, None])
+
+    @triton.jit
+    def _attn_head_kernel(  # type: ignore[no-untyped-def]
+        q_ptr, k_ptr, v_ptr, start_ptr, col_ptr, m_ptr, l_ptr, acc_ptr,
+        stride_cb, stride_ch, scale, window, splits, per_split,
+        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """One query head per program on the CUDA cores: no shared-memory staging, so many
+        programs stay resident and keep loads in flight; the sibling head of the same KV
+        head reads the same columns, mostly from L2."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        split = tl.program_id(2)
+        col = tl.load(col_ptr)
+        start = tl.load(start_ptr + b)
+        start = tl.maximum(start, tl.where(window > 0, col - window + 1, 0))
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (b * H + h) * D + d).to(tl.float32)
+        m_i = tl.full((1,), float("-inf"), tl.float32)
+        l_i = tl.zeros((1,), tl.float32)
+        acc = tl.zeros((D,), tl.float32)
+        head_base = b * stride_cb + (h // G) * stride_ch
+        for i in range(0, per_split):
+            n = (split * per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = (n >= start) & (n <= col)
+            offs = head_base + n[:, None] * D + d[None, :]
+            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
+            s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            p_rounded = p.to(v.dtype).to(tl.float32)  # as flash attention rounds P
+            acc = acc * alpha + tl.sum(p_rounded[:, None] * v.to(tl.float32), 0)
+            m_i = m_new
+        part = (b * H + h) * splits + split
+        one = tl.arange(0, 1)
+        tl.store(m_ptr + part + one, m_i)
+        tl.store(l_ptr + part + one, l_i)
+        tl.store(acc_ptr + part * D + d, acc)
 
     @triton.jit
     def _attn_combine_kernel(  # type: ignore[no-untyped-def]
