@@ -476,10 +476,13 @@ class Bench:
             f"peak {case.peak_gb:6.2f} GB"
         )
 
-    def generator(self, max_batch: int, prompt_len: int) -> FastGreedyGenerator:
-        """Sized for this request shape and warmed up (graphs captured) before timing."""
+    def generator(
+        self, max_batch: int, prompt_len: int, total: int | None = None
+    ) -> FastGreedyGenerator:
+        """Sized for this request shape (or ``total`` columns) and warmed up (graphs captured)
+        before timing."""
         start = time.perf_counter()
-        total = prompt_len + self.new_tokens + 64
+        total = total or prompt_len + self.new_tokens + 64
         gen = FastGreedyGenerator(self.model, max_batch=max_batch, max_total_len=total)
         gen.warm_up(prompt_len, self.new_tokens, sample_inputs=self.inputs(1).tensors)
         _sync()
@@ -491,6 +494,12 @@ class Bench:
         the other batches on one generator sized for the largest."""
         tokens: dict[int, torch.Tensor] = {}
         prompt_len = self.inputs(1).prompt_len
+        if 1 in self.batches and not self.args.tiny:
+            # The node's default sizing (ModelSettings.max_batch 8, room for 2,048 columns).
+            gen = self.generator(8, prompt_len, total=2048)
+            case, _ = fast_case("fast mb8/2048", gen, self.inputs(1), self.new_tokens, 2)
+            self.add(case)
+            del gen
         for max_batch, batches in self._generator_groups():
             gen = self.generator(max_batch, prompt_len)
             for batch in batches:

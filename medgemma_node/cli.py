@@ -18,23 +18,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy import func, select
 
 from config.settings import ConfigError, DicomSettings, NodeSettings, StorageSettings, load_settings
 from dicom_node.scu import AssociationFailed, FileToSend, echo, inspect_file, iter_files, send_files
 from medgemma_node.delivery import DeliveryWorker
 from medgemma_node.logs import setup_logging
-from medgemma_node.runtime import read_runtime_state, read_worker_states
+from medgemma_node.runtime import read_runtime_state
 from medgemma_node.service import (
     Node,
     open_database,
     start_serving,
     start_worker,
 )
+from medgemma_node.status import collect_status, print_status, redact_url
 from storage import outbox
 from storage.db import Database
-from storage.files import free_disk_mb
-from storage.models import Instance, Job, OutboxItem, OutboxStatus, Study
+from storage.models import OutboxItem, OutboxStatus
 
 app = typer.Typer(help="DICOM node that runs MedGemma on received studies.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -127,7 +126,7 @@ def db_upgrade(config: ConfigOption = None, data_dir: DataDirOption = None) -> N
     settings = settings_or_exit(config, data_dir=data_dir)
     db = Database(settings.database_url)
     db.upgrade()
-    console.print(f"database at revision head: {_redact_url(settings.database_url)}")
+    console.print(f"database at revision head: {redact_url(settings.database_url)}")
 
 
 @app.command("echo")
@@ -209,111 +208,9 @@ def status(
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
     else:
-        _print_status(report)
+        print_status(report, console)
     if not report["scp"].get("echo_ok"):
         raise typer.Exit(3)
-
-
-def collect_status(settings: NodeSettings) -> dict[str, Any]:
-    data_dir = settings.storage.data_dir
-    runtime = read_runtime_state(data_dir)
-    port = (runtime or {}).get("scp", {}).get("port", settings.dicom.port)
-    host = (
-        "127.0.0.1"
-        if settings.dicom.bind_address in ("0.0.0.0", "::")
-        else settings.dicom.bind_address
-    )
-    scp: dict[str, Any] = {"ae_title": settings.dicom.ae_title, "host": host, "port": port}
-    try:
-        scp["echo_ok"] = echo(host, port, "MEDGEMMA_STATUS", settings.dicom.ae_title) == 0
-    except (AssociationFailed, OSError, RuntimeError) as exc:
-        scp["echo_ok"] = False
-        scp["echo_error"] = str(exc)
-    return {
-        "scp": scp,
-        "process": runtime,
-        "workers": read_worker_states(data_dir),
-        "database": _database_counts(settings),
-        "disk_free_mb": round(free_disk_mb(data_dir), 1),
-        "disk_watermark_mb": settings.storage.min_free_disk_mb,
-    }
-
-
-def _database_counts(settings: NodeSettings) -> dict[str, Any]:
-    try:
-        db = open_database(settings)
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    try:
-        with db.session() as session:
-            jobs = dict(
-                session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
-            )
-            return {
-                "url": _redact_url(settings.database_url),
-                "studies": session.scalar(select(func.count()).select_from(Study)),
-                "instances": session.scalar(select(func.count()).select_from(Instance)),
-                "jobs": jobs,
-            }
-    finally:
-        db.dispose()
-
-
-def _print_status(report: dict[str, Any]) -> None:
-    table = Table(show_header=False)
-    scp = report["scp"]
-    echo_text = (
-        "[green]ok[/green]"
-        if scp.get("echo_ok")
-        else f"[red]failed[/red] {scp.get('echo_error', '')}"
-    )
-    table.add_row(
-        "DICOM SCP", f"{scp['ae_title']} @ {scp['host']}:{scp['port']}  C-ECHO {echo_text}"
-    )
-    process = report["process"]
-    table.add_row(
-        "process",
-        f"pid {process['pid']} since {process['started_at']}" if process else "not running",
-    )
-    for worker_state in report["workers"]:
-        table.add_row("model", _model_text(worker_state.get("model", {})))
-    if not report["workers"]:
-        table.add_row("model", "[yellow]no inference worker running[/yellow]")
-    database = report["database"]
-    if "error" in database:
-        table.add_row("database", f"[red]{database['error']}[/red]")
-    else:
-        table.add_row("database", database["url"])
-        table.add_row("studies / instances", f"{database['studies']} / {database['instances']}")
-        table.add_row(
-            "jobs", ", ".join(f"{k}: {v}" for k, v in sorted(database["jobs"].items())) or "none"
-        )
-    table.add_row(
-        "disk free", f"{report['disk_free_mb']:.0f} MB (watermark {report['disk_watermark_mb']} MB)"
-    )
-    console.print(table)
-
-
-def _model_text(model: dict[str, Any]) -> str:
-    if model.get("status") != "loaded":
-        return f"[yellow]{model.get('status', 'unknown')}[/yellow] {model.get('message', '')}"
-    identity = model["identity"]
-    test = (
-        " [bold red]TEST MODEL – NOT FOR CLINICAL USE[/bold red]"
-        if identity.get("is_test_model")
-        else ""
-    )
-    return f"{identity['model_id']} on {identity['device']} ({identity['dtype']}){test}"
-
-
-def _redact_url(url: str) -> str:
-    """Hide a password in a database URL."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
-    return url
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,6 +202,7 @@ def test_tiny_model_study_reaches_orthanc_his_and_files(
     assert worker["model"]["status"] == "loaded"
     assert worker["model"]["identity"]["is_test_model"] is True
     assert status["scp"]["echo_ok"] is True and status["database"]["jobs"] == {"done": 1}
+    assert set(status["database"]["outbox"]) == {"pacs", "his", "files"}
     assert 'medgemma_instances_received_total{outcome="stored"} 1.0' in metrics
     assert 'medgemma_jobs{status="done"} 1.0' in metrics
     assert 'medgemma_outbox{destination="pacs",status="sent"} 1.0' in metrics
