@@ -123,7 +123,7 @@ class CompletionSettings(Section):
             QuietRule(modality="MR", seconds=30),
         ]
     )
-    poll_interval_s: float = Field(default=0.1, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
 
     def quiet_seconds(self, modality: str, calling_ae: str) -> float:
         """Most specific rule wins: modality+AE, then AE, then modality, then the default."""
@@ -162,7 +162,9 @@ class ModelSettings(Section):
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_s: float = Field(default=30.0, ge=0)
     lease_seconds: float = Field(default=600.0, gt=0)
-    poll_interval_s: float = Field(default=0.1, gt=0)  # how often an idle worker looks for jobs
+    # An idle worker looks for jobs this often; the completion scheduler on this host also rings
+    # its doorbell (storage/doorbell.py) the moment it queues one.
+    poll_interval_s: float = Field(default=0.5, gt=0)
     fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
     # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
     # weights); True writes and loads the tiny random demo model, loudly marked as a test model.
@@ -250,9 +252,9 @@ class IdentitySettings(Section):
 
 
 class DeliverySettings(Section):
-    # How often each destination's lane looks for due rows. Results are written by the inference
-    # worker process, so this bounds the delay between a stored report and its first send.
-    poll_interval_s: float = Field(default=0.1, gt=0)
+    # How often each destination's lane looks for due rows (retries, rows written on other
+    # hosts); a worker on this host rings the delivery doorbell as soon as it writes rows.
+    poll_interval_s: float = Field(default=0.5, gt=0)
     batch_size: int = Field(default=16, ge=1)  # rows of one destination sent per claim
     # A delivery worker that dies leaves its claimed rows leased this long (PostgreSQL; with
     # SQLite they are taken back at start). Must exceed the slowest batch.

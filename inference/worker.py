@@ -33,6 +33,7 @@ from inference.parsing import parse_report
 from inference.preprocess import PreparedStudy, PreprocessError, attach_regions, prepare_study
 from inference.prompts import PromptLibrary
 from storage.db import Database
+from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.jobs import RetryPolicy, claim_jobs, extend_lease, fail_job
 from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
 
@@ -95,16 +96,21 @@ class InferenceWorker:
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.poll_interval_s = settings.model.poll_interval_s
+        self.doorbell: Doorbell | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.doorbell = Doorbell(self.data_dir, WORKER_DOORBELL)
         self.thread.start()
 
     def stop(self) -> None:
         self.stop_event.set()
+        ring(self.data_dir, WORKER_DOORBELL)
         if self.thread.is_alive():
             self.thread.join(timeout=60)
+        if self.doorbell is not None:
+            self.doorbell.close()
 
     def _run(self) -> None:
         while not self.stop_event.is_set():
@@ -115,8 +121,10 @@ class InferenceWorker:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("inference loop error")
                 done = 0
-            if done == 0:
-                self.stop_event.wait(self.poll_interval_s)
+            if done == 0 and self.doorbell is not None:
+                # The completion scheduler rings when it queues a job; polling covers jobs
+                # queued from other hosts.
+                self.doorbell.wait(self.poll_interval_s)
 
     def ensure_engine(self) -> Engine | None:
         if self.engine is None:
@@ -136,6 +144,7 @@ class InferenceWorker:
         prepared = [job for job in (self._prepare(job_id) for job_id in job_ids) if job]
         if prepared:
             self._run_batch(engine, prepared)
+            ring(self.data_dir, DELIVERY_DOORBELL)  # its outbox rows are committed
         return len(job_ids)
 
     def _claim_batch(self) -> list[int]:

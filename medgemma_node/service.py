@@ -30,6 +30,7 @@ from medgemma_node.metrics import MetricSources, start_metrics_server
 from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
 from storage.db import Database
+from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.phi import load_or_create_salt
 from storage.recovery import recover
 
@@ -110,7 +111,11 @@ class Node:
                 "address": self.settings.dicom.bind_address,
                 "port": self.scp.port,
             }
-            self.add_part("completion", CompletionScheduler(db, self.settings.completion))
+            data_dir = self.data_dir
+            scheduler = CompletionScheduler(
+                db, self.settings.completion, on_jobs=lambda _ids: ring(data_dir, WORKER_DOORBELL)
+            )
+            self.add_part("completion", scheduler)
         self.write_state()
 
     def scp_counters(self) -> ScpCounters | None:
@@ -157,6 +162,36 @@ class Node:
         log.info("stopped")
 
 
+class DoorbellRelay:
+    """Turns rings of a doorbell (storage.doorbell) into calls, e.g. DeliveryWorker.wake()."""
+
+    def __init__(self, data_dir: Path, name: str, action: Callable[[], None]) -> None:
+        self.data_dir = data_dir
+        self.name = name
+        self.action = action
+        self.doorbell: Doorbell | None = None
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"doorbell-{name}", daemon=True)
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self.doorbell = Doorbell(self.data_dir, self.name)
+        self.thread.start()
+
+    def _run(self) -> None:
+        assert self.doorbell is not None
+        while not self.stop_event.is_set():
+            if self.doorbell.wait(1.0) and not self.stop_event.is_set():
+                self.action()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        ring(self.data_dir, self.name)
+        self.thread.join(timeout=5)
+        if self.doorbell is not None:
+            self.doorbell.close()
+
+
 def worker_argv(config_path: Path | None, data_dir: Path) -> list[str]:
     """The command line of the inference worker child that `serve` supervises."""
     argv = [sys.executable, "-m", "medgemma_node.cli", "worker", "--data-dir", str(data_dir)]
@@ -181,6 +216,9 @@ def start_serving(node: Node, config_path: Path | None) -> None:
         lease_s=delivery.lease_s,
     )
     node.add_part("delivery", delivery_worker)
+    node.add_part(
+        "delivery-doorbell", DoorbellRelay(node.data_dir, DELIVERY_DOORBELL, delivery_worker.wake)
+    )
     metrics = node.settings.metrics
     if metrics.enabled:
         node.metrics_server = start_metrics_server(

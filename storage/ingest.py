@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -159,6 +159,17 @@ QuietPeriod = Callable[[str, str], float]  # (modality, calling AE) -> seconds
 
 def close_quiet_studies(db: Database, quiet_seconds: QuietPeriod) -> list[int]:
     """Make a version + job for each study quiet for its rule's period; return the job ids."""
+    return close_and_schedule(db, quiet_seconds).job_ids
+
+
+@dataclass(frozen=True)
+class CompletionRound:
+    job_ids: list[int]
+    next_due_s: float | None  # seconds until the next open study becomes quiet, if any
+
+
+def close_and_schedule(db: Database, quiet_seconds: QuietPeriod) -> CompletionRound:
+    """close_quiet_studies, also saying when to look again (so the scheduler need not poll)."""
     with db.session() as session:
         candidates = session.execute(
             select(Study.id, Study.modality, Study.calling_ae, Study.last_received_at).where(
@@ -166,14 +177,17 @@ def close_quiet_studies(db: Database, quiet_seconds: QuietPeriod) -> list[int]:
             )
         ).all()
     now = utcnow()
-    job_ids = []
+    job_ids: list[int] = []
+    waits: list[float] = []
     for study_id, modality, calling_ae, last_received in candidates:
-        if now - last_received < timedelta(seconds=quiet_seconds(modality, calling_ae)):
+        remaining = quiet_seconds(modality, calling_ae) - (now - last_received).total_seconds()
+        if remaining > 0:
+            waits.append(remaining)
             continue
         job_id = close_quiet_study(db, study_id, last_received)
         if job_id is not None:
             job_ids.append(job_id)
-    return job_ids
+    return CompletionRound(job_ids, min(waits) if waits else None)
 
 
 def close_quiet_study(db: Database, study_id: int, seen_last_received: datetime) -> int | None:

@@ -21,7 +21,12 @@ from storage.files import (
     uid_component,
     write_durably,
 )
-from storage.ingest import ReceivedInstance, close_quiet_studies, record_instance
+from storage.ingest import (
+    ReceivedInstance,
+    close_and_schedule,
+    close_quiet_studies,
+    record_instance,
+)
 from storage.jobs import RetryPolicy, claim_jobs, fail_job, requeue_expired_leases
 from storage.models import Instance, Job, JobStatus, Series, Study, StudyVersion, utcnow
 
@@ -406,3 +411,13 @@ def test_plain_uids_are_kept() -> None:
     uid = "1.2.826.0.1.3680043.8.498.12345"
     assert uid_component(uid) == uid
     assert uid_component("../x") != uid_component("../y")
+
+
+def test_completion_round_says_when_the_next_study_becomes_quiet(db: Database) -> None:
+    record_instance(db, received("1.2.3.99.1"))
+    quiet = 30.0
+    first = close_and_schedule(db, lambda _modality, _ae: quiet)
+    assert first.job_ids == []
+    assert first.next_due_s is not None and quiet - 5 < first.next_due_s <= quiet
+    done = close_and_schedule(db, lambda _modality, _ae: 0.0)
+    assert len(done.job_ids) == 1 and done.next_due_s is None
