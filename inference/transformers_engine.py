@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import torch
 import transformers
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from config.settings import ModelSettings
@@ -37,6 +38,8 @@ from inference.engine import GenerationRequest, GenerationResult, OutOfMemory
 from storage.report_schema import ModelIdentity
 
 log = logging.getLogger(__name__)
+
+MODEL_IMAGE_SIDE = 896  # MedGemma's SigLIP input (model card)
 
 # Text markers of MedGemma's thinking block; kept in the decoded text for the parser.
 THINKING_TOKENS = ("<unused94>", "<unused95>")
@@ -297,6 +300,11 @@ class TransformersEngine:
             messages, add_generation_prompt=True, tokenize=False
         )
         return text
+
+    def sample_inputs(self, prompt: str) -> Any:
+        """Processor output for one blank 896 px image and ``prompt`` (fast-path warm-up)."""
+        blank = Image.new("RGB", (MODEL_IMAGE_SIDE, MODEL_IMAGE_SIDE))
+        return self._inputs([GenerationRequest(images=[blank], prompt=prompt)])
 
     def _inputs(self, requests: Sequence[GenerationRequest]) -> Any:
         texts = [self._chat_text(r) for r in requests]

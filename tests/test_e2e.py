@@ -9,6 +9,8 @@ DCMTK storescu --C-STORE--> serve (subprocess) --> inference worker (child proce
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -314,3 +316,29 @@ def _pending_outbox(node: NodeProcess) -> bool:
             )
     finally:
         db.dispose()
+
+
+@pytest.mark.slow
+def test_killed_inference_worker_is_restarted_while_the_scp_keeps_accepting(
+    tmp_path: Path, orthanc: OrthancServer, his: MLLPListener
+) -> None:
+    sections = node_sections(tmp_path, orthanc, his, scripted(tmp_path, ANSWER_EN, "en"))
+    node = NodeProcess(tmp_path / "node", sections).start()
+    try:
+        first = wait_for(lambda: node_status(node, with_worker=True), 60)
+        [worker] = first["workers"]
+        os.kill(worker["pid"], signal.SIGKILL)
+        source = send_chest(tmp_path, node.port, "RG1_UNCI.dcm", "-xs")  # accepted meanwhile
+
+        def restarted() -> dict[str, Any] | None:
+            status = node_status(node, with_worker=True)
+            pids = [w["pid"] for w in status["workers"]] if status else []
+            return status if pids and worker["pid"] not in pids else None
+
+        wait_for(restarted, 60, message="the worker was not restarted")
+        objects = wait_for(lambda: orthanc_objects(orthanc)["sr"], 90, message="no SR")
+        serve_log = node.log_text()
+    finally:
+        assert node.terminate() == 0
+    assert objects[0]["StudyInstanceUID"] == source.StudyInstanceUID
+    assert "inference worker exited with code -9; restarting" in serve_log

@@ -133,6 +133,25 @@ def test_too_long_falls_back_to_generate(model: Any) -> None:
     assert not gen._states  # no static buffers were used
 
 
+def test_two_images_per_row_over_max_batch_falls_back(model: Any, processor: Any) -> None:
+    rng = np.random.default_rng(3)
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    images = [
+        [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+        for _ in range(3)
+    ]
+    inputs = dict(processor(text=[text] * 3, images=images, return_tensors="pt", padding=True))
+    gen = FastGreedyGenerator(model, max_batch=2, max_total_len=256)
+
+    fast = gen.generate(inputs, max_new_tokens=12)
+
+    assert torch.equal(fast, plain(model, inputs, 12))
+    assert not gen._states
+
+
 def test_warm_up_captures_every_bucket_once(model: Any, processor: Any) -> None:
     gen = FastGreedyGenerator(model, max_batch=8, max_total_len=512)
     sample = study_inputs(processor, QUESTIONS[:1])
