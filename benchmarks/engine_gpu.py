@@ -67,7 +67,9 @@ def requests_for(batch: int, new_tokens: int, image_side: int) -> list[Generatio
     ]
 
 
-def time_generate(engine: TransformersEngine, requests: list[GenerationRequest], runs: int) -> dict[str, Any]:
+def time_generate(
+    engine: TransformersEngine, requests: list[GenerationRequest], runs: int
+) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -92,7 +94,9 @@ def time_generate(engine: TransformersEngine, requests: list[GenerationRequest],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--reference-batch", type=int, default=8)
@@ -106,7 +110,11 @@ def main() -> None:
         write_s = write_weights(weights, args.tiny)
         settings = load_settings()
         settings.model = settings.model.model_copy(
-            update={"model_path": weights, "max_batch": max(batches), "max_new_tokens": args.new_tokens}
+            update={
+                "model_path": weights,
+                "max_batch": max(batches),
+                "max_new_tokens": args.new_tokens,
+            }
         )
         started = time.perf_counter()
         engine = TransformersEngine(settings.model)
@@ -120,22 +128,37 @@ def main() -> None:
         started = time.perf_counter()
         attach_fast_path(engine, settings)
         print(f"fast path attached and warmed up in {time.perf_counter() - started:.1f} s")
-        rows = [time_generate(engine, requests_for(b, args.new_tokens, image_side), args.runs) for b in batches]
-        same = next(r for r in rows if r["batch"] == args.reference_batch) if args.reference_batch in batches else None
+        rows = [
+            time_generate(engine, requests_for(b, args.new_tokens, image_side), args.runs)
+            for b in batches
+        ]
+        same = (
+            next(r for r in rows if r["batch"] == args.reference_batch)
+            if args.reference_batch in batches
+            else None
+        )
     print_table(reference, rows, same)
 
 
-def print_table(reference: dict[str, Any], rows: list[dict[str, Any]], same: dict[str, Any] | None) -> None:
-    header = f"{'path':28s} {'batch':>5s} {'latency s':>10s} {'studies/h':>10s} {'tok/s':>9s} {'new tok':>9s} {'peak GB':>8s}"
-    print(header)
-    for label, row in [("engine, plain generate", reference)] + [("engine, fast path", r) for r in rows]:
-        tokens = f"{row['new_tokens_min']}-{row['new_tokens_max']}"
-        print(
-            f"{label:28s} {row['batch']:5d} {row['latency_s']:10.3f} {row['studies_per_hour']:10.0f}"
-            f" {row['tokens_per_s']:9.0f} {tokens:>9s} {row['peak_gb']:8.2f}"
+def print_table(
+    reference: dict[str, Any], rows: list[dict[str, Any]], same: dict[str, Any] | None
+) -> None:
+    columns = ("batch", "latency s", "studies/h", "tok/s", "new tok", "peak GB")
+    print(f"{'path':28s} " + " ".join(f"{name:>10s}" for name in columns))
+    labelled = [("engine, plain generate", reference)] + [("engine, fast path", r) for r in rows]
+    for label, row in labelled:
+        values = (
+            f"{row['batch']:d}",
+            f"{row['latency_s']:.3f}",
+            f"{row['studies_per_hour']:.0f}",
+            f"{row['tokens_per_s']:.0f}",
+            f"{row['new_tokens_min']}-{row['new_tokens_max']}",
+            f"{row['peak_gb']:.2f}",
         )
+        print(f"{label:28s} " + " ".join(f"{value:>10s}" for value in values))
     if same is not None:
-        print(f"same text as plain generate at batch {same['batch']}: {same['texts'] == reference['texts']}")
+        identical = same["texts"] == reference["texts"]
+        print(f"same text as plain generate at batch {same['batch']}: {identical}")
 
 
 if __name__ == "__main__":
