@@ -107,7 +107,7 @@ def run(studies: int, quiet: float) -> list[float]:
     with OrthancServer(work / "orthanc") as orthanc:
         listener = MLLPListener().start()
         sections = {
-            # Poll intervals stay at the product defaults (0.1 s): the figure is what a site gets.
+            # Poll intervals stay at the product defaults: the figure is what a site gets.
             "completion": {"default_seconds": quiet, "rules": []},
             "model": {
                 "engine": "scripted",

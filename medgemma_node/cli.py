@@ -7,7 +7,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,6 +52,16 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML settings file (see node.example.toml)")
 ]
 DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Override storage.data_dir")]
+
+
+@contextmanager
+def opened_database(settings: NodeSettings) -> Iterator[Database]:
+    """The node's database (schema upgraded if needed), disposed of afterwards."""
+    db = open_database(settings)
+    try:
+        yield db
+    finally:
+        db.dispose()
 
 
 def settings_or_exit(
@@ -228,11 +239,8 @@ def outbox_list(
 ) -> None:
     """Show outbox rows: destination, state, attempts, next attempt or sent time, last error."""
     settings = settings_or_exit(config, data_dir=data_dir)
-    db = open_database(settings)
-    try:
+    with opened_database(settings) as db:
         items = outbox.list_items(db, status, destination, limit)
-    finally:
-        db.dispose()
     if as_json:
         rows = [_outbox_row(item) for item in items]
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
@@ -291,16 +299,13 @@ def outbox_retry(
         errors.print("[red]give either an outbox row id or --dead[/red]")
         raise typer.Exit(2)
     settings = settings_or_exit(config, data_dir=data_dir)
-    db = open_database(settings)
-    try:
+    with opened_database(settings) as db:
         if dead:
             count = outbox.retry_dead(db, destination)
             console.print(f"{count} dead row(s) pending again")
             return
         assert item_id is not None
         before = outbox.retry_item(db, item_id)
-    finally:
-        db.dispose()
     if before is None:
         errors.print(f"[red]no outbox row {item_id}[/red]")
         raise typer.Exit(1)
@@ -320,11 +325,8 @@ def outbox_purge(
 ) -> None:
     """Delete sent rows older than DAYS. Pending and dead rows are never deleted."""
     settings = settings_or_exit(config, data_dir=data_dir)
-    db = open_database(settings)
-    try:
+    with opened_database(settings) as db:
         count = outbox.purge_sent(db, timedelta(days=older_than))
-    finally:
-        db.dispose()
     console.print(f"{count} sent row(s) deleted")
 
 
