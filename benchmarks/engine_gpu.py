@@ -8,8 +8,13 @@ AutoModelForImageTextToText, bf16, sdpa — the production loading code), the fa
 and warmed up by ``inference.loader.attach_fast_path`` exactly as at node start, and
 ``engine.generate(requests)`` timed from PIL images + question to decoded text.
 
-    python -m benchmarks.engine_gpu --batches 1,8,64 --new-tokens 256
-    python -m benchmarks.engine_gpu --tiny --batches 1,2 --new-tokens 8     # CPU smoke test
+``--sustained N`` then runs N batches of the largest size back to back twice: in series through
+``engine.generate``, and pipelined the way the inference worker runs them (the next batch's
+``engine.prepare`` in an ``inference.prefetch.Prefetcher`` thread while the current one runs
+``engine.generate_prepared``).
+
+    python -m benchmarks.engine_gpu --batches 1,8,64 --new-tokens 256 --sustained 8
+    python -m benchmarks.engine_gpu --tiny --batches 1,2 --new-tokens 8 --sustained 3  # CPU
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import gc
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +38,9 @@ from benchmarks.inference_gpu import (
     model_config,
 )
 from config.settings import load_settings
-from inference.engine import GenerationRequest, GenerationSettings
+from inference.engine import GenerationRequest, GenerationResult, GenerationSettings, PreparedBatch
 from inference.loader import attach_fast_path
+from inference.prefetch import Prefetcher
 from inference.transformers_engine import TransformersEngine
 
 IMAGE_4B, TOKENS_4B = 896, 256
@@ -93,6 +100,89 @@ def time_generate(
     }
 
 
+def sustained_requests(
+    count: int, batch: int, new_tokens: int, image_side: int
+) -> list[list[GenerationRequest]]:
+    """``count`` batches of ``batch`` studies: the same images, each batch in another order."""
+    base = requests_for(batch, new_tokens, image_side)
+    return [base[k % batch :] + base[: k % batch] for k in range(count)]
+
+
+Timeline = dict[str, list[float]]  # per batch: prepare_s, generate_s, end (perf_counter)
+
+
+def generate_timed(
+    engine: TransformersEngine, batch: PreparedBatch, timeline: Timeline
+) -> list[GenerationResult]:
+    started = time.perf_counter()
+    results = engine.generate_prepared(batch)
+    ended = time.perf_counter()
+    timeline["prepare_s"].append(batch.seconds)
+    timeline["generate_s"].append(ended - started)
+    timeline["end"].append(ended)
+    return results
+
+
+def run_serial(
+    engine: TransformersEngine, batches: list[list[GenerationRequest]], timeline: Timeline
+) -> list[list[GenerationResult]]:
+    """What engine.generate does, batch after batch, with its two steps timed apart."""
+    return [generate_timed(engine, engine.prepare(requests), timeline) for requests in batches]
+
+
+def run_pipelined(
+    engine: TransformersEngine,
+    batches: list[list[GenerationRequest]],
+    timeline: Timeline,
+    prefetcher: Prefetcher[PreparedBatch],
+) -> list[list[GenerationResult]]:
+    """As the worker does it: the first batch in series, then each next one prepared in the
+    prefetch thread while the current one generates."""
+    outputs = []
+    pending: PreparedBatch | None = engine.prepare(batches[0])
+    following = iter(batches[1:])
+    while pending is not None:
+        if (requests := next(following, None)) is not None:
+            prefetcher.start(partial(engine.prepare, requests))
+        outputs.append(generate_timed(engine, pending, timeline))
+        pending = prefetcher.take()
+    return outputs
+
+
+def time_sustained(
+    engine: TransformersEngine, batches: list[list[GenerationRequest]], pipelined: bool
+) -> dict[str, Any]:
+    prefetcher: Prefetcher[PreparedBatch] = Prefetcher("prepare-ahead")
+    # The prefetch thread's first prepare copies the processor (one per thread): not timed.
+    prefetcher.start(partial(engine.prepare, batches[0][:1]))
+    prefetcher.take()
+    timeline: Timeline = {"prepare_s": [], "generate_s": [], "end": []}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    if pipelined:
+        outputs = run_pipelined(engine, batches, timeline, prefetcher)
+    else:
+        outputs = run_serial(engine, batches, timeline)
+    seconds = time.perf_counter() - started
+    prefetcher.close()
+    batch = len(batches[0])
+    ends = timeline["end"]
+    # After the first batch: what a worker with a deep queue keeps up.
+    steady = (len(ends) - 1) * batch * 3600 / (ends[-1] - ends[0]) if len(ends) > 1 else 0.0
+    return {
+        "mode": "pipelined (prepare ahead)" if pipelined else "serial (engine.generate)",
+        "batches": len(batches),
+        "batch": batch,
+        "seconds": seconds,
+        "studies_per_hour": len(batches) * batch * 3600 / seconds,
+        "steady_per_hour": steady,
+        "prepare_s": statistics.mean(timeline["prepare_s"]),
+        "generate_s": statistics.mean(timeline["generate_s"]),
+        "texts": [result.text for results in outputs for result in results],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,6 +192,9 @@ def main() -> None:
     parser.add_argument("--reference-batch", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument(
+        "--sustained", type=int, default=0, metavar="N", help="N back-to-back batches, twice"
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     image_side = IMAGE_TINY if args.tiny else IMAGE_4B
@@ -137,7 +230,10 @@ def main() -> None:
             if args.reference_batch in batches
             else None
         )
-    print_table(reference, rows, same)
+        print_table(reference, rows, same)
+        if args.sustained > 0:
+            work = sustained_requests(args.sustained, max(batches), args.new_tokens, image_side)
+            print_sustained(*(time_sustained(engine, work, mode) for mode in (False, True)))
 
 
 def print_table(
@@ -159,6 +255,24 @@ def print_table(
     if same is not None:
         identical = same["texts"] == reference["texts"]
         print(f"same text as plain generate at batch {same['batch']}: {identical}")
+
+
+def print_sustained(serial: dict[str, Any], pipelined: dict[str, Any]) -> None:
+    print(f"sustained: {serial['batches']} batches of {serial['batch']} back to back")
+    columns = ("seconds", "s/batch", "studies/h", "steady/h", "prepare s", "generate s")
+    print(f"{'mode':28s} " + " ".join(f"{name:>10s}" for name in columns))
+    for row in (serial, pipelined):
+        values = (
+            f"{row['seconds']:.2f}",
+            f"{row['seconds'] / row['batches']:.3f}",
+            f"{row['studies_per_hour']:.0f}",
+            f"{row['steady_per_hour']:.0f}",
+            f"{row['prepare_s']:.3f}",
+            f"{row['generate_s']:.3f}",
+        )
+        print(f"{row['mode']:28s} " + " ".join(f"{value:>10s}" for value in values))
+    gain = pipelined["studies_per_hour"] / serial["studies_per_hour"]
+    print(f"pipelined / serial: {gain:.3f}; same text: {pipelined['texts'] == serial['texts']}")
 
 
 if __name__ == "__main__":

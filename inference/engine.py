@@ -2,6 +2,12 @@
 
     Engine.generate(requests) -> results, one per request, same order.
 
+An engine may also offer the same work in two steps (``PreparingEngine``), so a caller can
+build the next batch's inputs on the CPU while the device generates the current one:
+
+    PreparingEngine.prepare(requests) -> PreparedBatch
+    PreparingEngine.generate_prepared(batch) -> results  (== generate(requests))
+
 Implementations:
     inference.transformers_engine.TransformersEngine  real MedGemma / tiny demo model
     inference.scripted_engine.ScriptedEngine           returns given texts (tests only)
@@ -10,7 +16,7 @@ Implementations:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -51,4 +57,30 @@ class Engine(Protocol):
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run one batch. Raises OutOfMemory when the batch does not fit."""
+        ...
+
+
+@dataclass
+class PreparedBatch:
+    """A batch's model inputs, built ahead of generation by ``PreparingEngine.prepare``."""
+
+    requests: list[GenerationRequest]
+    inputs: Any  # what the engine built; only that engine's generate_prepared reads it
+    seconds: float = 0.0  # time prepare took; part of every result's ``seconds``
+
+
+@runtime_checkable
+class PreparingEngine(Engine, Protocol):
+    """An engine whose input building can run apart from, and ahead of, generation.
+
+    ``generate(requests)`` and ``generate_prepared(prepare(requests))`` give the same results.
+    ``prepare`` may run in a second thread while ``generate`` or ``generate_prepared`` runs.
+    """
+
+    def prepare(self, requests: list[GenerationRequest]) -> PreparedBatch:
+        """Build the inputs of one batch. Raises OutOfMemory when they do not fit."""
+        ...
+
+    def generate_prepared(self, batch: PreparedBatch) -> list[GenerationResult]:
+        """Run a prepared batch. Raises OutOfMemory when the batch does not fit."""
         ...

@@ -13,17 +13,25 @@ column and the new tokens of every row start right after it. Rows finish at the 
 end-of-sequence token; ``GenerationRequest.settings.max_new_tokens`` is honoured per request
 by generating up to the batch maximum and cutting each row at its own limit (greedy decoding
 makes the cut identical to stopping there).
+
+``prepare`` (the processor on the CPU, then the copy to the device) and ``generate_prepared``
+(the model, then text decoding) split ``generate`` in two, so the inference worker can build
+batch N+1 in a second thread while batch N generates. On CUDA the copy runs on a stream of its
+own and the generating stream waits for it on the device, not in Python.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,7 +42,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from config.settings import ModelSettings
 from inference.demo_model import DEMO_MODEL_MARKER
-from inference.engine import GenerationRequest, GenerationResult, OutOfMemory
+from inference.engine import GenerationRequest, GenerationResult, OutOfMemory, PreparedBatch
 from storage.report_schema import ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -208,6 +216,18 @@ def _demo_marker(weights_dir: Path) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- engine
 
 
+@dataclass
+class DeviceInputs:
+    """The processor's tensors on the engine's device (PreparedBatch.inputs).
+
+    ``ready``: recorded on the copy stream after the last copy (CUDA only); the generating
+    stream waits for it before it reads the tensors.
+    """
+
+    tensors: Any  # transformers BatchFeature
+    ready: torch.cuda.Event | None = None
+
+
 class TransformersEngine:
     """``Engine`` over a Gemma 3 image-text-to-text model."""
 
@@ -231,6 +251,12 @@ class TransformersEngine:
         # with attach_fast_generator(); while it is None, _generate_ids uses model.generate.
         self.wants_fast_path = settings.fast_path and self.device.type == "cuda"
         self._fast_generator: FastGenerator | None = None
+        # A fast tokenizer is not safe to share between threads (each call reconfigures its
+        # padding in place: "RuntimeError: Already borrowed"), and prepare runs in a second
+        # thread while this one decodes text: every other thread gets a copy of the processor.
+        self._owner_thread = threading.get_ident()
+        self._thread_local = threading.local()
+        self._copy_stream: torch.cuda.Stream | None = None
 
     # -- loading -----------------------------------------------------------------------
 
@@ -283,6 +309,16 @@ class TransformersEngine:
         """Use ``generator`` instead of ``model.generate`` (None goes back to the plain path)."""
         self._fast_generator = generator
 
+    def _processor(self) -> Any:
+        """This thread's processor: the loaded one in the thread that loaded it, else a copy."""
+        if threading.get_ident() == self._owner_thread:
+            return self.processor
+        processor = getattr(self._thread_local, "processor", None)
+        if processor is None:
+            processor = copy.deepcopy(self.processor)
+            self._thread_local.processor = processor
+        return processor
+
     def close(self) -> None:
         """Free the model's memory (the worker reloads a fresh engine when needed)."""
         del self.model
@@ -296,7 +332,7 @@ class TransformersEngine:
         content: list[dict[str, str]] = [{"type": "image"} for _ in request.images]
         content.append({"type": "text", "text": request.prompt})
         messages = [{"role": "user", "content": content}]
-        text: str = self.processor.apply_chat_template(
+        text: str = self._processor().apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
         return text
@@ -307,18 +343,52 @@ class TransformersEngine:
         return self._inputs([GenerationRequest(images=[blank], prompt=prompt)])
 
     def _inputs(self, requests: Sequence[GenerationRequest]) -> Any:
+        return self._to_device(self._processor_inputs(requests), non_blocking=False)
+
+    def _processor_inputs(self, requests: Sequence[GenerationRequest]) -> Any:
+        """The processor's CPU tensors for one batch, left-padded."""
         texts = [self._chat_text(r) for r in requests]
         images = [[image.convert("RGB") for image in r.images] for r in requests]
-        inputs = self.processor(
+        return self._processor()(
             text=texts,
             images=images if any(images) else None,
             padding=True,
             return_tensors="pt",
         )
-        inputs = inputs.to(self.device)
+
+    def _to_device(self, inputs: Any, non_blocking: bool) -> Any:
+        """Copy to the device, then cast the pixels there (the order generate always used)."""
+        inputs = inputs.to(self.device, non_blocking=non_blocking)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
+
+    def _device_inputs(self, requests: Sequence[GenerationRequest]) -> DeviceInputs:
+        cpu_inputs = self._processor_inputs(requests)
+        if self.device.type != "cuda":
+            return DeviceInputs(self._to_device(cpu_inputs, non_blocking=False))
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        # A stream of its own: on the default stream the copy would queue behind, and hold
+        # up, the decode steps of the batch that is generating meanwhile. non_blocking is safe
+        # for pageable memory: the copy has read it when the call returns.
+        with torch.cuda.stream(self._copy_stream):
+            tensors = self._to_device(cpu_inputs, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return DeviceInputs(tensors, ready)
+
+    def _take_inputs(self, prepared: DeviceInputs) -> Any:
+        """The tensors, once the generating stream has waited for their copy."""
+        if prepared.ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(prepared.ready)
+            for value in prepared.tensors.values():
+                if isinstance(value, torch.Tensor):
+                    # Made on the copy stream: keep the allocator from reusing the memory
+                    # before this stream's work on it is done.
+                    value.record_stream(stream)
+        return prepared.tensors
 
     def _generate_ids(
         self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int
@@ -338,7 +408,7 @@ class TransformersEngine:
     def _new_tokens(self, row: torch.Tensor, limit: int) -> tuple[list[int], int]:
         """(ids of the answer text, tokens generated): the row up to its own limit and its
         first stop token, which counts as generated but is not part of the text."""
-        ids = [int(t) for t in row[:limit]]
+        ids: list[int] = row[:limit].tolist()
         for position, token in enumerate(ids):
             if token in self._end_ids:
                 return ids[:position], position + 1
@@ -346,34 +416,70 @@ class TransformersEngine:
 
     def _decode(self, ids: list[int]) -> str:
         """Text without special tokens, except the thinking markers the parser needs."""
+        tokenizer = self._processor().tokenizer
         pieces: list[str] = []
         segment: list[int] = []
         for token in ids:
             if token in self._thinking_ids:
-                pieces.append(self.processor.tokenizer.decode(segment, skip_special_tokens=True))
+                pieces.append(tokenizer.decode(segment, skip_special_tokens=True))
                 pieces.append(self._thinking_ids[token])
                 segment = []
             else:
                 segment.append(token)
-        pieces.append(self.processor.tokenizer.decode(segment, skip_special_tokens=True))
+        pieces.append(tokenizer.decode(segment, skip_special_tokens=True))
         return "".join(pieces)
+
+    def _out_of_memory(self, rows: int) -> OutOfMemory:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return OutOfMemory(f"batch of {rows} does not fit on {self.device}")
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run one batch; raise OutOfMemory when it does not fit on the device."""
         if not requests:
             return []
+        return self.generate_prepared(self.prepare(requests))
+
+    def prepare(self, requests: list[GenerationRequest]) -> PreparedBatch:
+        """The processor (CPU) and the copy to the device; safe in a second thread."""
         started = time.perf_counter()
-        limit = max(r.settings.max_new_tokens for r in requests)
+        inputs = None
+        if requests:
+            try:
+                with torch.inference_mode():
+                    inputs = self._device_inputs(requests)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise self._out_of_memory(len(requests)) from exc
+        return PreparedBatch(list(requests), inputs, time.perf_counter() - started)
+
+    def generate_prepared(self, batch: PreparedBatch) -> list[GenerationResult]:
+        """Generate and decode a batch from ``prepare``; raise OutOfMemory when it does not fit.
+
+        Each result's ``seconds`` is the batch's prepare time plus this call's.
+        """
+        if not batch.requests:
+            return []
+        if not isinstance(batch.inputs, DeviceInputs):
+            raise TypeError("generate_prepared needs a batch from TransformersEngine.prepare")
+        started = time.perf_counter()
+        limit = max(r.settings.max_new_tokens for r in batch.requests)
         try:
             with torch.inference_mode():
-                inputs = self._inputs(requests)
+                inputs = self._take_inputs(batch.inputs)
                 output = self._generate_ids(inputs, limit)
         except torch.cuda.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise OutOfMemory(f"batch of {len(requests)} does not fit on {self.device}") from exc
-        seconds = time.perf_counter() - started
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+            raise self._out_of_memory(len(batch.requests)) from exc
+        seconds = batch.seconds + time.perf_counter() - started
+        return self._results(batch.requests, inputs["attention_mask"], output, seconds)
+
+    def _results(
+        self,
+        requests: list[GenerationRequest],
+        attention_mask: torch.Tensor,
+        output: torch.Tensor,
+        seconds: float,
+    ) -> list[GenerationResult]:
+        prompt_tokens = attention_mask.sum(dim=1).tolist()
         results = []
         for index, request in enumerate(requests):
             text_ids, generated = self._new_tokens(output[index], request.settings.max_new_tokens)

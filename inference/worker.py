@@ -6,6 +6,12 @@ One batch at a time:
     → engine.generate(batch)    (CUDA out of memory: halve the batch and retry)
     → parse → Report row + job done + outputs/outbox rows, in ONE transaction per job.
 Failures keep their traceback; retried with backoff, then the job ends `failed`.
+
+Pipelining: when the engine can build its inputs ahead (inference.engine.PreparingEngine) and
+more jobs are due, one background thread claims batch N+1, preprocesses it and runs
+engine.prepare while batch N generates; batch N+1 then starts with engine.generate_prepared.
+A lone study is not held up: with nothing else due it goes straight through. A batch built
+ahead and never run (stop()) goes back to the queue with its attempt not counted.
 """
 
 from __future__ import annotations
@@ -28,13 +34,23 @@ from inference.engine import (
     GenerationResult,
     GenerationSettings,
     OutOfMemory,
+    PreparedBatch,
+    PreparingEngine,
 )
 from inference.parsing import parse_report
+from inference.prefetch import Prefetcher
 from inference.preprocess import PreparedStudy, PreprocessError, attach_regions, prepare_study
 from inference.prompts import PromptLibrary
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
-from storage.jobs import RetryPolicy, claim_jobs, extend_lease, fail_job
+from storage.jobs import (
+    RetryPolicy,
+    claim_jobs,
+    extend_lease,
+    fail_job,
+    has_due_jobs,
+    release_jobs,
+)
 from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
 
 log = logging.getLogger("medgemma_node.worker")
@@ -57,6 +73,15 @@ class PreparedJob:
     question: str
     language: str  # the template's: a site template with English only answers in English
     preprocess_seconds: float = 0.0
+
+
+@dataclass
+class ClaimedBatch:
+    """Claimed job ids, the jobs whose studies loaded, and the engine's inputs when built ahead."""
+
+    job_ids: list[int]
+    jobs: list[PreparedJob]
+    inputs: PreparedBatch | None = None
 
 
 @dataclass
@@ -97,6 +122,8 @@ class InferenceWorker:
         self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.poll_interval_s = settings.model.poll_interval_s
         self.doorbell: Doorbell | None = None
+        self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
+        self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -109,22 +136,41 @@ class InferenceWorker:
         ring(self.data_dir, WORKER_DOORBELL)
         if self.thread.is_alive():
             self.thread.join(timeout=60)
+        if not self.thread.is_alive():
+            # The loop released its batch built ahead on the way out; this covers run_once
+            # driven without the thread. While a late batch still runs, the loop does it.
+            self._release_prefetched()
         if self.doorbell is not None:
             self.doorbell.close()
 
     def _run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                done = self.run_once()
-                self.last_error = None
-            except Exception as exc:  # the loop survives; the supervisor shows the error
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("inference loop error")
-                done = 0
-            if done == 0 and self.doorbell is not None:
-                # The completion scheduler rings when it queues a job; polling covers jobs
-                # queued from other hosts.
-                self.doorbell.wait(self.poll_interval_s)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    done = self.run_once()
+                    self.last_error = None
+                except Exception as exc:  # the loop survives; the supervisor shows the error
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("inference loop error")
+                    done = 0
+                if done == 0 and self.doorbell is not None:
+                    # The completion scheduler rings when it queues a job; polling covers jobs
+                    # queued from other hosts.
+                    self.doorbell.wait(self.poll_interval_s)
+        finally:
+            self._release_prefetched()
+
+    def _release_prefetched(self) -> None:
+        """Give a batch claimed ahead and never run back to the queue, attempts not counted."""
+        try:
+            batch = self._prefetcher.close()
+        except Exception:  # its claim failed: nothing of it is leased to this worker
+            log.exception("building the next batch failed")
+            return
+        job_ids = [job.job_id for job in batch.jobs] if batch is not None else []
+        if job_ids:
+            release_jobs(self.db, job_ids, self.owner)
+            log.info("released %d jobs prepared ahead back to the queue", len(job_ids))
 
     def ensure_engine(self) -> Engine | None:
         if self.engine is None:
@@ -134,18 +180,51 @@ class InferenceWorker:
     # -- one batch ------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Process at most one batch; return how many jobs it finished (done or failed)."""
+        """Process at most one batch; return how many jobs it finished (done or failed).
+
+        The batch is the one built ahead during the previous call, if any; while it runs, the
+        next one is built in the background when more jobs are due.
+        """
         engine = self.ensure_engine()
         if engine is None:
             return 0
-        job_ids = self._claim_batch()
-        if not job_ids:
+        batch = self._prefetcher.take()
+        if batch is None or not batch.job_ids:
+            batch = self._claim_and_load()
+        if not batch.job_ids:
             return 0
-        prepared = [job for job in (self._prepare(job_id) for job_id in job_ids) if job]
-        if prepared:
-            self._run_batch(engine, prepared)
+        if batch.jobs:
+            self._prefetch_next(engine)
+            self._run_batch(engine, batch)
             ring(self.data_dir, DELIVERY_DOORBELL)  # its outbox rows are committed
-        return len(job_ids)
+        return len(batch.job_ids)
+
+    def _claim_and_load(self) -> ClaimedBatch:
+        job_ids = self._claim_batch()
+        jobs = [job for job in (self._prepare(job_id) for job_id in job_ids) if job]
+        return ClaimedBatch(job_ids, jobs)
+
+    def _prefetch_next(self, engine: Engine) -> None:
+        """Start building the next batch in the background, when the engine can and more jobs
+        are due (checked here, so a lone study never waits for a claim)."""
+        if not isinstance(engine, PreparingEngine) or self.stop_event.is_set():
+            return
+        if has_due_jobs(self.db):
+            self._prefetcher.start(lambda: self._claim_and_build(engine))
+
+    def _claim_and_build(self, engine: PreparingEngine) -> ClaimedBatch:
+        """The prefetch thread: claim, load and preprocess, then the engine's inputs."""
+        if self.stop_event.is_set():
+            return ClaimedBatch([], [])
+        batch = self._claim_and_load()
+        if batch.jobs and not self.stop_event.is_set():
+            try:
+                batch.inputs = engine.prepare([self._request(job) for job in batch.jobs])
+            except Exception:
+                # Runs later as an unprepared batch: engine.generate meets the same error,
+                # and the usual handling (halving on OutOfMemory, failing the jobs) applies.
+                log.warning("preparing the next batch failed", exc_info=True)
+        return batch
 
     def _claim_batch(self) -> list[int]:
         limit = self.model_settings.max_batch
@@ -191,13 +270,14 @@ class InferenceWorker:
             preprocess_seconds=preprocess_seconds,
         )
 
-    def _run_batch(self, engine: Engine, jobs: list[PreparedJob]) -> None:
+    def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> None:
+        jobs = batch.jobs
         extend_lease(
             self.db, [job.job_id for job in jobs], self.owner, self.model_settings.lease_seconds
         )
         started = time.monotonic()
         try:
-            results = self._generate_splitting(engine, jobs)
+            results = self._generate(engine, batch)
         except Exception as exc:
             for job in jobs:
                 self._fail(job.job_id, exc)
@@ -209,6 +289,18 @@ class InferenceWorker:
                 self._store(engine, job, result)
             except Exception as exc:
                 self._fail(job.job_id, exc)
+
+    def _generate(self, engine: Engine, batch: ClaimedBatch) -> list[GenerationResult]:
+        """A batch built ahead runs from its prepared inputs; any other, or one that ran out
+        of memory that way, goes through engine.generate and its halving."""
+        inputs, batch.inputs = batch.inputs, None
+        if inputs is not None and isinstance(engine, PreparingEngine):
+            try:
+                return engine.generate_prepared(inputs)
+            except OutOfMemory:
+                log.warning("out of memory at prepared batch %d: retrying", len(batch.jobs))
+            del inputs  # its device memory is free before the batch is tried again
+        return self._generate_splitting(engine, batch.jobs)
 
     def _generate_splitting(
         self, engine: Engine, jobs: list[PreparedJob]
@@ -293,7 +385,8 @@ class InferenceWorker:
     def _fail(self, job_id: int, exc: BaseException) -> None:
         policy = RetryPolicy(1, 0) if isinstance(exc, PermanentJobError) else self.retry
         status = fail_job(self.db, job_id, exc, policy)
-        self.stats.jobs_failed += status == JobStatus.FAILED
+        with self._stats_lock:
+            self.stats.jobs_failed += status == JobStatus.FAILED
         log.error("job %d: %s: %s (now %s)", job_id, type(exc).__name__, exc, status)
 
     def _record_batch_stats(self, size: int, seconds: float) -> None:

@@ -237,10 +237,11 @@ def start_worker(node: Node) -> None:
     from medgemma_node.outputs import ReportOutputs
 
     db = node.db or node.prepare()
-    node.start()
     provider = EngineProvider(node.settings)
     worker = InferenceWorker(db, node.settings, provider, ReportOutputs(node.settings))
+    # Before start(): the first status file already says what the model is doing.
     node.state_providers.append(lambda state: _model_state(state, provider, worker))
+    node.start()
     node.add_part("inference", worker)
 
 

@@ -46,6 +46,17 @@ def claim_jobs(db: Database, owner: str, limit: int, lease_seconds: float) -> li
         return [job.id for job in jobs]
 
 
+def has_due_jobs(db: Database) -> bool:
+    """Whether any queued job is due now (one indexed lookup, no lock taken)."""
+    with db.session() as session:
+        query = (
+            select(Job.id)
+            .where(Job.status == JobStatus.QUEUED, Job.available_at <= utcnow())
+            .limit(1)
+        )
+        return session.scalar(query) is not None
+
+
 def extend_lease(db: Database, job_ids: list[int], owner: str, lease_seconds: float) -> None:
     with db.session() as session:
         session.execute(

@@ -164,7 +164,11 @@ def node_status(node: NodeProcess, with_worker: bool = False) -> dict[str, Any] 
     if result.returncode != 0:
         return None
     status: dict[str, Any] = json.loads(result.stdout)
-    return status if status["workers"] or not with_worker else None
+    if not with_worker:
+        return status
+    # A worker that is still loading its model reports "not loaded": wait for the outcome.
+    models = [worker.get("model", {}).get("status") for worker in status["workers"]]
+    return status if models and all(m not in (None, "not loaded") for m in models) else None
 
 
 def scrape_when_delivered(port: int) -> str | None:

@@ -18,8 +18,15 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittle
 
 from config.settings import ModelSettings
 from inference.demo_model import DEMO_MODEL_ID, DEMO_MODEL_MARKER, write_demo_model
-from inference.engine import GenerationRequest, GenerationSettings, OutOfMemory
+from inference.engine import (
+    GenerationRequest,
+    GenerationResult,
+    GenerationSettings,
+    OutOfMemory,
+    PreparedBatch,
+)
 from inference.parsing import parse_model_output
+from inference.prefetch import Prefetcher
 from inference.preprocess import attach_regions, prepare_study
 from inference.prompts import PromptLibrary
 from inference.scripted_engine import ScriptedEngine
@@ -192,6 +199,35 @@ def test_fast_generator_hook_replaces_generate(
     finally:
         engine.attach_fast_generator(None)
     assert (result.text, result.new_tokens) == ("OK", 3)
+
+
+def test_prepare_then_generate_prepared_equals_generate(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token for token, also with prepare in a second thread (as the worker pipelines)."""
+    recorder = RecordingIds(engine)
+    monkeypatch.setattr(engine, "_generate_ids", recorder)
+    requests = [
+        request(picture(11, (50, 70)), "Describe the chest radiograph.", 7),
+        request(picture(12, (64, 64)), "Any pleural effusion on this frontal view?", 9),
+    ]
+    direct = engine.generate(requests)
+    in_series = engine.generate_prepared(engine.prepare(requests))
+    prefetcher: Prefetcher[PreparedBatch] = Prefetcher("test-prepare")
+    prefetcher.start(lambda: engine.prepare(requests))
+    ahead = prefetcher.take()
+    prefetcher.close()
+    assert ahead is not None
+    in_thread = engine.generate_prepared(ahead)
+
+    def comparable(results: list[GenerationResult]) -> list[tuple[str, int, int, int]]:
+        return [(r.text, r.prompt_tokens, r.new_tokens, r.batch_size) for r in results]
+
+    assert comparable(in_series) == comparable(in_thread) == comparable(direct)
+    first, *others = recorder.outputs
+    assert len(others) == 2 and all(torch.equal(first, other) for other in others)
+    assert ahead.seconds > 0 and in_thread[0].seconds >= ahead.seconds
+    assert engine.generate_prepared(engine.prepare([])) == []
 
 
 # --------------------------------------------------------------------------- weights
