@@ -178,7 +178,7 @@ def test_down_destinations_never_delay_the_others(
     db: Database, data_dir: Path, orthanc: OrthancServer, listener: MLLPListener
 ) -> None:
     listener.reply_mode = ReplyMode.SILENT  # the HIS reads and never answers
-    ack_timeout_s = 3.0
+    ack_timeout_s = 6.0
     destinations = [
         DicomDestination(
             kind="dicom", name="old-pacs", ae_title="GONE", host="127.0.0.1",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import shutil
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -83,10 +82,8 @@ def new_ids(output: torch.Tensor, row: int, count: int) -> list[int]:
 # --------------------------------------------------------------------------- demo model
 
 
-def test_demo_model_is_written_fast_and_deterministically(tmp_path: Path) -> None:
-    started = time.perf_counter()
+def test_demo_model_is_written_deterministically(tmp_path: Path) -> None:
     write_demo_model(tmp_path / "a")
-    assert time.perf_counter() - started < 5
     write_demo_model(tmp_path / "b")
     digests = {
         hashlib.sha256((tmp_path / name / "model.safetensors").read_bytes()).hexdigest()
