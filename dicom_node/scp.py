@@ -12,7 +12,6 @@ It runs in the association's thread: it never touches the model.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import OperationalError
 
-from config.settings import NodeSettings, TLSSettings
-from dicom_node.scu import client_ssl_context as client_ssl_context  # moved to the SCU
+from config.settings import NodeSettings
+from config.tls import server_ssl_context
 from storage.db import Database
 from storage.files import free_disk_mb, instance_relpath, uid_component, write_durably
 from storage.ingest import ReceivedInstance, instance_exists, record_instance
@@ -364,19 +363,3 @@ def _log_rejected(event: evt.Event) -> None:
 
 def _log_aborted(event: evt.Event) -> None:
     log.warning("association from %s aborted", _calling_ae(event.assoc))
-
-
-def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext | None:
-    """TLS per PS3.15 Annex B.9 (BCP 195); client certificates optional."""
-    if not tls.enabled:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    assert tls.cert_file is not None and tls.key_file is not None
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.ca_file is not None:
-        context.load_verify_locations(tls.ca_file)
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    if tls.ca_file is None:
-        context.verify_mode = ssl.CERT_NONE
-    return context

@@ -24,7 +24,8 @@ from pynetdicom import AE, Association, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from config.settings import DicomDestination, TLSSettings
+from config.settings import DicomDestination
+from config.tls import client_ssl_context
 
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1..255
 
@@ -83,21 +84,6 @@ def make_ae(calling_aet: str) -> AE:
     ae.dimse_timeout = 60
     ae.network_timeout = 60
     return ae
-
-
-def client_ssl_context(tls: TLSSettings) -> ssl.SSLContext | None:
-    """TLS for an outgoing association (PS3.15 Annex B.9, BCP 195: TLS 1.2 or newer).
-
-    The peer is verified against ``ca_file`` (else the system CAs) and its host name; our
-    certificate is presented when ``cert_file`` and ``key_file`` are set.
-    """
-    if not tls.enabled:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.cert_file is not None and tls.key_file is not None:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
 
 
 def associate(

@@ -17,13 +17,13 @@ Nothing is retried here; the delivery worker owns backoff and dead letters.
 from __future__ import annotations
 
 import socket
-import ssl
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from config.settings import HL7Destination, TLSSettings
+from config.settings import HL7Destination
+from config.tls import client_ssl_context
 from hl7_out.ack import Acknowledgment, AckParseError, parse_ack
 
 START_BLOCK = b"\x0b"
@@ -99,17 +99,6 @@ def judge_ack(payload: bytes, control_id: str) -> DeliveryOutcome:
     return DeliveryOutcome(DeliveryStatus.RETRY, ack.reason, ack)
 
 
-def client_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
-    """Verify the receiver against ``ca_file`` (else the system CAs) and its host name, and
-    present our certificate for receivers that require client certificates."""
-    context = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None
-    )
-    if tls.cert_file and tls.key_file:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    return context
-
-
 def _exchange(block: bytes, destination: HL7Destination) -> bytes:
     connection = _connect(destination)
     with connection:
@@ -143,6 +132,7 @@ def _connect(destination: HL7Destination) -> socket.socket:
         return connection
     try:
         context = client_ssl_context(destination.tls)
+        assert context is not None  # TLS is enabled here
         return context.wrap_socket(connection, server_hostname=destination.host)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         connection.close()
