@@ -19,6 +19,10 @@ One presentation state per image of the reported study that has findings with re
 Findings are numbered as in the SR, and each box carries the SR measurement group's
 Tracking Identifier and Tracking UID, so a viewer can link the two. Images of other studies
 (priors) get no presentation state: their findings are in the SR only.
+
+Patient and study attributes are copied from the image after vr_limits.fitted_copy (values
+cut to their VR, missing type 2 attributes empty), as in the SR; texts are cut to their VR
+(LO 64, ST 1024).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ def build_gsps(
     ``sources`` as for build_sr; every finding region must refer to one of them.
     """
     images = SourceImages(sources, report.study_instance_uid)
+    node = node.fitted()
     by_image = _findings_by_image(report)
     states = []
     for index, (image_uid, findings) in enumerate(by_image.items(), start=1):
@@ -92,7 +97,9 @@ def build_gsps(
         if image.StudyInstanceUID != report.study_instance_uid:
             continue
         instance_number = report.version_number * _INSTANCES_PER_VERSION + index
-        states.append(_presentation_state(report, image, findings, node, instance_number))
+        state = _presentation_state(report, image, findings, node, instance_number)
+        images.set_patient_name(state, image)
+        states.append(state)
     return states
 
 

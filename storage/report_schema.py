@@ -69,7 +69,7 @@ def clean_model_phrase(text: str) -> str:
 
 
 def _clean_phrase_or_none(value: str | None) -> str | None:
-    return None if value is None else clean_model_phrase(value)
+    return None if value is None else clean_model_phrase(value) or None
 
 
 class Urgency(StrEnum):

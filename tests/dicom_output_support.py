@@ -58,7 +58,7 @@ needs_dcmtk = pytest.mark.skipif(
 )
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
 needs_validators = pytest.mark.skipif(
-    shutil.which("dciodvfy") is None or not PIXELMED_JAR.exists() or not shutil.which("java"),
+    shutil.which("dciodvfy") is None or not PIXELMED_JAR.exists() or shutil.which("java") is None,
     reason="dciodvfy (dicom3tools) or PixelMed (libpixelmed-java, openjdk-17-jre-headless)"
     " is not installed",
 )
@@ -311,6 +311,14 @@ def pixelmed_sr(path: Path) -> Validation:
             warnings=[line for line in lines if line.startswith("Warning")],
         )
     return _pixelmed_results[digest]
+
+
+def validators_installed() -> bool:
+    return (
+        shutil.which("dciodvfy") is not None
+        and PIXELMED_JAR.exists()
+        and bool(shutil.which("java"))
+    )
 
 
 def assert_valid(path: Path, also_allowed: tuple[str, ...] = ()) -> None:
