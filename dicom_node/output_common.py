@@ -171,17 +171,18 @@ def model_description(model: ModelIdentity) -> str:
 class SourceImages:
     """The source images of a report, by SOP Instance UID, current study first.
 
-    Each image is a ``vr_limits.fitted_copy`` of its source (every value within its VR, the
-    type 2 Patient and Study attributes present) whose Patient's Name is empty: highdicom
-    warns and logs with the name it is given (``check_person_name``), which would put patient
-    data in the logs, so the builders set the name on the finished object
-    (``set_patient_name``).
+    Each image is a ``vr_limits.fitted_copy`` of its source's header (every value within its
+    VR, the type 2 Patient and Study attributes present) whose Patient's Name is empty:
+    highdicom warns and logs with the name it is given (``check_person_name``), which would
+    put patient data in the logs, so the builders set the name on the finished object
+    (``set_patient_name``). ``source_of`` gives the source itself, for its pixels.
     """
 
     def __init__(self, sources: Sequence[Dataset], study_uid: str) -> None:
         if not sources:
             raise ValueError("at least one source image is needed")
         fitted = [fitted_copy(ds) for ds in sources]
+        self._sources = {str(ds.SOPInstanceUID): ds for ds in sources}
         current = [ds for ds in fitted if ds.StudyInstanceUID == study_uid]
         if not current:
             raise ValueError(f"no source image belongs to study {study_uid}")
@@ -191,6 +192,10 @@ class SourceImages:
         self._patient_names = {uid: ds.PatientName for uid, ds in self._by_uid.items()}
         for ds in self.ordered:
             ds.PatientName = None
+
+    def source_of(self, image: Dataset) -> Dataset:
+        """The source ``image`` was fitted from (with its pixel data)."""
+        return self._sources[str(image.SOPInstanceUID)]
 
     def set_patient_name(self, output: Dataset, image: Dataset) -> None:
         """Patient's Name of ``output``: that of ``image``, within its VR."""

@@ -20,7 +20,8 @@ not fail for that: ``fitted_copy`` returns a copy of the source header in which
 
 Sequences are fitted item by item, except the functional group sequences of enhanced images
 (image-level data the outputs never copy). UIDs are left as they are: the SCP refuses a source
-without valid UIDs (0xA900). Pixel Data is shared with the source, never copied.
+without valid UIDs (0xA900). The copy is the header only: pixel data (and other bulk data) is
+left out, so a source read with deferred pixel data is never read in full for it.
 """
 
 from __future__ import annotations
@@ -100,18 +101,15 @@ def fitted_copy(source: Dataset) -> Dataset:
     """A copy of ``source`` whose values fit their VRs (see the module docstring)."""
     fitted = Dataset()
     for tag in list(source.keys()):
+        if tag in _BULK_DATA:
+            continue
         element = _decoded(source, tag)
         if element is None:
-            continue
-        if tag in _BULK_DATA:
-            fitted.add(element)  # shared: the builders only read it
             continue
         element = copy.deepcopy(element)
         if tag not in _NOT_FITTED:
             fit_element(element)
         fitted.add(element)
-    if hasattr(source, "file_meta"):
-        fitted.file_meta = copy.deepcopy(source.file_meta)
     _add_type_2_attributes(fitted)
     return fitted
 
