@@ -16,11 +16,12 @@ SR, GSPS, HL7 and JSON outputs all start from the same clean text (``clean_model
 - the replacement character U+FFFD (what an invalid UTF-8 byte decodes to), control characters
   other than the line break, format characters, surrogates, private-use code points and
   non-characters are removed; TAB becomes a space;
-- every line break (CR LF, CR, VT, FF, NEL, U+2028, U+2029) becomes LF; trailing blanks go;
+- every line break (CR LF, CR, VT, FF, FS, GS, RS, NEL, U+2028, U+2029) becomes LF; blanks at
+  the end of a line go;
 - a finding's label, location, density and boundary are one line of at most
   ``MAX_PHRASE_CHARS`` (the DICOM ST limit, PS3.5 Table 6.2-1); other texts are at most
   ``MAX_TEXT_CHARS`` (the LT limit), which even fully HL7-escaped (3 characters for 1) stays
-  inside an OBX-5 of 65,536 (HL7 v2.5 §7.4.2).
+  inside the 65,536 characters of an HL7 v2.5 OBX-5.
 Shorter per-field limits (LO 64 for a code meaning, SH 16, ...) are applied by each builder.
 """
 
