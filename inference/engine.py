@@ -10,7 +10,18 @@ build the next batch's inputs on the CPU while the device generates the current 
 
 Implementations:
     inference.transformers_engine.TransformersEngine  real MedGemma / tiny demo model
+    inference.openai_engine.OpenAIEngine               an OpenAI-compatible inference server
     inference.scripted_engine.ScriptedEngine           returns given texts (tests only)
+
+Failures an engine reports (besides OutOfMemory), and what the worker does with them:
+    EngineUnavailable        its backend cannot be reached: nothing ran; the jobs go back to
+                             the queue with the attempt not counted, and the engine provider
+                             says why in status until the backend answers again
+    EngineRequestFailed      one request failed (server error, busy, timeout, bad answer): the
+                             job is retried with backoff, at least the server's Retry-After
+    EngineRequestRejected    the server refused the request itself: retrying cannot help
+    BatchPartlyFailed        some requests of a batch failed: ``outcomes`` holds, per request,
+                             its result or its error; the others' results are good
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
+from core.errors import InferenceError
 from storage.report_schema import ModelIdentity
 
 
@@ -46,10 +58,45 @@ class GenerationResult:
     new_tokens: int
     seconds: float  # wall time of the whole batch this request was part of
     batch_size: int = 1
+    # Who produced this answer, when the answer itself says more than ``Engine.identity`` (an
+    # inference server names its model and fingerprint in each response); None: the engine's.
+    identity: ModelIdentity | None = None
 
 
 class OutOfMemory(RuntimeError):
     """The device ran out of memory for this batch; the worker halves the batch and retries."""
+
+
+class EngineUnavailable(InferenceError):
+    """The engine's backend (an inference server) cannot be reached or used as configured.
+
+    Nothing ran: the work goes back to the queue untouched. ``str()`` says what was tried and
+    what an operator can do; it is what status shows.
+    """
+
+
+class EngineRequestFailed(InferenceError):
+    """One request failed where a later attempt may succeed (server error, server busy,
+    timeout, an answer that is not a chat completion). ``retry_after_s``: the server's
+    Retry-After, the least wait before the next attempt."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineRequestRejected(EngineRequestFailed):
+    """The server refused the request itself (HTTP 4xx): sending it again cannot help."""
+
+
+class BatchPartlyFailed(InferenceError):
+    """Some requests of a batch failed; ``outcomes[i]`` is request i's result or its error."""
+
+    def __init__(self, outcomes: list[GenerationResult | InferenceError]) -> None:
+        failed = [o for o in outcomes if isinstance(o, InferenceError)]
+        kinds = sorted({type(o).__name__ for o in failed})
+        super().__init__(f"{len(failed)} of {len(outcomes)} requests failed ({', '.join(kinds)})")
+        self.outcomes = outcomes
 
 
 class Engine(Protocol):

@@ -4,6 +4,11 @@ engine = "transformers"  MedGemma from model_path or the local HF cache (never d
                          the demo model when none is found and demo_model_if_missing is on;
                          otherwise None: jobs wait, and status/log say how to add weights.
 engine = "scripted"      answers from a JSON file (a test double, marked as a test model).
+engine = "openai"        an OpenAI-compatible inference server (inference/openai_engine.py):
+                         loaded once it answers GET /models; while it cannot be reached (or
+                         refuses the key), None: jobs wait, status/log say why, and it is
+                         asked again every model.openai.check_interval_s. A server lost while
+                         running (a request found it unreachable) is handled the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from transformers.utils import logging as hf_logging
 
 from config.settings import NodeSettings
 from inference.demo_model import write_demo_model
-from inference.engine import Engine, GenerationRequest
+from inference.engine import Engine, EngineUnavailable, GenerationRequest
+from inference.openai_engine import OpenAIEngine
 from inference.prompts import PromptLibrary
 from inference.scripted_engine import SCRIPTED_IDENTITY, ScriptedEngine
 from inference.transformers_engine import (
@@ -36,7 +42,8 @@ FAST_PATH_MIN_LENGTH = 2048  # KV columns: prompt (~256 image + text tokens) + n
 
 
 class EngineProvider:
-    """Loads the engine once; while weights are missing, looks again every check interval."""
+    """Loads the engine once; while weights are missing or the inference server is unreachable,
+    looks again every check interval. ``state`` is what status shows about the model."""
 
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
@@ -44,16 +51,40 @@ class EngineProvider:
         self.state: dict[str, Any] = {"status": "not loaded"}
         self._next_check = 0.0
         self._lock = threading.Lock()
+        self._server: OpenAIEngine | None = None  # kept while unreachable, to connect again
 
     def __call__(self) -> Engine | None:
         with self._lock:
+            if self._server_lost():
+                self.engine = None
             if self.engine is None and time.monotonic() >= self._next_check:
-                self._next_check = time.monotonic() + self.settings.model.weights_check_interval_s
+                self._next_check = time.monotonic() + self._check_interval()
                 self.engine = self._load()
             return self.engine
 
+    def _check_interval(self) -> float:
+        model = self.settings.model
+        return (
+            model.openai.check_interval_s
+            if model.engine == "openai"
+            else model.weights_check_interval_s
+        )
+
+    def _server_lost(self) -> bool:
+        """A request found the inference server unreachable: say so, and try again later."""
+        if self.engine is None or self.engine is not self._server:
+            return False
+        reason = self._server.unavailable_reason
+        if reason is None:
+            return False
+        self.state = {"status": "server unavailable", "message": reason}
+        self._next_check = time.monotonic() + self._check_interval()
+        return True
+
     def _load(self) -> Engine | None:
         model = self.settings.model
+        if model.engine == "openai":
+            return self._openai()
         try:
             engine = (
                 scripted_engine(model.scripted_responses_file)
@@ -69,6 +100,22 @@ class EngineProvider:
             self.state = {"status": "missing weights", "message": message}
             log.warning("%s", message)
             return None
+        self._loaded(engine)
+        return engine
+
+    def _openai(self) -> Engine | None:
+        if self._server is None:
+            self._server = OpenAIEngine(self.settings.model)
+        try:
+            self._server.connect()
+        except EngineUnavailable as exc:
+            self.state = {"status": "server unavailable", "message": str(exc)}
+            log.warning("model not available: %s", exc)
+            return None
+        self._loaded(self._server)
+        return self._server
+
+    def _loaded(self, engine: Engine) -> None:
         self.state = {"status": "loaded", "identity": engine.identity.model_dump(mode="json")}
         if engine.identity.is_test_model:
             log.warning(
@@ -77,7 +124,6 @@ class EngineProvider:
             )
         else:
             log.info("model loaded: %s on %s", engine.identity.model_id, engine.identity.device)
-        return engine
 
     def _transformers(self) -> Engine | None:
         # Progress bars on stderr would interleave with the node's log lines.

@@ -6,6 +6,12 @@ One batch at a time:
     → engine.generate(batch)    (CUDA out of memory: halve the batch and retry)
     → parse → Report row + job done + outputs/outbox rows, in ONE transaction per job.
 Failures keep their traceback; retried with backoff, then the job ends `failed`.
+An engine whose backend is out of reach (EngineUnavailable: an inference server that is down)
+gives the batch back to the queue, attempts not counted, and the worker asks the engine
+provider again, which holds the jobs and says why in status until the backend answers. An
+engine that sends a batch's requests separately reports per request (BatchPartlyFailed): good
+answers are stored, failed ones retried (at least the server's Retry-After later) or, when the
+server refused the request itself (EngineRequestRejected), failed at once.
 
 Pipelining: when the engine can build its inputs ahead (inference.engine.PreparingEngine) and
 more jobs are due, one background thread claims batch N+1, preprocesses it and runs
@@ -28,8 +34,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from config.settings import NodeSettings
+from core.errors import InferenceError
 from inference.engine import (
+    BatchPartlyFailed,
     Engine,
+    EngineRequestFailed,
+    EngineRequestRejected,
+    EngineUnavailable,
     GenerationRequest,
     GenerationResult,
     GenerationSettings,
@@ -193,11 +204,12 @@ class InferenceWorker:
             batch = self._claim_and_load()
         if not batch.job_ids:
             return 0
+        given_back = 0
         if batch.jobs:
             self._prefetch_next(engine)
-            self._run_batch(engine, batch)
+            given_back = self._run_batch(engine, batch)
             ring(self.data_dir, DELIVERY_DOORBELL)  # its outbox rows are committed
-        return len(batch.job_ids)
+        return len(batch.job_ids) - given_back
 
     def _claim_and_load(self) -> ClaimedBatch:
         job_ids = self._claim_batch()
@@ -270,25 +282,60 @@ class InferenceWorker:
             preprocess_seconds=preprocess_seconds,
         )
 
-    def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> None:
+    def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> int:
+        """Run the batch and store or fail each job; return how many went back to the queue
+        unrun (the engine's backend was out of reach)."""
         jobs = batch.jobs
         extend_lease(
             self.db, [job.job_id for job in jobs], self.owner, self.model_settings.lease_seconds
         )
         started = time.monotonic()
+        outcomes: list[GenerationResult] | list[GenerationResult | InferenceError]
         try:
-            results = self._generate(engine, batch)
+            outcomes = self._generate(engine, batch)
+        except EngineUnavailable as exc:
+            self._engine_lost(exc, jobs)
+            return len(jobs)
+        except BatchPartlyFailed as exc:
+            outcomes = exc.outcomes
         except Exception as exc:
             for job in jobs:
                 self._fail(job.job_id, exc)
-            return
+            return 0
         elapsed = time.monotonic() - started
         self._record_batch_stats(len(jobs), elapsed)
-        for job, result in zip(jobs, results, strict=True):
-            try:
-                self._store(engine, job, result)
-            except Exception as exc:
-                self._fail(job.job_id, exc)
+        lost: dict[int, EngineUnavailable] = {}
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, EngineUnavailable):
+                lost[job.job_id] = outcome
+            elif isinstance(outcome, InferenceError):
+                self._fail(job.job_id, outcome)
+            else:
+                self._store_or_fail(engine, job, outcome)
+        if lost:
+            first = next(iter(lost.values()))
+            self._engine_lost(first, [job for job in jobs if job.job_id in lost])
+        return len(lost)
+
+    def _store_or_fail(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> None:
+        try:
+            self._store(engine, job, result)
+        except Exception as exc:
+            self._fail(job.job_id, exc)
+
+    def _engine_lost(self, exc: EngineUnavailable, jobs: list[PreparedJob]) -> None:
+        """The backend cannot be reached: nothing ran, so the jobs (and a batch built ahead)
+        go back to the queue with the attempt not counted; the provider is asked again."""
+        release_jobs(self.db, [job.job_id for job in jobs], self.owner)
+        self.engine = None
+        try:
+            ahead = self._prefetcher.take()
+        except Exception:  # its claim failed: nothing of it is leased to this worker
+            log.exception("building the next batch failed")
+            ahead = None
+        if ahead is not None and ahead.job_ids:
+            release_jobs(self.db, ahead.job_ids, self.owner)
+        log.warning("engine unavailable, %d jobs back in the queue: %s", len(jobs), exc)
 
     def _generate(self, engine: Engine, batch: ClaimedBatch) -> list[GenerationResult]:
         """A batch built ahead runs from its prepared inputs; any other, or one that ran out
@@ -337,6 +384,7 @@ class InferenceWorker:
             if db_job.lease_owner != self.owner or db_job.status != JobStatus.RUNNING:
                 log.warning("job %d lost its lease while running; result dropped", job.job_id)
                 return
+            identity = result.identity or engine.identity
             report = Report(
                 job_id=job.job_id,
                 study_id=job.study_id,
@@ -347,7 +395,7 @@ class InferenceWorker:
                 question=job.question,
                 raw_text=result.text,
                 content_json=content.model_dump(mode="json"),
-                model_json=engine.identity.model_dump(mode="json"),
+                model_json=identity.model_dump(mode="json"),
                 timings_json={
                     "batch_seconds": round(result.seconds, 4),
                     "batch_size": result.batch_size,
@@ -356,7 +404,7 @@ class InferenceWorker:
                     "preprocess_seconds": round(job.preprocess_seconds, 4),
                     "source_sop_instance_uids": job.prepared.sop_instance_uids,
                 },
-                is_test_model=engine.identity.is_test_model,
+                is_test_model=identity.is_test_model,
                 created_at=utcnow(),
             )
             session.add(report)
@@ -383,8 +431,10 @@ class InferenceWorker:
         )
 
     def _fail(self, job_id: int, exc: BaseException) -> None:
-        policy = RetryPolicy(1, 0) if isinstance(exc, PermanentJobError) else self.retry
-        status = fail_job(self.db, job_id, exc, policy)
+        permanent = isinstance(exc, PermanentJobError | EngineRequestRejected)
+        policy = RetryPolicy(1, 0) if permanent else self.retry
+        retry_after = exc.retry_after_s if isinstance(exc, EngineRequestFailed) else None
+        status = fail_job(self.db, job_id, exc, policy, retry_after_s=retry_after)
         with self._stats_lock:
             self.stats.jobs_failed += status == JobStatus.FAILED
         log.error("job %d: %s: %s (now %s)", job_id, type(exc).__name__, exc, status)

@@ -77,8 +77,17 @@ def release_jobs(db: Database, job_ids: list[int], owner: str) -> None:
                 job.attempts = max(job.attempts - 1, 0)
 
 
-def fail_job(db: Database, job_id: int, error: BaseException, policy: RetryPolicy) -> str:
-    """Record the failure with its traceback; requeue with backoff or end as failed."""
+def fail_job(
+    db: Database,
+    job_id: int,
+    error: BaseException,
+    policy: RetryPolicy,
+    retry_after_s: float | None = None,
+) -> str:
+    """Record the failure with its traceback; requeue with backoff or end as failed.
+
+    ``retry_after_s``: the least wait a peer asked for (an inference server's Retry-After).
+    """
     with db.session() as session:
         job = session.get_one(Job, job_id)
         job.last_error = f"{type(error).__name__}: {error}"[:2000]
@@ -90,7 +99,10 @@ def fail_job(db: Database, job_id: int, error: BaseException, policy: RetryPolic
             job.finished_at = utcnow()
         else:
             job.status = JobStatus.QUEUED
-            job.available_at = utcnow() + policy.delay(job.attempts)
+            delay = policy.delay(job.attempts)
+            if retry_after_s is not None:
+                delay = max(delay, timedelta(seconds=retry_after_s))
+            job.available_at = utcnow() + delay
         return job.status
 
 

@@ -152,6 +152,10 @@ class ModelIdentity(BaseModel):
     device: str = "cpu"
     library_versions: dict[str, str] = Field(default_factory=dict)
     is_test_model: bool = False
+    # engine = "openai": what the inference server said about the model it served (base URL,
+    # its /models entry: owned_by, root, created; the answer's system_fingerprint). Empty for a
+    # model run in the node itself.
+    server: dict[str, str] = Field(default_factory=dict)
 
     @property
     def display_name(self) -> str:
