@@ -382,9 +382,7 @@ class OpenAIEngine:
             write=server.read_timeout_s,
             pool=server.connect_timeout_s,
         )
-        self._verify: ssl.SSLContext | bool = (
-            ssl_context(server) if self.base_url.startswith("https:") else True
-        )
+        self._verify: ssl.SSLContext | bool = True  # https: the context connect() builds
         self._senders = ThreadPoolExecutor(
             max_workers=server.max_concurrent_requests, thread_name_prefix="openai-sender"
         )
@@ -417,6 +415,8 @@ class OpenAIEngine:
         EngineUnavailable (saying why, without the key) when it cannot be used."""
         key = read_api_key(self.settings)
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if self.base_url.startswith("https:"):
+            self._verify = self._tls_context()
         with self._new_client() as client:
             listing = self._get_json(client, f"{self.base_url}/models", required=True)
             entry = choose_model(listing, self.settings.model, self.base_url)
@@ -430,6 +430,15 @@ class OpenAIEngine:
             self.identity.model_id,
             self.identity.revision,
         )
+
+    def _tls_context(self) -> ssl.SSLContext:
+        try:
+            return ssl_context(self.settings)
+        except (OSError, ssl.SSLError) as exc:
+            raise EngineUnavailable(
+                "cannot use the TLS files of model.openai (ca_file, cert_file, key_file): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
 
     def _get_json(self, client: httpx.Client, url: str, required: bool) -> Any:
         try:

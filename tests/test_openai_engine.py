@@ -494,6 +494,8 @@ def test_mutual_tls_with_a_site_ca_and_a_client_certificate(tmp_path: Path) -> N
         assert result.text and len(server.requests) == 1
         with pytest.raises(EngineUnavailable, match=r"cannot be reached .*CERTIFICATE_VERIFY"):
             engine_for(server.base_url, ca_file=stranger_cert)
+        with pytest.raises(EngineUnavailable, match=r"cannot use the TLS files of model\.openai"):
+            engine_for(server.base_url, ca_file=tmp_path / "no-such-ca.pem")
     assert server.schema_errors == []
 
 
