@@ -318,8 +318,8 @@ def measure_extent(anchor: Anchor, spacing: Spacing | None, language: str) -> Me
         f"{anchor.id}（{anchor.label}）的框宽 {width_mm:.1f} 毫米、高 {height_mm:.1f} 毫米"
         f"{_spacing_note(spacing, language)}。"
         if language == "zh"
-        else f"{anchor.id} ({anchor.label}) measures {width_mm:.1f} mm wide × {height_mm:.1f} mm "
-        f"high (its box){_spacing_note(spacing, language)}."
+        else f"{anchor.id} ({anchor.label}): its box is {width_mm:.1f} mm wide × "
+        f"{height_mm:.1f} mm high{_spacing_note(spacing, language)}."
     )
     return Measurement(
         kind="extent",
@@ -377,14 +377,12 @@ class PastTurn:
 
 def report_as_model_turn(content: ReportContent) -> str:
     """The report as the JSON the templates ask for: what the model answered at first."""
-    findings = [
-        {
-            key: value
-            for key, value in finding.model_dump(exclude={"region"}).items()
-            if value is not None
-        }
-        for finding in content.findings
-    ]
+    findings = []
+    for finding in content.findings:
+        item = finding.model_dump(exclude={"region", "box_2d"}, exclude_none=True)
+        if finding.box_2d is not None:  # integers, as MedGemma writes them
+            item["box_2d"] = [round(v) for v in finding.box_2d]
+        findings.append(item)
     summary: dict[str, object] = {"findings": findings}
     for key in ("impression", "recommendation"):
         if value := getattr(content, key):
@@ -459,7 +457,7 @@ def current_prompt(
         )
         if crop_index is not None:
             about += (
-                f" 最后一幅图像（image {crop_index}）是该区域的放大图。"
+                f"最后一幅图像（image {crop_index}）是该区域的放大图。"
                 if language == "zh"
                 else f" The last image (image {crop_index}) is an enlarged view of that region."
             )

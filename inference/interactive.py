@@ -202,6 +202,8 @@ class InteractiveLane:
     def refuse_all(self, message: str) -> int:
         """No model: fail every waiting request now with ``message`` (how to provide weights)."""
         refused = 0
+        if not has_queued(self.db):  # the idle worker asks every poll: no lock, one lookup
+            return 0
         while claimed := claim_next(self.db, self.owner, 64, self.settings.lease_seconds):
             for request in claimed:
                 self._fail(request, message, ErrorCode.MODEL_UNAVAILABLE)
