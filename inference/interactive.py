@@ -38,6 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config.settings import NodeSettings
+from core.errors import InferenceError
 from inference.conversation import (
     ImageView,
     PastTurn,
@@ -113,7 +114,7 @@ ABANDONED_CHECK_S = 30.0
 NODE_MEASURED = "Measured by the node from the image header between AI-generated regions."
 
 
-class RequestRefused(Exception):
+class RequestRefused(InferenceError):
     """This request cannot be answered as asked; ``code`` says why (storage ErrorCode)."""
 
     def __init__(self, message: str, code: ErrorCode) -> None:
@@ -195,9 +196,6 @@ class InteractiveLane:
     def recover(self) -> int:
         """At worker start: requests a previous run left running fail (SQLite: all of them)."""
         return fail_abandoned(self.db, all_running=self.db.is_sqlite)
-
-    def has_work(self) -> bool:
-        return has_queued(self.db)
 
     def refuse_all(self, message: str) -> int:
         """No model: fail every waiting request now with ``message`` (how to provide weights)."""
