@@ -137,7 +137,7 @@ class PredictResult(BaseModel):
     parse_status: str
     model: ModelIdentity
     disclaimer: str
-    timings: dict[str, float]
+    timings: dict[str, float | int]
 
 
 class TurnResult(BaseModel):
@@ -153,7 +153,7 @@ class TurnResult(BaseModel):
     measurements: list[Measurement]
     model: ModelIdentity | None
     disclaimer: str
-    timings: dict[str, float]
+    timings: dict[str, float | int]
 
 
 @dataclass(frozen=True)
