@@ -66,6 +66,7 @@ from tests.conftest import copy_with_new_uids, testdata  # noqa: E402
 QUESTION = "Is this lesion calcified, and are its margins well defined?"
 ANCHOR_BOX = [200.0, 150.0, 300.0, 260.0]  # the report's finding, 0..1000 of the square
 POLL_S = 0.05
+MAX_QUEUED = 64
 
 
 @dataclass
@@ -114,7 +115,7 @@ def node_settings(work: Path, weights: Path, args: argparse.Namespace) -> NodeSe
         }
     )
     settings.interactive = settings.interactive.model_copy(
-        update={"max_new_tokens": args.new_tokens, "max_queued": 64}
+        update={"max_new_tokens": args.new_tokens}
     )
     return settings
 
@@ -196,7 +197,7 @@ def ask_once(
         conversation.id,
         QUESTION,
         max_new_tokens=settings.interactive.max_new_tokens,
-        max_queued=settings.interactive.max_queued,
+        max_queued=MAX_QUEUED,
     )
     outcome = wait_for_result(db, request_id, timeout_s, bell, settings.interactive.poll_interval_s)
     latency = time.perf_counter() - started

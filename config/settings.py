@@ -181,12 +181,11 @@ class ModelSettings(Section):
 class InteractiveSettings(Section):
     """Questions and predict requests: a priority lane on the inference worker.
 
-    The API queues them (storage/interactive.py); the worker answers them before its next
-    batch of studies (inference/interactive.py).
+    The API queues them (storage/interactive.py; how many may wait is its own setting, passed
+    to ``submit`` as ``max_queued``); the worker answers them before its next batch of studies
+    (inference/interactive.py).
     """
 
-    # More requests than this waiting: submitting raises QueueFull (HTTP 429 + Retry-After).
-    max_queued: int = Field(default=16, ge=1)
     max_batch: int = Field(default=4, ge=1)  # requests the worker runs as one engine batch
     # Rounds of up to max_batch requests served before the next study batch: questions come
     # first, yet a steady stream of them cannot starve the study queue.

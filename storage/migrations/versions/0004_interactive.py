@@ -1,6 +1,6 @@
 """interactive requests, conversations, appended reports
 
-Revision ID: 0004
+Revision ID: 0004_interactive
 Revises: 0002
 Create Date: 2026-11-29 09:00:00.000000
 
@@ -9,7 +9,7 @@ conversations / conversation_turns: follow-up questions anchored to regions of a
 reports: job_id may be empty (a report appended to from a conversation has no job) and
 supersedes_report_id names the report a new version replaces.
 
-Chained after 0002 while 0003 (API users) is not merged; re-chain to 0003 when it lands.
+Chained after 0002 while 0003_api_users is not merged; re-chain to it when it lands.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
+revision = "0004_interactive"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
