@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,25 +42,22 @@ import numpy as np
 import pydicom
 from sqlalchemy import func, select
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.inference_gpu import chest_question  # noqa: E402
-from config.settings import NodeSettings, load_settings  # noqa: E402
-from inference.demo_model import write_demo_model  # noqa: E402
-from inference.loader import EngineProvider  # noqa: E402
-from inference.preprocess import attach_regions, prepare_study  # noqa: E402
-from inference.worker import InferenceWorker  # noqa: E402
-from medgemma_node.outputs import ReportOutputs  # noqa: E402
-from storage.conversations import ask, start_conversation  # noqa: E402
-from storage.db import Database  # noqa: E402
-from storage.doorbell import API_DOORBELL, SharedDoorbell  # noqa: E402
-from storage.files import instance_relpath, write_durably  # noqa: E402
-from storage.ingest import ReceivedInstance, close_quiet_studies, record_instance  # noqa: E402
-from storage.interactive import wait_for_result  # noqa: E402
-from storage.models import Job, JobStatus, Report, Study  # noqa: E402
-from storage.report_schema import Finding, ReportContent  # noqa: E402
-from tests.conftest import copy_with_new_uids, testdata  # noqa: E402
+from benchmarks.medgemma_4b import chest_question
+from config.settings import NodeSettings, load_settings
+from inference.demo_model import write_demo_model
+from inference.loader import EngineProvider
+from inference.preprocess import attach_regions, prepare_study
+from inference.worker import InferenceWorker
+from medgemma_node.outputs import ReportOutputs
+from peers.dicom_files import copy_with_new_uids, testdata
+from storage.conversations import ask, start_conversation
+from storage.db import Database
+from storage.doorbell import API_DOORBELL, SharedDoorbell
+from storage.files import instance_relpath, write_durably
+from storage.ingest import ReceivedInstance, close_quiet_studies, record_instance
+from storage.interactive import wait_for_result
+from storage.models import Job, JobStatus, Report, Study
+from storage.report_schema import Finding, ReportContent
 
 QUESTION = "Is this lesion calcified, and are its margins well defined?"
 ANCHOR_BOX = [200.0, 150.0, 300.0, 260.0]  # the report's finding, 0..1000 of the square
