@@ -23,8 +23,8 @@ question is cut to 400 characters (what Gemma's tokenizer makes of the full ques
 prompts have about the real model's length.
 
     python -m benchmarks.interactive_latency --studies 200 --questions 20            # GPU, 4B
-    python -m benchmarks.interactive_latency --tiny --studies 6 --questions 3 \\
-        --new-tokens 16 --study-tokens 8 --max-batch 2                              # CPU, demo
+    python -m benchmarks.interactive_latency --model demo --studies 6 --questions 3 \\
+        --new-tokens 16 --study-tokens 8 --max-batch 2 --warmup 1                   # CPU
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class Sample:
     queued_s: float
     generate_s: float
     new_tokens: int
+    prompt_tokens: int
     images: int
     backlog_left: int  # studies not yet reported when the answer arrived
 
@@ -78,13 +79,15 @@ class Sample:
 # --------------------------------------------------------------------------- the node
 
 
-def write_weights(directory: Path, tiny: bool) -> None:
-    if tiny:
+def write_weights(directory: Path, model: str) -> None:
+    """demo: the node's tiny test model; 4b: MedGemma-4B's architecture, random weights
+    (benchmarks/medgemma_4b.py); 4b-tiny: its CPU-sized stand-in (checks that path on a CPU)."""
+    if model == "demo":
         write_demo_model(directory)
         return
     from benchmarks.engine_gpu import write_weights as write_4b
 
-    write_4b(directory, tiny=False)
+    write_4b(directory, tiny=model == "4b-tiny")
 
 
 def node_settings(work: Path, weights: Path, args: argparse.Namespace) -> NodeSettings:
@@ -103,7 +106,7 @@ def node_settings(work: Path, weights: Path, args: argparse.Namespace) -> NodeSe
     settings.model = settings.model.model_copy(
         update={
             "model_path": weights,
-            "device": "cpu" if args.tiny else "auto",
+            "device": "auto" if args.model == "4b" else "cpu",
             "max_batch": args.max_batch,
             "max_new_tokens": max(args.study_tokens, args.new_tokens),
             "prompts_dir": prompts,
@@ -205,6 +208,7 @@ def ask_once(
         queued_s=float(timings.get("queued_s", 0.0)),
         generate_s=float(timings.get("generate_s", 0.0)),
         new_tokens=int(timings.get("new_tokens", 0)),
+        prompt_tokens=int(timings.get("prompt_tokens", 0)),
         images=2 if outcome.result.get("referenced_anchor_id") else 1,
         backlog_left=jobs_not_done(db),
     )
@@ -221,6 +225,7 @@ def summary(label: str, samples: list[Sample]) -> dict[str, Any]:
         "queued_p50_s": statistics.median(s.queued_s for s in samples) if samples else 0.0,
         "generate_p50_s": statistics.median(s.generate_s for s in samples) if samples else 0.0,
         "new_tokens": sorted({s.new_tokens for s in samples}),
+        "prompt_tokens": max((s.prompt_tokens for s in samples), default=0),
         "images": sorted({s.images for s in samples}),
     }
 
@@ -230,7 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="interactive-bench-") as directory:
         work = Path(directory)
         weights = work / "weights"
-        write_weights(weights, args.tiny)
+        write_weights(weights, args.model)
         settings = node_settings(work, weights, args)
         data_dir = settings.storage.data_dir
         db = Database(settings.database_url)
@@ -305,7 +310,10 @@ def print_table(result: dict[str, Any]) -> None:
         f"loaded in {result['load_s']:.1f} s; study answers {result['study_tokens']} tokens, "
         f"max_batch {result['max_batch']}"
     )
-    columns = ("n", "p50 s", "p95 s", "max s", "queued p50", "generate p50", "new tok", "images")
+    columns = (
+        "n", "p50 s", "p95 s", "max s", "queued p50", "generate p50", "new tok", "prompt tok",
+        "images",
+    )  # fmt: skip
     print(f"{'follow-up answer':32s} " + " ".join(f"{c:>12s}" for c in columns))
     for key in ("idle", "backlog"):
         row = result[key]
@@ -317,6 +325,7 @@ def print_table(result: dict[str, Any]) -> None:
             f"{row['queued_p50_s']:.3f}",
             f"{row['generate_p50_s']:.3f}",
             ",".join(str(t) for t in row["new_tokens"]),
+            str(row["prompt_tokens"]),
             ",".join(str(i) for i in row["images"]),
         )
         print(f"{row['condition']:32s} " + " ".join(f"{v:>12s}" for v in values))
@@ -338,7 +347,12 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured questions first")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--tiny", action="store_true", help="the demo model on the CPU")
+    parser.add_argument(
+        "--model",
+        choices=("4b", "demo", "4b-tiny"),
+        default="4b",
+        help="4b on the GPU; demo (the node's test model) or 4b-tiny on the CPU",
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     result = run(args)
