@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from PIL import Image
 from sqlalchemy import select
 
 from config.settings import FileDestination, NodeSettings
 from inference.conversation import CropGeometry, StudyImages, crop_around, view_region
-from inference.engine import GenerationRequest
+from inference.engine import ChatTurn, GenerationRequest
 from inference.preprocess import prepare_study
 from inference.scripted_engine import ScriptedEngine
 from inference.transformers_engine import TransformersEngine
@@ -320,3 +321,19 @@ def test_append_makes_a_report_version_that_supersedes_the_first(
     assert {item.destination for item in outbox} == {"archive"}
     with pytest.raises(ConversationConflict, match="appended"):
         node.ask(conversation.id, "One more?")
+
+
+def test_chat_history_alternates_user_and_model_without_a_system_role() -> None:
+    image = Image.new("RGB", (8, 8))
+    request = GenerationRequest(
+        [image], "Q2", history=[ChatTurn("user", "Q1", [image]), ChatTurn("model", "A1")]
+    )
+    assert [t.role for t in request.turns] == ["user", "model", "user"]
+    assert len(request.all_images) == 2
+    for history in (
+        [ChatTurn("system", "be brief"), ChatTurn("model", "A1")],
+        [ChatTurn("user", "Q1")],
+        [ChatTurn("user", "Q1"), ChatTurn("model", "A1", [image])],
+    ):
+        with pytest.raises(ValueError):
+            GenerationRequest([], "Q", history=history)
