@@ -4,6 +4,8 @@
     worker = inference worker only (a second GPU box on the same PostgreSQL)
 
 Every part runs in its own thread; the model never runs in the SCP's association threads.
+The delivery worker gets its senders from ``sender_registry``: the one place that names the
+sender of each destination kind (the stages that hold them do not import one another).
 """
 
 from __future__ import annotations
