@@ -41,14 +41,15 @@ from delivery.senders import SenderRegistry
 from delivery.worker import DeliveryWorker
 from medgemma_node.cli import app
 from medgemma_node.service import sender_registry
+from peers.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
+from peers.net import free_port, wait_for
+from peers.node_process import REPO, write_toml
+from peers.orthanc import OrthancServer
 from storage import outbox
 from storage.db import Database
 from storage.delivery_types import DeliveryOutcome
 from storage.models import OutboxItem, OutboxStatus, utcnow
 from tests.delivery_rows import all_in, make_report, outbox_rows, queue
-from tests.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
-from tests.nodeproc import REPO, free_port, wait_for, write_toml
-from tests.orthanc import OrthancServer
 
 FAST_RETRY = RetrySettings(
     max_attempts=100, max_age_s=600, initial_backoff_s=0.1, max_backoff_s=0.3

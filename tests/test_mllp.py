@@ -21,6 +21,7 @@ from hl7_out.mllp import MLLPClient, frame, judge_ack, message_control_id, send_
 from hl7_out.oru import OruHeader, build_oru
 from hl7_out.scripted import ScriptedMLLP
 from hl7_out.sender import HL7OruSender
+from peers.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
 from storage.delivery_types import DeliveryOutcome, Parcel, Verdict
 from storage.outbox import ClaimedItem
 from storage.report_schema import (
@@ -31,7 +32,6 @@ from storage.report_schema import (
     ReportDocument,
     Urgency,
 )
-from tests.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
 
 ACK_TIMEOUT_S = 0.5
 CONTROL_ID = "MG000101"
