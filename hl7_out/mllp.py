@@ -24,6 +24,7 @@ from typing import Protocol
 
 from config.settings import HL7Destination
 from config.tls import client_ssl_context
+from core.errors import HL7Error
 from hl7_out.ack import Acknowledgment, AckParseError, parse_ack
 
 START_BLOCK = b"\x0b"
@@ -49,7 +50,7 @@ class DeliveryOutcome:
     ack: Acknowledgment | None = None
 
 
-class _DeliveryFailed(Exception):
+class _DeliveryFailed(HL7Error):
     """A transport failure, with the reason the outcome will carry."""
 
 
