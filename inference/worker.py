@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from config.settings import NodeSettings
+from core.errors import InferenceError
 from inference.engine import (
     Engine,
     GenerationRequest,
@@ -44,11 +45,13 @@ from inference.prompts import PromptLibrary
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.jobs import (
-    RetryPolicy,
+    NO_RETRY,
     claim_jobs,
+    complete_job,
     extend_lease,
     fail_job,
     has_due_jobs,
+    job_retry_policy,
     release_jobs,
 )
 from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
@@ -59,7 +62,7 @@ ReportHook = Callable[[Session, Report], None]
 EngineProvider = Callable[[], Engine | None]
 
 
-class PermanentJobError(Exception):
+class PermanentJobError(InferenceError):
     """Retrying cannot help (the study has no usable image); the job fails at once."""
 
 
@@ -114,7 +117,7 @@ class InferenceWorker:
         self.on_report = on_report
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.prompts = PromptLibrary.load(settings.model.prompts_dir)
-        self.retry = RetryPolicy(settings.model.max_attempts, settings.model.retry_backoff_s)
+        self.retry = job_retry_policy(settings.model.max_attempts, settings.model.retry_backoff_s)
         self.engine: Engine | None = None
         self.stats = WorkerStats()
         self.last_error: str | None = None
@@ -333,8 +336,8 @@ class InferenceWorker:
             log.info("study %s: %s", job.study_uid, note)
         content = attach_regions(parsed.content, job.prepared.geometries)
         with self.db.session() as session:
-            db_job = session.get_one(Job, job.job_id)
-            if db_job.lease_owner != self.owner or db_job.status != JobStatus.RUNNING:
+            # Done together with its report and outbox rows: one commit, or none of them.
+            if not complete_job(session, job.job_id, self.owner):
                 log.warning("job %d lost its lease while running; result dropped", job.job_id)
                 return
             report = Report(
@@ -361,11 +364,6 @@ class InferenceWorker:
             )
             session.add(report)
             session.flush()
-            db_job.status = JobStatus.DONE
-            db_job.finished_at = utcnow()
-            db_job.lease_owner = None
-            db_job.lease_expires_at = None
-            db_job.last_error = None
             if self.on_report is not None:
                 started = time.perf_counter()
                 self.on_report(session, report)
@@ -383,7 +381,7 @@ class InferenceWorker:
         )
 
     def _fail(self, job_id: int, exc: BaseException) -> None:
-        policy = RetryPolicy(1, 0) if isinstance(exc, PermanentJobError) else self.retry
+        policy = NO_RETRY if isinstance(exc, PermanentJobError) else self.retry
         status = fail_job(self.db, job_id, exc, policy)
         with self._stats_lock:
             self.stats.jobs_failed += status == JobStatus.FAILED
