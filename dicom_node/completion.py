@@ -16,7 +16,7 @@ from storage.db import Database
 from storage.ingest import close_and_schedule
 from storage.jobs import requeue_expired_leases
 
-log = logging.getLogger("medgemma_node.completion")
+log = logging.getLogger(__name__)
 
 MIN_WAIT_S = 0.005
 

@@ -38,7 +38,7 @@ from storage.files import free_disk_mb, instance_relpath, uid_component, write_d
 from storage.ingest import ReceivedInstance, instance_exists, record_instance
 from storage.phi import phi_hash
 
-log = logging.getLogger("medgemma_node.scp")
+log = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700

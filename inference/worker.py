@@ -56,7 +56,7 @@ from storage.jobs import (
 )
 from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
 
-log = logging.getLogger("medgemma_node.worker")
+log = logging.getLogger(__name__)
 
 ReportHook = Callable[[Session, Report], None]
 EngineProvider = Callable[[], Engine | None]

@@ -52,7 +52,7 @@ from storage.report_schema import (
     ReportDocument,
 )
 
-log = logging.getLogger("medgemma_node.outputs")
+log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 

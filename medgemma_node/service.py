@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from inference.loader import EngineProvider
     from inference.worker import InferenceWorker
 
-log = logging.getLogger("medgemma_node.service")
+log = logging.getLogger(__name__)
 
 
 class Part(Protocol):
