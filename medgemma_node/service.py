@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from config.settings import NodeSettings
+from core.loop import LoopThread
 from dicom_node.completion import CompletionScheduler
 from dicom_node.scp import ScpCounters, StorageSCP
 from medgemma_node.delivery import DeliveryWorker
@@ -170,24 +171,32 @@ class DoorbellRelay:
         self.name = name
         self.action = action
         self.doorbell: Doorbell | None = None
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"doorbell-{name}", daemon=True)
-        self.last_error: str | None = None
+        # The step itself blocks on the doorbell (up to 1 s); stop() rings it to end the wait.
+        self.loop = LoopThread(
+            f"doorbell-{name}",
+            self._answer,
+            interval_s=0.0,
+            error_wait_s=1.0,
+            interrupt=lambda: ring(data_dir, name),
+            log=log,
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        return self.loop.last_error
 
     def start(self) -> None:
         self.doorbell = Doorbell(self.data_dir, self.name)
-        self.thread.start()
+        self.loop.start()
 
-    def _run(self) -> None:
+    def _answer(self) -> float:
         assert self.doorbell is not None
-        while not self.stop_event.is_set():
-            if self.doorbell.wait(1.0) and not self.stop_event.is_set():
-                self.action()
+        if self.doorbell.wait(1.0) and not self.loop.stopping:
+            self.action()
+        return 0.0
 
     def stop(self) -> None:
-        self.stop_event.set()
-        ring(self.data_dir, self.name)
-        self.thread.join(timeout=5)
+        self.loop.stop(timeout_s=5)
         if self.doorbell is not None:
             self.doorbell.close()
 
