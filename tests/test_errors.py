@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = sorted(
     path.parent.name
     for path in ROOT.glob("*/__init__.py")
-    if path.parent.name not in {"tests", "benchmarks"}
+    if path.parent.name not in {"tests", "benchmarks", "peers"}
 )
 FAMILY_OF_PACKAGE = {
     "config": errors.ConfigError,
