@@ -15,8 +15,8 @@ import pytest
 from core.loop import LoopThread
 from medgemma_node.service import DoorbellRelay
 from medgemma_node.supervisor import ChildProcess
+from peers.net import wait_for
 from storage.doorbell import ring
-from tests.nodeproc import wait_for
 
 HOUR = 3600.0
 

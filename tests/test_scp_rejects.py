@@ -20,11 +20,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import create_engine, text
 
+from peers.dcmtk import dcmtk_storescu
+from peers.dicom_files import copy_with_new_uids, make_ct_study
+from peers.dicom_files import testdata as bundled_file
+from peers.net import echo_ok, wait_for
+from peers.node_process import NodeProcess
 from storage.db import Database
-from tests.conftest import PG_ADMIN_URL, copy_with_new_uids, make_ct_study
-from tests.conftest import testdata as bundled_file
+from tests.conftest import PG_ADMIN_URL
 from tests.nodecheck import instance_row, store_with_pynetdicom
-from tests.nodeproc import NodeProcess, dcmtk_storescu, echo_ok, wait_for
 
 pytestmark = pytest.mark.slow
 
