@@ -23,7 +23,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from core.errors import ConfigError  # raised here; importable from here as before
 from core.retry import RetryPolicy
+from core.validation import format_validation_error
 
 ENV_PREFIX = "MEDGEMMA_NODE_"
 
@@ -352,18 +354,6 @@ class NodeSettings(BaseSettings):
         return (env_settings, init_settings)
 
 
-class ConfigError(Exception):
-    """The configuration cannot be used; ``str()`` names each bad key."""
-
-
-def _format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(root)"
-        lines.append(f"{key}: {error['msg']}")
-    return "\n".join(lines)
-
-
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
@@ -386,5 +376,5 @@ def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
         return NodeSettings(**data)
     except ValidationError as exc:
         source = f" in {path}" if path else ""
-        details = _format_validation_error(exc)
+        details = format_validation_error(exc)
         raise ConfigError(f"invalid configuration{source}:\n{details}") from exc

@@ -29,16 +29,16 @@ from pydicom.uid import (
 from pynetdicom import AE, Association, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.exc import OperationalError
 
 from config.settings import NodeSettings
 from config.tls import server_ssl_context
-from storage.db import Database
+from core.errors import DicomError
+from storage.db import Database, DatabaseUnavailable
 from storage.files import free_disk_mb, instance_relpath, uid_component, write_durably
 from storage.ingest import ReceivedInstance, instance_exists, record_instance
 from storage.phi import phi_hash
 
-log = logging.getLogger("medgemma_node.scp")
+log = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -87,7 +87,7 @@ def accepted_transfer_syntaxes() -> list[str]:
     return [*UNCOMPRESSED_SYNTAXES, *decodable_compressed_syntaxes()]
 
 
-class StoreRejected(Exception):
+class StoreRejected(DicomError):
     """A C-STORE that must fail with ``status``; the message is safe to log (no PHI)."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -189,7 +189,7 @@ class StorageSCP:
             self.counters.add("failed")
             log.warning("C-STORE refused with 0x%04X: %s", rejected.status, rejected)
             return rejected.status
-        except (OSError, OperationalError) as exc:
+        except (OSError, DatabaseUnavailable) as exc:
             self.counters.add("failed")
             log.error("C-STORE failed, disk or database unavailable: %s", type(exc).__name__)
             log.debug("C-STORE failure detail", exc_info=True)

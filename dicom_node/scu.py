@@ -27,12 +27,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from config.settings import DicomDestination
 from config.tls import client_ssl_context
+from core.errors import DicomError
 from storage.delivery_types import DeliveryOutcome, Verdict
 
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1..255
 
 
-class AssociationFailed(Exception):
+class AssociationFailed(DicomError):
     """The peer could not be reached or refused the association."""
 
 

@@ -38,6 +38,7 @@ from hl7apy.parser import parse_message
 from pydicom import Dataset
 
 from config.settings import HL7Destination
+from core.errors import HL7Error
 from hl7_out.dicom_source import CodedConcept, SourceStudy, read_source_study
 from hl7_out.encoding import (
     ENCODING_CHARACTERS,
@@ -78,7 +79,7 @@ MAX_NAMESPACE_ID_LENGTH = 20
 _CONTROL_ID = re.compile(r"^[\x21-\x7e]+$")
 
 
-class OruBuildError(ValueError):
+class OruBuildError(HL7Error, ValueError):
     """The inputs cannot make a valid ORU^R01; ``str()`` says which field and why."""
 
 

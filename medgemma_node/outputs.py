@@ -42,7 +42,7 @@ from storage.outbox import idempotency_key
 from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, ReportDocument
 from storage.reports import predecessor_sr_path, report_document, source_instance_paths
 
-log = logging.getLogger("medgemma_node.outputs")
+log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 

@@ -30,6 +30,7 @@ from config.settings import (
     HttpDestination,
     NodeSettings,
 )
+from core.loop import LoopThread
 from delivery.file_sender import FileSender
 from delivery.http_sender import HttpSender
 from delivery.senders import SenderRegistry
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from inference.loader import EngineProvider
     from inference.worker import InferenceWorker
 
-log = logging.getLogger("medgemma_node.service")
+log = logging.getLogger(__name__)
 
 
 class Part(Protocol):
@@ -183,24 +184,32 @@ class DoorbellRelay:
         self.name = name
         self.action = action
         self.doorbell: Doorbell | None = None
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"doorbell-{name}", daemon=True)
-        self.last_error: str | None = None
+        # The step itself blocks on the doorbell (up to 1 s); stop() rings it to end the wait.
+        self.loop = LoopThread(
+            f"doorbell-{name}",
+            self._answer,
+            interval_s=0.0,
+            error_wait_s=1.0,
+            interrupt=lambda: ring(data_dir, name),
+            log=log,
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        return self.loop.last_error
 
     def start(self) -> None:
         self.doorbell = Doorbell(self.data_dir, self.name)
-        self.thread.start()
+        self.loop.start()
 
-    def _run(self) -> None:
+    def _answer(self) -> float:
         assert self.doorbell is not None
-        while not self.stop_event.is_set():
-            if self.doorbell.wait(1.0) and not self.stop_event.is_set():
-                self.action()
+        if self.doorbell.wait(1.0) and not self.loop.stopping:
+            self.action()
+        return 0.0
 
     def stop(self) -> None:
-        self.stop_event.set()
-        ring(self.data_dir, self.name)
-        self.thread.join(timeout=5)
+        self.loop.stop(timeout_s=5)
         if self.doorbell is not None:
             self.doorbell.close()
 
