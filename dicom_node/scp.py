@@ -7,8 +7,8 @@ failure into a DIMSE status (PS3.4 B.2.3):
     0xA900 Data set does not match SOP class   UIDs missing or not those of the request, or
                               native pixel data shorter than its Image Pixel module says
     0xC000 Cannot understand  the data set does not parse
-A failure status carries an Error Comment (0000,0902) saying why (PS3.7 C.4.2.1.6). The handler
-runs in the association's thread: it never touches the model.
+A failure status carries an Error Comment (0000,0902) saying why (a related field of each failure
+in PS3.4 Table B.2-1). The handler runs in the association's thread: it never touches the model.
 
 Around the associations (PS3.8):
 - the called AE title must be ours when dicom.require_called_aet is set (A-ASSOCIATE-RJ
