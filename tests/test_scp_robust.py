@@ -24,11 +24,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from config.settings import NodeSettings
 from dicom_node.scp import StorageSCP
 from dicom_node.statuses import describe_rejection, describe_status
+from peers.dcmtk import dcmtk_storescu
+from peers.dicom_files import make_ct_study
+from peers.dicom_files import testdata as bundled_file
+from peers.net import echo_ok, wait_for
+from peers.node_process import NodeProcess, run_cli, write_toml
 from storage.db import Database
-from tests.conftest import make_ct_study
-from tests.conftest import testdata as bundled_file
 from tests.nodecheck import instance_row, store_with_pynetdicom
-from tests.nodeproc import NodeProcess, dcmtk_storescu, echo_ok, run_cli, wait_for, write_toml
 
 pytestmark = pytest.mark.slow
 

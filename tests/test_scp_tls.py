@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodeproc import NodeProcess, wait_for
+from peers.net import wait_for
+from peers.node_process import NodeProcess
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,8 @@ from pynetdicom.fsm import InvalidEventError
 from config.settings import ENV_PREFIX, ConfigError, ModelSettings, load_settings
 from inference.prompts import PromptTemplateError, check_templates
 from medgemma_node.logs import setup_logging
-from tests.nodeproc import REPO, free_port, write_toml
+from peers.net import free_port
+from peers.node_process import REPO, write_toml
 
 
 @pytest.fixture(autouse=True)
