@@ -211,3 +211,16 @@ class PromptLibrary:
     ) -> str:
         """The question text alone (see ``select`` for the template it came from)."""
         return self.select(modality, body_part, calling_ae, language).text
+
+
+def check_templates(settings: ModelSettings) -> PromptLibrary:
+    """Load every template the worker will use, at start-up; raise PromptTemplateError naming
+    the setting, the file and the key in it (e.g. ``model.prompts_dir = /etc/prompts:
+    /etc/prompts/chest.toml: match.modalty: Extra inputs are not permitted``)."""
+    try:
+        return PromptLibrary.from_settings(settings)
+    except PromptTemplateError as exc:
+        site = settings.prompts_dir
+        if site is not None and str(exc).startswith(str(site)):
+            raise PromptTemplateError(f"model.prompts_dir = {site}: {exc}") from exc
+        raise
