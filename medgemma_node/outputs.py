@@ -37,6 +37,7 @@ from dicom_node.output_common import NodeIdentity, OutputRecord, write_datasets
 from dicom_node.sr import SrReference, build_sr
 from hl7_out.oru import OruHeader, build_oru, hl7_control_id
 from storage.files import write_durably
+from storage.installation import ensure_installation_id
 from storage.models import OutboxItem, Report, ReportObject, Study
 from storage.outbox import idempotency_key
 from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, ReportDocument
@@ -47,13 +48,14 @@ log = logging.getLogger("medgemma_node.outputs")
 REPORT_JSON = "report.json"
 
 
-def node_identity(settings: NodeSettings) -> NodeIdentity:
+def node_identity(settings: NodeSettings, installation_id: str | None = None) -> NodeIdentity:
     identity = settings.identity
     return NodeIdentity(
         name=identity.device_name,
         serial_number=identity.serial_number,
         institution_name=identity.institution_name,
         uid_prefix=identity.uid_root,
+        installation_id=installation_id,
     )
 
 
@@ -76,8 +78,13 @@ class ReportOutputs:
         self.settings = settings
         self.data_dir = settings.storage.data_dir
         self.node = node_identity(settings)
+        self.installation_id: str | None = None
 
     def __call__(self, session: Session, report: Report) -> None:
+        if self.installation_id is None:
+            # Every identity minted below derives from it (storage/installation.py).
+            self.installation_id = ensure_installation_id(session, self.data_dir)
+            self.node = node_identity(self.settings, self.installation_id)
         document = report_document(session, report)
         study = session.get_one(Study, report.study_id)
         sources = self._sources(session, report, document)
@@ -152,18 +159,19 @@ class ReportOutputs:
     def _queue(self, built: BuiltReport, destination: Destination) -> None:
         """The outbox rows of one destination (design.md: written with the report)."""
         study_uid, report_id = built.document.study_instance_uid, built.report.id
-        key = idempotency_key(study_uid, report_id, destination.name)
+        installation = self.installation_id
+        key = idempotency_key(study_uid, report_id, destination.name, installation)
         if isinstance(destination, DicomDestination):
             for obj in built.objects:
                 if obj.kind != "gsps" or destination.send_gsps:
                     self._add(built, destination, obj.sop_instance_uid, Path(obj.path), obj.id)
         elif isinstance(destination, HL7Destination):
-            control_id = hl7_control_id(study_uid, report_id, destination.name)
+            control_id = hl7_control_id(study_uid, report_id, destination.name, installation)
             oru = self._write_oru(built, destination.name, OruHeader.of(destination), control_id)
             self._add(built, destination, control_id, oru)
         elif isinstance(destination, FileDestination):
             if destination.write_hl7:  # no MLLP peer to configure: the default header
-                control_id = hl7_control_id(study_uid, report_id, destination.name)
+                control_id = hl7_control_id(study_uid, report_id, destination.name, installation)
                 self._write_oru(built, destination.name, OruHeader(), control_id)
             self._add(built, destination, key, self._rel(built.json_path))
         else:
