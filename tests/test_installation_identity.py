@@ -22,7 +22,7 @@ from peers.dicom_files import copy_with_new_uids
 from storage.db import Database
 from storage.ingest import close_quiet_studies as close_studies
 from storage.installation import INSTALLATION_FILE, ensure_installation_id
-from storage.models import OutboxItem, Report, ReportObject
+from storage.models import Job, JobStatus, OutboxItem, OutboxStatus, Report, ReportObject
 from tests.test_worker import CHEST_ANSWER, ingest_file, make_settings
 
 
@@ -122,4 +122,30 @@ def test_a_new_database_over_an_existing_data_directory_keeps_its_id(tmp_path: P
     (data_dir / INSTALLATION_FILE).write_text(kept)
     with db.session() as session:
         assert ensure_installation_id(session, data_dir) == kept
+    db.dispose()
+
+
+def test_a_study_without_patient_id_fails_only_the_hl7_delivery(
+    tmp_path: Path, rg1_unci: Path
+) -> None:
+    """Issue 12: no Patient ID -> SR and JSON still made, the job done, the ORU's delivery
+    dead-lettered with a reason that names no patient."""
+    settings, db = _installation(tmp_path, "site")
+    study = copy_with_new_uids(rg1_unci, tmp_path / "study.dcm")
+    dataset = pydicom.dcmread(study)
+    del dataset.PatientID
+    dataset.save_as(study)
+    ingest_file(db, settings.storage.data_dir, study)
+    close_studies(db, lambda _modality, _ae: 0.0)
+    engine = ScriptedEngine(texts=[CHEST_ANSWER])
+    worker = InferenceWorker(db, settings, lambda: engine, ReportOutputs(settings))
+    assert worker.run_once() == 1
+    with db.session() as session:
+        job_status = session.scalars(select(Job.status)).one()
+        kinds = session.scalars(select(ReportObject.kind)).all()
+        [row] = session.scalars(select(OutboxItem)).all()
+    assert job_status == JobStatus.DONE and "sr" in kinds
+    assert row.status == OutboxStatus.DEAD and row.last_error is not None
+    assert "Patient ID" in row.last_error
+    assert str(dataset.PatientName) not in row.last_error
     db.dispose()
