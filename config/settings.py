@@ -300,9 +300,21 @@ class IdentitySettings(Section):
     device_name: str = Field(default="medgemma-node", min_length=1, max_length=64)
     institution_name: str | None = Field(default=None, max_length=64)
     serial_number: str | None = Field(default=None, max_length=64)
-    # The organisation's UID root (PS3.5 §9.1), e.g. "1.2.826.0.1.3680043.10.1234."; empty: the
-    # pydicom root. Derived UIDs stay deterministic either way.
+    # The organisation's UID root (PS3.5 §9.1), e.g. "1.2.826.0.1.3680043.10.1234.". Derived
+    # UIDs stay deterministic either way, and include the installation id.
+    # At most 40 characters leaves 24 digits for the derived suffix within the 64 of a UID.
+    # Empty: 2.25.<UUID as integer> (PS3.5 B.2), with a warning at start.
     uid_root: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str | None) -> str | None:
+        # PS3.5 §9.1: a component is "0" or starts with a non-zero digit.
+        if value is not None and any(
+            len(part) > 1 and part.startswith("0") for part in value.rstrip(".").split(".")
+        ):
+            raise ValueError(f"uid_root {value!r}: a component must not start with 0 (PS3.5 9.1)")
+        return value
 
 
 class DeliverySettings(Section):

@@ -112,13 +112,19 @@ class OruHeader:
         )
 
 
-def hl7_control_id(study_uid: str, report_id: int, destination: str) -> str:
+def hl7_control_id(
+    study_uid: str, report_id: int, destination: str, installation_id: str | None = None
+) -> str:
     """MSH-10, at most 20 characters (HL7 v2.5 §2.15.9.10), fixed per report and destination.
 
-    Derived from the Study Instance UID (globally unique) as well as the report id, so two
-    nodes — or one node after a database reset — never reuse a control id at the same HIS.
+    Derived from the installation id (storage.installation), the Study Instance UID and the
+    report id, so two nodes, or one node after a database reset, never reuse a control id at
+    the same HIS, while a rebuild on the same installation keeps it.
     """
-    digest = hashlib.sha256(f"{study_uid}|{report_id}|{destination}".encode()).hexdigest()
+    key = f"{study_uid}|{report_id}|{destination}"
+    if installation_id is not None:
+        key = f"{installation_id}|{key}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
     return f"MG{digest[:18].upper()}"
 
 

@@ -45,6 +45,7 @@ from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
+from storage.installation import ensure_installation_id
 from storage.phi import load_or_create_salt
 from storage.recovery import recover
 
@@ -115,6 +116,7 @@ class Node:
     def start(self) -> None:
         db = self.db or self.prepare()
         salt = load_or_create_salt(self.data_dir, self.settings.storage.phi_hash_salt)
+        self._check_identity(db)
         if self.with_scp:
             report = recover(db, self.data_dir, salt)
             log.info("start-up check: %s", report)
@@ -131,6 +133,17 @@ class Node:
             )
             self.add_part("completion", scheduler)
         self.write_state()
+
+    def _check_identity(self, db: Database) -> None:
+        """Create the installation id with the data directory (storage/installation.py)."""
+        with db.session() as session:
+            installation_id = ensure_installation_id(session, self.data_dir)
+        log.info("installation id %s", installation_id)
+        if self.settings.identity.uid_root is None:
+            log.warning(
+                "no [identity] uid_root configured: minting 2.25 UUID-derived UIDs (PS3.5 B.2); "
+                "set your organisation's UID root to have UIDs under it"
+            )
 
     def scp_counters(self) -> ScpCounters | None:
         return self.scp.counters if self.scp is not None else None
