@@ -30,7 +30,7 @@ def collect_status(settings: NodeSettings) -> dict[str, Any]:
     data_dir = settings.storage.data_dir
     runtime = read_runtime_state(data_dir)
     return {
-        "scp": _scp_status(settings, runtime),
+        "scp": scp_status(settings, runtime),
         "process": runtime,
         "workers": read_worker_states(data_dir),
         "database": database_status(settings),
@@ -39,7 +39,7 @@ def collect_status(settings: NodeSettings) -> dict[str, Any]:
     }
 
 
-def _scp_status(settings: NodeSettings, runtime: dict[str, Any] | None) -> dict[str, Any]:
+def scp_status(settings: NodeSettings, runtime: dict[str, Any] | None) -> dict[str, Any]:
     dicom = settings.dicom
     port = (runtime or {}).get("scp", {}).get("port", dicom.port)
     host = "127.0.0.1" if dicom.bind_address in ("0.0.0.0", "::") else dicom.bind_address
