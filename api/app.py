@@ -13,22 +13,19 @@ never reaches the internet at run time.
 
 from __future__ import annotations
 
-import logging
 from importlib import metadata
 from pathlib import Path
 
-from fastapi import FastAPI, Request, status
+from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.deps import ApiContext
-from api.middleware import AuditMiddleware, BodyLimitMiddleware
+from api.middleware import AuditMiddleware, BodyLimitMiddleware, UnexpectedErrorMiddleware
 from api.routers import admin, health, studies
 from config.settings import NodeSettings
 from storage.db import Database
-
-log = logging.getLogger("api")
 
 STATIC_DIR = Path(__file__).parent / "static"
 SWAGGER_DIR = "/api/static/swagger-ui"
@@ -65,8 +62,8 @@ def create_app(settings: NodeSettings, db: Database) -> FastAPI:
         app.include_router(router)
     if docs_public:
         _add_docs(app)
-    app.add_exception_handler(Exception, _internal_error)
-    # Outermost first in the stack: audit sees every answer, including 413.
+    # Each add wraps the ones before: audit (outermost) sees every answer, 413 and 500 too.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit_bytes=int(settings.api.max_upload_mb * 2**20))
     app.add_middleware(AuditMiddleware, db=db)
     return app
@@ -88,10 +85,3 @@ def _add_docs(app: FastAPI) -> None:
             swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": False},
         )
 
-
-async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
-    log.error("API request failed: %s", type(exc).__name__)
-    return JSONResponse(
-        {"detail": "internal error; the node keeps serving (see the node log)"},
-        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
-    )

@@ -1,4 +1,5 @@
-"""ASGI middleware: the audit trail of every API access, and the request body limit.
+"""ASGI middleware: the audit trail of every API access, the request body limit, and one
+JSON 500 for anything unexpected.
 
 Audit: one ``audit_events`` row per request (``kind = "api.access"``): the user and role, the
 route template (never the query string, which may hold a searched name), the method, the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from typing import Any
 
 import anyio
@@ -21,7 +23,7 @@ from storage.db import Database
 from storage.models import AuditEvent
 from storage.users import UserInfo
 
-log = logging.getLogger("api.audit")
+log = logging.getLogger("api")
 
 AUDIT_KIND = "api.access"
 NOT_AUDITED = ("/api/health", "/api/docs", "/api/openapi.json", "/api/static/")
@@ -128,16 +130,56 @@ class BodyLimitMiddleware:
         return f"the request body is larger than the limit of {limit} bytes (api.max_upload_mb)"
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps({"detail": self._detail()}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status.HTTP_413_CONTENT_TOO_LARGE,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, status.HTTP_413_CONTENT_TOO_LARGE, {"detail": self._detail()})
+
+
+class UnexpectedErrorMiddleware:
+    """Anything a handler did not expect becomes a JSON 500, and the connection stays usable.
+
+    (Starlette's outermost handler answers 500 too but re-raises, and uvicorn then drops the
+    keep-alive connection.) The log names the route and the exception type with the stack, not
+    the exception's message: library messages may quote values (pydantic quotes its input).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            route = getattr(scope.get("route"), "path", None)
+            stack = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("API request %s failed: %s\n%s", route, type(exc).__name__, stack)
+            if started:
+                raise
+            await _send_json(
+                send,
+                status.HTTP_500_INTERNAL_SERVER_ERROR,
+                {"detail": "internal error; the node keeps serving (see the node log)"},
+            )
+
+
+async def _send_json(send: Send, status_code: int, content: dict[str, Any]) -> None:
+    body = json.dumps(content).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

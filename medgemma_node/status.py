@@ -128,6 +128,8 @@ def _scp_rows(table: Table, report: dict[str, Any]) -> None:
         table.add_row("serve", "[yellow]not running[/yellow]")
         return
     table.add_row("serve", f"pid {process['pid']} since {process['started_at']}")
+    if process.get("api"):
+        table.add_row("REST API", f"{process['api']['url']}  (docs: /api/docs)")
     for name, part in sorted(process.get("parts", {}).items()):
         error = part.get("last_error")
         table.add_row(f"  {name}", f"[red]{error}[/red]" if error else "[green]ok[/green]")

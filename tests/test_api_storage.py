@@ -3,23 +3,18 @@ study status of the worklist, its filters, API users, and the job retry."""
 
 from __future__ import annotations
 
-import itertools
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from api.schemas import StudyStatus
 from api.worklist import StudyFilters, list_studies, study_row
 from storage.db import Database
-from storage.ingest import ReceivedInstance, close_quiet_study, record_instance
 from storage.jobs import list_jobs, retry_job
 from storage.models import (
-    Job,
     JobStatus,
-    OutboxItem,
     OutboxStatus,
-    Report,
     Study,
     User,
     UserRole,
@@ -33,75 +28,7 @@ from storage.users import (
     list_users,
     revoke_user,
 )
-
-_numbers = itertools.count(1)
-
-
-def receive(db: Database, study_uid: str, modality: str = "CR", aet: str = "MOD") -> int:
-    """Record one instance of ``study_uid`` (no file needed here); the study's id."""
-    number = next(_numbers)
-    record_instance(
-        db,
-        ReceivedInstance(
-            study_uid=study_uid,
-            series_uid=f"{study_uid}.1",
-            sop_uid=f"{study_uid}.1.{number}",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            relpath=f"instances/{number}.dcm",
-            size_bytes=10,
-            calling_ae=aet,
-            modality=modality,
-            body_part="CHEST",
-            instance_number=1,
-            patient_hash="0" * 12,
-        ),
-    )
-    with db.session() as session:
-        return int(session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid)))
-
-
-def complete(db: Database, study_id: int) -> int:
-    with db.session() as session:
-        last = session.scalar(select(Study.last_received_at).where(Study.id == study_id))
-    job_id = close_quiet_study(db, study_id, last)
-    assert job_id is not None
-    return job_id
-
-
-def set_job(db: Database, job_id: int, status: str, **values: object) -> None:
-    with db.session() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(status=status, **values))
-
-
-def add_report(db: Database, job_id: int, deliveries: list[OutboxStatus]) -> int:
-    set_job(db, job_id, JobStatus.DONE)
-    with db.session() as session:
-        job = session.get_one(Job, job_id)
-        report = Report(
-            job_id=job_id,
-            study_id=job.study_version.study_id,
-            study_version_id=job.study_version_id,
-            parse_status="ok",
-            urgency="urgent",
-            raw_text="A spiculated nodule in the right upper lobe.",
-            content_json={"parse_status": "ok"},
-            model_json={"model_id": "m"},
-        )
-        session.add(report)
-        session.flush()
-        for index, state in enumerate(deliveries):
-            session.add(
-                OutboxItem(
-                    report_id=report.id,
-                    destination=f"d{index}",
-                    kind="file",
-                    message_id=f"m{report.id}.{index}",
-                    payload_path="x",
-                    status=state,
-                )
-            )
-        return report.id
+from tests.api_support import add_report, complete, receive, set_job
 
 
 def status_of(db: Database, study_uid: str) -> StudyStatus:
