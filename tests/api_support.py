@@ -14,11 +14,11 @@ from sqlalchemy import select, update
 
 from api.server import ApiServer
 from config.settings import NodeSettings
+from peers.net import wait_for
 from storage.db import Database
 from storage.ingest import ReceivedInstance, close_quiet_study, record_instance
 from storage.models import Job, JobStatus, OutboxItem, OutboxStatus, Report, Study, UserRole
 from storage.users import create_user
-from tests.nodeproc import wait_for
 
 
 def bearer(token: str) -> dict[str, str]:

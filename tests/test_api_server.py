@@ -30,9 +30,10 @@ from starlette.routing import Route
 from api.middleware import BodyLimitMiddleware
 from api.server import ApiServer
 from config.settings import ConfigError, load_settings
+from peers.net import free_port, wait_for
+from peers.node_process import NodeProcess
 from storage.models import Report, UserRole
 from tests.api_support import RunningApi, add_report, api_settings, complete, receive, running_api
-from tests.nodeproc import NodeProcess, free_port, wait_for
 
 
 @pytest.fixture

@@ -28,12 +28,14 @@ from sqlalchemy import select
 
 from api.images import BOX_COLOUR, MODEL_INPUT_SIDE
 from inference.preprocess import prepare_study
+from peers.dcmtk import dcmtk_storescu
+from peers.dicom_files import copy_with_new_uids, testdata
+from peers.net import free_port, wait_for
+from peers.node_process import NodeProcess, run_cli
 from storage.db import Database
 from storage.models import AuditEvent, UserRole
 from tests.api_support import bearer
-from tests.conftest import copy_with_new_uids, testdata
 from tests.nodecheck import instances_of
-from tests.nodeproc import NodeProcess, dcmtk_storescu, free_port, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
