@@ -1,15 +1,13 @@
 """interactive requests, conversations, appended reports
 
 Revision ID: 0004_interactive
-Revises: 0002
+Revises: 0003_api_users
 Create Date: 2026-11-29 09:00:00.000000
 
 interactive_requests: the inference worker's priority lane (predict, conversation turns).
 conversations / conversation_turns: follow-up questions anchored to regions of a study.
 reports: job_id may be empty (a report appended to from a conversation has no job) and
 supersedes_report_id names the report a new version replaces.
-
-Chained after 0002 while 0003_api_users is not merged; re-chain to it when it lands.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004_interactive"
-down_revision = "0002"
+down_revision = "0003_api_users"
 branch_labels = None
 depends_on = None
 
