@@ -43,13 +43,13 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 from pydicom import Dataset
 from pydicom.valuerep import PersonName
-from weasyprint import HTML
+from weasyprint import CSS, HTML
 from weasyprint.text.fonts import FontConfiguration
 from weasyprint.urls import URLFetcher, URLFetcherResponse
 
 from core.errors import DeliveryError
 from delivery.pdf_fonts import ReportFonts, check_pdf_fonts, missing_cjk_font
-from delivery.report_image import ReportImageError, render_report_image
+from delivery.report_image import RenderedImage, ReportImageError, render_report_image
 from storage.report_schema import (
     AI_DISCLAIMER,
     TEST_MODEL_BANNER,
@@ -64,6 +64,7 @@ Language = Literal["en", "zh"]
 
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE_NAME = "report.html.j2"
+STYLESHEET_NAME = "report.css"
 IMAGE_SCHEME = "report-image"
 MAX_FIGURES = 4
 WATERMARK_ZH = "AI辅助分析 结论仅供参考，须由执业医师复核确认"
@@ -510,14 +511,15 @@ def lang_attribute(text: object) -> Markup:
 class _LocalFetcher(URLFetcher):
     """Serves the report's images from memory and the font files from disk; nothing else."""
 
-    def __init__(self, images: dict[str, bytes], font_files: set[str]) -> None:
+    def __init__(self, images: dict[str, RenderedImage], font_files: set[str]) -> None:
         super().__init__(fail_on_errors=True)
         self._images = images
         self._font_files = font_files
 
     def fetch(self, url: str, headers: Any = None) -> URLFetcherResponse:
         if url in self._images:
-            return URLFetcherResponse(url, self._images[url], {"Content-Type": "image/png"})
+            image = self._images[url]
+            return URLFetcherResponse(url, image.data, {"Content-Type": image.media_type})
         if url in self._font_files:
             return URLFetcherResponse(url, Path(url.removeprefix("file://")).read_bytes())
         raise ValueError(f"refused to fetch {url!r}: PDF reports use local resources only")
@@ -526,8 +528,10 @@ class _LocalFetcher(URLFetcher):
 class PdfReportRenderer:
     """Renders PDF reports; one per process (the font set-up is reused), thread-safe."""
 
-    def __init__(self, fonts: ReportFonts | None = None) -> None:
+    def __init__(self, fonts: ReportFonts | None = None, *, lossless_images: bool = False) -> None:
+        """``lossless_images``: embed the images as PNG rather than JPEG (report_image)."""
         self.fonts = fonts if fonts is not None else check_pdf_fonts("en")
+        self.lossless_images = lossless_images
         self._environment = Environment(
             loader=FileSystemLoader(TEMPLATES),
             autoescape=select_autoescape(["j2", "html"], default_for_string=True),
@@ -536,27 +540,46 @@ class PdfReportRenderer:
             lstrip_blocks=True,
         )
         self._environment.filters["lang"] = lang_attribute
-        self._font_config = FontConfiguration()
+        self._font_files = {font.path.as_uri() for font in self.fonts.files}
         # WeasyPrint's font configuration is shared state: one document at a time.
         self._lock = threading.Lock()
+        self._font_config = FontConfiguration()
+        # Parsed once: the font faces and report.css (selectors compiled, fonts registered).
+        self._stylesheet = CSS(
+            string=self.stylesheet_text(),
+            font_config=self._font_config,
+            url_fetcher=_LocalFetcher({}, self._font_files),
+        )
 
-    def html(self, request: PdfReportRequest) -> tuple[str, dict[str, bytes]]:
-        """The HTML of the report and the images its ``report-image:`` URLs name."""
+    def stylesheet_text(self) -> str:
+        """The ``@font-face`` rules of the installed fonts and report.css."""
+        return self.fonts.face_rules() + "\n" + (TEMPLATES / STYLESHEET_NAME).read_text("utf-8")
+
+    def html(
+        self, request: PdfReportRequest, *, embed_css: bool = False
+    ) -> tuple[str, dict[str, RenderedImage]]:
+        """The HTML of the report and the images its ``report-image:`` URLs name.
+
+        ``embed_css``: carry the stylesheet in the page (a stand-alone HTML report); the PDF
+        renderer hands WeasyPrint its parsed copy instead.
+        """
         language = request.resolved_language
         if language == "zh" and self.fonts.cjk is None:
             raise missing_cjk_font()
         figures, images = self._figures(request, language)
         context = self._context(request, language, figures)
+        context["embedded_css"] = Markup(self.stylesheet_text()) if embed_css else ""
         return self._environment.get_template(TEMPLATE_NAME).render(context), images
 
     def render(self, request: PdfReportRequest) -> bytes:
         """The PDF bytes; the same request gives the same bytes."""
         markup, images = self.html(request)
-        fetcher = _LocalFetcher(images, {font.path.as_uri() for font in self.fonts.files})
+        fetcher = _LocalFetcher(images, self._font_files)
         with self._lock:
             try:
                 document = HTML(string=markup, url_fetcher=fetcher, base_url=None)
                 pdf = document.write_pdf(
+                    stylesheets=[self._stylesheet],
                     font_config=self._font_config,
                     pdf_identifier=pdf_identifier(request.report),
                 )
@@ -568,19 +591,21 @@ class PdfReportRenderer:
 
     def _figures(
         self, request: PdfReportRequest, language: Language
-    ) -> tuple[list[Figure], dict[str, bytes]]:
+    ) -> tuple[list[Figure], dict[str, RenderedImage]]:
         words = WORDS[language]
         sources = _figure_sources(request)
         figures: list[Figure] = []
-        images: dict[str, bytes] = {}
+        images: dict[str, RenderedImage] = {}
         for n, (image, regions) in enumerate(sources, start=1):
             try:
-                rendered = render_report_image(image, _frame_index(image, regions))
+                rendered = render_report_image(
+                    image, _frame_index(image, regions), lossless=self.lossless_images
+                )
             except ReportImageError as exc:
                 figures.append(Figure(None, words["image_failed"].format(n=n, reason=exc)))
                 continue
             url = f"{IMAGE_SCHEME}:{n}"
-            images[url] = rendered.png
+            images[url] = rendered
             what = _image_description(image)
             caption = words["figure" if regions else "figure_plain"].format(n=n, what=what)
             width_mm, height_mm = figure_size_mm(rendered.width, rendered.height, len(sources))
@@ -600,7 +625,6 @@ class PdfReportRenderer:
         return {
             "lang": "zh-CN" if language == "zh" else "en",
             "words": words,
-            "font_faces": Markup(self.fonts.face_rules()),
             "font_family": Markup(self.fonts.family_list(language)),
             "created_iso": created.isoformat(timespec="seconds"),
             "institution": request.institution or "",

@@ -1,4 +1,4 @@
-"""One source image of a report as the PDF shows it: 8-bit display pixels, scaled for print.
+"""One source image of a report as the PDF shows it: 8-bit display pixels, shrunk for print.
 
 The pixels follow the PS3.4 Annex N grayscale pipeline: Modality LUT or Rescale Slope/Intercept
 (PS3.3 C.11.1), the first window (C.11.2.1.2, linear) or VOI LUT (C.11.2.1.1) of the header, or
@@ -6,10 +6,10 @@ the 0.5–99.5 percentile range of the modality values when it has neither, and 
 inverted (C.7.6.3.1.2). Colour images stay colour (YBR_* arrives as RGB from pydicom; PALETTE
 COLOR goes through its tables, C.7.6.3.1.5).
 
-The image is scaled down to at most ``max_side`` pixels (about 200 dpi on the printed page)
-first, in the stored-value domain when the Modality transform is a linear rescale and the VOI
-a linear window (both commute with area averaging), so a 2k radiograph costs a 1k one's work.
-Grayscale stays one channel: the PDF holds it losslessly at a third of an RGB image's size.
+The image is shrunk by a whole factor to at most ``max_side`` pixels (about 200 dpi on the
+printed page) first, in the stored-value domain when the Modality transform is a linear
+rescale and the VOI a linear window (both commute with area averaging), so a 2k radiograph
+costs a 1k one's work. Grayscale stays one channel.
 The boxes are not burnt in: the template draws them over the image (vector lines and
 selectable labels, the same markup the web console shows).
 """
@@ -29,8 +29,18 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, p
 from core.errors import DeliveryError
 
 MAX_SIDE = 1024
+JPEG_QUALITY = 90
 PERCENTILES = (0.5, 99.5)
 _PERCENTILE_SAMPLES = 250_000  # enough pixels for stable percentiles, fast on 2k images
+# What pydicom's pixel handlers raise for data they cannot decode.
+_DECODE_ERRORS = (
+    AttributeError,
+    KeyError,
+    TypeError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 class ReportImageError(DeliveryError):
@@ -39,66 +49,68 @@ class ReportImageError(DeliveryError):
 
 @dataclass(frozen=True)
 class RenderedImage:
-    png: bytes
-    width: int  # pixels of the PNG
+    data: bytes
+    media_type: str  # image/jpeg or image/png
+    width: int  # pixels
     height: int
-    scale: float  # PNG pixels per source pixel
 
 
 def render_report_image(
-    image: Dataset, frame: int = 0, *, max_side: int = MAX_SIDE
+    image: Dataset, frame: int = 0, *, max_side: int = MAX_SIDE, lossless: bool = False
 ) -> RenderedImage:
-    """Frame ``frame`` (0-based) of ``image`` as a PNG at most ``max_side`` pixels long."""
+    """Frame ``frame`` (0-based) of ``image``, at most ``max_side`` pixels long, as JPEG
+    (quality 90, no chroma subsampling) or, ``lossless``, as PNG.
+
+    JPEG by default: the PDF writer embeds JPEG as it is but decodes and re-compresses a PNG
+    (zlib level 6), which costs more than everything else in a report put together; the PDF
+    is a report with a picture of where the findings are, the images themselves stay in PACS.
+    """
     try:
-        picture, scale = display_picture(image, frame, max_side)
-    except (
-        AttributeError,
-        KeyError,
-        TypeError,
-        ValueError,
-        NotImplementedError,
-        RuntimeError,
-    ) as exc:
+        picture = display_picture(image, frame, max_side)
+    except _DECODE_ERRORS as exc:
         raise ReportImageError(f"image {image.get('SOPInstanceUID', '?')}: {exc}") from exc
     buffer = io.BytesIO()
-    # Level 1: the PDF writer compresses the pixels again; spend the time once.
-    picture.save(buffer, format="PNG", compress_level=1)
-    return RenderedImage(buffer.getvalue(), picture.width, picture.height, scale)
+    if lossless:
+        # Level 1: the PDF writer compresses the pixels again; spend the time once.
+        picture.save(buffer, format="PNG", compress_level=1)
+        media_type = "image/png"
+    else:
+        picture.save(buffer, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        media_type = "image/jpeg"
+    return RenderedImage(buffer.getvalue(), media_type, picture.width, picture.height)
 
 
-def display_picture(image: Dataset, frame: int, max_side: int) -> tuple[Image.Image, float]:
-    """The frame as an 8-bit "L" or "RGB" picture and its scale against the source."""
+def display_picture(image: Dataset, frame: int = 0, max_side: int = MAX_SIDE) -> Image.Image:
+    """The frame as an 8-bit "L" or "RGB" picture, shrunk by a whole factor to fit max_side."""
     if "PixelData" not in image:
         raise ValueError("no pixel data")
     frames = int(image.get("NumberOfFrames", 1) or 1)
     decoded = pixel_array(image, index=min(frame, frames - 1)) if frames > 1 else image.pixel_array
-    rows, columns = decoded.shape[:2]
-    scale = min(1.0, max_side / max(rows, columns))
-    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    factor = math.ceil(max(decoded.shape[:2]) / max_side)
     photometric = str(image.get("PhotometricInterpretation", "MONOCHROME2"))
     if not photometric.startswith("MONOCHROME"):
-        return _shrink(Image.fromarray(_colour(image, decoded, photometric)), size), scale
-    display = _grayscale(image, decoded, size)
+        return _reduced(Image.fromarray(_colour(image, decoded, photometric)), factor)
+    display = _grayscale(image, decoded, factor)
     if photometric == "MONOCHROME1":
         display = 255 - display
-    return Image.fromarray(display, mode="L"), scale
+    return Image.fromarray(display, mode="L")
 
 
-def _shrink(picture: Image.Image, size: tuple[int, int]) -> Image.Image:
-    if picture.size == size:
-        return picture
-    return picture.resize(size, Image.Resampling.BOX)
+def _reduced(picture: Image.Image, factor: int) -> Image.Image:
+    """Each ``factor`` x ``factor`` block averaged into one pixel (PIL Image.reduce)."""
+    return picture.reduce(factor) if factor > 1 else picture
 
 
-def _grayscale(image: Dataset, stored: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _grayscale(image: Dataset, stored: np.ndarray, factor: int) -> np.ndarray:
     window = _first_window(image)
     if "ModalityLUTSequence" in image or (window is None and image.get("VOILUTSequence")):
         values = apply_modality_lut(stored, image)  # table look-ups: at full resolution
         if window is None:
             mapped = apply_voi_lut(values, image, index=0)
-            return _to_uint8(_resized(mapped, size), float(np.min(mapped)), float(np.max(mapped)))
-        return _to_uint8(_resized(values, size), *window)
-    values = apply_modality_lut(_resized(stored, size), image)  # a linear rescale at most
+            low, high = float(np.min(mapped)), float(np.max(mapped))
+            return _to_uint8(_shrunk(mapped, factor), low, high)
+        return _to_uint8(_shrunk(values, factor), *window)
+    values = apply_modality_lut(_shrunk(stored, factor), image)  # a linear rescale at most
     if window is None:
         sample = values.ravel()[:: max(1, values.size // _PERCENTILE_SAMPLES)]
         low, high = np.percentile(sample, PERCENTILES)
@@ -106,12 +118,12 @@ def _grayscale(image: Dataset, stored: np.ndarray, size: tuple[int, int]) -> np.
     return _to_uint8(values, *window)
 
 
-def _resized(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Area-averaged to ``size`` (columns, rows), as float32."""
+def _shrunk(values: np.ndarray, factor: int) -> np.ndarray:
+    """Area-averaged by ``factor``, as float32."""
     floats = np.ascontiguousarray(values, dtype=np.float32)
-    if (floats.shape[1], floats.shape[0]) == size:
+    if factor <= 1:
         return floats
-    return np.asarray(Image.fromarray(floats, mode="F").resize(size, Image.Resampling.BOX))
+    return np.asarray(_reduced(Image.fromarray(floats, mode="F"), factor))
 
 
 def _first_window(image: Dataset) -> tuple[float, float] | None:
