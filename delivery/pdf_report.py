@@ -385,9 +385,12 @@ class Figure:
 
 
 def _reported_first(request: PdfReportRequest) -> list[Dataset]:
+    """The sources, the reported study's images first (priors after), order kept."""
     study = request.report.study_instance_uid
-    current = [ds for ds in request.sources if str(ds.get("StudyInstanceUID", "")) == study]
-    return current + [ds for ds in request.sources if ds not in current]
+    in_study = [str(ds.get("StudyInstanceUID", "")) == study for ds in request.sources]
+    current = [ds for ds, mine in zip(request.sources, in_study, strict=True) if mine]
+    others = [ds for ds, mine in zip(request.sources, in_study, strict=True) if not mine]
+    return current + others
 
 
 def _regions_by_image(findings: Sequence[Finding]) -> dict[str, list[NumberedRegion]]:

@@ -6,6 +6,7 @@ The source is pydicom-data's RG1_UNCI.dcm (CR chest PA, MONOCHROME1) with pixel 
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import statistics
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
 from PIL import Image
@@ -29,7 +31,11 @@ from delivery.pdf_report import (
     PdfReportRenderer,
     PdfReportRequest,
     SupersededReport,
+    age_text,
+    person_name,
+    size_text,
 )
+from delivery.report_image import ReportImageError, display_picture, render_report_image
 from dicom_node.encapsulated_pdf import build_encapsulated_pdf, fitted_value
 from dicom_node.output_common import NodeIdentity, write_datasets
 from dicom_node.scu import StoreVerdict, store_batch
@@ -395,10 +401,11 @@ def test_patient_and_study_values_are_cut_to_their_vr(
     renderer: PdfReportRenderer, image: Dataset, tmp_path: Path
 ) -> None:
     source = rg1()
-    source.PatientID = "9" * 80
+    with pytest.warns(UserWarning):  # pydicom warns about each invalid value as it is set
+        source.PatientID = "9" * 80
+        source.PatientBirthDate = "1940-03-05"  # not a DA
+        source.AccessionNumber = "ACC-" + "1" * 30  # SH holds 16
     source.PatientName = "Wang^XiaoDong=" + "王" * 40
-    source.PatientBirthDate = "1940-03-05"  # not a DA
-    source.AccessionNumber = "ACC-" + "1" * 30  # SH holds 16
     source.StudyDescription = "chest\tPA\r\nlateral\\second value"
     source.ReferringPhysicianName = "Ward^Jane"
     report = chinese_report(image)
@@ -435,3 +442,63 @@ def test_encapsulated_pdf_arrives_at_orthanc_with_the_same_document(
         stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(response.content))
     assert document_bytes(stored) == pdf
     assert stored.StudyInstanceUID == report.study_instance_uid
+
+
+# --- pieces --------------------------------------------------------------------------------
+
+
+def synthetic_image(photometric: str, pixels: np.ndarray, **attributes: object) -> Dataset:
+    image = Dataset()
+    image.SOPInstanceUID = "1.2.3.4"
+    image.Rows, image.Columns = pixels.shape[:2]
+    image.PhotometricInterpretation = photometric
+    image.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    image.BitsAllocated = image.BitsStored = pixels.dtype.itemsize * 8
+    image.HighBit = image.BitsStored - 1
+    image.PixelRepresentation = 0
+    if pixels.ndim == 3:
+        image.PlanarConfiguration = 0
+    for keyword, value in attributes.items():
+        setattr(image, keyword, value)
+    image.PixelData = pixels.tobytes()
+    image.file_meta = pydicom.dataset.FileMetaDataset()
+    image.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return image
+
+
+def test_image_without_window_uses_percentiles_and_fits_the_page() -> None:
+    ramp = np.tile(np.arange(2100, dtype=np.uint16), (1000, 1))  # 2100 columns, 1000 rows
+    picture = display_picture(
+        synthetic_image("MONOCHROME2", ramp, RescaleSlope=2, RescaleIntercept=-100)
+    )
+    assert picture.mode == "L" and max(picture.size) <= 1024
+    values = np.asarray(picture)
+    assert values[:, 0].max() <= 2 and values[:, -1].min() >= 253  # dark left, bright right
+
+
+def test_monochrome1_window_minimum_is_white() -> None:
+    pixels = np.array([[0, 4095], [2048, 1024]], dtype=np.uint16)
+    image = synthetic_image("MONOCHROME1", pixels, WindowCenter=2048, WindowWidth=4096)
+    values = np.asarray(display_picture(image))
+    assert values[0, 0] == 255 and values[0, 1] == 0
+
+
+def test_colour_image_stays_colour_and_missing_pixels_are_an_error() -> None:
+    rgb = np.zeros((40, 60, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    rendered = render_report_image(synthetic_image("RGB", rgb), lossless=True)
+    assert rendered.media_type == "image/png" and (rendered.width, rendered.height) == (60, 40)
+    assert Image.open(io.BytesIO(rendered.data)).getpixel((5, 5)) == (200, 0, 0)
+    with pytest.raises(ReportImageError):
+        render_report_image(rg1())  # header only
+
+
+def test_header_texts() -> None:
+    source = rg1()
+    source.PatientAge = "003M"
+    assert age_text(source, "zh") == "3个月" and age_text(source, "en") == "3 months"
+    del source.PatientAge
+    assert age_text(source, "en") == "64 years"  # from birth date 19400305 to study 20040826
+    assert person_name("Wang^XiaoDong=王^小东", "zh") == "王小东"
+    assert person_name("Wang^XiaoDong=王^小东", "en") == "Wang XiaoDong"
+    assert size_text(14.0, "zh") == "14 毫米" and size_text(12.5, "en") == "12.5 mm"
