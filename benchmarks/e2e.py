@@ -11,7 +11,7 @@ pynetdicom SCU to `medgemma-node serve` (scripted engine: the model itself takes
 That is the time the node adds: completion scheduling, preprocessing, SR/GSPS/ORU building,
 database commits, delivery. Target: p50 <= 0.5 s.
 
-    .venv/bin/python benchmarks/e2e.py [--studies 50] [--quiet 1.0]
+    .venv/bin/python -m benchmarks.e2e [--studies 50] [--quiet 1.0]   # from the repository root
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -29,15 +28,12 @@ import pydicom
 from pynetdicom import AE
 from sqlalchemy import select
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from storage.db import Database  # noqa: E402
-from storage.models import Report, Study  # noqa: E402
-from tests.conftest import copy_with_new_uids, testdata  # noqa: E402
-from tests.mllp_listener import MLLPListener  # noqa: E402
-from tests.nodeproc import NodeProcess  # noqa: E402
-from tests.orthanc import OrthancServer  # noqa: E402
+from peers.dicom_files import copy_with_new_uids, testdata
+from peers.mllp_listener import MLLPListener
+from peers.node_process import NodeProcess
+from peers.orthanc import OrthancServer
+from storage.db import Database
+from storage.models import Report, Study
 
 ANSWER = {
     "findings": [

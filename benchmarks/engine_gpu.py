@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.inference_gpu import (
+from benchmarks.medgemma_4b import (
     build_model,
     build_processor,
     chest_image,

@@ -11,8 +11,8 @@ storescu (TCP_NODELAY=1) to
     (c) with --pynetdicom, pynetdicom's own storescp app (no fsync, no database).
 Each is measured `--rounds` times, alternating; median and best files/s and the ratio are printed.
 
-    .venv/bin/python benchmarks/ingest.py [--count 200] [--rounds 5] [--pynetdicom]
-                                          [--database-url postgresql+psycopg://...]
+    .venv/bin/python -m benchmarks.ingest [--count 200] [--rounds 5] [--pynetdicom]
+                                         [--database-url postgresql+psycopg://...]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,21 +37,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, func, select, text
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from peers.net import free_port
+from storage.models import Instance
 
-from storage.models import Instance  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 ROWS, COLUMNS = 128, 160  # 128 x 160 x 16 bit = 40 960 bytes of pixel data
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_instances(directory: Path, count: int) -> list[Path]:

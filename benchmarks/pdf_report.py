@@ -24,10 +24,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
-import pydicom.data
+from pydicom import Dataset
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -37,17 +38,67 @@ from delivery.pdf_report import PdfReportRenderer, PdfReportRequest  # noqa: E40
 from dicom_node.encapsulated_pdf import build_encapsulated_pdf  # noqa: E402
 from dicom_node.output_common import NodeIdentity, encode_file  # noqa: E402
 from dicom_node.sr import build_sr  # noqa: E402
-from storage.report_schema import ReportDocument  # noqa: E402
-from tests.dicom_output_support import boxed_findings, make_report  # noqa: E402
+from peers.dicom_files import testdata  # noqa: E402
+from storage.report_schema import (  # noqa: E402
+    Finding,
+    ModelIdentity,
+    ParseStatus,
+    PixelRegion,
+    ReportContent,
+    ReportDocument,
+    Urgency,
+)
 
 NODE = NodeIdentity(institution_name="General Hospital")
 
 
-def source_path() -> Path:
-    path = pydicom.data.get_testdata_file("RG1_UNCI.dcm", download=False)
-    if path is None:
-        raise SystemExit("pydicom-data is not installed (pip install pydicom-data)")
-    return Path(str(path))
+def chest_report(image: Dataset, chinese: bool) -> ReportDocument:
+    """Three findings, two with boxes, and the texts of a typical chest report."""
+
+    def box(x0: float, y0: float, x1: float, y1: float) -> PixelRegion:
+        return PixelRegion(sop_instance_uid=str(image.SOPInstanceUID), x0=x0, y0=y0, x1=x1, y1=y1)
+
+    findings = [
+        Finding(
+            label="结节" if chinese else "nodule",
+            location="右肺上叶" if chinese else "right upper lobe",
+            size_mm=12.5,
+            density="实性" if chinese else "solid",
+            boundary="边界清楚" if chinese else "well defined",
+            region=box(400.5, 300.25, 700.0, 650.75),
+        ),
+        Finding(
+            label="胸腔积液" if chinese else "pleural effusion",
+            location="左侧肋膈角" if chinese else "left costophrenic angle",
+            region=box(1200.0, 1500.0, 1700.0, 1900.0),
+        ),
+        Finding(label="主动脉迂曲" if chinese else "tortuous aorta", size_mm=40.0),
+    ]
+    content = ReportContent(
+        parse_status=ParseStatus.OK,
+        language="zh" if chinese else "en",
+        findings=findings,
+        impression="右肺上叶结节，左侧少量胸腔积液。"
+        if chinese
+        else "Right upper lobe nodule; small left pleural effusion.",
+        recommendation="建议3个月后复查胸部CT。" if chinese else "CT chest in 3 months.",
+        urgency=Urgency.URGENT,
+    )
+    return ReportDocument(
+        report_id=41,
+        study_instance_uid=str(image.StudyInstanceUID),
+        version_number=1,
+        created_at=datetime(2026, 11, 28, 10, 0, tzinfo=UTC),
+        content=content,
+        model=ModelIdentity(
+            model_id="google/medgemma-1.5-4b-it",
+            revision="e9792da5fb8e",
+            dtype="bfloat16",
+            device="cuda:0",
+        ),
+        question="What are the findings on this chest X-ray?",
+        source_sop_instance_uids=[str(image.SOPInstanceUID)],
+    )
 
 
 def fonts_for(choice: str) -> pdf_fonts.ReportFonts:
@@ -78,10 +129,7 @@ def row(case: str, walls: list[float], cpus: list[float]) -> str:
 
 def run(language: str, renderer: PdfReportRenderer, path: Path, rounds: int) -> list[str]:
     header = pydicom.dcmread(path, stop_before_pixels=True)
-    chinese = language == "zh"
-    report: ReportDocument = make_report(
-        header, boxed_findings(header, chinese=chinese), chinese=chinese
-    )
+    report = chest_report(header, chinese=language == "zh")
 
     def pdf() -> bytes:
         source = pydicom.dcmread(path)
@@ -121,7 +169,7 @@ def main() -> None:
     print("| case | median wall s | best wall s | median CPU s |")
     print("| --- | ---: | ---: | ---: |")
     for language in languages:
-        for line in run(language, renderer, source_path(), args.rounds):
+        for line in run(language, renderer, testdata("RG1_UNCI.dcm"), args.rounds):
             print(line)
     print(f"# load average {os.getloadavg()[0]:.2f} at end")
 

@@ -5,18 +5,20 @@ some 1,500 small kernels a token (design.md, "GPU fast path"). Here:
 
 * the prompt (vision tower + text, batched, left-padded) runs through the model's own forward,
   with the same arguments ``generate`` gives its first step (on CUDA the text model's RMSNorms
-  and GeGLU MLPs run meanwhile as the fused kernels below);
+  and GeGLU MLPs run meanwhile as the fused kernels of the Triton step);
 * its KV cache is copied into static per-layer buffers of ``rows x length`` columns, where rows
   is the batch rounded up to a bucket (1, 2, 4, ... max_batch) and length the prompt plus the
   new tokens rounded up to ``len_step``;
 * one decode step — embedding, every layer, lm_head, argmax, EOS bookkeeping — runs on those
   buffers with fixed shapes and is captured once per (rows, length) in a ``torch.cuda.CUDAGraph``
   that is replayed for each token;
-* on CUDA with Triton, the small operations between the matrix products (RMSNorm, residual add,
-  qk-norm + RoPE + KV write, decode attention, GeGLU) run as fused kernels that round to the
-  model dtype wherever eager PyTorch does; the matrix products stay the model's own modules
-  (so bitsandbytes NF4 layers work unchanged). Without CUDA (CI) the same step runs eagerly
-  with the model's own modules and ``scaled_dot_product_attention``.
+* the small operations between the matrix products (RMSNorm, residual add, qk-norm + RoPE +
+  KV write, decode attention, GeGLU) are a ``StepOps`` (inference/step_ops.py): on CUDA with
+  Triton, ``TritonStepOps`` (inference/triton_ops.py) runs them as fused kernels
+  (inference/triton_kernels.py) that round to the model dtype wherever eager PyTorch does;
+  without CUDA (CI), ``TorchStepOps`` runs the same step eagerly with the model's own modules
+  and ``scaled_dot_product_attention``. The matrix products stay the model's own modules
+  (so bitsandbytes NF4 layers work unchanged).
 
 The tokens equal ``model.generate(do_sample=False)`` for the same inputs: the same function,
 rounded to the model dtype at the same points; only the order of float32 reductions (norms,
@@ -27,48 +29,30 @@ H100 with the random-weight MedGemma-4B in bf16, all 105 rows of the benchmark (
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib.util
 import logging
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from inference.step_ops import HFModule, StepOps, TextShape, TorchStepOps
+
 log = logging.getLogger(__name__)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor so the graph never changes
-_ATTN_BLOCK = 64  # KV columns per decode-attention program
-
-# transformers' modules are reached by attribute (q_proj, input_layernorm, ...); torch's stubs
-# type such access as ``Tensor | Module``, so they are handled as Any here.
-HFModule = Any
 
 
-@dataclass(frozen=True)
-class _TextShape:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    sliding_window: int
-    layer_types: tuple[str, ...]
-    scaling: float
-    vocab_size: int
-
-
-def _text_shape(model: HFModule) -> _TextShape:
+def _text_shape(model: HFModule) -> TextShape:
     config = model.config.get_text_config()
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise TypeError("attention logit softcapping is not supported by the fast path")
     layer_types = tuple(config.layer_types)
-    return _TextShape(
+    return TextShape(
         num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
@@ -108,213 +92,14 @@ class _DecodeState:
     graph: torch.cuda.CUDAGraph | None = None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _step_ops(shape: TextShape, *, use_triton: bool, gelu_tanh: bool) -> StepOps:
+    """The eager step, or the Triton one: imported only when chosen (CI has neither CUDA nor
+    Triton)."""
+    if not use_triton:
+        return TorchStepOps(shape)
+    from inference.triton_ops import TritonStepOps
 
-
-class _TorchOps:
-    """The small operations of a decode step with the model's own modules: exact eager numerics."""
-
-    def __init__(self, shape: _TextShape) -> None:
-        self.shape = shape
-
-    def norm(self, module: HFModule, x: torch.Tensor) -> torch.Tensor:
-        return module(x)
-
-    def add_norm(
-        self, y: torch.Tensor, residual: torch.Tensor, post: HFModule, following: HFModule
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h = residual + post(y)``; returns ``(h, following(h))`` as the decoder layer does."""
-        hidden = residual + post(y)
-        return hidden, following(hidden)
-
-    def qk_rope_store(
-        self,
-        qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        attn: HFModule,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: tuple[torch.Tensor, torch.Tensor],
-        column: torch.Tensor,
-    ) -> torch.Tensor:
-        """qk-norm and RoPE; K and V go into the cache at ``column``; returns q [rows, H, D]."""
-        s = self.shape
-        q, k, v = qkv
-        rows = q.shape[0]
-        cos, sin = rope  # [rows, 1, D]
-        q = attn.q_norm(q.view(rows, s.num_heads, s.head_dim))
-        k = attn.k_norm(k.view(rows, s.num_kv_heads, s.head_dim))
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        cache[0].index_copy_(2, column, k.unsqueeze(2))
-        cache[1].index_copy_(2, column, v.view(rows, s.num_kv_heads, 1, s.head_dim))
-        return q
-
-    def attention(
-        self,
-        q: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        starts: torch.Tensor,
-        column: torch.Tensor,
-        window: int,
-    ) -> torch.Tensor:
-        """One query per row over KV columns ``starts..column``, and only the last ``window``
-        of them when ``window`` > 0 (Gemma's local layers); returns [rows, 1, H*D]."""
-        s = self.shape
-        keys, values = cache
-        rows, length = keys.shape[0], keys.shape[2]
-        cols = torch.arange(length, device=keys.device)
-        valid = (cols[None, :] >= starts[:, None]) & (cols[None, :] <= column)
-        if window > 0:
-            valid &= cols[None, :] > column - window
-        # Query heads grouped under their KV head (GQA without repeating K and V).
-        grouped = q.view(rows, s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim)
-        out = F.scaled_dot_product_attention(
-            grouped, keys, values, attn_mask=valid[:, None, None, :], scale=s.scaling
-        )
-        return out.reshape(rows, 1, s.num_heads * s.head_dim)
-
-    def mlp(self, module: HFModule, x: torch.Tensor) -> torch.Tensor:
-        return module(x)
-
-    @contextlib.contextmanager
-    def prompt_pass(self, language_model: HFModule) -> Iterator[None]:
-        """The model's own modules as they are."""
-        yield
-
-
-class _TritonOps(_TorchOps):
-    """Fused kernels for the same operations (CUDA; Triton's interpreter on CPU in tests)."""
-
-    def __init__(self, shape: _TextShape, gelu_tanh: bool) -> None:
-        super().__init__(shape)
-        self._gelu_tanh = gelu_tanh
-        self._weights: dict[int, torch.Tensor] = {}
-
-    def _w1(self, module: HFModule) -> torch.Tensor:
-        # Gemma's RMSNorm multiplies by (1 + w) in float32; computed once, bit-identical.
-        key = id(module)
-        if key not in self._weights:
-            self._weights[key] = (1.0 + module.weight.float()).contiguous()
-        return self._weights[key]
-
-    def norm(self, module: HFModule, x: torch.Tensor) -> torch.Tensor:
-        # The prompt pass normalises q and k as transposed views [B, H, S, D]: walk the
-        # storage in memory order instead of copying it.
-        strides = x.stride()
-        order = sorted(range(x.dim()), key=lambda d: -strides[d])
-        dense = x.permute(order)
-        if not dense.is_contiguous() or order[-1] != x.dim() - 1:
-            dense, order = x.contiguous(), list(range(x.dim()))
-        n = x.shape[-1]
-        out = torch.empty_like(dense)
-        _rms_norm_kernel[(dense.numel() // n,)](
-            dense, self._w1(module), out, n, module.eps, BLOCK=triton.next_power_of_2(n)
-        )
-        return out.permute([order.index(d) for d in range(x.dim())])
-
-    def add_norm(
-        self, y: torch.Tensor, residual: torch.Tensor, post: HFModule, following: HFModule
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = y.shape[-1]
-        y2, r2 = y.reshape(-1, n), residual.reshape(-1, n)
-        hidden, normed = torch.empty_like(r2), torch.empty_like(r2)
-        _add_rms_norm_kernel[(y2.shape[0],)](
-            y2, r2, self._w1(post), self._w1(following), hidden, normed,
-            n, post.eps, following.eps, BLOCK=triton.next_power_of_2(n),
-        )  # fmt: skip
-        return hidden.view_as(residual), normed.view_as(residual)
-
-    def qk_rope_store(
-        self,
-        qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        attn: HFModule,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: tuple[torch.Tensor, torch.Tensor],
-        column: torch.Tensor,
-    ) -> torch.Tensor:
-        s = self.shape
-        q, k, v = (t.contiguous() for t in qkv)
-        rows = q.shape[0]
-        keys, values = cache
-        q_out = torch.empty(rows, s.num_heads, s.head_dim, dtype=q.dtype, device=q.device)
-        grid = (rows, s.num_heads + 2 * s.num_kv_heads)
-        _qk_rope_store_kernel[grid](
-            q, k, v, self._w1(attn.q_norm), self._w1(attn.k_norm),
-            rope[0].contiguous(), rope[1].contiguous(), q_out, keys, values, column,
-            keys.stride(0), keys.stride(1), attn.q_norm.eps, attn.k_norm.eps,
-            H=s.num_heads, KVH=s.num_kv_heads, D=s.head_dim, num_warps=2,
-        )  # fmt: skip
-        return q_out
-
-    def attention(
-        self,
-        q: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        starts: torch.Tensor,
-        column: torch.Tensor,
-        window: int,
-    ) -> torch.Tensor:
-        """Split-KV decode attention (flash-decoding): one program per row, KV head and block
-        of 64 columns reads only the block's valid columns; a second kernel merges the blocks.
-        Measured on the H100 against longer shares per program (a loop over blocks) and a
-        program per query head on the CUDA cores: this shape was the fastest from 1 to 64
-        rows (2.2 TB/s of valid KV at 64 rows)."""
-        s = self.shape
-        keys, values = cache
-        rows, length = keys.shape[0], keys.shape[2]
-        splits = triton.cdiv(length, _ATTN_BLOCK)
-        part_max = torch.empty(rows, s.num_heads, splits, dtype=torch.float32, device=q.device)
-        part_sum = torch.empty_like(part_max)
-        part_acc = torch.empty(
-            rows, s.num_heads, splits, s.head_dim, dtype=torch.float32, device=q.device
-        )
-        group = s.num_heads // s.num_kv_heads
-        _attn_partial_kernel[(rows, s.num_kv_heads, splits)](
-            q, keys, values, starts, column, part_max, part_sum, part_acc,
-            keys.stride(0), keys.stride(1), s.scaling, window, splits,
-            H=s.num_heads, G=group, GP=max(16, triton.next_power_of_2(group)), D=s.head_dim,
-            BLOCK_N=_ATTN_BLOCK, PREC="ieee" if q.dtype == torch.float32 else None, num_warps=4,
-        )  # fmt: skip
-        out = torch.empty(rows, s.num_heads, s.head_dim, dtype=q.dtype, device=q.device)
-        _attn_combine_kernel[(rows, s.num_heads)](
-            part_max, part_sum, part_acc, out, splits,
-            D=s.head_dim, SPLITS=triton.next_power_of_2(splits), num_warps=4,
-        )  # fmt: skip
-        return out.view(rows, 1, s.num_heads * s.head_dim)
-
-    def mlp(self, module: HFModule, x: torch.Tensor) -> torch.Tensor:
-        if not self._gelu_tanh:
-            return module(x)
-        gate, up = module.gate_proj(x), module.up_proj(x)
-        act = torch.empty_like(gate)
-        n = gate.shape[-1]
-        rows = gate.numel() // n
-        _gelu_mul_kernel[(rows, triton.cdiv(n, 1024))](gate, up, act, n, BLOCK=1024)
-        return module.down_proj(act)
-
-    @contextlib.contextmanager
-    def prompt_pass(self, language_model: HFModule) -> Iterator[None]:
-        """For the prompt pass, the text model's RMSNorms and GeGLU MLPs run as the fused
-        kernels (same roundings); at batch 64 on the H100 this took the prompt pass from 1.94 s
-        to 1.69 s. Modules whose forward is already wrapped (accelerate hooks) stay as they are.
-        """
-        patched: list[HFModule] = []
-        for module in language_model.modules():
-            if "forward" in vars(module):
-                continue
-            if type(module).__name__.endswith("RMSNorm"):
-                module.forward = functools.partial(self.norm, module)
-            elif self._gelu_tanh and hasattr(module, "gate_proj"):
-                module.forward = functools.partial(self.mlp, module)
-            else:
-                continue
-            patched.append(module)
-        try:
-            yield
-        finally:
-            for module in patched:
-                del module.forward
+    return TritonStepOps(shape, gelu_tanh)
 
 
 def _round_up(value: int, step: int) -> int:
@@ -360,7 +145,7 @@ class FastGreedyGenerator:
         use_triton = (on_cuda and HAS_TRITON) if use_triton is None else use_triton
         text_config = model.config.get_text_config()
         gelu_tanh = getattr(text_config, "hidden_activation", "") == "gelu_pytorch_tanh"
-        self.ops = _TritonOps(self.shape, gelu_tanh) if use_triton else _TorchOps(self.shape)
+        self.ops = _step_ops(self.shape, use_triton=use_triton, gelu_tanh=gelu_tanh)
         self.max_batch = max_batch
         self.max_total_len = max_total_len
         self.len_step = len_step
@@ -696,163 +481,3 @@ def _concat_padded(parts: list[torch.Tensor], pad: int) -> torch.Tensor:
         return parts[0]
     width = max(p.shape[1] for p in parts)
     return torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad) for p in parts])
-
-
-# --------------------------------------------------------------------- Triton kernels
-# Each kernel rounds to the tensor dtype wherever the eager module it replaces produces a
-# tensor, so results match PyTorch up to the order of float32 reductions.
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-    from triton.language.extra import libdevice
-
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter has no libdevice
-
-        @triton.jit
-        def _tanh(x):  # type: ignore[no-untyped-def]
-            return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
-
-    else:
-
-        @triton.jit
-        def _tanh(x):  # type: ignore[no-untyped-def]
-            return libdevice.tanh(x)  # tanhf, as ATen's gelu uses
-
-    @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        inside = offs < n
-        x = tl.load(x_ptr + row * n + offs, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=inside, other=0.0)
-        r = tl.math.rsqrt(tl.sum(x * x, 0) / n + eps)
-        tl.store(out_ptr + row * n + offs, ((x * r) * w).to(out_ptr.dtype.element_ty), mask=inside)
-
-    @triton.jit
-    def _add_rms_norm_kernel(  # type: ignore[no-untyped-def]
-        y_ptr, res_ptr, wa_ptr, wb_ptr, h_ptr, x_ptr, n, eps_a, eps_b, BLOCK: tl.constexpr
-    ):
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        inside = offs < n
-        dt = h_ptr.dtype.element_ty
-        y = tl.load(y_ptr + row * n + offs, mask=inside, other=0.0).to(tl.float32)
-        wa = tl.load(wa_ptr + offs, mask=inside, other=0.0)
-        ra = tl.math.rsqrt(tl.sum(y * y, 0) / n + eps_a)
-        t = ((y * ra) * wa).to(dt).to(tl.float32)
-        res = tl.load(res_ptr + row * n + offs, mask=inside, other=0.0).to(tl.float32)
-        h = (res + t).to(dt)
-        tl.store(h_ptr + row * n + offs, h, mask=inside)
-        hf = h.to(tl.float32)
-        wb = tl.load(wb_ptr + offs, mask=inside, other=0.0)
-        rb = tl.math.rsqrt(tl.sum(hf * hf, 0) / n + eps_b)
-        tl.store(x_ptr + row * n + offs, ((hf * rb) * wb).to(dt), mask=inside)
-
-    @triton.jit
-    def _norm_rope(src, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr):  # type: ignore[no-untyped-def]
-        """qk RMSNorm then RoPE (x*cos + rotate_half(x)*sin), each product rounded as eager."""
-        offs = tl.arange(0, D)
-        perm = (offs + D // 2) % D
-        dt = src.dtype.element_ty
-        x = tl.load(src + offs).to(tl.float32)
-        xp = tl.load(src + perm).to(tl.float32)
-        r = tl.math.rsqrt(tl.sum(x * x, 0) / D + eps)
-        n = ((x * r) * tl.load(w_ptr + offs)).to(dt).to(tl.float32)
-        n_perm = ((xp * r) * tl.load(w_ptr + perm)).to(dt).to(tl.float32)
-        sign = tl.where(offs < D // 2, -1.0, 1.0)
-        c = tl.load(cos_ptr + offs).to(tl.float32)
-        s = tl.load(sin_ptr + offs).to(tl.float32)
-        t1 = (n * c).to(dt).to(tl.float32)
-        t2 = ((sign * n_perm) * s).to(dt).to(tl.float32)
-        return (t1 + t2).to(dt)
-
-    @triton.jit
-    def _qk_rope_store_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, col_ptr,
-        stride_cb, stride_ch, eps_q, eps_k,
-        H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
-    ):  # fmt: skip
-        b = tl.program_id(0)
-        j = tl.program_id(1)
-        offs = tl.arange(0, D)
-        col = tl.load(col_ptr)
-        cos_row = cos_ptr + b * D
-        sin_row = sin_ptr + b * D
-        if j < H:
-            out = _norm_rope(q_ptr + (b * H + j) * D, qw_ptr, cos_row, sin_row, eps_q, D)
-            tl.store(qo_ptr + (b * H + j) * D + offs, out)
-        elif j < H + KVH:
-            h = j - H
-            out = _norm_rope(k_ptr + (b * KVH + h) * D, kw_ptr, cos_row, sin_row, eps_k, D)
-            tl.store(kc_ptr + b * stride_cb + h * stride_ch + col * D + offs, out)
-        else:
-            h = j - H - KVH
-            v = tl.load(v_ptr + (b * KVH + h) * D + offs)
-            tl.store(vc_ptr + b * stride_cb + h * stride_ch + col * D + offs, v)
-
-    @triton.jit
-    def _attn_partial_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, k_ptr, v_ptr, start_ptr, col_ptr, m_ptr, l_ptr, acc_ptr,
-        stride_cb, stride_ch, scale, window, splits,
-        H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    ):  # fmt: skip
-        b = tl.program_id(0)
-        kh = tl.program_id(1)
-        split = tl.program_id(2)
-        col = tl.load(col_ptr)
-        start = tl.load(start_ptr + b)
-        start = tl.maximum(start, tl.where(window > 0, col - window + 1, 0))
-        g = tl.arange(0, GP)  # the G query heads of this KV head, padded for tl.dot
-        d = tl.arange(0, D)
-        n = split * BLOCK_N + tl.arange(0, BLOCK_N)
-        heads = kh * G + g
-        q_rows = q_ptr + (b * H + heads)[:, None] * D + d[None, :]
-        q = tl.load(q_rows, mask=(g < G)[:, None], other=0.0)
-        valid = (n >= start) & (n <= col)  # masked-off columns are never read
-        offs = b * stride_cb + kh * stride_ch + n[:, None] * D + d[None, :]
-        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m = tl.max(s, 1)
-        p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
-        # As flash attention does, P is rounded to the value dtype for the second product.
-        acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        part = (b * H + heads) * splits + split
-        keep = g < G
-        tl.store(m_ptr + part, m, mask=keep)
-        tl.store(l_ptr + part, tl.sum(p, 1), mask=keep)
-        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=keep[:, None])
-
-    @triton.jit
-    def _attn_combine_kernel(  # type: ignore[no-untyped-def]
-        m_ptr, l_ptr, acc_ptr, out_ptr, splits, D: tl.constexpr, SPLITS: tl.constexpr
-    ):
-        row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        s = tl.arange(0, SPLITS)
-        d = tl.arange(0, D)
-        inside = s < splits
-        m = tl.load(m_ptr + row * splits + s, mask=inside, other=float("-inf"))
-        total_max = tl.max(m, 0)
-        w = tl.where(inside, tl.exp(m - total_max), 0.0)
-        denom = tl.sum(tl.load(l_ptr + row * splits + s, mask=inside, other=0.0) * w, 0)
-        acc = tl.load(
-            acc_ptr + (row * splits + s)[:, None] * D + d[None, :], mask=inside[:, None], other=0.0
-        )
-        out = tl.sum(acc * w[:, None], 0) / denom
-        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
-
-    @triton.jit
-    def _gelu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-        """gelu_pytorch_tanh(gate) * up, with ATen's formula and its two roundings."""
-        row = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        dt = out_ptr.dtype.element_ty
-        x = tl.load(g_ptr + row * n + offs, mask=inside, other=0.0).to(tl.float32)
-        inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-        act = (0.5 * x * (1.0 + _tanh(inner))).to(dt).to(tl.float32)
-        up = tl.load(u_ptr + row * n + offs, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * n + offs, (act * up).to(dt), mask=inside)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +12,10 @@ from pynetdicom import AE, build_context
 from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 
+from peers.net import wait_for
 from storage.db import Database
 from storage.files import TEMP_MARK
 from storage.models import Instance, Job, Study, StudyVersion
-from tests.nodeproc import echo_ok, free_port, wait_for
 
 # Short quiet periods so studies complete within a test; CT waits a little longer so a test
 # can see that nothing is queued before the quiet period has passed.
@@ -128,37 +125,6 @@ def job_count(db: Database) -> int:
 
 def temp_files(data_dir: Path) -> list[Path]:
     return [path for path in data_dir.rglob(f"{TEMP_MARK}*")]
-
-
-@contextmanager
-def dcmtk_storescp(output_dir: Path, aet: str = "MEDGEMMA") -> Iterator[int]:
-    """DCMTK's storescp writing every data set exactly as received (+B); yields its port.
-
-    The reference for "what was sent": DCMTK's storescu re-encodes on the wire (e.g. sequences
-    get explicit lengths), so the bytes a receiver must keep are those storescp writes.
-    """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = ["/usr/bin/storescp", "+B", "+xa", "-aet", aet, "-od", str(output_dir), str(port)]
-    proc = subprocess.Popen(
-        command,
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: _answers(port), 10, message="DCMTK storescp did not start")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _answers(port: int) -> bool:
-    try:
-        return echo_ok(port)
-    except OSError:
-        return False
 
 
 def received_by_sop_uid(directory: Path) -> dict[str, Path]:

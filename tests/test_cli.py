@@ -13,10 +13,11 @@ import pydicom
 import pytest
 
 from medgemma_node.service import STATUS_FILE
+from peers.dicom_files import make_ct_study
+from peers.net import free_port
+from peers.node_process import NodeProcess, run_cli
 from storage.db import Database
-from tests.conftest import make_ct_study
 from tests.nodecheck import FAST_COMPLETION, instance_row
-from tests.nodeproc import NodeProcess, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 from config.settings import ENV_PREFIX, ConfigError, NodeSettings, load_settings
-from tests.nodeproc import REPO, run_cli
+from peers.node_process import REPO, run_cli
 
 EXAMPLE = REPO / "config" / "node.example.toml"
 

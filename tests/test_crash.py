@@ -16,8 +16,10 @@ import pydicom
 import pytest
 from pynetdicom import AE, build_context
 
+from peers.dicom_files import make_ct_study
+from peers.net import wait_for
+from peers.node_process import NodeProcess
 from storage.db import Database
-from tests.conftest import make_ct_study
 from tests.nodecheck import (
     FAST_COMPLETION,
     instance_row,
@@ -25,7 +27,6 @@ from tests.nodecheck import (
     temp_files,
     versions_of,
 )
-from tests.nodeproc import NodeProcess, wait_for
 
 pytestmark = pytest.mark.slow
 

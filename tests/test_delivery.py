@@ -36,13 +36,14 @@ from config.settings import (
 from medgemma_node.cli import app
 from medgemma_node.delivery import DeliveryWorker, delivered_file_name, next_attempt_at
 from medgemma_node.delivery_metrics import DeliveryCollector
+from peers.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
+from peers.net import free_port, wait_for
+from peers.node_process import REPO, write_toml
+from peers.orthanc import OrthancServer
 from storage import outbox
 from storage.db import Database
 from storage.models import OutboxItem, OutboxStatus, utcnow
 from tests.delivery_rows import all_in, make_report, outbox_rows, queue
-from tests.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
-from tests.nodeproc import REPO, free_port, wait_for, write_toml
-from tests.orthanc import OrthancServer
 
 FAST_RETRY = RetryPolicy(max_attempts=100, max_age_s=600, initial_backoff_s=0.1, max_backoff_s=0.3)
 

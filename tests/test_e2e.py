@@ -26,10 +26,12 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
 from hl7_out.encoding import unescape_text
-from tests.conftest import copy_with_new_uids, testdata
-from tests.mllp_listener import MLLPListener
-from tests.nodeproc import NodeProcess, dcmtk_storescu, free_port, wait_for
-from tests.orthanc import OrthancServer
+from peers.dcmtk import dcmtk_storescu
+from peers.dicom_files import copy_with_new_uids, testdata
+from peers.mllp_listener import MLLPListener
+from peers.net import free_port, wait_for
+from peers.node_process import NodeProcess
+from peers.orthanc import OrthancServer
 
 PATIENT_NAME = "Quendolyn^Zarkowitz"
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."

@@ -13,12 +13,13 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
+from peers.dcmtk import dcmtk_storescu
+from peers.dicom_files import make_ct_study
+from peers.node_process import NodeProcess
 from storage.db import Database
 from storage.models import Study
 from storage.phi import phi_hash
-from tests.conftest import make_ct_study
 from tests.nodecheck import FAST_COMPLETION, store_with_pynetdicom, wait_for_versions
-from tests.nodeproc import NodeProcess, dcmtk_storescu
 
 pytestmark = pytest.mark.slow
 

@@ -27,6 +27,7 @@ from hl7_out.mllp import (
     send_message,
 )
 from hl7_out.oru import build_oru
+from peers.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
 from storage.report_schema import (
     Finding,
     ModelIdentity,
@@ -35,7 +36,6 @@ from storage.report_schema import (
     ReportDocument,
     Urgency,
 )
-from tests.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
 
 ACK_TIMEOUT_S = 0.5
 CONTROL_ID = "MG000101"

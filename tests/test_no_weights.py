@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_with_new_uids, testdata
-from tests.nodeproc import NodeProcess, dcmtk_storescu, run_cli, wait_for
+from peers.dcmtk import dcmtk_storescu
+from peers.dicom_files import copy_with_new_uids, testdata
+from peers.net import wait_for
+from peers.node_process import NodeProcess, run_cli
 
 
 @pytest.mark.slow

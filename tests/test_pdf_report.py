@@ -39,6 +39,7 @@ from delivery.report_image import ReportImageError, display_picture, render_repo
 from dicom_node.encapsulated_pdf import build_encapsulated_pdf, fitted_value
 from dicom_node.output_common import NodeIdentity, write_datasets
 from dicom_node.scu import StoreVerdict, store_batch
+from peers.orthanc import ORTHANC_BINARY, OrthancServer
 from storage.report_schema import TEST_MODEL_BANNER, ReportDocument
 from tests.dicom_output_support import (
     boxed_findings,
@@ -47,7 +48,6 @@ from tests.dicom_output_support import (
     needs_dicom3tools,
     rg1,
 )
-from tests.orthanc import ORTHANC_BINARY, OrthancServer
 
 needs_poppler = pytest.mark.skipif(
     shutil.which("pdftotext") is None, reason="poppler-utils is not installed"

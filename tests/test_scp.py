@@ -15,13 +15,14 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless
 
+from peers.dcmtk import dcmtk_storescp, dcmtk_storescu
+from peers.dicom_files import copy_with_new_uids, make_ct_study
+from peers.dicom_files import testdata as bundled_file
+from peers.node_process import NodeProcess
 from storage.db import Database
-from tests.conftest import copy_with_new_uids, make_ct_study
-from tests.conftest import testdata as bundled_file
 from tests.nodecheck import (
     FAST_COMPLETION,
     dataset_bytes,
-    dcmtk_storescp,
     instance_row,
     received_by_sop_uid,
     store_with_pynetdicom,
@@ -30,7 +31,6 @@ from tests.nodecheck import (
     versions_of,
     wait_for_versions,
 )
-from tests.nodeproc import NodeProcess, dcmtk_storescu
 
 pytestmark = pytest.mark.slow
 

@@ -19,11 +19,13 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import _config as pynetdicom_config
 
+from peers.dcmtk import dcmtk_storescu
+from peers.dicom_files import copy_with_new_uids, make_ct_study
+from peers.dicom_files import testdata as bundled_file
+from peers.net import echo_ok
+from peers.node_process import NodeProcess
 from storage.db import Database
-from tests.conftest import copy_with_new_uids, make_ct_study
-from tests.conftest import testdata as bundled_file
 from tests.nodecheck import instance_row, store_with_pynetdicom
-from tests.nodeproc import NodeProcess, dcmtk_storescu, echo_ok
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import DicomDestination, TLSSettings
 from dicom_node.scu import StoreVerdict, judge_store_status, store_batch
-from tests.conftest import testdata as bundled_file
+from peers.dicom_files import testdata as bundled_file
+from peers.net import free_port
+from peers.orthanc import OrthancServer
 from tests.delivery_rows import BASIC_TEXT_SR, write_basic_text_sr
-from tests.nodeproc import free_port
-from tests.orthanc import OrthancServer
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 

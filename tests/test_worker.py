@@ -33,12 +33,12 @@ from inference.scripted_engine import ScriptedEngine
 from inference.transformers_engine import TransformersEngine
 from inference.worker import InferenceWorker
 from medgemma_node.outputs import ReportOutputs
+from peers.dicom_files import copy_with_new_uids
 from storage.db import Database
 from storage.files import instance_relpath, uid_component, write_durably
 from storage.ingest import ReceivedInstance, close_quiet_studies, record_instance
 from storage.models import Job, JobStatus, OutboxItem, Report, ReportObject, Study
 from storage.report_schema import ParseStatus
-from tests.conftest import copy_with_new_uids
 
 CHEST_ANSWER = json.dumps(
     {

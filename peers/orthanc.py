@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from tests.nodeproc import free_port
+from peers.net import free_port
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 STARTUP_TIMEOUT_S = 30.0

@@ -1,28 +1,20 @@
-"""Start `medgemma-node serve` as a real subprocess on loopback, for integration tests."""
+"""Start `medgemma-node serve` (and its CLI) as a real subprocess on loopback, for the tests and
+the benchmarks."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from peers.net import echo_ok, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def toml_value(value: Any) -> str:
@@ -53,19 +45,6 @@ def write_toml(path: Path, sections: dict[str, Any]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
-
-
-def echo_ok(port: int, called_aet: str = "MEDGEMMA", calling_aet: str = "PROBE") -> bool:
-    ae = AE(ae_title=calling_aet)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = 2
-    ae.network_timeout = 2
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return bool(status) and status.Status == 0
 
 
 class NodeProcess:
@@ -171,46 +150,6 @@ class NodeProcess:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
-
-
-def wait_for(predicate: Any, timeout: float, interval: float = 0.2, message: str = "") -> Any:
-    """Poll until predicate() is truthy; bounded, raises with a message otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(message or f"condition not met in {timeout} s")
-
-
-def dcmtk_storescu(
-    port: int,
-    files: Iterable[Path],
-    *extra: str,
-    aet: str = "STORESCU",
-    aec: str = "MEDGEMMA",
-    timeout: float = 120,
-) -> subprocess.CompletedProcess[str]:
-    """DCMTK's storescu (not pynetdicom's script of the same name), Nagle off."""
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    return subprocess.run(
-        [
-            "/usr/bin/storescu",
-            "-aet",
-            aet,
-            "-aec",
-            aec,
-            *extra,
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def run_cli(
