@@ -67,6 +67,7 @@ TEMPLATE_NAME = "report.html.j2"
 STYLESHEET_NAME = "report.css"
 IMAGE_SCHEME = "report-image"
 MAX_FIGURES = 4
+MAX_HEADER_CHARS = 128
 WATERMARK_ZH = "AI辅助分析 结论仅供参考，须由执业医师复核确认"
 WATERMARK_EN = "AI-assisted analysis: preliminary, must be reviewed by a licensed physician"
 _CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
@@ -245,12 +246,14 @@ MILLIMETRES: dict[Language, str] = {"en": "mm", "zh": "毫米"}
 
 
 def _text(dataset: Dataset, keyword: str) -> str:
+    """One header value for reading: first value, single spaces, at most MAX_HEADER_CHARS
+    (a source may carry a name of thousands of characters; the page has room for a line)."""
     value = dataset.get(keyword)
     if value is None:
         return ""
     if not isinstance(value, str) and isinstance(value, Sequence):
         value = value[0] if len(value) else ""
-    return " ".join(str(value).split())
+    return " ".join(str(value).split())[:MAX_HEADER_CHARS]
 
 
 def person_name(value: object, language: Language) -> str:
@@ -265,7 +268,7 @@ def person_name(value: object, language: Language) -> str:
         family_given = [part for part in parts[:3] if part]
         if family_given:
             separator = "" if _CJK.search("".join(family_given)) else " "
-            return separator.join(family_given)
+            return separator.join(family_given)[:MAX_HEADER_CHARS]
     return ""
 
 

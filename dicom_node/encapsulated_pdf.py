@@ -4,10 +4,11 @@ SOP Class 1.2.840.10008.5.1.4.1.1.104.1.
 Modules, as the IOD lists them:
 
     Patient (C.7.1.1), General Study (C.7.2.1), Patient Study (C.7.2.2)
-        copied from the report's first source image of the reported study, each value made
-        valid for its VR (PS3.5 6.2): text cut to the VR's length, control characters and
-        backslashes dropped from one-line VRs, malformed dates/times/codes/ages/numbers left
-        empty (Type 2) or out (Type 3); sequences are not copied
+        copied from the report's first source image of the reported study as SourceImages
+        fits it (vr_limits: values within their VR, type 2 attributes present), then each
+        text value cut to its VR's length in UTF-8 bytes as well (dciodvfy and many archives
+        count bytes: a Chinese name of 30 characters is 90), malformed values left empty
+        (Type 2) or out (Type 3); sequences are not copied
     Encapsulated Document Series (C.24.1)
         Modality DOC, own series (UID derived per study, output_common), Series Number 9903,
         Series Description saying the content is not verified
@@ -46,7 +47,6 @@ from dicom_node.output_common import (
     NodeIdentity,
     SourceImages,
     content_datetime,
-    free_text,
     long_string,
     model_description,
     pdf_instance_uid,
@@ -54,6 +54,7 @@ from dicom_node.output_common import (
     series_description,
     single_line,
 )
+from dicom_node.vr_limits import free_text
 from storage.report_schema import TEST_MODEL_BANNER, ModelIdentity, ReportDocument
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -119,10 +120,11 @@ def build_encapsulated_pdf(
     if not pdf.startswith(b"%PDF-"):
         raise ValueError("the document is not a PDF (it does not start with %PDF-)")
     images = SourceImages(sources, report.study_instance_uid)
+    node = node.fitted()
     when, utc_offset = content_datetime(report.created_at, images.primary)
     dataset = Dataset()
     dataset.SpecificCharacterSet = UTF8
-    _copy_patient_and_study(images.primary, dataset)
+    _copy_patient_and_study(images, dataset)
     _series_and_equipment(dataset, report, node)
     _document(dataset, report, pdf, images, when, language)
     _sop_common(dataset, report, node, images.primary, when, utc_offset)
@@ -133,9 +135,11 @@ def build_encapsulated_pdf(
 # --- Patient, General Study, Patient Study -------------------------------------------------
 
 
-def _copy_patient_and_study(source: Dataset, target: Dataset) -> None:
+def _copy_patient_and_study(images: SourceImages, target: Dataset) -> None:
+    source = images.primary
+    images.set_patient_name(target, source)  # the fitted copy's name is blank (output_common)
     for keyword, attribute_type in COPIED_ATTRIBUTES:
-        value = fitted_value(keyword, source.get(keyword))
+        value = fitted_value(keyword, (target if keyword == "PatientName" else source).get(keyword))
         if value is not None:
             setattr(target, keyword, value)
         elif attribute_type == 2:
