@@ -178,6 +178,24 @@ class ModelSettings(Section):
         return self
 
 
+class InteractiveSettings(Section):
+    """Questions and predict requests: a priority lane on the inference worker.
+
+    The API queues them (storage/interactive.py; how many may wait is its own setting, passed
+    to ``submit`` as ``max_queued``); the worker answers them before its next batch of studies
+    (inference/interactive.py).
+    """
+
+    max_batch: int = Field(default=4, ge=1)  # requests the worker runs as one engine batch
+    # Rounds of up to max_batch requests served before the next study batch: questions come
+    # first, yet a steady stream of them cannot starve the study queue.
+    max_rounds_between_batches: int = Field(default=4, ge=1)
+    max_new_tokens: int = Field(default=384, ge=1)  # default answer length (capped by model's)
+    wait_timeout_s: float = Field(default=120.0, gt=0)  # how long a caller waits for an answer
+    poll_interval_s: float = Field(default=0.25, gt=0)  # waiting without the answer doorbell
+    lease_seconds: float = Field(default=300.0, gt=0)  # a request whose worker died then fails
+
+
 class RetryPolicy(Section):
     max_attempts: int = Field(default=20, ge=1)
     max_age_s: float = Field(default=86400.0, gt=0)
@@ -284,6 +302,7 @@ class NodeSettings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    interactive: InteractiveSettings = Field(default_factory=InteractiveSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 

@@ -50,6 +50,7 @@ from storage.report_schema import (
     ReportContent,
     ReportDocument,
     Urgency,
+    follow_up_text,
 )
 
 HL7_VERSION = "2.5"
@@ -167,6 +168,11 @@ def observation_lines(content: ReportContent) -> list[ObservationLine]:
     ones are not).
     """
     lines = _structured_lines(content) if content.parse_status == ParseStatus.OK else []
+    if lines and content.follow_up:
+        # Follow-up questions appended from a conversation; a narrative-only result carries
+        # them in its narrative already.
+        qa_text = follow_up_text(content.follow_up)
+        lines += [ObservationLine(FINDINGS, line) for line in _text_lines(qa_text)]
     if not lines:
         lines = [ObservationLine(FINDINGS, text) for text in _text_lines(content.narrative)]
     if not lines:

@@ -79,6 +79,7 @@ def report_document(session: Session, report: Report) -> ReportDocument:
         model=ModelIdentity.model_validate(report.model_json),
         question=report.question,
         source_sop_instance_uids=list(report.timings_json.get("source_sop_instance_uids", [])),
+        supersedes_report_id=report.supersedes_report_id,
     )
 
 
