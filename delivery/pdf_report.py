@@ -15,8 +15,9 @@ What a page carries (issue 14; design.md, "Every output says what it is"):
   a clinical document carries PHI, logs never do), the image(s) with the numbered boxes, the
   findings table (部位, 征象, 测量, 密度, 边界 with units in Chinese, e.g. "14 毫米"), impression,
   recommendation, urgency, narrative, the question asked and the model identity;
-* an appendix with the follow-up conversation, when given (labelled: the model was not
-  evaluated for multi-turn use).
+* an appendix with the follow-up questions and answers of a report appended to from a
+  conversation (ReportContent.follow_up; labelled: the model was not evaluated for multi-turn
+  use).
 
 The output is a pure function of the request: the creation date is the report's, the PDF
 identifier is derived from the study and report, and fonts are embedded as subsets, so a
@@ -33,8 +34,8 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -52,12 +53,15 @@ from delivery.pdf_fonts import ReportFonts, check_pdf_fonts, missing_cjk_font
 from delivery.report_image import RenderedImage, ReportImageError, render_report_image
 from storage.report_schema import (
     AI_DISCLAIMER,
+    FOLLOW_UP_DISCLAIMER,
     TEST_MODEL_BANNER,
     Finding,
     ModelIdentity,
     PixelRegion,
+    ReportContent,
     ReportDocument,
     Urgency,
+    follow_up_text,
 )
 
 Language = Literal["en", "zh"]
@@ -86,17 +90,7 @@ class SupersededReport:
     """The earlier report of the same study that this one replaces."""
 
     report_id: int
-    version_number: int
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class ConversationTurn:
-    """One follow-up question about the study and the model's answer."""
-
-    question: str
-    answer: str
-    asked_at: datetime | None = None
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,9 @@ class PdfReportRequest:
 
     ``sources``: the images the report was made from (with pixel data), the reported study's
     first; ``language``: "en" or "zh", default the report's own; ``institution``: the
-    ``[identity] institution_name`` setting.
+    ``[identity] institution_name`` setting; ``supersedes``: the replaced report with its time
+    (default: the report's ``supersedes_report_id`` alone); the appendix shows the report's
+    ``content.follow_up``.
     """
 
     report: ReportDocument
@@ -113,8 +109,14 @@ class PdfReportRequest:
     institution: str | None = None
     language: str | None = None
     supersedes: SupersededReport | None = None
-    conversation: Sequence[ConversationTurn] = field(default_factory=tuple)
     out_of_scope_reason: str | None = None
+
+    @property
+    def replaced(self) -> SupersededReport | None:
+        if self.supersedes is not None:
+            return self.supersedes
+        old = self.report.supersedes_report_id
+        return SupersededReport(old) if old is not None else None
 
     @property
     def resolved_language(self) -> Language:
@@ -131,7 +133,8 @@ WORDS: dict[Language, dict[str, str]] = {
         "disclaimer": AI_DISCLAIMER,
         "watermark": WATERMARK_EN,
         "out_of_scope": "Outside the validated scope",
-        "supersedes": "This report replaces report {id} (version {version}, {time}).",
+        "supersedes": "This report replaces report {id}{time}.",
+        "supersedes_time": " of {time}",
         "patient_name": "Patient name",
         "patient_id": "Patient ID",
         "sex": "Sex",
@@ -165,12 +168,11 @@ WORDS: dict[Language, dict[str, str]] = {
         "hardware": "Hardware",
         "page": "Page",
         "appendix": "Appendix: follow-up conversation",
-        "appendix_note": (
-            "Follow-up answers come from the same model, which was not evaluated for "
-            "multi-turn use; they are preliminary like the report."
-        ),
-        "asked": "Question",
-        "answered": "Answer",
+        "appendix_note": FOLLOW_UP_DISCLAIMER,
+        "asked": "Q",
+        "answered": "A",
+        "about": "about region {anchor}",
+        "measured": "measured by the node from the pixel spacing",
         "not_stated": "—",
     },
     "zh": {
@@ -179,7 +181,8 @@ WORDS: dict[Language, dict[str, str]] = {
         "disclaimer": "AI生成的初步结果，未经核实，必须由医师复核。",
         "watermark": WATERMARK_ZH,
         "out_of_scope": "超出已验证的适用范围",
-        "supersedes": "本报告取代报告 {id}（第 {version} 版，{time}）。",
+        "supersedes": "本报告取代报告 {id}{time}。",
+        "supersedes_time": "（{time}）",
         "patient_name": "姓名",
         "patient_id": "患者编号",
         "sex": "性别",
@@ -213,11 +216,11 @@ WORDS: dict[Language, dict[str, str]] = {
         "hardware": "硬件环境",
         "page": "页",
         "appendix": "附录：追问记录",
-        "appendix_note": (
-            "追问的回答来自同一模型，该模型未针对多轮对话进行评估；回答与报告一样为初步结果。"
-        ),
+        "appendix_note": "追问的回答为初步的AI结果；该模型未针对多轮对话进行评估。",
         "asked": "问",
         "answered": "答",
+        "about": "关于区域 {anchor}",
+        "measured": "由本节点按像素间距测量",
         "not_stated": "—",
     },
 }
@@ -644,36 +647,59 @@ class PdfReportRenderer:
             "impression": content.impression,
             "recommendation": content.recommendation,
             "urgency": URGENCY_WORDS[language][content.urgency] if content.urgency else "",
-            "narrative": content.narrative,
+            "narrative": narrative_text(content),
             "question": report.question,
             "model": _model_line(report.model),
             "report_line": words["report_value"].format(
                 id=report.report_id, version=report.version_number
             ),
             "footer": footer_text(report, primary, language),
-            "conversation": list(_conversation(request, primary)),
+            "conversation": _conversation(content, language),
         }
 
 
 def _supersedes_text(request: PdfReportRequest, source: Dataset | None, language: Language) -> str:
-    old = request.supersedes
+    old = request.replaced
     if old is None:
         return ""
-    return WORDS[language]["supersedes"].format(
-        id=old.report_id,
-        version=old.version_number,
-        time=time_text(_local_time(old.created_at, source)),
-    )
+    words = WORDS[language]
+    when = ""
+    if old.created_at is not None:
+        when = words["supersedes_time"].format(time=time_text(_local_time(old.created_at, source)))
+    return words["supersedes"].format(id=old.report_id, time=when)
 
 
 def _model_line(model: ModelIdentity) -> str:
     return f"{model.display_name}; {hardware_text(model)}"
 
 
-def _conversation(request: PdfReportRequest, source: Dataset | None) -> Iterator[dict[str, str]]:
-    for turn in request.conversation:
-        asked = time_text(_local_time(turn.asked_at, source)) if turn.asked_at else ""
-        yield {"question": turn.question, "answer": turn.answer, "asked_at": asked}
+def _conversation(content: ReportContent, language: Language) -> list[dict[str, str]]:
+    """The follow-up turns of an appended report, as the appendix lists them."""
+    words = WORDS[language]
+    turns = []
+    for number, turn in enumerate(content.follow_up, start=1):
+        notes = [words["about"].format(anchor=turn.anchor_id)] if turn.anchor_id else []
+        if turn.answered_by == "node":
+            notes.append(words["measured"])
+        turns.append(
+            {
+                "number": str(number),
+                "question": turn.question,
+                "answer": turn.answer,
+                "note": "; ".join(notes),
+            }
+        )
+    return turns
+
+
+def narrative_text(content: ReportContent) -> str:
+    """The narrative without the follow-up Q&A an appended report adds to it
+    (storage.conversations.appended_content): the appendix shows those."""
+    follow_up = follow_up_text(content.follow_up)
+    narrative = content.narrative
+    if follow_up and narrative.endswith(follow_up):
+        narrative = narrative[: -len(follow_up)]
+    return narrative.strip()
 
 
 _DEFAULT_RENDERER: PdfReportRenderer | None = None

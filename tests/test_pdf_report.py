@@ -27,7 +27,6 @@ from delivery import pdf_fonts
 from delivery.pdf_report import (
     WATERMARK_EN,
     WATERMARK_ZH,
-    ConversationTurn,
     PdfReportRenderer,
     PdfReportRequest,
     SupersededReport,
@@ -38,9 +37,12 @@ from delivery.pdf_report import (
 from delivery.report_image import ReportImageError, display_picture, render_report_image
 from dicom_node.encapsulated_pdf import build_encapsulated_pdf, fitted_value
 from dicom_node.output_common import NodeIdentity, write_datasets
-from dicom_node.scu import StoreVerdict, store_batch
+from dicom_node.scu import store_batch
 from peers.orthanc import ORTHANC_BINARY, OrthancServer
-from storage.report_schema import TEST_MODEL_BANNER, ReportDocument
+from storage.conversations import appended_content
+from storage.delivery_types import Verdict
+from storage.models import ConversationTurn
+from storage.report_schema import TEST_MODEL_BANNER, FollowUp, ReportDocument
 from tests.dicom_output_support import (
     boxed_findings,
     dciodvfy,
@@ -70,6 +72,20 @@ def image() -> Dataset:
 
 def chinese_report(image: Dataset, **kwargs: object) -> ReportDocument:
     return make_report(image, boxed_findings(image, chinese=True), chinese=True, **kwargs)  # type: ignore[arg-type]
+
+
+def appended(report: ReportDocument, turn: FollowUp) -> ReportDocument:
+    """``report`` appended to from a conversation of one turn, as storage.conversations
+    makes it (the Q&A in follow_up and at the end of the narrative)."""
+    row = ConversationTurn(
+        question=turn.question,
+        answer=turn.answer,
+        referenced_anchor_id=turn.anchor_id,
+        answered_by=turn.answered_by,
+        findings=[],
+    )
+    content = appended_content(report.content, [row])
+    return report.model_copy(update={"content": content, "supersedes_report_id": 40})
 
 
 def english_report(image: Dataset, **kwargs: object) -> ReportDocument:
@@ -160,13 +176,11 @@ def image_band(path: Path, directory: Path, above: str, below: str) -> list[int]
 def test_chinese_report_text_watermark_on_every_page_and_footer(
     renderer: PdfReportRenderer, image: Dataset, tmp_path: Path
 ) -> None:
-    report = chinese_report(image)
-    conversation = [
-        ConversationTurn("结节有多大？", "约12毫米。", datetime(2024, 5, 1, 11, tzinfo=UTC))
-    ]
-    request = PdfReportRequest(
-        report, [image], institution=INSTITUTION_ZH, conversation=conversation
+    report = appended(
+        chinese_report(image),
+        FollowUp(question="结节有多大？", answer="约12毫米。", anchor_id="A1", answered_by="node"),
     )
+    request = PdfReportRequest(report, [image], institution=INSTITUTION_ZH)
     path = write_pdf(renderer, request, tmp_path / "zh.pdf")
     texts = pages(path)
     assert len(texts) >= 2
@@ -182,7 +196,9 @@ def test_chinese_report_text_watermark_on_every_page_and_footer(
     assert "12.5 毫米" in whole and "40 毫米" in whole
     assert "紧急" in whole  # urgency, in Chinese
     assert "女" in whole and "64岁" in whole and "2004-08-26" in whole  # sex, age, study date
-    assert "附录" in texts[-1] and "约12毫米。" in texts[-1]
+    assert "附录" in texts[-1] and "约12毫米。" in texts[-1] and "关于区域 A1" in texts[-1]
+    assert "约12毫米。" not in "".join(texts[:-1])  # the narrative leaves the Q&A to the appendix
+    assert "本报告取代报告 40" in whole
     assert TEST_MODEL_BANNER not in whole
 
 
@@ -263,7 +279,7 @@ def test_scope_supersedes_and_chinese_patient_name(
 ) -> None:
     source = rg1(with_pixels=True)
     source.PatientName = "Wang^XiaoDong=王^小东"
-    old = SupersededReport(40, 1, datetime(2024, 4, 30, 9, tzinfo=UTC))
+    old = SupersededReport(40, datetime(2024, 4, 30, 9, tzinfo=UTC))
     request = PdfReportRequest(
         english_report(source),
         [source],
@@ -272,7 +288,7 @@ def test_scope_supersedes_and_chinese_patient_name(
     )
     text = pdftotext(write_pdf(renderer, request, tmp_path / "scope.pdf"))
     assert "Outside the validated scope: lateral view; the model was validated" in text
-    assert "This report replaces report 40 (version 1," in text
+    assert "This report replaces report 40 of 2024-04-30" in text
     assert "Wang XiaoDong" in text
     chinese = pdftotext(
         write_pdf(
@@ -433,7 +449,7 @@ def test_encapsulated_pdf_arrives_at_orthanc_with_the_same_document(
             kind="dicom", name="pacs", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port
         )
         (outcome,) = store_batch([path], destination, "MEDGEMMA")
-        assert outcome.verdict is StoreVerdict.DELIVERED, outcome.reason
+        assert outcome.verdict is Verdict.DELIVERED, outcome.reason
         (orthanc_id,) = pacs.instance_ids()
         response = httpx.get(
             f"http://127.0.0.1:{pacs.http_port}/instances/{orthanc_id}/file", timeout=30
