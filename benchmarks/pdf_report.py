@@ -12,7 +12,7 @@ Each case runs once untimed (the first PDF sets up fontconfig: reported as "cold
 ``--rounds`` times; the median and best wall time and the median CPU time of this process
 (time.process_time: what the work costs when other processes share the cores) are printed.
 
-    .venv/bin/python benchmarks/pdf_report.py [--rounds 15] [--language zh|en|both]
+    .venv/bin/python -m benchmarks.pdf_report [--rounds 15] [--language zh|en|both]
                                               [--cjk-font wqy|noto] [--lossless]
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -30,16 +29,13 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from delivery import pdf_fonts  # noqa: E402
-from delivery.pdf_report import PdfReportRenderer, PdfReportRequest  # noqa: E402
-from dicom_node.encapsulated_pdf import build_encapsulated_pdf  # noqa: E402
-from dicom_node.output_common import NodeIdentity, encode_file  # noqa: E402
-from dicom_node.sr import build_sr  # noqa: E402
-from peers.dicom_files import testdata  # noqa: E402
-from storage.report_schema import (  # noqa: E402
+from delivery import pdf_fonts
+from delivery.pdf_report import PdfReportRenderer, PdfReportRequest
+from dicom_node.encapsulated_pdf import build_encapsulated_pdf
+from dicom_node.output_common import NodeIdentity, encode_file
+from dicom_node.sr import build_sr
+from peers.dicom_files import testdata
+from storage.report_schema import (
     Finding,
     ModelIdentity,
     ParseStatus,

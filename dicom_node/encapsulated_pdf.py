@@ -111,11 +111,13 @@ def build_encapsulated_pdf(
     *,
     node: NodeIdentity = DEFAULT_NODE,
     language: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> Dataset:
     """The Encapsulated PDF of ``report`` holding ``pdf`` (see the module docstring).
 
     ``sources``: the images the report (and the PDF) were made from, headers suffice, at least
-    one of the reported study.
+    one of the reported study. ``sop_instance_uid``: the UID recorded when the object was
+    planned (report_objects), if any; by default the derived one (pdf_instance_uid).
     """
     if not pdf.startswith(b"%PDF-"):
         raise ValueError("the document is not a PDF (it does not start with %PDF-)")
@@ -128,6 +130,8 @@ def build_encapsulated_pdf(
     _series_and_equipment(dataset, report, node)
     _document(dataset, report, pdf, images, when, language)
     _sop_common(dataset, report, node, images.primary, when, utc_offset)
+    if sop_instance_uid is not None:
+        dataset.SOPInstanceUID = sop_instance_uid
     dataset.file_meta = _file_meta(dataset)
     return dataset
 
