@@ -1,5 +1,6 @@
 """The PDF report (delivery/pdf_report.py) read back with poppler, and its Encapsulated PDF
-(dicom_node/encapsulated_pdf.py) checked with dciodvfy, DCMTK's dcm2pdf and a real Orthanc.
+(dicom_node/encapsulated_pdf.py) checked with dciodvfy and DCMTK's dcm2pdf. Through the node
+to a real Orthanc: tests/test_pdf_delivery.py.
 
 The source is pydicom-data's RG1_UNCI.dcm (CR chest PA, MONOCHROME1) with pixel data.
 """
@@ -14,14 +15,12 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
 from pydicom import Dataset
 
-from config.settings import DicomDestination
 from core.errors import ConfigError
 from delivery import pdf_fonts
 from delivery.pdf_report import (
@@ -37,10 +36,7 @@ from delivery.pdf_report import (
 from delivery.report_image import ReportImageError, display_picture, render_report_image
 from dicom_node.encapsulated_pdf import build_encapsulated_pdf, fitted_value
 from dicom_node.output_common import NodeIdentity, write_datasets
-from dicom_node.scu import store_batch
-from peers.orthanc import ORTHANC_BINARY, OrthancServer
 from storage.conversations import appended_content
-from storage.delivery_types import Verdict
 from storage.models import ConversationTurn
 from storage.report_schema import TEST_MODEL_BANNER, FollowUp, ReportDocument
 from tests.dicom_output_support import (
@@ -435,29 +431,6 @@ def test_patient_and_study_values_are_cut_to_their_vr(
     assert stored.StudyDescription == "chest PA lateral"  # one line, the first value
     assert len(str(stored.PatientName).split("=")[1].encode()) <= 64
     assert fitted_value("PatientSex", "male") is None  # CS: upper case, ≤ 16, else dropped
-
-
-@pytest.mark.skipif(not Path(ORTHANC_BINARY).exists(), reason="Orthanc is not installed")
-def test_encapsulated_pdf_arrives_at_orthanc_with_the_same_document(
-    renderer: PdfReportRenderer, image: Dataset, tmp_path: Path
-) -> None:
-    report = chinese_report(image)
-    pdf = renderer.render(PdfReportRequest(report, [image]))
-    path = encapsulate(report, pdf, rg1(), tmp_path / "out")
-    with OrthancServer(tmp_path / "orthanc") as pacs:
-        destination = DicomDestination(
-            kind="dicom", name="pacs", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port
-        )
-        (outcome,) = store_batch([path], destination, "MEDGEMMA")
-        assert outcome.verdict is Verdict.DELIVERED, outcome.reason
-        (orthanc_id,) = pacs.instance_ids()
-        response = httpx.get(
-            f"http://127.0.0.1:{pacs.http_port}/instances/{orthanc_id}/file", timeout=30
-        )
-        response.raise_for_status()
-        stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(response.content))
-    assert document_bytes(stored) == pdf
-    assert stored.StudyInstanceUID == report.study_instance_uid
 
 
 # --- pieces --------------------------------------------------------------------------------
