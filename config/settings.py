@@ -247,6 +247,11 @@ class DestinationBase(Section):
             return False
         return not self.only_modalities or modality in self.only_modalities
 
+    @property
+    def wants_pdf(self) -> bool:
+        """Whether this destination receives the report as a PDF (built on first delivery)."""
+        return False
+
 
 class DicomDestination(DestinationBase):
     kind: Literal["dicom"]
@@ -255,6 +260,13 @@ class DicomDestination(DestinationBase):
     port: int = Field(ge=1, le=65535)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     send_gsps: bool = True
+    # The report as an Encapsulated PDF (SOP Class 1.2.840.10008.5.1.4.1.1.104.1), built on the
+    # first delivery and sent once like the SR.
+    send_pdf: bool = False
+
+    @property
+    def wants_pdf(self) -> bool:
+        return self.send_pdf
 
 
 class HL7Destination(DestinationBase):
@@ -278,6 +290,12 @@ class FileDestination(DestinationBase):
     directory: Path
     write_hl7: bool = True
     copy_dicom: bool = True
+    # <study uid>_<report id>_report.pdf beside the JSON, built on the first delivery.
+    write_pdf: bool = False
+
+    @property
+    def wants_pdf(self) -> bool:
+        return self.write_pdf
 
 
 class HttpDestination(DestinationBase):

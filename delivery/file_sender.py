@@ -5,10 +5,12 @@
 
 A row with object_id set (or an .hl7 payload) is that one file. A JSON report row is the
 report's whole set, written in this order so that the JSON, last, marks it complete: the DICOM
-objects (copy_dicom), the ORU ``oru-<destination name>.hl7`` beside the JSON (write_hl7), then
-the JSON. Each file is written with fsync, rename and fsync of the directory
-(storage.files.write_durably). Names are fixed by the report (``delivered_file_name``), so a
-re-send rewrites the same files; an identical file already there is left untouched.
+objects (copy_dicom), the ORU ``oru-<destination name>.hl7`` beside the JSON (write_hl7), the
+PDF report ``<study uid>_<report id>_report.pdf`` (write_pdf; built on the first send by the
+process wiring's preparing sender), then the JSON. Each file is written with fsync, rename and
+fsync of the directory (storage.files.write_durably). Names are fixed by the report
+(``delivered_file_name``), so a re-send rewrites the same files; an identical file already
+there is left untouched.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from config.settings import FileDestination
 from storage.db import Database
 from storage.delivery_types import DeliveryOutcome, Parcel, send_each
-from storage.files import uid_component, write_durably
+from storage.files import report_pdf_relpath, uid_component, write_durably
 from storage.outbox import ClaimedItem, report_object_files
 
 _LABEL_BY_SUFFIX = {".json": "report", ".hl7": "oru"}
@@ -67,6 +69,9 @@ class FileSender:
         if self.destination.write_hl7:
             oru = parcel.path.parent / f"oru-{self.destination.name}.hl7"
             files.append((oru, f"{stem}_oru.hl7"))
+        if self.destination.write_pdf:
+            pdf = self.data_dir / report_pdf_relpath(item.report_id)
+            files.append((pdf, f"{stem}_report.pdf"))
         return [*files, own]
 
 

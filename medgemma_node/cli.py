@@ -99,6 +99,20 @@ def templates_or_exit(settings: NodeSettings) -> None:
         raise typer.Exit(2) from exc
 
 
+def pdf_fonts_or_exit(settings: NodeSettings) -> None:
+    """When destinations want PDF reports, the fonts of the configured language must be
+    installed: a clear error naming the Debian package rather than PDFs without text."""
+    if not any(d.enabled and d.wants_pdf for d in settings.destinations):
+        return
+    from delivery.pdf_fonts import PdfFontMissing, check_pdf_fonts  # WeasyPrint loads later
+
+    try:
+        check_pdf_fonts(settings.model.language)
+    except PdfFontMissing as exc:
+        errors.print(f"[red]configuration error[/red]\n{escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -108,6 +122,7 @@ def serve(
     """Run the node: DICOM SCP, study completion, inference and delivery workers."""
     settings = settings_or_exit(config, port=port, data_dir=data_dir)
     templates_or_exit(settings)
+    pdf_fonts_or_exit(settings)
     _run_node(Node(settings), lambda node: start_serving(node, config))
 
 

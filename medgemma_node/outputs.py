@@ -4,6 +4,10 @@ For each stored report the inference worker calls ReportOutputs(session, report)
     builds the SR (TID 1500) and one GSPS per image with boxes  → <data>/reports/<id>/
     writes the JSON report                                       → <data>/reports/<id>/report.json
     builds one ORU^R01 per HL7 destination (and for file ones)  → <data>/reports/<id>/*.hl7
+    plans the Encapsulated PDF when a routed DICOM destination has send_pdf: its report_objects
+      row (derived SOP Instance UID, path pdf-<uid>.dcm); the file, like the PDF of file
+      destinations with write_pdf, is built by the delivery side on first send
+      (medgemma_node.report_pdf), off this critical path
     adds one outbox row per object per routed destination.
 Everything a delivery will send is fixed here, so a retry re-sends the same bytes: the same SR
 SOP Instance UID, the same HL7 control id (design.md, "Exactly one result per study version").
@@ -32,8 +36,14 @@ from config.settings import (
     HL7Destination,
     NodeSettings,
 )
+from dicom_node.encapsulated_pdf import ENCAPSULATED_PDF_STORAGE
 from dicom_node.gsps import build_gsps
-from dicom_node.output_common import NodeIdentity, OutputRecord, write_datasets
+from dicom_node.output_common import (
+    NodeIdentity,
+    OutputRecord,
+    pdf_instance_uid,
+    write_datasets,
+)
 from dicom_node.sr import SrReference, build_sr
 from hl7_out.oru import OruBuildError, OruHeader, build_oru, hl7_control_id
 from storage.files import write_durably
@@ -90,6 +100,7 @@ class ReportOutputs:
         sources = self._sources(session, report, document)
         directory = self.data_dir / "reports" / str(report.id)
         records = self._build_dicom(session, document, sources, directory)
+        records += self._planned_pdf(document, study, directory)
         objects = [self._object_row(session, report, record) for record in records]
         json_path = self._write_json(document, study, records, directory)
         built = BuiltReport(session, report, document, sources[0], objects, json_path)
@@ -117,6 +128,24 @@ class ReportOutputs:
         has_regions = any(f.region is not None for f in document.content.findings)
         gsps = build_gsps(document, sources, node=self.node) if has_regions else []
         return write_datasets([sr, *gsps], directory)
+
+    def _planned_pdf(
+        self, document: ReportDocument, study: Study, directory: Path
+    ) -> list[OutputRecord]:
+        """The Encapsulated PDF's identity when a DICOM destination will send it; the file is
+        built on the first send (its UID is derived, so it is known now)."""
+        wanted = any(
+            isinstance(d, DicomDestination)
+            and d.enabled
+            and d.send_pdf
+            and d.routes(study.modality, study.calling_ae)
+            for d in self.settings.destinations
+        )
+        if not wanted:
+            return []
+        uid = pdf_instance_uid(self.node, document)
+        path = directory / f"pdf-{uid}.dcm"
+        return [OutputRecord("PDF", ENCAPSULATED_PDF_STORAGE, uid, path)]
 
     def _object_row(self, session: Session, report: Report, record: OutputRecord) -> ReportObject:
         row = ReportObject(
@@ -194,7 +223,9 @@ class ReportOutputs:
         key = idempotency_key(study_uid, report_id, destination.name, installation)
         if isinstance(destination, DicomDestination):
             for obj in built.objects:
-                if obj.kind != "gsps" or destination.send_gsps:
+                if (obj.kind != "gsps" or destination.send_gsps) and (
+                    obj.kind != "pdf" or destination.send_pdf
+                ):
                     self._add(built, destination, obj.sop_instance_uid, Path(obj.path), obj.id)
         elif isinstance(destination, HL7Destination):
             control_id = hl7_control_id(study_uid, report_id, destination.name, installation)

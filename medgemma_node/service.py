@@ -33,6 +33,7 @@ from config.settings import (
 from core.loop import LoopThread
 from delivery.file_sender import FileSender
 from delivery.http_sender import HttpSender
+from delivery.preparing_sender import PreparingSender
 from delivery.senders import SenderRegistry
 from delivery.worker import DeliveryWorker
 from dicom_node.completion import CompletionScheduler
@@ -44,6 +45,7 @@ from medgemma_node.metrics import MetricSources, start_metrics_server
 from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
 from storage.db import Database
+from storage.delivery_types import Sender
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.installation import ensure_installation_id
 from storage.phi import load_or_create_salt
@@ -52,6 +54,7 @@ from storage.recovery import recover
 if TYPE_CHECKING:
     from inference.loader import EngineProvider
     from inference.worker import InferenceWorker
+    from medgemma_node.report_pdf import ReportPdfFiles
 
 log = logging.getLogger(__name__)
 
@@ -236,20 +239,46 @@ def worker_argv(config_path: Path | None, data_dir: Path) -> list[str]:
     return argv
 
 
-def sender_registry(db: Database, data_dir: Path, calling_aet: str) -> SenderRegistry:
-    """The sender of each destination kind; a new kind is registered here."""
+def sender_registry(
+    db: Database, data_dir: Path, calling_aet: str, pdfs: ReportPdfFiles | None = None
+) -> SenderRegistry:
+    """The sender of each destination kind; a new kind is registered here.
+
+    ``pdfs``: when destinations want PDF reports, the senders that may meet a PDF not built
+    yet (DICOM with send_pdf; file with write_pdf, or copy_dicom of an Encapsulated PDF) build
+    it first (delivery.preparing_sender, medgemma_node.report_pdf).
+    """
+
+    def dicom(destination: DicomDestination) -> Sender:
+        sender = DicomSender(destination, calling_aet)
+        if pdfs is None or not destination.send_pdf:
+            return sender
+        return PreparingSender(sender, pdfs.prepare_dicom)
+
+    def files(destination: FileDestination) -> Sender:
+        sender = FileSender(destination, db, data_dir)
+        if pdfs is None or not (destination.write_pdf or destination.copy_dicom):
+            return sender
+        return PreparingSender(sender, pdfs.file_preparer(destination))
+
     return (
         SenderRegistry()
-        .register(DicomDestination, lambda destination: DicomSender(destination, calling_aet))
+        .register(DicomDestination, dicom)
         .register(HL7Destination, HL7OruSender)
-        .register(FileDestination, lambda destination: FileSender(destination, db, data_dir))
+        .register(FileDestination, files)
         .register(HttpDestination, HttpSender)
     )
 
 
 def delivery_worker(settings: NodeSettings, db: Database, **options: object) -> DeliveryWorker:
     """The node's delivery worker: every destination's lane with its sender."""
-    senders = sender_registry(db, settings.storage.data_dir, settings.dicom.ae_title)
+    pdfs = None
+    if any(d.enabled and d.wants_pdf for d in settings.destinations):
+        # WeasyPrint and the SR/PDF builders load only when PDFs are wanted.
+        from medgemma_node.report_pdf import ReportPdfFiles
+
+        pdfs = ReportPdfFiles(settings, db)
+    senders = sender_registry(db, settings.storage.data_dir, settings.dicom.ae_title, pdfs)
     return DeliveryWorker.from_settings(settings, db, senders, **options)
 
 

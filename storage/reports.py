@@ -3,6 +3,7 @@
     document = report_document(session, report)        # the Report row as a ReportDocument
     paths = source_instance_paths(session, report.study_version_id)
     path = predecessor_sr_path(session, study_uid, report_id)
+    stored = stored_report(db, report_id)              # delivery side: a PDF built on demand
 
 ``predecessor_sr_path`` finds the SR of the newest earlier report of the same study: the
 document a new SR names in its Predecessor Documents Sequence (PS3.3 C.17.2.1). Reading that
@@ -11,9 +12,13 @@ file's identity is the SR builder's business (dicom_node.sr.SrReference).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from storage.db import Database
 from storage.models import Instance, Report, ReportObject, Study, StudyVersion
 from storage.report_schema import ModelIdentity, ReportContent, ReportDocument
 
@@ -64,3 +69,42 @@ def predecessor_sr_path(session: Session, study_instance_uid: str, report_id: in
         .limit(1)
     ).first()
     return None if row is None else str(row[0])
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    """A report as the delivery side rebuilds an output from it, outside the worker's
+    transaction: the document, its source files (the images the model saw, else the study
+    version's first) and the time of the report it supersedes, if any."""
+
+    document: ReportDocument
+    source_paths: list[str]  # relative to the data directory
+    superseded_at: datetime | None
+
+
+def stored_report(db: Database, report_id: int) -> StoredReport:
+    """LookupError when there is no such report."""
+    with db.session() as session:
+        report = session.get(Report, report_id)
+        if report is None:
+            raise LookupError(f"report {report_id} does not exist")
+        document = report_document(session, report)
+        instances = session.execute(
+            select(Instance.sop_instance_uid, Instance.path)
+            .join(StudyVersion.instances)
+            .where(StudyVersion.id == report.study_version_id)
+            .order_by(Instance.id)
+        ).all()
+        wanted = set(document.source_sop_instance_uids)
+        paths = [path for uid, path in instances if uid in wanted]
+        paths = paths or [path for _, path in instances[:1]]
+        superseded = (
+            session.get(Report, report.supersedes_report_id)
+            if report.supersedes_report_id is not None
+            else None
+        )
+        return StoredReport(
+            document=document,
+            source_paths=paths,
+            superseded_at=superseded.created_at if superseded is not None else None,
+        )
