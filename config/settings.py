@@ -9,6 +9,8 @@ Sources, highest priority first:
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,7 +24,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from core.errors import ConfigError  # raised here; importable from here as before
+from core.retry import RetryPolicy
 
 ENV_PREFIX = "MEDGEMMA_NODE_"
 
@@ -88,7 +98,16 @@ class DicomSettings(Section):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     max_associations: int = Field(default=10, ge=1)
     max_pdu: int = Field(default=262144, ge=0)
+    # PS3.8 §9.1.5 ARTIM timer: a connection that sends no A-ASSOCIATE-RQ within this (or, with
+    # TLS, does not finish its handshake) is closed; also bounds the wait for a release reply.
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    # The longest wait for the next DIMSE message of a C-STORE/C-ECHO under way.
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    # An established association with no traffic for this long is aborted.
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # PS3.8 §9.3.4: associations addressed to another called AE title are rejected
+    # (rejected-permanent, service-user, called-AE-title-not-recognized).
+    require_called_aet: bool = True
     accepted_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_SOP_CLASSES))
     ignored_sop_classes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_IGNORED_SOP_CLASSES)
@@ -231,11 +250,40 @@ class ModelSettings(Section):
         return self
 
 
-class RetryPolicy(Section):
+class InteractiveSettings(Section):
+    """Questions and predict requests: a priority lane on the inference worker.
+
+    The API queues them (storage/interactive.py; how many may wait is its own setting, passed
+    to ``submit`` as ``max_queued``); the worker answers them before its next batch of studies
+    (inference/interactive.py).
+    """
+
+    max_batch: int = Field(default=4, ge=1)  # requests the worker runs as one engine batch
+    # Rounds of up to max_batch requests served before the next study batch: questions come
+    # first, yet a steady stream of them cannot starve the study queue.
+    max_rounds_between_batches: int = Field(default=4, ge=1)
+    max_new_tokens: int = Field(default=384, ge=1)  # default answer length (capped by model's)
+    wait_timeout_s: float = Field(default=120.0, gt=0)  # how long a caller waits for an answer
+    poll_interval_s: float = Field(default=0.25, gt=0)  # waiting without the answer doorbell
+    lease_seconds: float = Field(default=300.0, gt=0)  # a request whose worker died then fails
+
+
+class RetrySettings(Section):
+    """``[destinations.retry]``: when a destination's failed rows are tried again, and when
+    they are given up on (dead-lettered)."""
+
     max_attempts: int = Field(default=20, ge=1)
     max_age_s: float = Field(default=86400.0, gt=0)
     initial_backoff_s: float = Field(default=2.0, ge=0)
     max_backoff_s: float = Field(default=600.0, gt=0)
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            max_age_s=self.max_age_s,
+            initial_backoff_s=self.initial_backoff_s,
+            max_backoff_s=self.max_backoff_s,
+        )
 
 
 class DestinationBase(Section):
@@ -244,7 +292,18 @@ class DestinationBase(Section):
     # Routing: empty lists mean "all".
     only_calling_aets: list[str] = Field(default_factory=list)
     only_modalities: list[str] = Field(default_factory=list)
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+
+    def routes(self, modality: str, calling_ae: str) -> bool:
+        """Whether a study of ``modality`` sent by ``calling_ae`` goes to this destination."""
+        if self.only_calling_aets and calling_ae not in self.only_calling_aets:
+            return False
+        return not self.only_modalities or modality in self.only_modalities
+
+    @property
+    def wants_pdf(self) -> bool:
+        """Whether this destination receives the report as a PDF (built on first delivery)."""
+        return False
 
 
 class DicomDestination(DestinationBase):
@@ -254,6 +313,13 @@ class DicomDestination(DestinationBase):
     port: int = Field(ge=1, le=65535)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     send_gsps: bool = True
+    # The report as an Encapsulated PDF (SOP Class 1.2.840.10008.5.1.4.1.1.104.1), built on the
+    # first delivery and sent once like the SR.
+    send_pdf: bool = False
+
+    @property
+    def wants_pdf(self) -> bool:
+        return self.send_pdf
 
 
 class HL7Destination(DestinationBase):
@@ -277,6 +343,12 @@ class FileDestination(DestinationBase):
     directory: Path
     write_hl7: bool = True
     copy_dicom: bool = True
+    # <study uid>_<report id>_report.pdf beside the JSON, built on the first delivery.
+    write_pdf: bool = False
+
+    @property
+    def wants_pdf(self) -> bool:
+        return self.write_pdf
 
 
 class HttpDestination(DestinationBase):
@@ -299,9 +371,21 @@ class IdentitySettings(Section):
     device_name: str = Field(default="medgemma-node", min_length=1, max_length=64)
     institution_name: str | None = Field(default=None, max_length=64)
     serial_number: str | None = Field(default=None, max_length=64)
-    # The organisation's UID root (PS3.5 §9.1), e.g. "1.2.826.0.1.3680043.10.1234."; empty: the
-    # pydicom root. Derived UIDs stay deterministic either way.
+    # The organisation's UID root (PS3.5 §9.1), e.g. "1.2.826.0.1.3680043.10.1234.". Derived
+    # UIDs stay deterministic either way, and include the installation id.
+    # At most 40 characters leaves 24 digits for the derived suffix within the 64 of a UID.
+    # Empty: 2.25.<UUID as integer> (PS3.5 B.2), with a warning at start.
     uid_root: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str | None) -> str | None:
+        # PS3.5 §9.1: a component is "0" or starts with a non-zero digit.
+        if value is not None and any(
+            len(part) > 1 and part.startswith("0") for part in value.rstrip(".").split(".")
+        ):
+            raise ValueError(f"uid_root {value!r}: a component must not start with 0 (PS3.5 9.1)")
+        return value
 
 
 class DeliverySettings(Section):
@@ -318,6 +402,23 @@ class MetricsSettings(Section):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535)
+
+
+class ApiSettings(Section):
+    """The REST API (api/), served by uvicorn inside `serve`."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (shown by `status`)
+    # HTTPS: cert_file + key_file; ca_file + require_client_cert to ask for client certificates.
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    max_upload_mb: float = Field(default=64.0, gt=0)  # larger request bodies get 413
+    max_question_chars: int = Field(default=2000, ge=1)  # longer questions get 422
+    # Questions and predict requests waiting for the worker; beyond this, 429 with Retry-After.
+    max_queued_questions: int = Field(default=32, ge=1)
+    # "public": /api/docs and /api/openapi.json without a token (they hold no patient data);
+    # "off": neither is served.
+    docs: Literal["public", "off"] = "public"
 
 
 class LoggingSettings(Section):
@@ -337,7 +438,9 @@ class NodeSettings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    interactive: InteractiveSettings = Field(default_factory=InteractiveSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -367,16 +470,54 @@ class NodeSettings(BaseSettings):
         return (env_settings, init_settings)
 
 
-class ConfigError(Exception):
-    """The configuration cannot be used; ``str()`` names each bad key."""
+def _environment_variable(location: tuple[int | str, ...]) -> str | None:
+    """The MEDGEMMA_NODE_* variable that supplied the value at ``location``, if one did.
+
+    pydantic-settings matches names case-insensitively and a variable may set a whole table
+    (MEDGEMMA_NODE_DICOM='{...}'), so the longest matching prefix of the location wins.
+    """
+    present = {name.upper(): name for name in os.environ if name.upper().startswith(ENV_PREFIX)}
+    for length in range(len(location), 0, -1):
+        candidate = ENV_PREFIX + "__".join(str(part) for part in location[:length]).upper()
+        if candidate in present:
+            return present[candidate]
+    return None
 
 
-def _format_validation_error(exc: ValidationError) -> str:
+def _format_validation_error(exc: ValidationError, path: Path | None) -> str:
+    """One line per bad key; a value that came from the environment names its variable."""
     lines = []
+    from_file = False
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(root)"
-        lines.append(f"{key}: {error['msg']}")
-    return "\n".join(lines)
+        location = tuple(error["loc"])
+        key = ".".join(str(part) for part in location) or "(root)"
+        variable = _environment_variable(location)
+        if variable is None:
+            from_file = True
+            lines.append(f"{key}: {error['msg']}")
+        else:
+            # The value itself is left out: it may be a password or a token.
+            lines.append(f"{key} (environment variable {variable}): {error['msg']}")
+    if from_file and path is not None:
+        source = f" in {path}"
+    elif from_file:
+        source = ""
+    else:
+        source = " in the environment"
+    return f"invalid configuration{source}:\n" + "\n".join(lines)
+
+
+def _format_settings_error(exc: SettingsError) -> str:
+    """pydantic-settings could not parse a variable (a table or list that is not JSON)."""
+    match = re.search(r'field "(\w+)"', str(exc))
+    variable = _environment_variable((match.group(1),)) if match else None
+    if match is None or variable is None:
+        return f"invalid configuration in the environment: {exc}"
+    return (
+        "invalid configuration in the environment:\n"
+        f"{match.group(1)} (environment variable {variable}): not valid JSON "
+        "(tables and lists are given as JSON)"
+    )
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -400,6 +541,6 @@ def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
     try:
         return NodeSettings(**data)
     except ValidationError as exc:
-        source = f" in {path}" if path else ""
-        details = _format_validation_error(exc)
-        raise ConfigError(f"invalid configuration{source}:\n{details}") from exc
+        raise ConfigError(_format_validation_error(exc, path)) from exc
+    except SettingsError as exc:
+        raise ConfigError(_format_settings_error(exc)) from exc

@@ -6,11 +6,16 @@ study version downstream"). Each UID is ``generate_uid(prefix, entropy_srcs=[key
 
     series of the SRs of a study        medgemma-node:{study_uid}:sr-series
     series of the GSPS of a study       medgemma-node:{study_uid}:pr-series
-      (test-model output: sr-series-test, pr-series-test, as its Series Description differs)
+    series of the PDFs of a study       medgemma-node:{study_uid}:doc-series
+      (test-model output: sr-series-test, pr-series-test, doc-series-test, as its Series
+      Description differs)
     SR of a report                      medgemma-node:{study_uid}:{report_id}:sr
     GSPS of a report and source image   medgemma-node:{study_uid}:{report_id}:gsps:{image_uid}
+    Encapsulated PDF of a report        medgemma-node:{study_uid}:{report_id}:pdf
     tracking UID of finding n           medgemma-node:{study_uid}:{report_id}:finding:{n}
     device observer UID                 medgemma-node:device:{node name}
+with the installation id (storage.installation) after "medgemma-node:" when the node has one.
+Without a UID root the UID is ``2.25.<uuid5(key) as integer>`` (PS3.5 B.2).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -42,8 +48,10 @@ from storage.report_schema import (
 
 SR_SERIES_NUMBER = 9901
 GSPS_SERIES_NUMBER = 9902
+PDF_SERIES_NUMBER = 9903
 SR_SERIES_DESCRIPTION = "AI report — not verified"
 GSPS_SERIES_DESCRIPTION = "AI overlay — not verified"
+PDF_SERIES_DESCRIPTION = "AI PDF — not verified"  # ≤ 64 bytes with the test prefix
 UTF8 = "ISO_IR 192"  # Specific Character Set (0008,0005): Unicode in UTF-8, PS3.3 C.12.1.1.2
 
 _MAX_LO = 64
@@ -62,7 +70,9 @@ def _software_version() -> str:
 class NodeIdentity:
     """The node as equipment (PS3.3 C.7.5.1) and as device observer (PS3.16 TID 1004).
 
-    ``uid_prefix`` is the organisation's UID root ending in "." (None: pydicom's root).
+    ``uid_prefix`` is the organisation's UID root ending in "." (None: the ``2.25.`` UUID form,
+    PS3.5 B.2). ``installation_id`` (storage.installation) is part of every derived UID, so two
+    installations reporting the same study never mint the same UID.
     """
 
     name: str = "medgemma-node"
@@ -72,6 +82,7 @@ class NodeIdentity:
     serial_number: str | None = None
     institution_name: str | None = None
     uid_prefix: str | None = None
+    installation_id: str | None = None
 
     @property
     def device_uid(self) -> str:
@@ -95,10 +106,14 @@ def _optional_long_string(text: str | None) -> str | None:
 
 
 def derived_uid(node: NodeIdentity, *parts: object) -> str:
-    """A UID that depends only on ``parts`` (and the node's UID root)."""
-    key = ":".join([_UID_KEY_PREFIX, *(str(part) for part in parts)])
+    """A UID that depends only on ``parts``, the installation id and the node's UID root.
+
+    Without a root: ``2.25.`` and the integer of a name-based UUID (RFC 9562 v5), PS3.5 B.2.
+    """
+    installation = [] if node.installation_id is None else [node.installation_id]
+    key = ":".join([_UID_KEY_PREFIX, *installation, *(str(part) for part in parts)])
     if node.uid_prefix is None:
-        return str(generate_uid(entropy_srcs=[key]))
+        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, key).int}"
     return str(generate_uid(prefix=node.uid_prefix, entropy_srcs=[key]))
 
 
@@ -115,12 +130,20 @@ def gsps_series_uid(node: NodeIdentity, report: ReportDocument) -> str:
     return derived_uid(node, report.study_instance_uid, _series_kind("pr", report))
 
 
+def pdf_series_uid(node: NodeIdentity, report: ReportDocument) -> str:
+    return derived_uid(node, report.study_instance_uid, _series_kind("doc", report))
+
+
 def sr_instance_uid(node: NodeIdentity, report: ReportDocument) -> str:
     return derived_uid(node, report.study_instance_uid, report.report_id, "sr")
 
 
 def gsps_instance_uid(node: NodeIdentity, report: ReportDocument, image_uid: str) -> str:
     return derived_uid(node, report.study_instance_uid, report.report_id, "gsps", image_uid)
+
+
+def pdf_instance_uid(node: NodeIdentity, report: ReportDocument) -> str:
+    return derived_uid(node, report.study_instance_uid, report.report_id, "pdf")
 
 
 def tracking_uid(node: NodeIdentity, report: ReportDocument, finding_number: int) -> str:
@@ -327,10 +350,11 @@ def pin_creation_times(dataset: Dataset, when: datetime) -> None:
 
 _SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 _GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+_ENCAPSULATED_PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
 
 
 class OutputRecord(NamedTuple):
-    """One written object: kind ("SR", "GSPS" or the modality), its UIDs and where it is."""
+    """One written object: kind ("SR", "GSPS", "PDF" or the modality), its UIDs and where."""
 
     kind: str
     sop_class_uid: str
@@ -344,6 +368,8 @@ def object_kind(dataset: Dataset) -> str:
         return "SR"
     if sop_class == _GSPS_CLASS:
         return "GSPS"
+    if sop_class == _ENCAPSULATED_PDF_CLASS:
+        return "PDF"
     return str(dataset.get("Modality", "OT"))
 
 

@@ -127,7 +127,7 @@ def chat_messages(request: GenerationRequest, max_side: int = 0) -> list[dict[st
     """The request's turns as chat messages: earlier turns (when the request carries them),
     then the new user turn; Gemma's "model" role is the API's "assistant"."""
     messages: list[dict[str, Any]] = []
-    for turn in getattr(request, "history", ()):
+    for turn in request.history:
         if turn.role == "model":
             messages.append({"role": "assistant", "content": turn.text})
         else:

@@ -21,20 +21,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from config.settings import ConfigError, DicomSettings, NodeSettings, StorageSettings, load_settings
+from delivery.worker import DeliveryWorker
 from dicom_node.scu import AssociationFailed, FileToSend, echo, inspect_file, iter_files, send_files
-from medgemma_node.delivery import DeliveryWorker
+from dicom_node.statuses import describe_status
+from inference.prompts import PromptTemplateError, check_templates
 from medgemma_node.logs import setup_logging
 from medgemma_node.runtime import read_runtime_state
 from medgemma_node.service import (
     Node,
+    delivery_worker,
     open_database,
     start_serving,
     start_worker,
 )
 from medgemma_node.status import collect_status, print_status, redact_url
-from storage import outbox
+from storage import outbox, users
 from storage.db import Database
-from storage.models import OutboxItem, OutboxStatus
+from storage.models import OutboxItem, OutboxStatus, UserRole
 
 app = typer.Typer(help="DICOM node that runs MedGemma on received studies.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -43,6 +46,8 @@ outbox_app = typer.Typer(
     help="Results waiting for their destinations, sent, or given up on.", no_args_is_help=True
 )
 app.add_typer(outbox_app, name="outbox")
+api_app = typer.Typer(help="REST API users and their bearer tokens.", no_args_is_help=True)
+app.add_typer(api_app, name="api")
 
 console = Console()
 # Errors are read by people and by scripts: never wrapped at the terminal width.
@@ -84,6 +89,30 @@ def settings_or_exit(
     return settings
 
 
+def templates_or_exit(settings: NodeSettings) -> None:
+    """The question templates the worker will load (shipped + model.prompts_dir) must load:
+    a broken one is a configuration error now, not a worker restarting every minute."""
+    try:
+        check_templates(settings.model)
+    except PromptTemplateError as exc:
+        errors.print(f"[red]configuration error[/red]\n{escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+
+def pdf_fonts_or_exit(settings: NodeSettings) -> None:
+    """When destinations want PDF reports, the fonts of the configured language must be
+    installed: a clear error naming the Debian package rather than PDFs without text."""
+    if not any(d.enabled and d.wants_pdf for d in settings.destinations):
+        return
+    from delivery.pdf_fonts import PdfFontMissing, check_pdf_fonts  # WeasyPrint loads later
+
+    try:
+        check_pdf_fonts(settings.model.language)
+    except PdfFontMissing as exc:
+        errors.print(f"[red]configuration error[/red]\n{escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -92,6 +121,8 @@ def serve(
 ) -> None:
     """Run the node: DICOM SCP, study completion, inference and delivery workers."""
     settings = settings_or_exit(config, port=port, data_dir=data_dir)
+    templates_or_exit(settings)
+    pdf_fonts_or_exit(settings)
     _run_node(Node(settings), lambda node: start_serving(node, config))
 
 
@@ -99,6 +130,7 @@ def serve(
 def worker(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Run only the inference worker (e.g. a second GPU box on the same PostgreSQL)."""
     settings = settings_or_exit(config, data_dir=data_dir)
+    templates_or_exit(settings)
     _run_node(Node(settings, with_scp=False), start_worker)
 
 
@@ -128,6 +160,7 @@ def demo_model(
 def validate_config(config: ConfigOption = None) -> None:
     """Print the effective settings, or the errors naming each bad key."""
     settings = settings_or_exit(config)
+    templates_or_exit(settings)
     console.print_json(settings.model_dump_json(indent=2))
 
 
@@ -140,21 +173,43 @@ def db_upgrade(config: ConfigOption = None, data_dir: DataDirOption = None) -> N
     console.print(f"database at revision head: {redact_url(settings.database_url)}")
 
 
+DEFAULT_CALLING_AET = "MEDGEMMA_SCU"
+CallingAetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--aet",
+        help="Calling AE title (default: dicom.ae_title with --config, "
+        f"else {DEFAULT_CALLING_AET})",
+    ),
+]
+
+
+def calling_aet_or_exit(aet: str | None, config: Path | None) -> str:
+    """--aet, else the node's own AE title from --config, else the default."""
+    if aet is not None:
+        return aet
+    if config is not None:
+        return settings_or_exit(config).dicom.ae_title
+    return DEFAULT_CALLING_AET
+
+
 @app.command("echo")
 def echo_command(
     host: str,
     port: int,
-    aet: Annotated[str, typer.Option(help="Calling AE title")] = "MEDGEMMA_SCU",
+    aet: CallingAetOption = None,
     aec: Annotated[str, typer.Option(help="Called AE title")] = "ANY-SCP",
+    config: ConfigOption = None,
 ) -> None:
     """C-ECHO a DICOM peer."""
+    calling = calling_aet_or_exit(aet, config)
     try:
-        status = echo(host, port, aet, aec)
+        status = echo(host, port, calling, aec)
     except AssociationFailed as exc:
-        errors.print(f"[red]{exc}[/red]")
+        errors.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from exc
     if status != 0:
-        errors.print(f"[red]C-ECHO status 0x{status:04X}[/red]")
+        errors.print(f"[red]C-ECHO status {escape(describe_status(status))}[/red]")
         raise typer.Exit(1)
     console.print(f"C-ECHO {aec}@{host}:{port}: success")
 
@@ -165,9 +220,11 @@ def send(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 11112,
     aec: Annotated[str, typer.Option(help="Called AE title")] = "MEDGEMMA",
-    aet: Annotated[str, typer.Option(help="Calling AE title")] = "MEDGEMMA_SCU",
+    aet: CallingAetOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """C-STORE files and folders to a DICOM node, with a progress bar."""
+    aet = calling_aet_or_exit(aet, config)
     files = _inspect_all(iter_files(paths))
     if not files:
         errors.print("[red]no DICOM files to send[/red]")
@@ -185,14 +242,14 @@ def send(
                 files, host, port, aet, aec, progress=lambda *_: progress.advance(task)
             )
         except AssociationFailed as exc:
-            errors.print(f"[red]{exc}[/red]")
+            errors.print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(1) from exc
     console.print(
         f"sent {len(summary.sent)}, warnings {len(summary.warnings)}, "
         f"failed {len(summary.failed)}, not accepted {len(summary.skipped)}"
     )
     for path, reason in [*summary.failed, *summary.skipped]:
-        errors.print(f"  {path}: {reason}")
+        errors.print(f"  {escape(str(path))}: {escape(reason)}")
     if summary.failed or summary.skipped:
         raise typer.Exit(1)
 
@@ -354,11 +411,10 @@ def outbox_deliver(
         errors.print("[red]`serve` is running on this SQLite database and delivers already[/red]")
         db.dispose()
         raise typer.Exit(1)
-    worker = DeliveryWorker.from_settings(
+    worker = delivery_worker(
         settings,
         db,
         poll_interval_s=poll_interval or settings.delivery.poll_interval_s,
-        batch_size=settings.delivery.batch_size,
         lease_s=lease_seconds,
     )
     try:
@@ -394,6 +450,79 @@ def _serving_pid(data_dir: Path) -> int | None:
     except PermissionError:
         return pid
     return pid
+
+
+# ---------------------------------------------------------------------------------------------
+# api: users of the REST API
+
+
+@api_app.command("add-user")
+def api_add_user(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="User name (in the audit trail)")],
+    role: Annotated[UserRole, typer.Option(help="viewer: read; radiologist: ask; admin: all")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Create a user; the new bearer token is the last line of the output (shown only once)."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    with opened_database(settings) as db:
+        try:
+            token = users.create_user(db, name, role)
+        except users.UserError as exc:
+            errors.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(1) from exc
+    console.print(f"user {escape(name.strip())} ({role.value}) created; its bearer token:")
+    # Plain write, never wrapped: scripts take the last line.
+    sys.stdout.write(token + "\n")
+
+
+@api_app.command("list-users")
+def api_list_users(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Users, their roles, and when they were created or revoked (never their tokens)."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    with opened_database(settings) as db:
+        found = users.list_users(db)
+    if as_json:
+        rows = [
+            {
+                "name": u.name,
+                "role": u.role.value,
+                "active": u.active,
+                "created_at": u.created_at,
+                "revoked_at": u.revoked_at,
+            }
+            for u in found
+        ]
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    if not found:
+        console.print("no users")
+        return
+    table = Table("name", "role", "created", "revoked")
+    for user in found:
+        revoked = _short_time(user.revoked_at) if user.revoked_at else ""
+        table.add_row(escape(user.name), user.role.value, _short_time(user.created_at), revoked)
+    console.print(table)
+
+
+@api_app.command("revoke-user")
+def api_revoke_user(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="User name")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Revoke a user's token at once (the user stays in the audit trail)."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    with opened_database(settings) as db:
+        revoked = users.revoke_user(db, name)
+    if not revoked:
+        errors.print(f"[red]no active user {escape(name)}[/red]")
+        raise typer.Exit(1)
+    console.print(f"user {escape(name)} revoked")
 
 
 if __name__ == "__main__":

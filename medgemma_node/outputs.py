@@ -4,24 +4,29 @@ For each stored report the inference worker calls ReportOutputs(session, report)
     builds the SR (TID 1500) and one GSPS per image with boxes  → <data>/reports/<id>/
     writes the JSON report                                       → <data>/reports/<id>/report.json
     builds one ORU^R01 per HL7 destination (and for file ones)  → <data>/reports/<id>/*.hl7
+    plans the Encapsulated PDF when a routed DICOM destination has send_pdf: its report_objects
+      row (derived SOP Instance UID, path pdf-<uid>.dcm); the file, like the PDF of file
+      destinations with write_pdf, is built by the delivery side on first send
+      (medgemma_node.report_pdf), off this critical path
     adds one outbox row per object per routed destination.
 Everything a delivery will send is fixed here, so a retry re-sends the same bytes: the same SR
 SOP Instance UID, the same HL7 control id (design.md, "Exactly one result per study version").
+
+Composition only: the builders are the stages' (dicom_node.sr/gsps, hl7_out.oru), the reads are
+storage.reports, identities come from hl7_out.oru.hl7_control_id and
+storage.outbox.idempotency_key, routing from the destination settings (``routes``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config.settings import (
@@ -31,54 +36,36 @@ from config.settings import (
     HL7Destination,
     NodeSettings,
 )
+from dicom_node.encapsulated_pdf import ENCAPSULATED_PDF_STORAGE
 from dicom_node.gsps import build_gsps
-from dicom_node.output_common import NodeIdentity, OutputRecord, write_datasets
+from dicom_node.output_common import (
+    NodeIdentity,
+    OutputRecord,
+    pdf_instance_uid,
+    write_datasets,
+)
 from dicom_node.sr import SrReference, build_sr
-from hl7_out.oru import build_oru
+from hl7_out.oru import OruBuildError, OruHeader, build_oru, hl7_control_id
 from storage.files import write_durably
-from storage.models import (
-    Instance,
-    OutboxItem,
-    Report,
-    ReportObject,
-    Study,
-    StudyVersion,
-)
-from storage.report_schema import (
-    AI_DISCLAIMER,
-    TEST_MODEL_BANNER,
-    ModelIdentity,
-    ReportContent,
-    ReportDocument,
-)
+from storage.installation import ensure_installation_id
+from storage.models import OutboxItem, OutboxStatus, Report, ReportObject, Study
+from storage.outbox import idempotency_key
+from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, ReportDocument
+from storage.reports import predecessor_sr_path, report_document, source_instance_paths
 
-log = logging.getLogger("medgemma_node.outputs")
+log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 
 
-def node_identity(settings: NodeSettings) -> NodeIdentity:
+def node_identity(settings: NodeSettings, installation_id: str | None = None) -> NodeIdentity:
     identity = settings.identity
     return NodeIdentity(
         name=identity.device_name,
         serial_number=identity.serial_number,
         institution_name=identity.institution_name,
         uid_prefix=identity.uid_root,
-    )
-
-
-def report_document(session: Session, report: Report) -> ReportDocument:
-    version = session.get_one(StudyVersion, report.study_version_id)
-    study = session.get_one(Study, report.study_id)
-    return ReportDocument(
-        report_id=report.id,
-        study_instance_uid=study.study_instance_uid,
-        version_number=version.version_number,
-        created_at=report.created_at,
-        content=ReportContent.model_validate(report.content_json),
-        model=ModelIdentity.model_validate(report.model_json),
-        question=report.question,
-        source_sop_instance_uids=list(report.timings_json.get("source_sop_instance_uids", [])),
+        installation_id=installation_id,
     )
 
 
@@ -101,30 +88,31 @@ class ReportOutputs:
         self.settings = settings
         self.data_dir = settings.storage.data_dir
         self.node = node_identity(settings)
+        self.installation_id: str | None = None
 
     def __call__(self, session: Session, report: Report) -> None:
+        if self.installation_id is None:
+            # Every identity minted below derives from it (storage/installation.py).
+            self.installation_id = ensure_installation_id(session, self.data_dir)
+            self.node = node_identity(self.settings, self.installation_id)
         document = report_document(session, report)
         study = session.get_one(Study, report.study_id)
         sources = self._sources(session, report, document)
         directory = self.data_dir / "reports" / str(report.id)
         records = self._build_dicom(session, document, sources, directory)
+        records += self._planned_pdf(document, study, directory)
         objects = [self._object_row(session, report, record) for record in records]
         json_path = self._write_json(document, study, records, directory)
         built = BuiltReport(session, report, document, sources[0], objects, json_path)
         for destination in self.settings.destinations:
-            if destination.enabled and routed(destination, study):
-                self._queue(built, destination)
+            if destination.enabled and destination.routes(study.modality, study.calling_ae):
+                self._queue_or_dead_letter(built, destination)
 
     # -- building -------------------------------------------------------------------------
 
     def _sources(self, session: Session, report: Report, document: ReportDocument) -> list[Dataset]:
         """The images the model saw (headers + pixels: a GSPS may need a computed window)."""
-        paths = session.scalars(
-            select(Instance.path)
-            .join(StudyVersion.instances)
-            .where(StudyVersion.id == report.study_version_id)
-            .order_by(Instance.id)
-        ).all()
+        paths = source_instance_paths(session, report.study_version_id)
         datasets: list[Dataset] = [
             dcmread(self.data_dir / path, defer_size="1 MB") for path in paths
         ]
@@ -140,6 +128,24 @@ class ReportOutputs:
         has_regions = any(f.region is not None for f in document.content.findings)
         gsps = build_gsps(document, sources, node=self.node) if has_regions else []
         return write_datasets([sr, *gsps], directory)
+
+    def _planned_pdf(
+        self, document: ReportDocument, study: Study, directory: Path
+    ) -> list[OutputRecord]:
+        """The Encapsulated PDF's identity when a DICOM destination will send it; the file is
+        built on the first send (its UID is derived, so it is known now)."""
+        wanted = any(
+            isinstance(d, DicomDestination)
+            and d.enabled
+            and d.send_pdf
+            and d.routes(study.modality, study.calling_ae)
+            for d in self.settings.destinations
+        )
+        if not wanted:
+            return []
+        uid = pdf_instance_uid(self.node, document)
+        path = directory / f"pdf-{uid}.dcm"
+        return [OutputRecord("PDF", ENCAPSULATED_PDF_STORAGE, uid, path)]
 
     def _object_row(self, session: Session, report: Report, record: OutputRecord) -> ReportObject:
         row = ReportObject(
@@ -179,31 +185,66 @@ class ReportOutputs:
 
     # -- outbox ---------------------------------------------------------------------------
 
+    def _queue_or_dead_letter(self, built: BuiltReport, destination: Destination) -> None:
+        """Queue one destination; a payload that cannot be built fails only that delivery:
+        a dead outbox row says why (``outbox list``) and the other outputs go on."""
+        try:
+            self._queue(built, destination)
+        except Exception as exc:  # any builder failure is this destination's alone
+            reason = build_failure_reason(exc)
+            log.error(
+                "report %s: no payload for destination %s: %s",
+                built.report.id,
+                destination.name,
+                reason,
+            )
+            key = idempotency_key(
+                built.document.study_instance_uid,
+                built.report.id,
+                destination.name,
+                self.installation_id,
+            )
+            built.session.add(
+                OutboxItem(
+                    report_id=built.report.id,
+                    destination=destination.name,
+                    kind=destination.kind,
+                    message_id=key,
+                    payload_path="",
+                    status=OutboxStatus.DEAD,
+                    last_error=reason,
+                )
+            )
+
     def _queue(self, built: BuiltReport, destination: Destination) -> None:
         """The outbox rows of one destination (design.md: written with the report)."""
         study_uid, report_id = built.document.study_instance_uid, built.report.id
-        key = idempotency_key(study_uid, report_id, destination.name)
+        installation = self.installation_id
+        key = idempotency_key(study_uid, report_id, destination.name, installation)
         if isinstance(destination, DicomDestination):
             for obj in built.objects:
-                if obj.kind != "gsps" or destination.send_gsps:
+                if (obj.kind != "gsps" or destination.send_gsps) and (
+                    obj.kind != "pdf" or destination.send_pdf
+                ):
                     self._add(built, destination, obj.sop_instance_uid, Path(obj.path), obj.id)
         elif isinstance(destination, HL7Destination):
-            control_id = hl7_control_id(study_uid, report_id, destination.name)
-            self._add(
-                built, destination, control_id, self._write_oru(built, destination, control_id)
-            )
+            control_id = hl7_control_id(study_uid, report_id, destination.name, installation)
+            oru = self._write_oru(built, destination.name, OruHeader.of(destination), control_id)
+            self._add(built, destination, control_id, oru)
         elif isinstance(destination, FileDestination):
-            if destination.write_hl7:
-                control_id = hl7_control_id(study_uid, report_id, destination.name)
-                self._write_oru(built, file_hl7_settings(destination), control_id)
+            if destination.write_hl7:  # no MLLP peer to configure: the default header
+                control_id = hl7_control_id(study_uid, report_id, destination.name, installation)
+                self._write_oru(built, destination.name, OruHeader(), control_id)
             self._add(built, destination, key, self._rel(built.json_path))
         else:
             self._add(built, destination, key, self._rel(built.json_path))
 
-    def _write_oru(self, built: BuiltReport, destination: HL7Destination, control_id: str) -> Path:
+    def _write_oru(
+        self, built: BuiltReport, destination_name: str, header: OruHeader, control_id: str
+    ) -> Path:
         document = built.document
-        message = build_oru(document, built.source, destination, control_id, document.created_at)
-        path = self.data_dir / "reports" / str(document.report_id) / f"oru-{destination.name}.hl7"
+        message = build_oru(document, built.source, header, control_id, document.created_at)
+        path = self.data_dir / "reports" / str(document.report_id) / f"oru-{destination_name}.hl7"
         write_durably(path, message.encode("utf-8"))
         return self._rel(path)
 
@@ -230,33 +271,12 @@ class ReportOutputs:
         )
 
 
-def routed(destination: Destination, study: Study) -> bool:
-    """Routing: empty lists mean every sender and modality."""
-    if destination.only_calling_aets and study.calling_ae not in destination.only_calling_aets:
-        return False
-    return not destination.only_modalities or study.modality in destination.only_modalities
-
-
-def hl7_control_id(study_uid: str, report_id: int, destination: str) -> str:
-    """MSH-10, at most 20 characters (HL7 v2.5 §2.15.9.10), fixed per report and destination.
-
-    Derived from the Study Instance UID (globally unique) as well as the report id, so two
-    nodes — or one node after a database reset — never reuse a control id at the same HIS.
-    """
-    digest = hashlib.sha256(f"{study_uid}|{report_id}|{destination}".encode()).hexdigest()
-    return f"MG{digest[:18].upper()}"
-
-
-def idempotency_key(study_uid: str, report_id: int, destination: str) -> str:
-    """The HTTP Idempotency-Key of a report: a UUID that no other report of any node shares."""
-    return str(
-        uuid.uuid5(uuid.NAMESPACE_OID, f"medgemma-node:{study_uid}:{report_id}:{destination}")
-    )
-
-
-def file_hl7_settings(destination: FileDestination) -> HL7Destination:
-    """HL7 header values for the .hl7 file a file destination writes (no MLLP peer)."""
-    return HL7Destination(kind="hl7", name=destination.name, host="localhost", port=1)
+def build_failure_reason(exc: BaseException) -> str:
+    """Why a payload was not built, without PHI: library errors (strict HL7 validation,
+    pydicom) may quote dataset values, so only the node's own messages are kept whole."""
+    if isinstance(exc, OruBuildError) and exc.__cause__ is None:
+        return f"payload not built: {exc}"
+    return f"payload not built: {type(exc).__name__} (details withheld: may quote patient data)"
 
 
 def document_notice(document: ReportDocument) -> str:
@@ -267,18 +287,7 @@ def document_notice(document: ReportDocument) -> str:
 
 def previous_sr(session: Session, document: ReportDocument, data_dir: Path) -> SrReference | None:
     """The SR of the newest earlier report of the same study (Predecessor Documents, C.17.2)."""
-    row = session.execute(
-        select(ReportObject.path)
-        .join(Report, Report.id == ReportObject.report_id)
-        .join(Study, Study.id == Report.study_id)
-        .where(
-            Study.study_instance_uid == document.study_instance_uid,
-            Report.id < document.report_id,
-            ReportObject.kind == "sr",
-        )
-        .order_by(Report.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
+    path = predecessor_sr_path(session, document.study_instance_uid, document.report_id)
+    if path is None:
         return None
-    return SrReference.of(dcmread(data_dir / row[0], stop_before_pixels=True))
+    return SrReference.of(dcmread(data_dir / path, stop_before_pixels=True))

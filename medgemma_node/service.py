@@ -1,9 +1,11 @@
 """The serving process: wires the parts together and supervises them.
 
-    serve  = SCP + completion scheduler + inference worker + delivery worker
+    serve  = SCP + completion scheduler + inference worker + delivery worker + REST API
     worker = inference worker only (a second GPU box on the same PostgreSQL)
 
 Every part runs in its own thread; the model never runs in the SCP's association threads.
+The delivery worker gets its senders from ``sender_registry``: the one place that names the
+sender of each destination kind (the stages that hold them do not import one another).
 """
 
 from __future__ import annotations
@@ -21,24 +23,40 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from config.settings import NodeSettings
+from config.settings import (
+    DicomDestination,
+    FileDestination,
+    HL7Destination,
+    HttpDestination,
+    NodeSettings,
+)
+from core.loop import LoopThread
+from delivery.file_sender import FileSender
+from delivery.http_sender import HttpSender
+from delivery.preparing_sender import PreparingSender
+from delivery.senders import SenderRegistry
+from delivery.worker import DeliveryWorker
 from dicom_node.completion import CompletionScheduler
 from dicom_node.scp import ScpCounters, StorageSCP
-from medgemma_node.delivery import DeliveryWorker
+from dicom_node.sender import DicomSender
+from hl7_out.sender import HL7OruSender
 from medgemma_node.logs import setup_logging
 from medgemma_node.metrics import MetricSources, start_metrics_server
 from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
 from storage.db import Database
+from storage.delivery_types import Sender
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
+from storage.installation import ensure_installation_id
 from storage.phi import load_or_create_salt
 from storage.recovery import recover
 
 if TYPE_CHECKING:
     from inference.loader import EngineProvider
     from inference.worker import InferenceWorker
+    from medgemma_node.report_pdf import ReportPdfFiles
 
-log = logging.getLogger("medgemma_node.service")
+log = logging.getLogger(__name__)
 
 
 class Part(Protocol):
@@ -59,6 +77,7 @@ class RuntimeState:
     scp: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    api: dict[str, Any] = field(default_factory=dict)
 
 
 def open_database(settings: NodeSettings) -> Database:
@@ -101,6 +120,7 @@ class Node:
     def start(self) -> None:
         db = self.db or self.prepare()
         salt = load_or_create_salt(self.data_dir, self.settings.storage.phi_hash_salt)
+        self._check_identity(db)
         if self.with_scp:
             report = recover(db, self.data_dir, salt)
             log.info("start-up check: %s", report)
@@ -117,6 +137,17 @@ class Node:
             )
             self.add_part("completion", scheduler)
         self.write_state()
+
+    def _check_identity(self, db: Database) -> None:
+        """Create the installation id with the data directory (storage/installation.py)."""
+        with db.session() as session:
+            installation_id = ensure_installation_id(session, self.data_dir)
+        log.info("installation id %s", installation_id)
+        if self.settings.identity.uid_root is None:
+            log.warning(
+                "no [identity] uid_root configured: minting 2.25 UUID-derived UIDs (PS3.5 B.2); "
+                "set your organisation's UID root to have UIDs under it"
+            )
 
     def scp_counters(self) -> ScpCounters | None:
         return self.scp.counters if self.scp is not None else None
@@ -170,24 +201,32 @@ class DoorbellRelay:
         self.name = name
         self.action = action
         self.doorbell: Doorbell | None = None
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"doorbell-{name}", daemon=True)
-        self.last_error: str | None = None
+        # The step itself blocks on the doorbell (up to 1 s); stop() rings it to end the wait.
+        self.loop = LoopThread(
+            f"doorbell-{name}",
+            self._answer,
+            interval_s=0.0,
+            error_wait_s=1.0,
+            interrupt=lambda: ring(data_dir, name),
+            log=log,
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        return self.loop.last_error
 
     def start(self) -> None:
         self.doorbell = Doorbell(self.data_dir, self.name)
-        self.thread.start()
+        self.loop.start()
 
-    def _run(self) -> None:
+    def _answer(self) -> float:
         assert self.doorbell is not None
-        while not self.stop_event.is_set():
-            if self.doorbell.wait(1.0) and not self.stop_event.is_set():
-                self.action()
+        if self.doorbell.wait(1.0) and not self.loop.stopping:
+            self.action()
+        return 0.0
 
     def stop(self) -> None:
-        self.stop_event.set()
-        ring(self.data_dir, self.name)
-        self.thread.join(timeout=5)
+        self.loop.stop(timeout_s=5)
         if self.doorbell is not None:
             self.doorbell.close()
 
@@ -200,6 +239,49 @@ def worker_argv(config_path: Path | None, data_dir: Path) -> list[str]:
     return argv
 
 
+def sender_registry(
+    db: Database, data_dir: Path, calling_aet: str, pdfs: ReportPdfFiles | None = None
+) -> SenderRegistry:
+    """The sender of each destination kind; a new kind is registered here.
+
+    ``pdfs``: when destinations want PDF reports, the senders that may meet a PDF not built
+    yet (DICOM with send_pdf; file with write_pdf, or copy_dicom of an Encapsulated PDF) build
+    it first (delivery.preparing_sender, medgemma_node.report_pdf).
+    """
+
+    def dicom(destination: DicomDestination) -> Sender:
+        sender = DicomSender(destination, calling_aet)
+        if pdfs is None or not destination.send_pdf:
+            return sender
+        return PreparingSender(sender, pdfs.prepare_dicom)
+
+    def files(destination: FileDestination) -> Sender:
+        sender = FileSender(destination, db, data_dir)
+        if pdfs is None or not (destination.write_pdf or destination.copy_dicom):
+            return sender
+        return PreparingSender(sender, pdfs.file_preparer(destination))
+
+    return (
+        SenderRegistry()
+        .register(DicomDestination, dicom)
+        .register(HL7Destination, HL7OruSender)
+        .register(FileDestination, files)
+        .register(HttpDestination, HttpSender)
+    )
+
+
+def delivery_worker(settings: NodeSettings, db: Database, **options: object) -> DeliveryWorker:
+    """The node's delivery worker: every destination's lane with its sender."""
+    pdfs = None
+    if any(d.enabled and d.wants_pdf for d in settings.destinations):
+        # WeasyPrint and the SR/PDF builders load only when PDFs are wanted.
+        from medgemma_node.report_pdf import ReportPdfFiles
+
+        pdfs = ReportPdfFiles(settings, db)
+    senders = sender_registry(db, settings.storage.data_dir, settings.dicom.ae_title, pdfs)
+    return DeliveryWorker.from_settings(settings, db, senders, **options)
+
+
 def start_serving(node: Node, config_path: Path | None) -> None:
     """`serve`: SCP, completion and delivery in this process; inference as a supervised child."""
     node.start()
@@ -207,24 +289,23 @@ def start_serving(node: Node, config_path: Path | None) -> None:
     assert db is not None
     data_dir = node.data_dir.resolve()
     node.add_part("inference", ChildProcess("inference worker", worker_argv(config_path, data_dir)))
-    delivery = node.settings.delivery
-    delivery_worker = DeliveryWorker.from_settings(
-        node.settings,
-        db,
-        poll_interval_s=delivery.poll_interval_s,
-        batch_size=delivery.batch_size,
-        lease_s=delivery.lease_s,
-    )
-    node.add_part("delivery", delivery_worker)
+    deliveries = delivery_worker(node.settings, db)
+    node.add_part("delivery", deliveries)
     node.add_part(
-        "delivery-doorbell", DoorbellRelay(node.data_dir, DELIVERY_DOORBELL, delivery_worker.wake)
+        "delivery-doorbell", DoorbellRelay(node.data_dir, DELIVERY_DOORBELL, deliveries.wake)
     )
+    if node.settings.api.enabled:
+        from api.server import ApiServer  # FastAPI loads only when the API is served
+
+        api = ApiServer(node.settings, db)
+        node.state_providers.append(lambda state: state.api.update(api.state))
+        node.add_part("api", api)
     metrics = node.settings.metrics
     if metrics.enabled:
         node.metrics_server = start_metrics_server(
             metrics.bind_address,
             metrics.port,
-            MetricSources(db, node.data_dir, node.scp_counters, delivery_worker.counters),
+            MetricSources(db, node.data_dir, node.scp_counters, deliveries.counters),
         )
 
 

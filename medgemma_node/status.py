@@ -21,6 +21,7 @@ from dicom_node.scu import AssociationFailed, echo
 from medgemma_node.runtime import read_runtime_state, read_worker_states
 from storage.db import Database
 from storage.files import free_disk_mb
+from storage.installation import ensure_installation_id
 from storage.models import Instance, Job, OutboxItem, OutboxStatus, Study
 
 STATUS_CALLING_AE = "MEDGEMMA_STATUS"
@@ -30,7 +31,7 @@ def collect_status(settings: NodeSettings) -> dict[str, Any]:
     data_dir = settings.storage.data_dir
     runtime = read_runtime_state(data_dir)
     return {
-        "scp": _scp_status(settings, runtime),
+        "scp": scp_status(settings, runtime),
         "process": runtime,
         "workers": read_worker_states(data_dir),
         "database": database_status(settings),
@@ -39,7 +40,7 @@ def collect_status(settings: NodeSettings) -> dict[str, Any]:
     }
 
 
-def _scp_status(settings: NodeSettings, runtime: dict[str, Any] | None) -> dict[str, Any]:
+def scp_status(settings: NodeSettings, runtime: dict[str, Any] | None) -> dict[str, Any]:
     dicom = settings.dicom
     port = (runtime or {}).get("scp", {}).get("port", dicom.port)
     host = "127.0.0.1" if dicom.bind_address in ("0.0.0.0", "::") else dicom.bind_address
@@ -68,6 +69,7 @@ def database_status(settings: NodeSettings) -> dict[str, Any]:
             )
             return {
                 "url": redact_url(settings.database_url),
+                "installation_id": ensure_installation_id(session, settings.storage.data_dir),
                 "studies": session.scalar(select(func.count()).select_from(Study)),
                 "instances": session.scalar(select(func.count()).select_from(Instance)),
                 "jobs": jobs,
@@ -128,6 +130,8 @@ def _scp_rows(table: Table, report: dict[str, Any]) -> None:
         table.add_row("serve", "[yellow]not running[/yellow]")
         return
     table.add_row("serve", f"pid {process['pid']} since {process['started_at']}")
+    if process.get("api"):
+        table.add_row("REST API", f"{process['api']['url']}  (docs: /api/docs)")
     for name, part in sorted(process.get("parts", {}).items()):
         error = part.get("last_error")
         table.add_row(f"  {name}", f"[red]{error}[/red]" if error else "[green]ok[/green]")
@@ -161,6 +165,7 @@ def _database_rows(table: Table, database: dict[str, Any]) -> None:
         table.add_row("database", f"[red]{database['error']}[/red]")
         return
     table.add_row("database", database["url"])
+    table.add_row("installation id", database["installation_id"])
     table.add_row("studies / instances", f"{database['studies']} / {database['instances']}")
     jobs = ", ".join(f"{k}: {v}" for k, v in sorted(database["jobs"].items()))
     table.add_row("jobs", jobs or "none")

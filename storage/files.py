@@ -4,6 +4,7 @@ Layout under the data directory:
     instances/<study uid>/<series uid>/<sop uid>.dcm   received objects, bytes as received
     ignored/<sop uid>.dcm                               SR/GSPS echoed back to us (not processed)
     reports/<report id>/...                             objects the node built
+    reports/<report id>/report.pdf                      the PDF report, built on first delivery
     logs/, run/                                         log files, the serving process' status
 """
 
@@ -38,6 +39,15 @@ def instance_relpath(study_uid: str, series_uid: str, sop_uid: str) -> Path:
         / uid_component(series_uid)
         / f"{uid_component(sop_uid)}.dcm"
     )
+
+
+REPORT_PDF = "report.pdf"
+
+
+def report_pdf_relpath(report_id: int) -> Path:
+    """Where a report's PDF is kept (relative to the data directory); it is built by the
+    delivery side the first time a destination needs it."""
+    return Path("reports") / str(report_id) / REPORT_PDF
 
 
 def write_durably(path: Path, data: bytes) -> None:

@@ -1,5 +1,10 @@
 """The job queue: claim with a lease, finish, fail with backoff (rq-style status enum).
 
+A job's status changes only here:
+    queued --claim_jobs--> running --complete_job--> done
+                                   --fail_job-----> queued (backoff) | failed
+                                   --release_jobs / requeue_expired_leases--> queued
+
 PostgreSQL: several workers claim safely with SELECT … FOR UPDATE SKIP LOCKED.
 SQLite: one worker process; its single writer lock serialises claims.
 """
@@ -10,19 +15,23 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
 
+from core.retry import RetryPolicy
 from storage.db import Database
-from storage.models import Job, JobStatus, utcnow
+from storage.models import Job, JobStatus, Study, StudyVersion, utcnow
+
+# A job that cannot succeed however often it runs (e.g. a study without a usable image).
+NO_RETRY = RetryPolicy(max_attempts=1, initial_backoff_s=0.0)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 3
-    backoff_s: float = 30.0
-
-    def delay(self, attempts: int) -> timedelta:
-        return timedelta(seconds=self.backoff_s * (2 ** max(attempts - 1, 0)))
+def job_retry_policy(max_attempts: int, backoff_s: float) -> RetryPolicy:
+    """The queue's policy from [model] max_attempts / retry_backoff_s: backoff doubles after
+    each failed attempt, without a cap or an age limit (attempts bound it)."""
+    return RetryPolicy(
+        max_attempts=max_attempts, initial_backoff_s=backoff_s, max_backoff_s=None, max_age_s=None
+    )
 
 
 def claim_jobs(db: Database, owner: str, limit: int, lease_seconds: float) -> list[int]:
@@ -77,6 +86,21 @@ def release_jobs(db: Database, job_ids: list[int], owner: str) -> None:
                 job.attempts = max(job.attempts - 1, 0)
 
 
+def complete_job(session: Session, job_id: int, owner: str) -> bool:
+    """Mark ``owner``'s running job done, in the caller's transaction (the one that stores its
+    report, so both commit or neither). False, and nothing changed, when the job is no longer
+    this owner's: its lease expired and it went back to the queue or to another worker."""
+    job = session.get_one(Job, job_id)
+    if job.lease_owner != owner or job.status != JobStatus.RUNNING:
+        return False
+    job.status = JobStatus.DONE
+    job.finished_at = utcnow()
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.last_error = None
+    return True
+
+
 def fail_job(
     db: Database,
     job_id: int,
@@ -94,15 +118,16 @@ def fail_job(
         job.last_traceback = "".join(traceback.format_exception(error))[-20000:]
         job.lease_owner = None
         job.lease_expires_at = None
-        if job.attempts >= policy.max_attempts:
+        now = utcnow()
+        retry_at = policy.next_attempt(
+            job.attempts, first_at=job.created_at, now=now, retry_after_s=retry_after_s
+        )
+        if retry_at is None:
             job.status = JobStatus.FAILED
-            job.finished_at = utcnow()
+            job.finished_at = now
         else:
             job.status = JobStatus.QUEUED
-            delay = policy.delay(job.attempts)
-            if retry_after_s is not None:
-                delay = max(delay, timedelta(seconds=retry_after_s))
-            job.available_at = utcnow() + delay
+            job.available_at = retry_at
         return job.status
 
 
@@ -121,3 +146,61 @@ def requeue_expired_leases(db: Database, *, all_running: bool = False) -> int:
             .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator actions (REST API admin endpoints)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job with the study and version it covers."""
+
+    job: Job
+    study_instance_uid: str
+    version_number: int
+
+
+def list_jobs(
+    db: Database, status: JobStatus | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[JobRow], int]:
+    """Jobs newest first (optionally of one status) and how many match in all."""
+    query = (
+        select(Job, Study.study_instance_uid, StudyVersion.version_number)
+        .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+        .join(Study, Study.id == StudyVersion.study_id)
+    )
+    count = select(func.count()).select_from(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+        count = count.where(Job.status == status)
+    with db.session() as session:
+        rows = session.execute(query.order_by(Job.id.desc()).limit(limit).offset(offset)).all()
+        total = int(session.scalar(count) or 0)
+    return [JobRow(job, uid, number) for job, uid, number in rows], total
+
+
+def retry_job(db: Database, job_id: int) -> tuple[str, str] | None:
+    """Queue a failed (or waiting) job again, due now, with its attempts reset.
+
+    Returns the status it had and its study UID, or None when there is no such job. Running
+    and done jobs are left as they are (a done study gets a new version when it changes).
+    """
+    with db.session() as session:
+        row = session.execute(
+            select(Job, Study.study_instance_uid)
+            .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+            .join(Study, Study.id == StudyVersion.study_id)
+            .where(Job.id == job_id)
+            .with_for_update(of=Job)
+        ).first()
+        if row is None:
+            return None
+        job, study_uid = row
+        before = str(job.status)  # other states (e.g. skipped) are reported, not changed
+        if before in (JobStatus.FAILED, JobStatus.QUEUED):
+            job.status = JobStatus.QUEUED
+            job.attempts = 0
+            job.available_at = utcnow()
+            job.finished_at = None
+        return before, study_uid

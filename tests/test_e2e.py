@@ -32,6 +32,7 @@ from peers.mllp_listener import MLLPListener
 from peers.net import free_port, wait_for
 from peers.node_process import NodeProcess
 from peers.orthanc import OrthancServer
+from storage.files import TEMP_MARK
 
 PATIENT_NAME = "Quendolyn^Zarkowitz"
 SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -61,6 +62,11 @@ ANSWER_ZH = {
     "recommendation": "建议3个月后复查胸部CT。",
     "urgency": "routine",
 }
+
+
+def finished_files(directory: Path, pattern: str) -> list[Path]:
+    """Files in place: a durable write's temp file (storage.files.TEMP_MARK) is not one yet."""
+    return [path for path in directory.glob(pattern) if TEMP_MARK not in path.name]
 
 
 @pytest.fixture
@@ -201,7 +207,7 @@ def test_tiny_model_study_reaches_orthanc_his_and_files(
         source = send_chest(tmp_path, node.port)
         objects = wait_for(lambda: orthanc_objects(orthanc)["sr"], 120, message="no SR at Orthanc")
         [message] = his.wait_for(1, timeout=60)
-        json_files = wait_for(lambda: list((tmp_path / "results").glob("*.json")), 30)
+        json_files = wait_for(lambda: finished_files(tmp_path / "results", "*.json"), 30)
         status = wait_for(lambda: node_status(node, with_worker=True), 30)
         metrics = wait_for(lambda: scrape_when_delivered(metrics_port), 30)
     finally:
@@ -246,7 +252,7 @@ def test_scripted_answer_content_in_sr_oru_and_json(
             message="SR and GSPS did not reach Orthanc",
         )
         [message] = his.wait_for(1, timeout=60)
-        json_files = wait_for(lambda: list((tmp_path / "results").glob("*.json")), 30)
+        json_files = wait_for(lambda: finished_files(tmp_path / "results", "*.json"), 30)
     finally:
         assert node.terminate() == 0
     found = orthanc_objects(orthanc)
@@ -331,7 +337,7 @@ def test_killed_inference_worker_is_restarted_while_the_scp_keeps_accepting(
     sections = node_sections(tmp_path, orthanc, his, scripted(tmp_path, ANSWER_EN, "en"))
     node = NodeProcess(tmp_path / "node", sections).start()
     try:
-        first = wait_for(lambda: node_status(node, with_worker=True), 60)
+        first = wait_for(lambda: node_status(node, with_worker=True), 120)
         [worker] = first["workers"]
         os.kill(worker["pid"], signal.SIGKILL)
         source = send_chest(tmp_path, node.port, "RG1_UNCI.dcm", "-xs")  # accepted meanwhile
@@ -341,7 +347,7 @@ def test_killed_inference_worker_is_restarted_while_the_scp_keeps_accepting(
             pids = [w["pid"] for w in status["workers"]] if status else []
             return status if pids and worker["pid"] not in pids else None
 
-        wait_for(restarted, 60, message="the worker was not restarted")
+        wait_for(restarted, 120, message="the worker was not restarted")
         objects = wait_for(lambda: orthanc_objects(orthanc)["sr"], 90, message="no SR")
         serve_log = node.log_text()
     finally:

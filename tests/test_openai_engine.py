@@ -27,6 +27,7 @@ from sqlalchemy import select, update
 from config.settings import ModelSettings, NodeSettings, OpenAIServerSettings, load_settings
 from inference.engine import (
     BatchPartlyFailed,
+    ChatTurn,
     EngineRequestFailed,
     EngineRequestRejected,
     EngineUnavailable,
@@ -50,6 +51,7 @@ from peers.net import free_port, wait_for
 from peers.node_process import NodeProcess, run_cli
 from peers.openai_double import VLLM_VERSION, OpenAIDouble, Reply
 from storage.db import Database
+from storage.interactive import ErrorCode, get_outcome, submit_predict
 from storage.models import Job, JobStatus, Report, ReportObject, utcnow
 from tests.test_worker import CHEST_ANSWER, queue_studies
 
@@ -352,6 +354,93 @@ def test_a_rejected_key_keeps_jobs_queued_and_names_the_variable_not_the_key(
     monkeypatch.delenv("MGN_TEST_INFERENCE_KEY")
     with pytest.raises(EngineUnavailable, match=r"MGN_TEST_INFERENCE_KEY .* is not set"):
         OpenAIEngine(settings.model).connect()
+
+
+# --------------------------------------------------------------------------- questions
+
+
+def png_upload(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 90, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_question_goes_to_the_server_before_the_study_backlog(
+    tmp_path: Path, db: Database, rg1_unci: Path, double: OpenAIDouble
+) -> None:
+    double.responder = lambda record: Reply(
+        text="Right upper zone." if record.texts[-1] == "Where?" else CHEST_ANSWER,
+        system_fingerprint="fp-q",
+    )
+    settings = openai_settings(tmp_path, db.url, double.base_url)
+    data_dir = settings.storage.data_dir
+    job_ids = queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 2)
+    request_id = submit_predict(
+        db, data_dir, png_upload(64, 48), "Where?", max_new_tokens=16, max_queued=4
+    )
+    worker = InferenceWorker(db, settings, EngineProvider(settings), None)
+
+    assert worker.run_once() == 3
+    assert double.requests[0].texts == ["Where?"], "the question before the studies"
+    assert double.requests[0].max_tokens == 16
+    outcome = get_outcome(db, request_id)
+    assert outcome.status == JobStatus.DONE, outcome.error
+    assert outcome.result is not None and outcome.result["answer"] == "Right upper zone."
+    assert outcome.result["model"]["model_id"] == SERVED
+    assert outcome.result["model"]["revision"] == "fp-q"
+    assert {job_row(db, job_id).status for job_id in job_ids} == {JobStatus.DONE}
+
+
+def test_questions_fail_at_once_saying_the_server_is_down_or_busy(
+    tmp_path: Path, db: Database
+) -> None:
+    port = free_port()
+    settings = openai_settings(tmp_path, db.url, f"http://127.0.0.1:{port}/v1")
+    data_dir = settings.storage.data_dir
+    provider = EngineProvider(settings)
+    worker = InferenceWorker(db, settings, provider, None)
+    down = submit_predict(db, data_dir, png_upload(32, 32), "Q?", max_new_tokens=8, max_queued=4)
+    assert worker.run_once() == 0
+    outcome = get_outcome(db, down)
+    assert outcome.status == JobStatus.FAILED
+    assert outcome.error_code == ErrorCode.MODEL_UNAVAILABLE
+    assert outcome.error == provider.state["message"] and "cannot be reached" in outcome.error
+
+    with OpenAIDouble(served_model=SERVED, port=port) as server:
+        server.replies = [Reply(status=429, error="queue full")]
+        busy = submit_predict(
+            db, data_dir, png_upload(32, 32), "Q?", max_new_tokens=8, max_queued=4
+        )
+        wait_for(lambda: worker.run_once() >= 1, 10, interval=0.05, message="not answered")
+    outcome = get_outcome(db, busy)
+    assert outcome.status == JobStatus.FAILED
+    assert outcome.error_code == ErrorCode.MODEL_UNAVAILABLE
+    assert outcome.error is not None and "busy (HTTP 429: queue full)" in outcome.error
+
+
+def test_a_conversation_maps_onto_chat_messages(double: OpenAIDouble) -> None:
+    first, second = solid(30), solid(220)
+    history = [
+        ChatTurn("user", "Any nodule?", [first]),
+        ChatTurn("model", "Yes, right upper lobe [A1]."),
+    ]
+    engine = engine_for(double.base_url)
+    try:
+        engine.generate(
+            [
+                GenerationRequest(
+                    [second], "How large is A1?", GenerationSettings(max_new_tokens=16), history
+                )
+            ]
+        )
+    finally:
+        engine.close()
+    [sent] = double.requests
+    assert sent.roles == ["user", "assistant", "user"]
+    assert sent.texts == ["Any nodule?", "Yes, right upper lobe [A1].", "How large is A1?"]
+    assert sent.body["messages"][1]["content"] == "Yes, right upper lobe [A1]."
+    for got, want in zip(sent.images, (first, second), strict=True):
+        assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
 
 
 # --------------------------------------------------------------------------- the engine alone
