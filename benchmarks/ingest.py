@@ -145,6 +145,7 @@ def node_server(workdir: Path, database_url: str | None) -> Iterator[tuple[int, 
         f"[storage]\n{storage}"
         "[completion]\ndefault_seconds = 5.0\nrules = []\n"
         "[metrics]\nenabled = false\n"
+        "[api]\nenabled = false\n"
     )
     command = [sys.executable, "-m", "medgemma_node.cli", "serve", "--config", str(config)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_NODE_")}

@@ -267,6 +267,23 @@ class MetricsSettings(Section):
     port: int = Field(default=9464, ge=0, le=65535)
 
 
+class ApiSettings(Section):
+    """The REST API (api/), served by uvicorn inside `serve`."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (shown by `status`)
+    # HTTPS: cert_file + key_file; ca_file + require_client_cert to ask for client certificates.
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    max_upload_mb: float = Field(default=64.0, gt=0)  # larger request bodies get 413
+    max_question_chars: int = Field(default=2000, ge=1)  # longer questions get 422
+    # Questions and predict requests waiting for the worker; beyond this, 429 with Retry-After.
+    max_queued_questions: int = Field(default=32, ge=1)
+    # "public": /api/docs and /api/openapi.json without a token (they hold no patient data);
+    # "off": neither is served.
+    docs: Literal["public", "off"] = "public"
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None  # default: <data_dir>/logs/node.log
@@ -285,6 +302,7 @@ class NodeSettings(BaseSettings):
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")

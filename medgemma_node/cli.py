@@ -32,9 +32,9 @@ from medgemma_node.service import (
     start_worker,
 )
 from medgemma_node.status import collect_status, print_status, redact_url
-from storage import outbox
+from storage import outbox, users
 from storage.db import Database
-from storage.models import OutboxItem, OutboxStatus
+from storage.models import OutboxItem, OutboxStatus, UserRole
 
 app = typer.Typer(help="DICOM node that runs MedGemma on received studies.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -43,6 +43,8 @@ outbox_app = typer.Typer(
     help="Results waiting for their destinations, sent, or given up on.", no_args_is_help=True
 )
 app.add_typer(outbox_app, name="outbox")
+api_app = typer.Typer(help="REST API users and their bearer tokens.", no_args_is_help=True)
+app.add_typer(api_app, name="api")
 
 console = Console()
 # Errors are read by people and by scripts: never wrapped at the terminal width.
@@ -394,6 +396,79 @@ def _serving_pid(data_dir: Path) -> int | None:
     except PermissionError:
         return pid
     return pid
+
+
+# ---------------------------------------------------------------------------------------------
+# api: users of the REST API
+
+
+@api_app.command("add-user")
+def api_add_user(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="User name (in the audit trail)")],
+    role: Annotated[UserRole, typer.Option(help="viewer: read; radiologist: ask; admin: all")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Create a user; the new bearer token is the last line of the output (shown only once)."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    with opened_database(settings) as db:
+        try:
+            token = users.create_user(db, name, role)
+        except users.UserError as exc:
+            errors.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(1) from exc
+    console.print(f"user {escape(name.strip())} ({role.value}) created; its bearer token:")
+    # Plain write, never wrapped: scripts take the last line.
+    sys.stdout.write(token + "\n")
+
+
+@api_app.command("list-users")
+def api_list_users(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Users, their roles, and when they were created or revoked (never their tokens)."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    with opened_database(settings) as db:
+        found = users.list_users(db)
+    if as_json:
+        rows = [
+            {
+                "name": u.name,
+                "role": u.role.value,
+                "active": u.active,
+                "created_at": u.created_at,
+                "revoked_at": u.revoked_at,
+            }
+            for u in found
+        ]
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    if not found:
+        console.print("no users")
+        return
+    table = Table("name", "role", "created", "revoked")
+    for user in found:
+        revoked = _short_time(user.revoked_at) if user.revoked_at else ""
+        table.add_row(escape(user.name), user.role.value, _short_time(user.created_at), revoked)
+    console.print(table)
+
+
+@api_app.command("revoke-user")
+def api_revoke_user(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="User name")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Revoke a user's token at once (the user stays in the audit trail)."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    with opened_database(settings) as db:
+        revoked = users.revoke_user(db, name)
+    if not revoked:
+        errors.print(f"[red]no active user {escape(name)}[/red]")
+        raise typer.Exit(1)
+    console.print(f"user {escape(name)} revoked")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The serving process: wires the parts together and supervises them.
 
-    serve  = SCP + completion scheduler + inference worker + delivery worker
+    serve  = SCP + completion scheduler + inference worker + delivery worker + REST API
     worker = inference worker only (a second GPU box on the same PostgreSQL)
 
 Every part runs in its own thread; the model never runs in the SCP's association threads.
@@ -59,6 +59,7 @@ class RuntimeState:
     scp: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    api: dict[str, Any] = field(default_factory=dict)
 
 
 def open_database(settings: NodeSettings) -> Database:
@@ -219,6 +220,12 @@ def start_serving(node: Node, config_path: Path | None) -> None:
     node.add_part(
         "delivery-doorbell", DoorbellRelay(node.data_dir, DELIVERY_DOORBELL, delivery_worker.wake)
     )
+    if node.settings.api.enabled:
+        from api.server import ApiServer  # FastAPI loads only when the API is served
+
+        api = ApiServer(node.settings, db)
+        node.state_providers.append(lambda state: state.api.update(api.state))
+        node.add_part("api", api)
     metrics = node.settings.metrics
     if metrics.enabled:
         node.metrics_server = start_metrics_server(

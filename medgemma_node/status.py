@@ -30,7 +30,7 @@ def collect_status(settings: NodeSettings) -> dict[str, Any]:
     data_dir = settings.storage.data_dir
     runtime = read_runtime_state(data_dir)
     return {
-        "scp": _scp_status(settings, runtime),
+        "scp": scp_status(settings, runtime),
         "process": runtime,
         "workers": read_worker_states(data_dir),
         "database": database_status(settings),
@@ -39,7 +39,7 @@ def collect_status(settings: NodeSettings) -> dict[str, Any]:
     }
 
 
-def _scp_status(settings: NodeSettings, runtime: dict[str, Any] | None) -> dict[str, Any]:
+def scp_status(settings: NodeSettings, runtime: dict[str, Any] | None) -> dict[str, Any]:
     dicom = settings.dicom
     port = (runtime or {}).get("scp", {}).get("port", dicom.port)
     host = "127.0.0.1" if dicom.bind_address in ("0.0.0.0", "::") else dicom.bind_address
@@ -128,6 +128,8 @@ def _scp_rows(table: Table, report: dict[str, Any]) -> None:
         table.add_row("serve", "[yellow]not running[/yellow]")
         return
     table.add_row("serve", f"pid {process['pid']} since {process['started_at']}")
+    if process.get("api"):
+        table.add_row("REST API", f"{process['api']['url']}  (docs: /api/docs)")
     for name, part in sorted(process.get("parts", {}).items()):
         error = part.get("last_error")
         table.add_row(f"  {name}", f"[red]{error}[/red]" if error else "[green]ok[/green]")

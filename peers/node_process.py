@@ -66,6 +66,7 @@ class NodeProcess:
         }
         sections["storage"] = {"data_dir": str(self.data_dir), **sections.get("storage", {})}
         sections.setdefault("metrics", {"enabled": False})
+        sections.setdefault("api", {"enabled": False})  # tests that use it pass a free port
         self.sections = sections
         self.config_path = write_toml(workdir / "node.toml", sections)
         self.stderr_path = workdir / "serve.stderr.log"
@@ -77,6 +78,11 @@ class NodeProcess:
         """A calling AE title the node accepts (the first allowed one when it restricts them)."""
         allowed = self.sections["dicom"].get("allowed_calling_aets") or ["PROBE"]
         return str(allowed[0])
+
+    @property
+    def api_url(self) -> str:
+        api = self.sections["api"]
+        return f"http://127.0.0.1:{api['port']}/api"
 
     @property
     def database_url(self) -> str:

@@ -10,10 +10,10 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from storage.db import Database
-from storage.models import Job, JobStatus, utcnow
+from storage.models import Job, JobStatus, Study, StudyVersion, utcnow
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,61 @@ def requeue_expired_leases(db: Database, *, all_running: bool = False) -> int:
             .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator actions (REST API admin endpoints)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job with the study and version it covers."""
+
+    job: Job
+    study_instance_uid: str
+    version_number: int
+
+
+def list_jobs(
+    db: Database, status: JobStatus | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[JobRow], int]:
+    """Jobs newest first (optionally of one status) and how many match in all."""
+    query = (
+        select(Job, Study.study_instance_uid, StudyVersion.version_number)
+        .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+        .join(Study, Study.id == StudyVersion.study_id)
+    )
+    count = select(func.count()).select_from(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+        count = count.where(Job.status == status)
+    with db.session() as session:
+        rows = session.execute(query.order_by(Job.id.desc()).limit(limit).offset(offset)).all()
+        total = int(session.scalar(count) or 0)
+    return [JobRow(job, uid, number) for job, uid, number in rows], total
+
+
+def retry_job(db: Database, job_id: int) -> tuple[JobStatus, str] | None:
+    """Queue a failed (or waiting) job again, due now, with its attempts reset.
+
+    Returns the status it had and its study UID, or None when there is no such job. Running
+    and done jobs are left as they are (a done study gets a new version when it changes).
+    """
+    with db.session() as session:
+        row = session.execute(
+            select(Job, Study.study_instance_uid)
+            .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+            .join(Study, Study.id == StudyVersion.study_id)
+            .where(Job.id == job_id)
+            .with_for_update(of=Job)
+        ).first()
+        if row is None:
+            return None
+        job, study_uid = row
+        before = JobStatus(job.status)
+        if before in (JobStatus.FAILED, JobStatus.QUEUED):
+            job.status = JobStatus.QUEUED
+            job.attempts = 0
+            job.available_at = utcnow()
+            job.finished_at = None
+        return before, study_uid

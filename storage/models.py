@@ -6,6 +6,7 @@ Tables:
     study_versions ─ jobs ─ reports ─< report_objects
                              reports ─< outbox
     audit_events
+    users                        (REST API accounts; only a hash of each token)
 
 Schema changes go through Alembic (storage/migrations); ``serve`` upgrades a fresh database.
 """
@@ -84,6 +85,14 @@ class OutboxStatus(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"
+
+
+class UserRole(StrEnum):
+    """REST API roles, each allowed what the one before it may do and more."""
+
+    VIEWER = "viewer"  # read studies, reports, images
+    RADIOLOGIST = "radiologist"  # ask questions, append to reports
+    ADMIN = "admin"  # retry jobs and deliveries, purge, users
 
 
 class Study(Base):
@@ -258,3 +267,17 @@ class AuditEvent(Base):
     kind: Mapped[str] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class User(Base):
+    """A REST API account (migration 0003_api_users). The bearer token itself is never stored:
+    only its SHA-256, so a copy of the database does not let anyone sign in."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)

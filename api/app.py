@@ -1,0 +1,87 @@
+"""The FastAPI application: routers, auth, audit, limits, and offline docs.
+
+    /api/health                       liveness, no token
+    /api/ready, /api/me               readiness (503 when not ready), the signed-in user
+    /api/studies...                   worklist, study, report (JSON or SR), instance image
+    /api/jobs..., /api/outbox...      admin: lists and retries
+    /api/openapi.json, /api/docs      the contract and Swagger UI, served from the package
+
+Swagger UI is vendored (api/static/swagger-ui, from npm's swagger-ui-dist; update with
+scripts/update-swagger-ui.sh): FastAPI's default page loads it from a CDN, and the node
+never reaches the internet at run time.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from api.deps import ApiContext
+from api.middleware import AuditMiddleware, BodyLimitMiddleware, UnexpectedErrorMiddleware
+from api.routers import admin, health, studies
+from config.settings import NodeSettings
+from storage.db import Database
+
+STATIC_DIR = Path(__file__).parent / "static"
+SWAGGER_DIR = "/api/static/swagger-ui"
+OPENAPI_URL = "/api/openapi.json"
+DESCRIPTION = """\
+The REST API of medgemma-node. Every answer about a study is **AI-generated, preliminary and
+not verified: it must be reviewed by a physician**.
+
+Every endpoint except `/api/health` needs a bearer token: create one with
+`medgemma-node api add-user NAME --role viewer|radiologist|admin` and send
+`Authorization: Bearer <token>` (the **Authorize** button here).
+"""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("medgemma-node")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(settings: NodeSettings, db: Database) -> FastAPI:
+    docs_public = settings.api.docs == "public"
+    app = FastAPI(
+        title="medgemma-node",
+        version=_version(),
+        description=DESCRIPTION,
+        openapi_url=OPENAPI_URL if docs_public else None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.context = ApiContext(settings=settings, db=db)
+    for router in (health.router, studies.router, admin.router):
+        app.include_router(router)
+    if docs_public:
+        _add_docs(app)
+    # Each add wraps the ones before: audit (outermost) sees every answer, 413 and 500 too.
+    app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(BodyLimitMiddleware, limit_bytes=int(settings.api.max_upload_mb * 2**20))
+    app.add_middleware(AuditMiddleware, db=db)
+    return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    app.mount("/api/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/api/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=OPENAPI_URL,
+            title="medgemma-node API",
+            swagger_js_url=f"{SWAGGER_DIR}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_DIR}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_DIR}/favicon-32x32.png",
+            # validatorUrl null: Swagger UI would otherwise send the document to
+            # validator.swagger.io for its badge.
+            swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": False},
+        )
+
