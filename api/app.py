@@ -5,8 +5,7 @@
     /api/studies...                   worklist, study, report (JSON or SR), instance image
     /api/jobs..., /api/outbox...      admin: lists and retries
     /api/status, /api/events          the node's status page; change events (SSE)
-    /, /console/..., /api/console-config
-                                      the web console (api/routers/console.py)
+    /, /console/...                   the web console (api/routers/console.py)
     /api/openapi.json, /api/docs      the contract and Swagger UI, served from the package
 
 Swagger UI is vendored (api/static/swagger-ui, from npm's swagger-ui-dist; update with

@@ -5,7 +5,7 @@ Audit: one ``audit_events`` row per request (``kind = "api.access"``): the user 
 route template (never the query string, which may hold a searched name), the method, the
 status and the study UID when the request concerns one. The row is committed before the
 response starts, so whoever got an answer is already on record. Only /api/ is recorded: health
-checks, the console's settings and the static documentation and console files hold no data
+checks, the static documentation and the console's files and settings hold no data
 (and probes would flood the table).
 """
 
@@ -27,13 +27,7 @@ from storage.users import UserInfo
 log = logging.getLogger("api")
 
 AUDIT_KIND = "api.access"
-NOT_AUDITED = (
-    "/api/health",
-    "/api/docs",
-    "/api/openapi.json",
-    "/api/static/",
-    "/api/console-config",
-)
+NOT_AUDITED = ("/api/health", "/api/docs", "/api/openapi.json", "/api/static/")
 
 
 class AuditMiddleware:

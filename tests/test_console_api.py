@@ -1,5 +1,5 @@
 """The console's server side against a real uvicorn on a free port: the page and its files
-(offline, strict policy, complete translations), /api/console-config, instance geometry,
+(offline, strict policy, complete translations), its settings, instance geometry,
 /api/status, the change stream, and what is audited. The last test opens the page in
 headless Chromium to see the default language come from [model] language."""
 
@@ -116,7 +116,7 @@ def test_every_label_exists_in_english_and_chinese() -> None:
 
 def test_console_config_needs_no_token_and_names_the_default_language(tmp_path: Path) -> None:
     with running_api(settings_for(tmp_path / "data", "zh")) as api, api.client() as anonymous:
-        config = anonymous.get("/api/console-config")
+        config = anonymous.get("/console/config.json")
     assert config.status_code == 200
     assert config.json()["language"] == "zh" and config.json()["languages"] == ["en", "zh"]
 
@@ -130,7 +130,7 @@ def test_console_files_are_not_audited_but_its_api_calls_are(tmp_path: Path) -> 
     with running_api(settings_for(tmp_path / "data")) as api:
         before = audit_count(api.db)
         with api.client() as anonymous:
-            for path in ("/", "/console/js/main.js", "/console/console.css", "/api/console-config"):
+            for path in ("/", "/console/js/main.js", "/console/config.json"):
                 assert anonymous.get(path).status_code == 200
         assert audit_count(api.db) == before
         with api.client(UserRole.VIEWER) as viewer:

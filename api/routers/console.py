@@ -3,9 +3,10 @@
     /                        the console (api/static/console/index.html); scripts and styles
                              under /console/, all served from the package (no CDN, no fonts
                              from elsewhere; the Content-Security-Policy allows only this origin)
-    /api/console-config      the default language ([model] language) and the live-update
-                             interval; no token, since the sign-in page is shown in that
-                             language, and nothing in it concerns a patient
+    /console/config.json     the default language ([model] language) and the live-update
+                             interval: part of the console, not of the API contract; no
+                             token, since the sign-in page is shown in that language, and
+                             nothing in it concerns a patient
     /api/studies/{uid}/instances/{sop}/geometry
                              rows, columns, pixel spacing and where the image lies in the
                              model's padded square: the console draws the report's boxes
@@ -96,11 +97,7 @@ def console_page() -> FileResponse:
     )
 
 
-@router.get(
-    "/api/console-config",
-    response_model=ConsoleConfig,
-    summary="The console's default language and live-update interval (no token)",
-)
+@router.get("/console/config.json", response_model=ConsoleConfig, include_in_schema=False)
 def console_config(context: Context) -> ConsoleConfig:
     return ConsoleConfig(
         language=context.settings.model.language,

@@ -16,7 +16,7 @@ let live = null; // AbortController of the change stream
 
 async function boot() {
   try {
-    const response = await fetch("/api/console-config", { cache: "no-store" });
+    const response = await fetch("/console/config.json", { cache: "no-store" });
     if (response.ok) session.config = await response.json();
   } catch {
     // the node will say more once it answers; English until then
