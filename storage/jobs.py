@@ -143,7 +143,7 @@ def list_jobs(
     return [JobRow(job, uid, number) for job, uid, number in rows], total
 
 
-def retry_job(db: Database, job_id: int) -> tuple[JobStatus, str] | None:
+def retry_job(db: Database, job_id: int) -> tuple[str, str] | None:
     """Queue a failed (or waiting) job again, due now, with its attempts reset.
 
     Returns the status it had and its study UID, or None when there is no such job. Running
@@ -160,7 +160,7 @@ def retry_job(db: Database, job_id: int) -> tuple[JobStatus, str] | None:
         if row is None:
             return None
         job, study_uid = row
-        before = JobStatus(job.status)
+        before = str(job.status)  # other states (e.g. skipped) are reported, not changed
         if before in (JobStatus.FAILED, JobStatus.QUEUED):
             job.status = JobStatus.QUEUED
             job.attempts = 0

@@ -408,7 +408,8 @@ def test_malformed_parameters_are_422_naming_the_parameter(
 def test_until_before_since_is_422(api: ApiNode) -> None:
     response = api.get("/studies", since="2026-01-02", until="2026-01-01")
     assert response.status_code == 422
-    assert "until" in response.json()["detail"]
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["query", "until"] and "after since" in error["msg"]
 
 
 # --------------------------------------------------------------------------- admin

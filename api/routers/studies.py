@@ -7,6 +7,7 @@ from pathlib import Path as FilePath
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -96,7 +97,9 @@ def worklist(
 ) -> StudyPage:
     since, until = _utc(since), _utc(until)
     if since is not None and until is not None and until <= since:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "until must be after since")
+        # The same shape as FastAPI's own 422 answers: one error naming the parameter.
+        error = {"type": "value_error", "loc": ("query", "until"), "msg": "must be after since"}
+        raise RequestValidationError([{**error, "input": until.isoformat()}])
     filters = StudyFilters(status_, modality, since, until, q)
     rows, total = list_studies(session, filters, limit, offset)
     items = [StudySummary.model_validate(summary(row, context.data_dir)) for row in rows]
