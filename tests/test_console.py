@@ -472,6 +472,17 @@ def test_report_panel_shows_findings_sizes_notice_and_downloads(
     json_path = console.work / "downloaded.json"
     json_download.value.save_as(json_path)
     assert json.loads(json_path.read_text())["id"] == report["id"]
+    # PDF only where the API serves it (?format=pdf in its OpenAPI document).
+    served = page.get_attribute("#downloads[data-pdf]", "data-pdf")
+    assert served == ("served" if api_serves_pdf(console.url) else "not-served")
+    assert page.locator("#download-pdf").count() == (1 if served == "served" else 0)
+
+
+def api_serves_pdf(base_url: str) -> bool:
+    document = httpx.get(f"{base_url}/api/openapi.json", timeout=30).json()
+    operation = document["paths"]["/api/studies/{study_uid}/reports/{report_id}"]["get"]
+    [format_parameter] = [p for p in operation["parameters"] if p["name"] == "format"]
+    return "pdf" in json.dumps(format_parameter["schema"])
 
 
 # --------------------------------------------------------------------------- conversation
@@ -534,6 +545,8 @@ def test_a_viewer_cannot_ask(page: Any, console: ConsoleNode) -> None:
     with console.client("viewer", base=console.conversation_base) as viewer:
         refused = viewer.post(f"/api/studies/{sample.StudyInstanceUID}/conversations", json={})
     assert refused.status_code == 403
+    page.goto(f"{console.url}/#/study/1.2.826.0.1.3680043.8.498.1")
+    page.wait_for_selector("text=This study is not on the node.")
 
 
 # --------------------------------------------------------------------------- languages

@@ -176,6 +176,23 @@ function modelIdentity(report) {
   );
 }
 
+let pdfServed = null;
+
+/** Whether the API serves reports as PDF (?format=pdf): read once from its OpenAPI document;
+ * without the document (docs = "off") the button is left out. */
+function apiServesPdf() {
+  pdfServed ??= fetch("/api/openapi.json", { cache: "no-store" })
+    .then((response) => (response.ok ? response.json() : null))
+    .then((document) => {
+      const operation = document?.paths?.["/api/studies/{study_uid}/reports/{report_id}"]?.get;
+      const format = operation?.parameters?.find((parameter) => parameter.name === "format");
+      const schemas = [format?.schema, ...(format?.schema?.anyOf || [])];
+      return schemas.some((schema) => schema?.enum?.includes("pdf"));
+    })
+    .catch(() => false);
+  return pdfServed;
+}
+
 function downloads(studyUid, report) {
   const base = `/studies/${encodeURIComponent(studyUid)}/reports/${report.id}`;
   const kinds = new Set((report.objects || []).map((o) => o.kind));
@@ -193,11 +210,15 @@ function downloads(studyUid, report) {
         }
       },
     });
-  return h(
+  const container = h(
     "div",
-    { class: "downloads" },
+    { class: "downloads", id: "downloads" },
     kinds.has("sr") ? button("report.dlSr", `${base}?format=sr`, `report-${report.id}-sr.dcm`, "download-sr") : null,
     button("report.dlJson", base, `report-${report.id}.json`, "download-json"),
-    kinds.has("pdf") ? button("report.dlPdf", `${base}?format=pdf`, `report-${report.id}.pdf`, "download-pdf") : null,
   );
+  apiServesPdf().then((served) => {
+    container.dataset.pdf = served ? "served" : "not-served";
+    if (served) container.append(button("report.dlPdf", `${base}?format=pdf`, `report-${report.id}.pdf`, "download-pdf"));
+  });
+  return container;
 }

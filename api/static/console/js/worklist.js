@@ -229,7 +229,7 @@ export function mountWorklist(container, context) {
         h("div", { text: described || t("common.none") }),
         item.accession_number ? h("div", { class: "muted small", i18n: "study.accession", vars: { value: item.accession_number } }) : null,
       ),
-      h("td", { class: "col-received" }, timeElement("span", item.last_received_at, "relative")),
+      h("td", { class: "col-received" }, timeElement("span", item.first_received_at, "relative")),
       h("td", { class: "col-images num", text: item.instance_count }),
       h("td", { class: "col-source muted", text: item.calling_ae }),
     );
