@@ -15,7 +15,7 @@ Sequence (PS3.3 C.12.1.1.2, SOP Common Module):
 
     Concept names (constant codes below): URGENCY, DISCLAIMER, TESTMODEL, MODELID, DEVICE,
     GENERATED, QUESTION, PARSESTAT, LABEL, LOCATION, DENSITY, BOUNDARY, SIZETEXT, BOXEXTENT,
-    MODELSIZE.
+    MODELSIZE, PROCESSING.
     Urgency values: ROUTINE, URGENT, CRITICAL (the node's triage scale, storage.Urgency).
     Finding types without a standard code: code value ``F`` + the first 12 hex digits of the
     SHA-256 of the normalised label, code meaning = the label itself (at most 64 characters).
@@ -29,6 +29,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node.output_common import long_string
@@ -57,6 +58,7 @@ REPORTED_LOCATION = _private("LOCATION", "Finding location as reported by the AI
 REPORTED_DENSITY = _private("DENSITY", "Finding density as reported by the AI model")
 REPORTED_BOUNDARY = _private("BOUNDARY", "Finding boundary as reported by the AI model")
 REPORTED_SIZE_TEXT = _private("SIZETEXT", "Finding size as reported by the AI model")
+PROCESSING_DETAILS = _private("PROCESSING", "AI processing details")
 # Measurement methods (TID 300 row "Measurement Method").
 BOX_EXTENT_METHOD = _private("BOXEXTENT", "Extent of the AI bounding box")
 MODEL_SIZE_METHOD = _private("MODELSIZE", "Size estimated by the AI model")
@@ -70,16 +72,60 @@ URGENCY_VALUES: dict[Urgency, Code] = {
 # Standard concept names (TID 1500 row 12 qualitative evaluations, CID 7002 report sections).
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 IMPRESSION = Code("121073", "DCM", "Impression")
+FINDING = Code("121071", "DCM", "Finding")
 RECOMMENDATION = Code("121075", "DCM", "Recommendation")
 NARRATIVE = Code("111412", "DCM", "Narrative Summary")
 
-# Procedure reported (TID 1500 row 4).
+# Image Library entries (TID 1601): the images the report was made from.
+SOURCE_IMAGE = Code("260753009", "SCT", "Source")
+
+# Procedure reported (TID 1500 row 4, CID 100 "Quantitative Diagnostic Imaging Procedures").
+# CID 100 has no radiograph procedure, so radiographs (and anything else without an entry)
+# report the generic "Imaging procedure"; Modality and Image View in the Image Library say
+# what kind of image it was. PixelMed's validator treats a code outside CID 100 as an error.
 IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
-PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain X-ray of chest")
+_PROCEDURE_BY_MODALITY = {
+    "CT": Code("25045-6", "LN", "CT unspecified body region"),
+    "MR": Code("25056-3", "LN", "MRI unspecified body region"),
+    "NM": Code("49118-3", "LN", "NM unspecified body region"),
+    "PT": Code("44136-0", "LN", "PET unspecified body region"),
+}
 
 # Languages (TID 1204, CID 5000 "Languages").
 ENGLISH_US = Code("en-US", "RFC5646", "English (United States)")
 CHINESE_SIMPLIFIED = Code("zh-CN", "RFC5646", "Chinese (S)")
+
+
+def procedure_reported(modality: str) -> Code:
+    """The CID 100 procedure for images of ``modality``."""
+    return _PROCEDURE_BY_MODALITY.get(modality.strip().upper(), IMAGING_PROCEDURE)
+
+
+# --- image descriptors (TID 1602/1603) -----------------------------------------------------
+
+_MODALITIES: dict[str, Code] = {code.value: code for code in codes.cid29.concepts.values()}
+# View Position (0018,5101) defined terms (PS3.3 C.8.11.5.1.1) -> CID 4010 "DX View".
+_VIEWS = {
+    "PA": Code("272479007", "SCT", "postero-anterior"),
+    "AP": Code("399348003", "SCT", "antero-posterior"),
+    "LL": Code("399173006", "SCT", "left lateral"),
+    "RL": Code("399198007", "SCT", "right lateral"),
+}
+
+
+def modality_code(modality: str) -> Code | None:
+    """CID 29 "Acquisition Modality" code of a Modality (0008,0060) value, or None."""
+    return _MODALITIES.get(modality.strip().upper())
+
+
+def image_view_code(view_position: str) -> Code | None:
+    """CID 4010 "DX View" code of a View Position (0018,5101) value, or None."""
+    return _VIEWS.get(view_position.strip().upper())
+
+
+def laterality_code(laterality: str) -> Code | None:
+    """CID 244 "Laterality" code of an (Image) Laterality value R, L or B; None otherwise."""
+    return {"R": RIGHT, "L": LEFT, "B": BILATERAL}.get(laterality.strip().upper())
 
 
 def coding_scheme_identification() -> CodingSchemeIdentificationItem:

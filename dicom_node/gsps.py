@@ -19,6 +19,10 @@ One presentation state per image of the reported study that has findings with re
 Findings are numbered as in the SR, and each box carries the SR measurement group's
 Tracking Identifier and Tracking UID, so a viewer can link the two. Images of other studies
 (priors) get no presentation state: their findings are in the SR only.
+
+Patient and study attributes are copied from the image after vr_limits.fitted_copy (values
+cut to their VR, missing type 2 attributes empty), as in the SR; texts are cut to their VR
+(LO 64, ST 1024).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ def build_gsps(
     ``sources`` as for build_sr; every finding region must refer to one of them.
     """
     images = SourceImages(sources, report.study_instance_uid)
+    node = node.fitted()
     by_image = _findings_by_image(report)
     states = []
     for index, (image_uid, findings) in enumerate(by_image.items(), start=1):
@@ -92,7 +97,10 @@ def build_gsps(
         if image.StudyInstanceUID != report.study_instance_uid:
             continue
         instance_number = report.version_number * _INSTANCES_PER_VERSION + index
-        states.append(_presentation_state(report, image, findings, node, instance_number))
+        pixels = images.source_of(image)
+        state = _presentation_state(report, image, pixels, findings, node, instance_number)
+        images.set_patient_name(state, image)
+        states.append(state)
     return states
 
 
@@ -109,6 +117,7 @@ def _findings_by_image(report: ReportDocument) -> dict[str, list[NumberedFinding
 def _presentation_state(
     report: ReportDocument,
     image: Dataset,
+    pixels: Dataset,
     findings: list[NumberedFinding],
     node: NodeIdentity,
     instance_number: int,
@@ -142,7 +151,7 @@ def _presentation_state(
         graphic_layers=[layer],
         graphic_groups=groups,
         institution_name=node.institution_name,
-        voi_lut_transformations=voi_transformation(image),
+        voi_lut_transformations=voi_transformation(image, pixels),
         presentation_lut_transformation=_presentation_lut(image),
         specific_character_set=UTF8,
         series_description=series_description(GSPS_SERIES_DESCRIPTION, report.model),
@@ -250,8 +259,13 @@ def _notice_annotation(
 # --- grayscale pipeline --------------------------------------------------------------------
 
 
-def voi_transformation(image: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
+def voi_transformation(
+    image: Dataset, pixels: Dataset | None = None
+) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
     """The VOI window to present (C.11.8); None lets highdicom copy the image's VOI LUT.
+
+    ``pixels``: the dataset to compute a window from when ``image`` has none (default
+    ``image``).
 
     Values go in as one-element lists: highdicom 0.28 splits a plain-string explanation into
     single characters.
@@ -262,7 +276,7 @@ def voi_transformation(image: Dataset) -> list[hd.pr.SoftcopyVOILUTTransformatio
     if window is None:
         if "VOILUTSequence" in image:
             return None
-        window = computed_window(image)
+        window = computed_window(image if pixels is None else pixels)
         explanation, function = "computed window", None
     center, width = window
     return [

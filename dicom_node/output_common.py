@@ -18,9 +18,8 @@ from __future__ import annotations
 import io
 import math
 import re
-import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +30,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM
 
+from dicom_node.vr_limits import fitted_copy, free_text
 from storage.files import write_durably
 from storage.report_schema import (
     AI_DISCLAIMER,
@@ -77,6 +77,22 @@ class NodeIdentity:
     def device_uid(self) -> str:
         return derived_uid(self, "device", self.name)
 
+    def fitted(self) -> NodeIdentity:
+        """This identity with its General Equipment values (LO, PS3.3 C.7.5.1) within 64
+        characters, as settings may be longer."""
+        return replace(
+            self,
+            manufacturer=long_string(self.manufacturer),
+            model_name=long_string(self.model_name),
+            software_version=long_string(self.software_version),
+            serial_number=_optional_long_string(self.serial_number),
+            institution_name=_optional_long_string(self.institution_name),
+        )
+
+
+def _optional_long_string(text: str | None) -> str | None:
+    return None if text is None else long_string(text) or None
+
 
 def derived_uid(node: NodeIdentity, *parts: object) -> str:
     """A UID that depends only on ``parts`` (and the node's UID root)."""
@@ -112,25 +128,6 @@ def tracking_uid(node: NodeIdentity, report: ReportDocument, finding_number: int
 
 
 # --- texts ---------------------------------------------------------------------------------
-
-
-_LINE_BREAKS = frozenset("\r\n\f")
-_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
-
-
-def free_text(text: str) -> str:
-    """``text`` fit for ST/LT/UT values (PS3.5 6.2): of the control characters only CR, LF and
-    FF stay (TAB becomes a space); format characters, surrogates, private-use and unassigned
-    code points are dropped."""
-    kept = []
-    for character in text:
-        if character in _LINE_BREAKS:
-            kept.append(character)
-        elif character == "\t":
-            kept.append(" ")
-        elif unicodedata.category(character) not in _DROPPED_CATEGORIES:
-            kept.append(character)
-    return "".join(kept)
 
 
 def single_line(text: str, limit: int) -> str:
@@ -172,17 +169,37 @@ def model_description(model: ModelIdentity) -> str:
 
 
 class SourceImages:
-    """The source images of a report, by SOP Instance UID, current study first."""
+    """The source images of a report, by SOP Instance UID, current study first.
+
+    Each image is a ``vr_limits.fitted_copy`` of its source's header (every value within its
+    VR, the type 2 Patient and Study attributes present) whose Patient's Name is empty:
+    highdicom warns and logs with the name it is given (``check_person_name``), which would
+    put patient data in the logs, so the builders set the name on the finished object
+    (``set_patient_name``). ``source_of`` gives the source itself, for its pixels.
+    """
 
     def __init__(self, sources: Sequence[Dataset], study_uid: str) -> None:
         if not sources:
             raise ValueError("at least one source image is needed")
-        current = [ds for ds in sources if ds.StudyInstanceUID == study_uid]
+        fitted = [fitted_copy(ds) for ds in sources]
+        self._sources = {str(ds.SOPInstanceUID): ds for ds in sources}
+        current = [ds for ds in fitted if ds.StudyInstanceUID == study_uid]
         if not current:
             raise ValueError(f"no source image belongs to study {study_uid}")
-        others = [ds for ds in sources if ds.StudyInstanceUID != study_uid]
+        others = [ds for ds in fitted if ds.StudyInstanceUID != study_uid]
         self.ordered: list[Dataset] = current + others
         self._by_uid = {str(ds.SOPInstanceUID): ds for ds in self.ordered}
+        self._patient_names = {uid: ds.PatientName for uid, ds in self._by_uid.items()}
+        for ds in self.ordered:
+            ds.PatientName = None
+
+    def source_of(self, image: Dataset) -> Dataset:
+        """The source ``image`` was fitted from (with its pixel data)."""
+        return self._sources[str(image.SOPInstanceUID)]
+
+    def set_patient_name(self, output: Dataset, image: Dataset) -> None:
+        """Patient's Name of ``output``: that of ``image``, within its VR."""
+        output.PatientName = self._patient_names[str(image.SOPInstanceUID)]
 
     @property
     def primary(self) -> Dataset:

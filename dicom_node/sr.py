@@ -1,13 +1,14 @@
 """The DICOM Structured Report of one AI report: a Comprehensive SR (PS3.3 A.35.3) holding a
-TID 1500 Measurement Report (PS3.16).
+TID 1500 Measurement Report (PS3.16), laid out to be read top to bottom.
 
-Content tree::
+Content tree (every CONTAINER is SEPARATE: its items are read one by one, not as one text)::
 
     CONTAINER Imaging Measurement Report (TID 1500)
       HAS CONCEPT MOD  Language of Content Item and Descendants (TID 1204): en-US or zh-CN
       HAS OBS CONTEXT  Observer Type = Device, Device Observer UID/Name/Manufacturer/Model
                        Name (= model id)/Serial Number (TID 1002, TID 1004)
-      HAS CONCEPT MOD  Procedure reported: Plain X-ray of chest, else Imaging procedure
+      HAS CONCEPT MOD  Procedure reported (CID 100, finding_codes.procedure_reported)
+      CONTAINS CONTAINER Image Library (TID 1600, image_library): the source images
       CONTAINS CONTAINER Imaging Measurements (omitted when there are no findings)
         CONTAINER Measurement Group, one per finding:
           TID 1410 Planar ROI Measurements when the finding has a region, else TID 1501:
@@ -15,20 +16,25 @@ Content tree::
           Finding = coded finding type (finding_codes: SCT/DCM, else 99MEDGEMMA)
           Finding Site (+ Laterality) when the location maps to a code
           Algorithm Name = model id, Version = revision, Parameters (TID 4019)
-          Image Region: closed POLYLINE, 5 points, on the source image (SCOORD, TID 1410)
+          Image Region: closed POLYLINE, 5 points, selected from a source image listed in
+            the Image Library (SCOORD, TID 1410)
           Width, Height of the box in mm, Diameter = model's size_mm (TID 300), only when
             the image has a pixel spacing
           TEXT reported label, location, density, boundary (and size when not measured)
-      CONTAINS CONTAINER Qualitative Evaluations (TID 1500 row 12)
-        TEXT test model notice (test models only), AI disclaimer
-        TEXT Impression, Recommendation, Narrative Summary; CODE urgency
+      CONTAINS CONTAINER Qualitative Evaluations (TID 1500 row 12), in reading order:
+        TEXT Impression; TEXT Finding "n. label (location, size, density, boundary)" per
+        finding; TEXT Narrative Summary; TEXT Recommendation; CODE urgency;
+        TEXT test model notice (test models only); TEXT AI disclaimer
+      CONTAINS CONTAINER AI processing details (99MEDGEMMA, extension of TID 1500):
         TEXT question, parse status, model identity, processing device, generation time
 
 Document level: same study as the sources, own series (derived UIDs, output_common),
 Preliminary Flag PRELIMINARY, Verification Flag UNVERIFIED, Completion Flag COMPLETE only
 when the model answer parsed, Specific Character Set ISO_IR 192, evidence in the Current
 Requested Procedure Evidence Sequence, previous version in the Predecessor Documents Sequence
-(PS3.3 C.17.2).
+(PS3.3 C.17.2). Patient and study attributes are copied from the first source image after
+vr_limits.fitted_copy: values that break their VR are cut to fit, missing type 2 attributes
+are written empty, so a source without Patient ID still gets its SR.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node import finding_codes as fc
+from dicom_node.image_library import image_library
 from dicom_node.output_common import (
     SR_SERIES_DESCRIPTION,
     SR_SERIES_NUMBER,
@@ -73,9 +80,9 @@ from storage.report_schema import (
 )
 
 DEFAULT_NODE = NodeIdentity()
-_CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG"})
-_CHEST_MODALITIES = frozenset({"CR", "DX"})
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
+_CONTAINER = hd.sr.ValueTypeValues.CONTAINER.value
+_SEPARATE = "SEPARATE"
 
 MeasurementGroup = (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -124,6 +131,7 @@ def build_sr(
     of the previous version of this study's report, if any.
     """
     images = SourceImages(sources, report.study_instance_uid)
+    node = node.fitted()
     when, utc_offset = content_datetime(report.created_at, images.primary)
     sr = hd.sr.ComprehensiveSR(
         evidence=images.ordered,
@@ -148,8 +156,10 @@ def build_sr(
         coding_schemes=[fc.coding_scheme_identification()],
     )
     pin_creation_times(sr, when)
+    images.set_patient_name(sr, images.primary)
     if utc_offset is not None:
         sr.TimezoneOffsetFromUTC = utc_offset
+    _make_containers_separate(sr)
     # Re-read in place so that .content is a MeasurementReport with its query methods.
     return cast(hd.sr.ComprehensiveSR, hd.sr.ComprehensiveSR.from_dataset(sr, copy=False))
 
@@ -166,16 +176,18 @@ def _measurement_report(
     ]
     measurement_report = hd.sr.MeasurementReport(
         observation_context=_observation_context(report.model, node),
-        procedure_reported=_procedure_reported(images.primary),
+        procedure_reported=fc.procedure_reported(str(images.primary.get("Modality", ""))),
         imaging_measurements=groups or [_placeholder_group()],
         language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
             hd.sr.CodedConcept.from_code(fc.language_code(report.content.language))
         ),
     )
-    root = measurement_report[0]
+    content = measurement_report[0].ContentSequence
     if not groups:
-        _drop_imaging_measurements(root)
-    root.ContentSequence.append(_report_evaluations(report))
+        _drop_imaging_measurements(content)
+    content.insert(_measurements_position(content), image_library(images.ordered))
+    content.append(_report_evaluations(report))
+    content.append(_processing_details(report))
     return measurement_report
 
 
@@ -185,17 +197,33 @@ def _placeholder_group() -> hd.sr.MeasurementsAndQualitativeEvaluations:
     )
 
 
-def _drop_imaging_measurements(root: Dataset) -> None:
+def _drop_imaging_measurements(content: hd.sr.ContentSequence) -> None:
     """TID 1500: "Imaging Measurements" (row 6) may be absent when row 12 is present.
 
     highdicom's MeasurementReport always writes row 6, so a report without findings is built
     with one placeholder group whose container is removed here.
     """
-    content = root.ContentSequence
     for index, item in enumerate(content):
         if item.name == codes.DCM.ImagingMeasurements:
             del content[index]
             return
+
+
+def _measurements_position(content: hd.sr.ContentSequence) -> int:
+    """Where the Image Library goes: before Imaging Measurements (TID 1500 rows 5, 6)."""
+    for index, item in enumerate(content):
+        if item.name == codes.DCM.ImagingMeasurements:
+            return index
+    return len(content)
+
+
+def _make_containers_separate(item: Dataset) -> None:
+    """Continuity of Content SEPARATE (PS3.3 C.17.3.2.2) for ``item`` and every container
+    below it: highdicom makes containers CONTINUOUS, which viewers render as one paragraph."""
+    if item.get("ValueType") == _CONTAINER:
+        item.ContinuityOfContent = _SEPARATE
+    for child in item.get("ContentSequence", []):
+        _make_containers_separate(child)
 
 
 def _observation_context(model: ModelIdentity, node: NodeIdentity) -> hd.sr.ObservationContext:
@@ -212,14 +240,6 @@ def _observation_context(model: ModelIdentity, node: NodeIdentity) -> hd.sr.Obse
             observer_type=codes.DCM.Device, observer_identifying_attributes=device
         )
     )
-
-
-def _procedure_reported(image: Dataset) -> Code:
-    body_part = str(image.get("BodyPartExamined", "")).upper()
-    modality = str(image.get("Modality", "")).upper()
-    if body_part in _CHEST_BODY_PARTS and modality in _CHEST_MODALITIES:
-        return fc.PLAIN_CHEST_XRAY
-    return fc.IMAGING_PROCEDURE
 
 
 # --- one finding: TID 1410 / TID 1501 ------------------------------------------------------
@@ -342,17 +362,35 @@ def _finding_texts(finding: Finding, measured_size: bool) -> list[hd.sr.TextCont
     )
 
 
-# --- report-level evaluations: TID 1500 row 12 ---------------------------------------------
+# --- report-level evaluations: TID 1500 row 12, then the processing details ---------------
 
 
 def _report_evaluations(report: ReportDocument) -> hd.sr.ContainerContentItem:
-    container = hd.sr.ContainerContentItem(
-        name=fc.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS
-    )
-    container.ContentSequence = hd.sr.ContentSequence(
-        [*_warning_items(report.model), *_answer_items(report), *_provenance_items(report)]
-    )
-    return container
+    """What a radiologist reads: impression, findings, recommendation, urgency, warnings."""
+    content = report.content
+    items: list[hd.sr.ContentItem] = [
+        *_texts([(fc.IMPRESSION, content.impression)]),
+        *_texts([(fc.FINDING, finding_line(n, f)) for n, f in enumerate(content.findings, 1)]),
+        *_texts([(fc.NARRATIVE, content.narrative), (fc.RECOMMENDATION, content.recommendation)]),
+    ]
+    if content.urgency is not None:
+        items.append(
+            hd.sr.CodeContentItem(
+                name=fc.URGENCY,
+                value=fc.URGENCY_VALUES[content.urgency],
+                relationship_type=_CONTAINS,
+            )
+        )
+    items += _warning_items(report.model)
+    return _container(fc.QUALITATIVE_EVALUATIONS, items)
+
+
+def finding_line(number: int, finding: Finding) -> str:
+    """One finding in words, as the model gave it: ``n. label (location, size, density, ...)``."""
+    size = f"{finding.size_mm:g} mm" if finding.size_mm is not None else None
+    details = [d for d in (finding.location, size, finding.density, finding.boundary) if d]
+    suffix = f" ({', '.join(details)})" if details else ""
+    return f"{number}. {finding.label}{suffix}"
 
 
 def _warning_items(model: ModelIdentity) -> list[hd.sr.TextContentItem]:
@@ -360,30 +398,9 @@ def _warning_items(model: ModelIdentity) -> list[hd.sr.TextContentItem]:
     return _texts([(fc.TEST_MODEL_NOTICE, banner), (fc.DISCLAIMER, AI_DISCLAIMER)])
 
 
-def _answer_items(report: ReportDocument) -> list[hd.sr.ContentItem]:
-    content = report.content
-    texts: list[hd.sr.ContentItem] = list(
-        _texts(
-            [
-                (fc.IMPRESSION, content.impression),
-                (fc.RECOMMENDATION, content.recommendation),
-                (fc.NARRATIVE, content.narrative),
-            ]
-        )
-    )
-    if content.urgency is not None:
-        texts.append(
-            hd.sr.CodeContentItem(
-                name=fc.URGENCY,
-                value=fc.URGENCY_VALUES[content.urgency],
-                relationship_type=_CONTAINS,
-            )
-        )
-    return texts
-
-
-def _provenance_items(report: ReportDocument) -> list[hd.sr.TextContentItem]:
-    return _texts(
+def _processing_details(report: ReportDocument) -> hd.sr.ContainerContentItem:
+    """The question asked and how the answer was made, apart from the clinical content."""
+    items = _texts(
         [
             (fc.QUESTION, report.question),
             (fc.PARSE_STATUS, report.content.parse_status.value),
@@ -392,6 +409,15 @@ def _provenance_items(report: ReportDocument) -> list[hd.sr.TextContentItem]:
             (fc.GENERATED_AT, report.created_at.isoformat()),
         ]
     )
+    return _container(fc.PROCESSING_DETAILS, items)
+
+
+def _container(name: Code, items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(
+        name=name, relationship_type=_CONTAINS, is_content_continuous=False
+    )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
 
 
 def _texts(answers: Sequence[tuple[Code, str | None]]) -> list[hd.sr.TextContentItem]:

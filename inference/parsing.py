@@ -21,6 +21,10 @@ finding or a label. Field by field:
 * ``urgency`` outside routine/urgent/critical (or their Chinese terms) becomes None;
 * ``size_mm`` takes a number, or the largest number in a string with an mm/cm unit.
 
+Text is cleaned where it becomes report content (``storage.report_schema.clean_model_text``:
+no replacement, control or format characters, LF line breaks, bounded lengths), before any
+emptiness check, so a label made only of unusable characters counts as no label.
+
 Notes are plain structural remarks without patient data, meant for the worker's log.
 Parsing never raises.
 """
@@ -37,7 +41,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from storage.report_schema import Finding, ParseStatus, ReportContent, Urgency
+from storage.report_schema import (
+    Finding,
+    ParseStatus,
+    ReportContent,
+    Urgency,
+    clean_model_phrase,
+    clean_model_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +103,7 @@ def strip_thinking(text: str) -> tuple[str, bool]:
 def _clean(text: str) -> str:
     for token in STRAY_TOKENS:
         text = text.replace(token, "")
-    return text.strip()
+    return clean_model_text(text)
 
 
 # --------------------------------------------------------------------------- finding JSON
@@ -192,14 +203,22 @@ def _choose_span(text: str, spans: list[_Span]) -> tuple[_Span, dict[str, Any]] 
 
 def _text(value: Any) -> str | None:
     if isinstance(value, str):
-        return value.strip() or None
+        return clean_model_text(value) or None
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
         return str(value)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return "\n".join(v.strip() for v in value if v.strip()) or None
+        return clean_model_text("\n".join(clean_model_text(v) for v in value)) or None
     return None
+
+
+def _phrase(value: Any) -> str | None:
+    """A one-line text (a finding's label, location, ...), or None."""
+    text = _text(value)
+    if text is None:
+        return None
+    return clean_model_phrase(text) or None
 
 
 def _size_mm(value: Any) -> float | None:
@@ -254,11 +273,12 @@ def _image_index(raw: Any, position: int, image_count: int | None, notes: list[s
 
 def _finding(item: Any, position: int, image_count: int | None, notes: list[str]) -> Finding | None:
     if isinstance(item, str):
-        return Finding(label=item.strip()) if item.strip() else None
+        phrase = clean_model_phrase(item)
+        return Finding(label=phrase) if phrase else None
     if not isinstance(item, dict):
         notes.append(f"finding {position}: not an object: dropped")
         return None
-    label = _text(item.get("label"))
+    label = _phrase(item.get("label"))
     if label is None:
         notes.append(f"finding {position}: no label: dropped")
         return None
@@ -274,9 +294,9 @@ def _finding(item: Any, position: int, image_count: int | None, notes: list[str]
             size_mm=_size_mm(item.get("size_mm")),
             box_2d=box,
             image_index=image_index,
-            location=_text(item.get("location")),
-            density=_text(item.get("density")),
-            boundary=_text(item.get("boundary")),
+            location=_phrase(item.get("location")),
+            density=_phrase(item.get("density")),
+            boundary=_phrase(item.get("boundary")),
         )
     except ValidationError as exc:
         notes.append(f"finding {position}: {exc.error_count()} invalid values: dropped")

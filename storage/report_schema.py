@@ -9,14 +9,68 @@ Box conventions:
   square (padded) model input.
 - ``region`` is the same box mapped back to pixel coordinates of the source image
   (column/row, 0-based, as DICOM PS3.3 C.18.6.1.1 SCOORD uses them), ready for SR and GSPS.
+
+Text: every text the model wrote (and the question asked) is cleaned when a Finding,
+ReportContent or ReportDocument is made, whether from the parser or from the database, so the
+SR, GSPS, HL7 and JSON outputs all start from the same clean text (``clean_model_text``):
+- the replacement character U+FFFD (what an invalid UTF-8 byte decodes to), control characters
+  other than the line break, format characters, surrogates, private-use code points and
+  non-characters are removed; TAB becomes a space;
+- every line break (CR LF, CR, VT, FF, FS, GS, RS, NEL, U+2028, U+2029) becomes LF; blanks at
+  the end of a line go;
+- a finding's label, location, density and boundary are one line of at most
+  ``MAX_PHRASE_CHARS`` (the DICOM ST limit, PS3.5 Table 6.2-1); other texts are at most
+  ``MAX_TEXT_CHARS`` (the LT limit), which even fully HL7-escaped (3 characters for 1) stays
+  inside the 65,536 characters of an HL7 v2.5 OBX-5.
+Shorter per-field limits (LO 64 for a code meaning, SH 16, ...) are applied by each builder.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+MAX_TEXT_CHARS = 10_240  # LT, PS3.5 Table 6.2-1
+MAX_PHRASE_CHARS = 1_024  # ST, PS3.5 Table 6.2-1
+
+# Line breaks of every kind (str.splitlines() splits on all of them): they become LF.
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+# Cc controls, Cf format, Cs surrogates, Co private use, Cn unassigned and non-characters.
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
+_REPLACEMENT_CHARACTER = "\ufffd"
+
+
+def _kept_character(character: str) -> str:
+    if character in _LINE_BREAKS:
+        return "\n"
+    if character == "\t":
+        return " "
+    if character == _REPLACEMENT_CHARACTER:
+        return ""
+    return "" if unicodedata.category(character) in _DROPPED_CATEGORIES else character
+
+
+def clean_model_text(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` without characters no output can carry, LF line breaks, ≤ ``limit`` characters.
+
+    CR LF counts as one line break. Leading and trailing blank space is removed, and so is the
+    blank space at the end of each line. Idempotent.
+    """
+    kept = "".join(_kept_character(c) for c in text.replace("\r\n", "\n"))
+    lines = "\n".join(line.rstrip() for line in kept.split("\n"))
+    return lines.strip()[:limit].rstrip()
+
+
+def clean_model_phrase(text: str) -> str:
+    """``clean_model_text`` on one line: line breaks and runs of blanks become one space."""
+    return " ".join(clean_model_text(text).split())[:MAX_PHRASE_CHARS]
+
+
+def _clean_phrase_or_none(value: str | None) -> str | None:
+    return None if value is None else clean_model_phrase(value) or None
 
 
 class Urgency(StrEnum):
@@ -60,6 +114,16 @@ class Finding(BaseModel):
     image_index: int = Field(default=0, description="Which image of the request the box is on")
     region: PixelRegion | None = None
 
+    @field_validator("label")
+    @classmethod
+    def _clean_label(cls, value: str) -> str:
+        return clean_model_phrase(value)
+
+    @field_validator("location", "density", "boundary")
+    @classmethod
+    def _clean_phrases(cls, value: str | None) -> str | None:
+        return _clean_phrase_or_none(value)
+
 
 class ReportContent(BaseModel):
     """The parsed answer. ``findings`` empty and ``narrative`` set is a valid, normal result."""
@@ -71,6 +135,11 @@ class ReportContent(BaseModel):
     recommendation: str = ""
     urgency: Urgency | None = None
     narrative: str = ""
+
+    @field_validator("impression", "recommendation", "narrative")
+    @classmethod
+    def _clean_texts(cls, value: str) -> str:
+        return clean_model_text(value)
 
 
 class ModelIdentity(BaseModel):
@@ -101,6 +170,11 @@ class ReportDocument(BaseModel):
     model: ModelIdentity
     question: str = ""
     source_sop_instance_uids: list[str] = Field(default_factory=list)
+
+    @field_validator("question")
+    @classmethod
+    def _clean_question(cls, value: str) -> str:
+        return clean_model_text(value)
 
 
 TEST_MODEL_BANNER = "TEST MODEL – NOT FOR CLINICAL USE"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import unicodedata
+import zipfile
+from functools import cache
+from xml.etree import ElementTree
 
 import pytest
 from hypothesis import given
@@ -10,6 +13,7 @@ from hypothesis import strategies as st
 from pydicom.sr.coding import Code
 
 from dicom_node import finding_codes as fc
+from tests.dicom_output_support import PIXELMED_JAR
 
 NODULE = Code("27925004", "SCT", "Nodule")
 PLEURAL_EFFUSION = Code("60046008", "SCT", "Pleural effusion")
@@ -108,3 +112,43 @@ def test_language_codes() -> None:
     assert fc.language_code("zh") == Code("zh-CN", "RFC5646", "Chinese (S)")
     assert fc.language_code("zh-CN").meaning == "Chinese (S)"
     assert fc.language_code("en") == Code("en-US", "RFC5646", "English (United States)")
+
+
+# --- codes in context-group-constrained rows: what PixelMed's validator accepts -------------
+
+
+@cache
+def pixelmed_context_group(cid: str) -> set[tuple[str, str]]:
+    """(code value, scheme) of a context group as PixelMed's SR validator knows it."""
+    with zipfile.ZipFile(PIXELMED_JAR) as jar:
+        source = jar.read("com/pixelmed/validate/DicomContextGroupsSource.xml")
+    root = ElementTree.fromstring(source)
+    (group,) = [g for g in root.iter("definecontextgroup") if g.get("cid") == cid]
+    return {(code.get("cv", ""), code.get("csd", "")) for code in group.iter("contextgroupcode")}
+
+
+def in_group(code: Code, cid: str) -> bool:
+    return (code.value, code.scheme_designator) in pixelmed_context_group(cid)
+
+
+@pytest.mark.skipif(not PIXELMED_JAR.exists(), reason="PixelMed (libpixelmed-java) not installed")
+def test_coded_descriptors_are_in_the_context_groups_pixelmed_checks() -> None:
+    for modality in ("CR", "DX", "CT", "MR", "NM", "PT", "US", "XA", "OT", ""):
+        assert in_group(fc.procedure_reported(modality), "100"), modality  # TID 1500 row 4
+    for modality in ("CR", "DX", "CT", "MR", "MG", "US", "XA", "RF", "IO", "PX"):
+        code = fc.modality_code(modality)
+        assert code is not None and in_group(code, "29"), modality  # TID 1602 row 1
+    for view in ("PA", "AP", "LL", "RL"):
+        code = fc.image_view_code(view)
+        assert code is not None and in_group(code, "4010"), view  # TID 1603 row 1
+    for laterality in ("R", "L", "B"):
+        code = fc.laterality_code(laterality)
+        assert code is not None and in_group(code, "244"), laterality  # TID 1602 row 3
+
+
+def test_descriptor_codes_for_values_without_one() -> None:
+    assert fc.procedure_reported("CR") == Code("363679005", "SCT", "Imaging procedure")
+    assert fc.procedure_reported(" ct ") == Code("25045-6", "LN", "CT unspecified body region")
+    assert fc.modality_code("OT") is None and fc.modality_code("") is None
+    assert fc.image_view_code("LATERAL") is None
+    assert fc.laterality_code("U") is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,26 +15,42 @@ from hypothesis import strategies as st
 from pydicom import Dataset
 
 from dicom_node.gsps import build_gsps, computed_window, label_box
-from dicom_node.output_common import PixelBox, write_datasets
+from dicom_node.output_common import NodeIdentity, PixelBox, write_datasets
 from dicom_node.sr import build_sr
 from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, Finding, ReportDocument
 from tests.dicom_output_support import (
+    BROKEN_SOURCE_WARNINGS,
+    HUGE_NAME,
+    LONG_NAME,
+    NO_PATIENT_ID_WARNINGS,
+    assert_empty_type_2,
+    assert_fitted_to_vr_limits,
     assert_valid,
     boxed_findings,
     make_report,
     measurement_report,
     needs_dicom3tools,
     rg1,
+    rg1_breaking_vr_limits,
     rg1_with_spacing,
+    rg1_without_patient_id,
 )
 
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 CODE_STRING_16 = re.compile(r"[A-Z0-9_ ]{1,16}")
 
 
-def write_gsps(report: ReportDocument, image: Dataset, directory: Path) -> list[Path]:
+def write_gsps(
+    report: ReportDocument, image: Dataset, directory: Path, allowed: tuple[str, ...] = ()
+) -> list[Path]:
+    """Build, write and validate (dciodvfy, where installed) the GSPS of ``report``.
+
+    ``allowed``: dciodvfy warnings the source itself causes."""
     records = write_datasets(build_gsps(report, [image]), directory)
     assert all(r.kind == "GSPS" and r.sop_class_uid == GSPS_CLASS for r in records)
+    if shutil.which("dciodvfy"):
+        for record in records:
+            assert_valid(record.path, also_allowed=allowed)
     return [r.path for r in records]
 
 
@@ -53,7 +71,6 @@ def test_boxes_and_labels_on_the_ai_layer(tmp_path: Path, chinese: bool) -> None
     image = rg1_with_spacing()
     findings = boxed_findings(image, chinese=chinese)
     (path,) = write_gsps(make_report(image, findings, chinese=chinese), image, tmp_path)
-    assert_valid(path)
 
     state = pydicom.dcmread(path)
     assert [layer.GraphicLayer for layer in state.GraphicLayerSequence] == ["AI"]
@@ -103,7 +120,6 @@ def test_the_image_modality_lut_is_carried(tmp_path: Path) -> None:
     image = rg1_with_spacing()
     image.RescaleSlope, image.RescaleIntercept, image.RescaleType = 2, -1024, "US"
     (path,) = write_gsps(make_report(image, boxed_findings(image)), image, tmp_path)
-    assert_valid(path)
     state = pydicom.dcmread(path)
     assert (float(state.RescaleSlope), float(state.RescaleIntercept), state.RescaleType) == (
         2.0,
@@ -125,7 +141,6 @@ def test_without_a_window_one_is_computed_from_the_pixels(tmp_path: Path) -> Non
     del image.WindowCenter
     del image.WindowWidth
     (path,) = write_gsps(make_report(image, boxed_findings(image)), image, tmp_path)
-    assert_valid(path)
     (voi,) = pydicom.dcmread(path).SoftcopyVOILUTSequence
     low, high = np.percentile(image.pixel_array, [0.5, 99.5])
     assert float(voi.WindowCenter) == pytest.approx((low + high) / 2, abs=0.01)
@@ -141,10 +156,11 @@ def test_without_pixels_or_window_the_window_spans_bits_stored() -> None:
 
 
 @pytest.mark.parametrize("is_test_model", [True, False], ids=["test-model", "clinical-model"])
-def test_every_overlay_carries_the_warning(is_test_model: bool) -> None:
+def test_every_overlay_carries_the_warning(tmp_path: Path, is_test_model: bool) -> None:
     image = rg1_with_spacing()
     report = make_report(image, boxed_findings(image), is_test_model=is_test_model)
-    (state,) = build_gsps(report, [image])
+    (path,) = write_gsps(report, image, tmp_path)
+    state = pydicom.dcmread(path)
     notice = notice_text(state)
     assert AI_DISCLAIMER in notice
     assert (TEST_MODEL_BANNER in notice) is is_test_model
@@ -215,3 +231,49 @@ def test_a_label_box_is_always_a_proper_box_inside_the_image(
     left, top, right, bottom = label_box(box, image, characters)
     assert 0 <= left < right <= 1841
     assert 0 <= top < bottom <= 1955
+
+
+# --- sources that break their VRs or lack type 2 attributes --------------------------------
+
+
+@needs_dicom3tools
+@pytest.mark.parametrize("name", [HUGE_NAME, LONG_NAME], ids=["65009-characters", "220-characters"])
+def test_values_past_their_vr_limits_are_cut_to_fit(tmp_path: Path, name: str) -> None:
+    image = rg1_breaking_vr_limits(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = make_report(image, boxed_findings(image))
+        (path,) = write_gsps(report, image, tmp_path, BROKEN_SOURCE_WARNINGS)
+    state = pydicom.dcmread(path)
+    assert_fitted_to_vr_limits(state, name)
+    assert len(finding_annotations(state)) == 2
+    assert not [w for w in caught if name[:20] in str(w.message)]
+
+
+@needs_dicom3tools
+@pytest.mark.parametrize("patient_id", [None, ""], ids=["missing", "empty"])
+def test_a_source_without_patient_id_still_gets_its_gsps(
+    tmp_path: Path, patient_id: str | None
+) -> None:
+    image = rg1_without_patient_id(patient_id)
+    report = make_report(image, boxed_findings(image))
+    (path,) = write_gsps(report, image, tmp_path, NO_PATIENT_ID_WARNINGS)
+    state = pydicom.dcmread(path)
+    assert_empty_type_2(state)
+    assert state.PatientName == image.PatientName
+    assert len(finding_annotations(state)) == 2
+
+
+def test_long_labels_and_settings_are_cut_to_their_vr() -> None:
+    image = rg1_with_spacing()
+    label = "opacity " * 200  # the report keeps 1,024 characters of it (ST)
+    report = make_report(image, [Finding(label=label, region=boxed_findings(image)[0].region)])
+    node = NodeIdentity(manufacturer="M" * 100, institution_name="I" * 100, serial_number="S" * 70)
+    (state,) = build_gsps(report, [image], node=node)
+    (annotation,) = finding_annotations(state)
+    assert len(annotation.TextObjectSequence[0].UnformattedTextValue) == 1024  # ST
+    (group,) = state.GraphicGroupSequence
+    assert len(group.GraphicGroupLabel) == 64  # LO
+    assert len(group.GraphicGroupDescription) <= 1024  # ST
+    assert (state.Manufacturer, state.InstitutionName) == ("M" * 64, "I" * 64)
+    assert state.DeviceSerialNumber == "S" * 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,16 @@ from inference.parsing import (
     strip_thinking,
     validate_box,
 )
-from storage.report_schema import ParseStatus, ReportContent, Urgency
+from storage.report_schema import (
+    MAX_PHRASE_CHARS,
+    MAX_TEXT_CHARS,
+    Finding,
+    ParseStatus,
+    ReportContent,
+    Urgency,
+    clean_model_phrase,
+    clean_model_text,
+)
 
 CORPUS = Path(__file__).parent / "data" / "model_outputs"
 CASES = sorted(CORPUS.glob("*.txt"))
@@ -191,3 +201,69 @@ def test_never_crashes_and_never_invents(text: str) -> None:
             assert validate_box(finding.box_2d) is not None
     if content.parse_status == ParseStatus.NARRATIVE_ONLY:
         assert content.narrative and not content.findings
+
+
+# --------------------------------------------------------------------------- text cleaning
+
+
+def test_model_text_is_cleaned_where_it_becomes_report_content() -> None:
+    text = json.dumps(
+        {
+            "findings": [
+                {"label": "nod\ufffdule\x00", "location": "right\r\nupper  lobe\u200b"},
+                {"label": "\ufffd\ufffd\x07", "box_2d": [1, 2, 3, 4]},
+                "\ufffd",
+            ],
+            "impression": "Nodule.\x1b\r\nNo effusion.\t\x7f",
+            "recommendation": "CT in 3 months.\u2028Compare.",
+        }
+    )
+    parsed = parse_report(text + "\nDone.\ufffd\x0c")
+    content = parsed.content
+    assert [(f.label, f.location) for f in content.findings] == [("nodule", "right upper lobe")]
+    assert "finding 1: no label: dropped" in parsed.notes
+    assert content.impression == "Nodule.\nNo effusion."
+    assert content.recommendation == "CT in 3 months.\nCompare."
+    assert content.narrative == "Done."
+    dumped = content.model_dump_json()
+    assert "\\ufffd" not in dumped and "\\u0000" not in dumped and "\\u001b" not in dumped
+
+
+def test_an_answer_of_unusable_characters_is_empty() -> None:
+    assert parse_model_output("\ufffd\x00\x07 \u200b").parse_status == ParseStatus.EMPTY
+
+
+def test_report_content_from_anywhere_is_cleaned() -> None:
+    """Loaded from the database or built by hand, the same rules apply."""
+    content = ReportContent.model_validate(
+        {
+            "parse_status": "ok",
+            "findings": [{"label": "mass\x00\n  left", "density": "\ufffd"}],
+            "narrative": "a\r\nb\rc\x0bd  \n\n",
+        }
+    )
+    assert content.findings[0].label == "mass left"
+    assert content.findings[0].density is None
+    assert content.narrative == "a\nb\nc\nd"
+
+
+def test_texts_are_bounded() -> None:
+    content = ReportContent(
+        parse_status=ParseStatus.OK,
+        findings=[Finding(label="x" * 5000)],
+        narrative="y" * 50_000,
+    )
+    assert len(content.findings[0].label) == MAX_PHRASE_CHARS
+    assert len(content.narrative) == MAX_TEXT_CHARS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400))
+def test_clean_text_has_only_line_feeds_and_printable_characters(text: str) -> None:
+    cleaned = clean_model_text(text)
+    assert "\ufffd" not in cleaned and "\r" not in cleaned
+    assert all(c == "\n" or unicodedata.category(c)[0] != "C" for c in cleaned)
+    assert len(cleaned.splitlines() or [""]) == cleaned.count("\n") + 1
+    assert clean_model_text(cleaned) == cleaned
+    phrase = clean_model_phrase(text)
+    assert "\n" not in phrase and clean_model_phrase(phrase) == phrase

@@ -1,7 +1,10 @@
-"""The AI report as a Comprehensive SR / TID 1500, checked with dciodvfy, dsrdump and highdicom."""
+"""The AI report as a Comprehensive SR / TID 1500, checked with dciodvfy, PixelMed, dsrdump and
+highdicom."""
 
 from __future__ import annotations
 
+import warnings
+from datetime import date, time
 from pathlib import Path
 
 import highdicom as hd
@@ -20,13 +23,20 @@ from storage.report_schema import (
     TEST_MODEL_BANNER,
     Finding,
     ParseStatus,
+    ReportContent,
     ReportDocument,
     Urgency,
 )
 from tests.dicom_output_support import (
+    BROKEN_SOURCE_WARNINGS,
     CHINESE,
     ENGLISH,
+    HUGE_NAME,
+    LONG_NAME,
+    NO_PATIENT_ID_WARNINGS,
     SPACING_MM,
+    assert_empty_type_2,
+    assert_fitted_to_vr_limits,
     assert_valid,
     boxed_findings,
     dsrdump,
@@ -34,10 +44,14 @@ from tests.dicom_output_support import (
     measurement_report,
     needs_dcmtk,
     needs_dicom3tools,
+    needs_validators,
     region,
     rg1,
+    rg1_breaking_vr_limits,
     rg1_with_spacing,
+    rg1_without_patient_id,
     rg1_without_spacing,
+    validators_installed,
 )
 
 TEXT = hd.sr.ValueTypeValues.TEXT
@@ -57,9 +71,20 @@ PATIENT_AND_STUDY = (
 )
 
 
-def write_sr(report: ReportDocument, image: Dataset, directory: Path, **kwargs: object) -> Path:
+def write_sr(
+    report: ReportDocument,
+    image: Dataset,
+    directory: Path,
+    allowed: tuple[str, ...] = (),
+    **kwargs: object,
+) -> Path:
+    """Build, write and validate (dciodvfy and PixelMed, where installed) the SR of report.
+
+    ``allowed``: dciodvfy warnings the source itself causes."""
     sr = build_sr(report, [image], **kwargs)  # type: ignore[arg-type]
     (record,) = write_datasets([sr], directory)
+    if validators_installed():
+        assert_valid(record.path, also_allowed=allowed)
     return record.path
 
 
@@ -75,6 +100,15 @@ def code_named(item: Dataset, name: Code) -> hd.sr.CodedConcept:
 def report_evaluations(sr: hd.sr.ComprehensiveSR) -> Dataset:
     (container,) = hd.sr.utils.find_content_items(sr.content[0], name=fc.QUALITATIVE_EVALUATIONS)
     return container
+
+
+def processing_details(sr: hd.sr.ComprehensiveSR) -> Dataset:
+    (container,) = hd.sr.utils.find_content_items(sr.content[0], name=fc.PROCESSING_DETAILS)
+    return container
+
+
+def names(container: Dataset) -> list[Code]:
+    return [item.name for item in container.ContentSequence]
 
 
 def image_region(
@@ -101,7 +135,7 @@ def measurements_mm(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
 # --- English, boxes, pixel spacing, test model ---------------------------------------------
 
 
-@needs_dicom3tools
+@needs_validators
 @needs_dcmtk
 def test_boxed_findings_validate_dump_and_read_back(tmp_path: Path) -> None:
     image = rg1_with_spacing()
@@ -188,8 +222,9 @@ def test_device_observer_and_procedure(tmp_path: Path) -> None:
     assert attributes.name == "medgemma-node"
     assert attributes.manufacturer_name == "medgemma-node"
     assert attributes.model_name == report.model.model_id
+    # CID 100 has no radiograph procedure: the generic one, the Image Library says CR PA.
     procedure = code_named(sr.content[0], codes.DCM.ProcedureReported)
-    assert procedure == fc.PLAIN_CHEST_XRAY
+    assert procedure == Code("363679005", "SCT", "Imaging procedure")
     language = code_named(sr.content[0], codes.DCM.LanguageOfContentItemAndDescendants)
     assert (language.value, language.meaning) == ("en-US", "English (United States)")
 
@@ -202,12 +237,19 @@ def test_report_texts_urgency_and_warnings(tmp_path: Path) -> None:
     assert texts_named(evaluations, fc.IMPRESSION) == [ENGLISH.impression]
     assert texts_named(evaluations, fc.RECOMMENDATION) == [ENGLISH.recommendation]
     assert texts_named(evaluations, fc.NARRATIVE) == [ENGLISH.narrative]
-    assert texts_named(evaluations, fc.QUESTION) == [ENGLISH.question]
+    assert texts_named(evaluations, fc.FINDING) == [
+        "1. nodule (right upper lobe, 12.5 mm, solid, well defined)",
+        "2. Pleural effusions (left costophrenic angle)",
+        "3. tortuous aorta (40 mm)",
+    ]
     assert texts_named(evaluations, fc.DISCLAIMER) == [AI_DISCLAIMER]
     assert texts_named(evaluations, fc.TEST_MODEL_NOTICE) == [TEST_MODEL_BANNER]
-    assert texts_named(evaluations, fc.PROCESSING_DEVICE) == ["cuda:0"]
-    assert texts_named(evaluations, fc.GENERATED_AT) == ["2024-05-01T10:00:00+00:00"]
-    (identity,) = texts_named(evaluations, fc.MODEL_IDENTITY)
+    details = processing_details(sr)
+    assert texts_named(details, fc.QUESTION) == [ENGLISH.question]
+    assert texts_named(details, fc.PARSE_STATUS) == ["ok"]
+    assert texts_named(details, fc.PROCESSING_DEVICE) == ["cuda:0"]
+    assert texts_named(details, fc.GENERATED_AT) == ["2024-05-01T10:00:00+00:00"]
+    (identity,) = texts_named(details, fc.MODEL_IDENTITY)
     assert identity.startswith(report.model.display_name)
     assert code_named(evaluations, fc.URGENCY) == fc.URGENCY_VALUES[Urgency.URGENT]
     assert sr.SeriesDescription == f"{TEST_MODEL_BANNER}: AI report — not verified"
@@ -222,6 +264,146 @@ def test_a_clinical_model_carries_no_test_banner(tmp_path: Path) -> None:
     assert texts_named(evaluations, fc.DISCLAIMER) == [AI_DISCLAIMER]
     assert sr.SeriesDescription == "AI report — not verified"
     assert TEST_MODEL_BANNER.encode("utf-8") not in path.read_bytes()
+
+
+# --- layout: reading order, SEPARATE containers, Image Library ------------------------------
+
+
+def containers(item: Dataset) -> list[Dataset]:
+    """``item`` and every container below it, depth first."""
+    found = [item] if item.get("ValueType") == "CONTAINER" else []
+    for child in item.get("ContentSequence", []):
+        found += containers(child)
+    return found
+
+
+def test_content_is_in_reading_order_in_separate_containers(tmp_path: Path) -> None:
+    image = rg1_with_spacing()
+    report = make_report(image, boxed_findings(image), is_test_model=True)
+    sr = read_back(write_sr(report, image, tmp_path))
+    assert names(sr.content[0]) == [
+        codes.DCM.LanguageOfContentItemAndDescendants,
+        codes.DCM.ObserverType,
+        codes.DCM.DeviceObserverUID,
+        codes.DCM.DeviceObserverName,
+        codes.DCM.DeviceObserverManufacturer,
+        codes.DCM.DeviceObserverModelName,
+        codes.DCM.ProcedureReported,
+        codes.DCM.ImageLibrary,
+        codes.DCM.ImagingMeasurements,
+        fc.QUALITATIVE_EVALUATIONS,
+        fc.PROCESSING_DETAILS,
+    ]
+    assert names(report_evaluations(sr)) == [
+        fc.IMPRESSION,
+        fc.FINDING,
+        fc.FINDING,
+        fc.FINDING,
+        fc.NARRATIVE,
+        fc.RECOMMENDATION,
+        fc.URGENCY,
+        fc.TEST_MODEL_NOTICE,
+        fc.DISCLAIMER,
+    ]
+    assert names(processing_details(sr)) == [
+        fc.QUESTION,
+        fc.PARSE_STATUS,
+        fc.MODEL_IDENTITY,
+        fc.PROCESSING_DEVICE,
+        fc.GENERATED_AT,
+    ]
+    found = containers(sr)
+    assert len(found) == 1 + 1 + 1 + 1 + 3 + 1 + 1  # root, library, group, measurements, ...
+    assert {c.ContinuityOfContent for c in found} == {"SEPARATE"}
+
+
+def library_entries(sr: hd.sr.ComprehensiveSR) -> list[Dataset]:
+    """The items of the first Image Library Group, as OHIF's cornerstone-dicom-sr reads them."""
+    (library,) = [i for i in sr.content[0].ContentSequence if i.name == codes.DCM.ImageLibrary]
+    group = library.ContentSequence[0]
+    assert group.name == codes.DCM.ImageLibraryGroup
+    return list(group.ContentSequence)
+
+
+def descriptors(entry: Dataset) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for item in entry.ContentSequence:
+        assert item.RelationshipType == "HAS ACQ CONTEXT"
+        values[item.name.meaning] = item.value
+    return values
+
+
+@needs_validators
+def test_the_image_library_lists_every_source_image(tmp_path: Path) -> None:
+    current, prior = rg1_with_spacing(), rg1()
+    prior.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    prior.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.3"
+    prior.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    prior.StudyDate, prior.StudyTime = "20030102", "0830"
+    prior.ViewPosition = "AP"
+    report = make_report(current, boxed_findings(current), is_test_model=True)
+    sr = build_sr(report, [prior, current])
+    (record,) = write_datasets([sr], tmp_path)
+    assert_valid(record.path)
+
+    entries = library_entries(read_back(record.path))
+    assert [(e.ValueType, e.name) for e in entries] == [("IMAGE", fc.SOURCE_IMAGE)] * 2
+    assert [
+        (
+            e.ReferencedSOPSequence[0].ReferencedSOPClassUID,
+            e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
+        )
+        for e in entries
+    ] == [
+        (current.SOPClassUID, current.SOPInstanceUID),
+        (prior.SOPClassUID, prior.SOPInstanceUID),
+    ]
+    row_mm, column_mm = SPACING_MM
+    cr = Code("CR", "DCM", "Computed Radiography")
+    assert descriptors(entries[0]) == {
+        "Modality": cr,
+        "Study Date": date(2004, 8, 26),
+        "Study Time": time(18, 50, 59),
+        "Pixel Data Rows": 1955.0,
+        "Pixel Data Columns": 1841.0,
+        "Image View": Code("272479007", "SCT", "postero-anterior"),
+        "Patient Orientation Row": "L",
+        "Patient Orientation Column": "F",
+        "Horizontal Pixel Spacing": column_mm,
+        "Vertical Pixel Spacing": row_mm,
+    }
+    assert descriptors(entries[1]) == {
+        "Modality": cr,
+        "Study Date": date(2003, 1, 2),
+        "Study Time": time(8, 30),
+        "Pixel Data Rows": 1955.0,
+        "Pixel Data Columns": 1841.0,
+        "Image View": Code("399348003", "SCT", "antero-posterior"),
+        "Patient Orientation Row": "L",
+        "Patient Orientation Column": "F",
+    }
+
+
+def test_what_ohif_needs_to_show_the_sr(tmp_path: Path) -> None:
+    """cornerstone-dicom-sr: root (126000, DCM), Image Library IMAGE items with
+    ReferencedSOPSequence, groups with Tracking UID and Identifier, SCOORDs selected from an
+    image of the library."""
+    image = rg1_with_spacing()
+    sr = read_back(write_sr(make_report(image, boxed_findings(image)), image, tmp_path))
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
+    library_uids = {
+        entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for entry in library_entries(sr)
+    }
+    groups = measurement_report(sr).get_planar_roi_measurement_groups()
+    assert len(groups) == 2
+    for group in groups:
+        assert group.tracking_uid and group.tracking_identifier
+        roi = image_region(group)
+        assert roi.relationship_type == hd.sr.RelationshipTypeValues.CONTAINS
+        (selected,) = roi.ContentSequence
+        assert selected.RelationshipType == "SELECTED FROM"
+        assert selected.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in library_uids
+    assert library_uids == {image.SOPInstanceUID}
 
 
 # --- document level ------------------------------------------------------------------------
@@ -264,8 +446,9 @@ def test_document_belongs_to_the_source_study_and_says_it_is_preliminary(tmp_pat
 
 @pytest.mark.parametrize("status", [ParseStatus.NARRATIVE_ONLY, ParseStatus.EMPTY])
 def test_an_unparsed_answer_is_a_partial_document(tmp_path: Path, status: ParseStatus) -> None:
+    """What the test model gives: text without JSON (or nothing), no findings."""
     image = rg1()
-    report = make_report(image, [], parse_status=status, urgency=None)
+    report = make_report(image, [], parse_status=status, urgency=None, is_test_model=True)
     sr = pydicom.dcmread(write_sr(report, image, tmp_path))
     assert sr.CompletionFlag == "PARTIAL"
 
@@ -348,7 +531,7 @@ def test_a_newer_version_references_its_predecessor(tmp_path: Path) -> None:
 # --- Chinese -------------------------------------------------------------------------------
 
 
-@needs_dicom3tools
+@needs_validators
 @needs_dcmtk
 def test_chinese_report_round_trips_exactly(tmp_path: Path) -> None:
     image = rg1_with_spacing()
@@ -378,7 +561,8 @@ def test_chinese_report_round_trips_exactly(tmp_path: Path) -> None:
     evaluations = report_evaluations(sr)
     assert texts_named(evaluations, fc.IMPRESSION) == [CHINESE.impression]
     assert texts_named(evaluations, fc.RECOMMENDATION) == [CHINESE.recommendation]
-    assert texts_named(evaluations, fc.QUESTION) == [CHINESE.question]
+    assert texts_named(evaluations, fc.FINDING)[0] == "1. 结节 (右肺上叶, 12.5 mm, 实性, 边界清楚)"
+    assert texts_named(processing_details(sr), fc.QUESTION) == [CHINESE.question]
     (aorta,) = measurement_report(sr).get_image_measurement_groups()
     assert aorta.finding_type is not None
     assert aorta.finding_type.scheme_designator == fc.PRIVATE_SCHEME
@@ -388,7 +572,7 @@ def test_chinese_report_round_trips_exactly(tmp_path: Path) -> None:
 # --- findings without boxes, no findings, no pixel spacing ---------------------------------
 
 
-@needs_dicom3tools
+@needs_validators
 @needs_dcmtk
 def test_findings_without_boxes_are_tid_1501_groups(tmp_path: Path) -> None:
     image = rg1()
@@ -397,7 +581,6 @@ def test_findings_without_boxes_are_tid_1501_groups(tmp_path: Path) -> None:
         Finding(label="old granulomatous disease", location="both lungs", size_mm=3.0),
     ]
     path = write_sr(make_report(image, findings), image, tmp_path)
-    assert_valid(path)
     assert "old granulomatous disease" in dsrdump(path)
 
     sr = read_back(path)
@@ -412,13 +595,12 @@ def test_findings_without_boxes_are_tid_1501_groups(tmp_path: Path) -> None:
     assert texts_named(granuloma[0], fc.REPORTED_SIZE_TEXT) == ["3 mm"]
 
 
-@needs_dicom3tools
+@needs_validators
 @needs_dcmtk
 def test_no_findings_gives_a_report_of_texts_only(tmp_path: Path) -> None:
     image = rg1()
     report = make_report(image, [], urgency=Urgency.ROUTINE)
     path = write_sr(report, image, tmp_path)
-    assert_valid(path)
     assert ENGLISH.impression in dsrdump(path)
 
     sr = read_back(path)
@@ -431,7 +613,7 @@ def test_no_findings_gives_a_report_of_texts_only(tmp_path: Path) -> None:
     assert code_named(evaluations, fc.URGENCY) == fc.URGENCY_VALUES[Urgency.ROUTINE]
 
 
-@needs_dicom3tools
+@needs_validators
 @pytest.mark.parametrize(
     "image_factory", [rg1, rg1_without_spacing], ids=["zero-pixel-spacing", "no-pixel-spacing"]
 )
@@ -441,7 +623,6 @@ def test_without_pixel_spacing_there_are_no_mm_measurements(
     image = image_factory()  # type: ignore[operator]
     assert pixel_spacing_mm(image) is None
     path = write_sr(make_report(image, boxed_findings(image)), image, tmp_path)
-    assert_valid(path)
     sr = read_back(path)
     nodule, effusion = measurement_report(sr).get_planar_roi_measurement_groups()
     assert nodule.get_measurements() == []
@@ -487,3 +668,63 @@ def test_sources_must_include_the_reported_study() -> None:
     report = make_report(image, []).model_copy(update={"study_instance_uid": "1.2.3"})
     with pytest.raises(ValueError, match="no source image belongs to study"):
         build_sr(report, [image])
+
+
+# --- sources that break their VRs or lack type 2 attributes --------------------------------
+
+
+@needs_validators
+@pytest.mark.parametrize("name", [HUGE_NAME, LONG_NAME], ids=["65009-characters", "220-characters"])
+def test_values_past_their_vr_limits_are_cut_to_fit(
+    tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    image = rg1_breaking_vr_limits(name)
+    report = make_report(image, boxed_findings(image))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = write_sr(report, image, tmp_path, allowed=BROKEN_SOURCE_WARNINGS)
+    sr = read_back(path)
+    assert_fitted_to_vr_limits(sr, name)
+    assert sr.PatientID == image.PatientID
+    assert len(measurement_report(sr).get_planar_roi_measurement_groups()) == 2
+    # Libraries that quote values (highdicom's person name check) never see the name.
+    quoted = name[:20]
+    assert not [w for w in caught if quoted in str(w.message)]
+    assert quoted not in caplog.text
+
+
+@needs_validators
+@pytest.mark.parametrize("patient_id", [None, ""], ids=["missing", "empty"])
+def test_a_source_without_patient_id_still_gets_its_sr(
+    tmp_path: Path, patient_id: str | None
+) -> None:
+    image = rg1_without_patient_id(patient_id)
+    path = write_sr(
+        make_report(image, boxed_findings(image)), image, tmp_path, NO_PATIENT_ID_WARNINGS
+    )
+    sr = read_back(path)
+    assert_empty_type_2(sr)
+    assert sr.PatientName == image.PatientName
+    assert len(measurement_report(sr).get_planar_roi_measurement_groups()) == 2
+
+
+@needs_validators
+def test_model_text_reaches_the_sr_clean(tmp_path: Path) -> None:
+    image = rg1()
+    noisy = ReportContent(
+        parse_status=ParseStatus.OK,
+        findings=[Finding(label="nod\ufffdule\x00", location="right\r\nupper \x1blobe")],
+        impression="Nodule.\x07\ufffd\r\nNo effusion.\u200b",
+        recommendation="CT\tin 3 months.\x0c",
+        narrative="Line one\rline two\x85line three\ud800",
+    )
+    report = make_report(image, []).model_copy(update={"content": noisy})
+    path = write_sr(report, image, tmp_path)
+    sr = read_back(path)
+    (group,) = measurement_report(sr).get_image_measurement_groups()
+    assert texts_named(group[0], fc.REPORTED_LABEL) == ["nodule"]
+    assert texts_named(group[0], fc.REPORTED_LOCATION) == ["right upper lobe"]
+    evaluations = report_evaluations(sr)
+    assert texts_named(evaluations, fc.IMPRESSION) == ["Nodule.\nNo effusion."]
+    assert texts_named(evaluations, fc.RECOMMENDATION) == ["CT in 3 months."]
+    assert texts_named(evaluations, fc.NARRATIVE) == ["Line one\nline two\nline three"]
