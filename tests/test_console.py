@@ -585,6 +585,7 @@ def test_switching_to_chinese_relabels_everything_and_is_remembered(
     assert untranslated == []
     page.click("[data-lang='en']")
     assert page.inner_text("#tab-report") == "Report"
+    assert page.locator("#findings tbody tr").count() == 3  # relabelled, not re-rendered
 
 
 # --------------------------------------------------------------------------- status

@@ -9,7 +9,7 @@
 
 import { ApiError, getJson, postJson } from "./api.js";
 import { h, replace } from "./dom.js";
-import { label, t } from "./i18n.js";
+import { label, unlabel } from "./i18n.js";
 import { canAsk, describe, toast } from "./ui.js";
 
 const KEY_PREFIX = "mgn.conversation.";
@@ -204,7 +204,7 @@ export class ConversationPanel {
     }
     const appended = this.conversation && this.conversation.state !== "open";
     if (appended) label(this.state, "chat.appendedState");
-    else this.state.textContent = "";
+    else unlabel(this.state);
     if (this.appendButton) this.appendButton.hidden = !this.conversation || appended || !turns.length;
   }
 
@@ -254,7 +254,7 @@ export class ConversationPanel {
     const question = this.question.value.trim();
     if (!question || this.busy || !this.form) return;
     this.setBusy(true);
-    this.error.textContent = "";
+    unlabel(this.error);
     try {
       const result = await this.ask(question);
       this.question.value = "";

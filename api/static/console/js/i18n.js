@@ -448,6 +448,14 @@ export function label(element, key, vars) {
   return element;
 }
 
+/** Empty a labelled element, and forget its key (a language switch leaves it empty). */
+export function unlabel(element) {
+  delete element.dataset.i18n;
+  delete element.dataset.i18nVars;
+  element.textContent = "";
+  return element;
+}
+
 /** Relabel everything under ``root``: text, placeholders, titles, aria-labels, times. */
 export function applyLanguage(root) {
   for (const element of root.querySelectorAll("[data-i18n]")) {

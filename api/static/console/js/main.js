@@ -1,12 +1,12 @@
 // The console's shell: language, sign-in, the three pages (#/, #/study/<uid>, #/status) and
 // the live stream that tells the open page to refresh.
 
-import { describe } from "./ui.js";
 import { ApiError, clearToken, getJson, getToken, onUnauthorized, setToken, watchChanges } from "./api.js";
 import { h, replace } from "./dom.js";
-import { applyLanguage, getLanguage, initialLanguage, label, setLanguage, t } from "./i18n.js";
+import { applyLanguage, getLanguage, initialLanguage, label, setLanguage } from "./i18n.js";
 import { mountStatus } from "./status.js";
 import { mountStudy } from "./study.js";
+import { describe } from "./ui.js";
 import { mountWorklist } from "./worklist.js";
 
 const view = document.getElementById("view");

@@ -3,7 +3,7 @@
 
 import { getJson, postJson, query } from "./api.js";
 import { h, replace } from "./dom.js";
-import { formatTime, label, t, timeElement } from "./i18n.js";
+import { formatTime, label, t, timeElement, unlabel } from "./i18n.js";
 import { describe, isAdmin, toast } from "./ui.js";
 
 const REFRESH_MS = 10_000;
@@ -37,7 +37,7 @@ export function mountStatus(container, context) {
     loading = true;
     try {
       const status = await getJson("/status");
-      error.textContent = "";
+      unlabel(error);
       render(status);
       label(checked, "st.checked", { time: formatTime(status.checked_at, "clock") });
     } catch (failure) {

@@ -4,7 +4,7 @@
 import { ApiError, getJson } from "./api.js";
 import { ConversationPanel } from "./chat.js";
 import { h, replace } from "./dom.js";
-import { formatDicomDate, formatPersonName, label } from "./i18n.js";
+import { formatDicomDate, formatPersonName } from "./i18n.js";
 import { renderReport, reportAnchors } from "./report.js";
 import { describe, toast } from "./ui.js";
 import { ImageViewer } from "./viewer.js";
@@ -95,13 +95,16 @@ export function mountStudy(container, context, studyUid) {
     );
   }
 
+  function showNoReport() {
+    replace(reportRoot, h("p", { class: "muted", id: "no-report", i18n: "report.none", vars: { status: { $t: `status.${detail.status}` } } }));
+  }
+
   function fetchReport(reportId) {
     return getJson(`/studies/${encodeURIComponent(studyUid)}/reports/${reportId}`);
   }
 
   async function showReport(reportId, fetched = null) {
     report = fetched || (await fetchReport(reportId));
-    reportRoot.className = "tab-panel";
     const anchors = reportAnchors(report);
     // Box sizes in mm need each boxed image's pixel spacing.
     const spacings = new Map();
@@ -149,8 +152,7 @@ export function mountStudy(container, context, studyUid) {
         const latest = latestReportId();
         await chat.restore();
         if (latest === null) {
-          label(reportRoot, "report.none", { status: { $t: `status.${detail.status}` } });
-          reportRoot.className = "tab-panel muted";
+          showNoReport();
           chat.setReport(null, []);
         }
         const latestReport = latest !== null ? await fetchReport(latest) : null;
@@ -160,7 +162,7 @@ export function mountStudy(container, context, studyUid) {
       } else if (reportsChanged && latestReportId() !== null) {
         await showReport(latestReportId());
       } else if (latestReportId() === null) {
-        label(reportRoot, "report.none", { status: { $t: `status.${detail.status}` } });
+        showNoReport();
       }
     })();
     try {

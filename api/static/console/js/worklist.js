@@ -3,7 +3,7 @@
 
 import { getJson, query } from "./api.js";
 import { h, replace } from "./dom.js";
-import { applyLanguage, formatDicomDate, formatPersonName, label, t, timeElement } from "./i18n.js";
+import { applyLanguage, formatDicomDate, formatPersonName, label, t, timeElement, unlabel } from "./i18n.js";
 import { describe } from "./ui.js";
 
 export const STATUSES = [
@@ -174,7 +174,7 @@ export function mountWorklist(container, context) {
             offset: filters.offset,
           }),
       );
-      error.textContent = "";
+      unlabel(error);
       render(result);
     } catch (failure) {
       label(error, "common.error", { detail: describe(failure) });
@@ -193,7 +193,7 @@ export function mountWorklist(container, context) {
     const hidden = result.items.length - items.length;
     replace(body, items.length ? items.map(row) : h("tr", { class: "empty" }, h("td", { colspan: 9, i18n: anyFilter || filters.urgent ? "wl.empty" : "wl.emptyAll" })));
     if (hidden) label(note, "wl.urgentHidden", { n: hidden });
-    else note.textContent = "";
+    else unlabel(note);
     const first = result.total ? result.offset + 1 : 0;
     label(count, "wl.count", { from: first, to: result.offset + result.items.length, total: result.total });
     newer.disabled = result.offset === 0;
