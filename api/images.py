@@ -140,5 +140,7 @@ def draw_boxes(
 
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
+    # zlib level 3: measured on RG1_UNCI at full size, 2.6x faster than the default 6 for a
+    # file 4 % larger.
+    image.save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()

@@ -152,6 +152,9 @@ class ReportSummary(BaseModel):
     parse_status: str
     urgency: str | None
     is_test_model: bool
+    supersedes_report_id: int | None = Field(
+        default=None, description="The report this version replaces (appended conversation)"
+    )
     objects: list[ReportObjectOut]
 
 

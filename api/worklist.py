@@ -1,7 +1,8 @@
 """The worklist: studies with a status derived in SQL, filtered and paged in the database.
 
-Status of a study (first rule that applies), from its newest version's job, that job's report
-and the report's deliveries:
+Status of a study (first rule that applies), from its newest version's job, the newest report
+of that version (a report appended to from a conversation supersedes the job's) and that
+report's deliveries:
 
     receiving     instances arrived that no version covers yet (the quiet period runs)
     out_of_scope  the job was skipped as outside the validated scope
@@ -107,6 +108,11 @@ def status_rows() -> Select[Any]:
         .correlate(Study)
         .scalar_subquery()
     )
+    newest_report = (
+        select(func.max(Report.id))
+        .where(Report.study_version_id == newest_version)
+        .scalar_subquery()
+    )
     counts = _outbox_counts()
     derived = case(
         (Study.has_unversioned.is_(True), StudyStatus.RECEIVING.value),
@@ -129,8 +135,7 @@ def status_rows() -> Select[Any]:
     return (
         select(Study.id.label("study_id"), derived.label("status"))
         .outerjoin(Job, Job.study_version_id == newest_version)
-        .outerjoin(Report, Report.job_id == Job.id)
-        .outerjoin(counts, counts.c.report_id == Report.id)
+        .outerjoin(counts, counts.c.report_id == newest_report)
     )
 
 

@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from core.retry import RetryPolicy
+
 ENV_PREFIX = "MEDGEMMA_NODE_"
 
 # DICOM PS3.4 Annex B storage SOP classes accepted by default (CR, DX, CT, MR, SC).
@@ -178,11 +180,40 @@ class ModelSettings(Section):
         return self
 
 
-class RetryPolicy(Section):
+class InteractiveSettings(Section):
+    """Questions and predict requests: a priority lane on the inference worker.
+
+    The API queues them (storage/interactive.py; how many may wait is its own setting, passed
+    to ``submit`` as ``max_queued``); the worker answers them before its next batch of studies
+    (inference/interactive.py).
+    """
+
+    max_batch: int = Field(default=4, ge=1)  # requests the worker runs as one engine batch
+    # Rounds of up to max_batch requests served before the next study batch: questions come
+    # first, yet a steady stream of them cannot starve the study queue.
+    max_rounds_between_batches: int = Field(default=4, ge=1)
+    max_new_tokens: int = Field(default=384, ge=1)  # default answer length (capped by model's)
+    wait_timeout_s: float = Field(default=120.0, gt=0)  # how long a caller waits for an answer
+    poll_interval_s: float = Field(default=0.25, gt=0)  # waiting without the answer doorbell
+    lease_seconds: float = Field(default=300.0, gt=0)  # a request whose worker died then fails
+
+
+class RetrySettings(Section):
+    """``[destinations.retry]``: when a destination's failed rows are tried again, and when
+    they are given up on (dead-lettered)."""
+
     max_attempts: int = Field(default=20, ge=1)
     max_age_s: float = Field(default=86400.0, gt=0)
     initial_backoff_s: float = Field(default=2.0, ge=0)
     max_backoff_s: float = Field(default=600.0, gt=0)
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            max_age_s=self.max_age_s,
+            initial_backoff_s=self.initial_backoff_s,
+            max_backoff_s=self.max_backoff_s,
+        )
 
 
 class DestinationBase(Section):
@@ -191,7 +222,13 @@ class DestinationBase(Section):
     # Routing: empty lists mean "all".
     only_calling_aets: list[str] = Field(default_factory=list)
     only_modalities: list[str] = Field(default_factory=list)
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+
+    def routes(self, modality: str, calling_ae: str) -> bool:
+        """Whether a study of ``modality`` sent by ``calling_ae`` goes to this destination."""
+        if self.only_calling_aets and calling_ae not in self.only_calling_aets:
+            return False
+        return not self.only_modalities or modality in self.only_modalities
 
 
 class DicomDestination(DestinationBase):
@@ -301,6 +338,7 @@ class NodeSettings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    interactive: InteractiveSettings = Field(default_factory=InteractiveSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

@@ -4,9 +4,11 @@ Used by ``medgemma-node send``/``echo`` and by the delivery worker. Files are se
 on disk (no re-encoding): each (SOP class, transfer syntax) pair gets its own presentation
 context so the peer can accept each one separately.
 
-``store_batch`` is the delivery worker's entry: one association per batch, optional TLS
-(PS3.15 Annex B.9), an Explicit VR Little Endian fallback context per SOP class, and one
-``StoreOutcome`` per file judged by its C-STORE status (PS3.4 B.2.3, PS3.7 Annex C).
+``store_batch`` is the delivery worker's entry (through dicom_node.sender): one association per
+batch, optional TLS (PS3.15 Annex B.9), an Explicit VR Little Endian fallback context per SOP
+class, and one ``DeliveryOutcome`` (storage.delivery_types) per file judged by its C-STORE
+status (PS3.4 B.2.3, PS3.7 Annex C); the outcome's code is the status as ``0xNNNN``, or
+``no-status`` when none came.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -26,6 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from config.settings import DicomDestination
 from config.tls import client_ssl_context
+from storage.delivery_types import DeliveryOutcome, Verdict
 
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1..255
 
@@ -204,31 +206,14 @@ def _record_status(item: FileToSend, status: int | None, summary: SendSummary) -
 
 UNCOMPRESSED_FALLBACK: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 _RETRYABLE_FAILURES = {0x0210, 0x0213}  # PS3.7 C.5: duplicate invocation, resource limitation
+NO_STATUS = "no-status"  # the outcome code when no C-STORE response status came
 
 
-class StoreVerdict(StrEnum):
-    """What the worker does with a file after a C-STORE attempt."""
-
-    DELIVERED = "delivered"  # Success or Warning: the peer stored it
-    RETRY = "retry"  # transient: out of resources, no response, association failed or lost
-    REJECTED = "rejected"  # the peer will not take this object: sending again gives the same
+def status_code(status: int | None) -> str:
+    return NO_STATUS if status is None else f"0x{status:04X}"
 
 
-@dataclass(frozen=True)
-class StoreOutcome:
-    """One file's result. ``status`` is the C-STORE response status, None when none came."""
-
-    path: Path
-    verdict: StoreVerdict
-    status: int | None = None
-    reason: str = ""
-
-    @property
-    def status_text(self) -> str:
-        return "none" if self.status is None else f"0x{self.status:04X}"
-
-
-def judge_store_status(status: int | None) -> StoreVerdict:
+def judge_store_status(status: int | None) -> Verdict:
     """Classify a C-STORE response status (PS3.4 B.2.3, PS3.7 Annex C).
 
     Success 0x0000 and the Warning statuses 0xB000/0xB006/0xB007 (the object was stored) are
@@ -238,16 +223,16 @@ def judge_store_status(status: int | None) -> StoreVerdict:
     invalid SOP instance), 0x0211/0x0212 — are rejections. Unknown codes are retried.
     """
     if status is None:
-        return StoreVerdict.RETRY
+        return Verdict.RETRY
     if status == 0x0000 or (status & 0xF000) == 0xB000:
-        return StoreVerdict.DELIVERED
+        return Verdict.DELIVERED
     if (status & 0xFF00) == 0xA700 or status in _RETRYABLE_FAILURES:
-        return StoreVerdict.RETRY
+        return Verdict.RETRY
     if (status & 0xFF00) in (0xA900, 0x0100) or (status & 0xF000) == 0xC000:
-        return StoreVerdict.REJECTED
+        return Verdict.REJECTED
     if status in (0x0211, 0x0212):
-        return StoreVerdict.REJECTED
-    return StoreVerdict.RETRY
+        return Verdict.REJECTED
+    return Verdict.RETRY
 
 
 def store_batch(
@@ -256,7 +241,7 @@ def store_batch(
     calling_aet: str,
     *,
     timeout_s: float = 30.0,
-) -> list[StoreOutcome]:
+) -> list[DeliveryOutcome]:
     """C-STORE ``paths`` to ``destination`` over one association; one outcome per path, in order.
 
     Each file is offered in its own transfer syntax plus an Explicit/Implicit VR Little Endian
@@ -265,13 +250,13 @@ def store_batch(
     is RETRY; files left when it drops are RETRY too. A file that cannot be read, or whose SOP
     class the peer accepted no context for, is REJECTED.
     """
-    outcomes: dict[int, StoreOutcome] = {}
+    outcomes: dict[int, DeliveryOutcome] = {}
     files: dict[int, FileToSend] = {}
     for index, path in enumerate(paths):
         try:
             files[index] = inspect_file(path)
         except InvalidDicomError as exc:
-            outcomes[index] = StoreOutcome(path, StoreVerdict.REJECTED, reason=str(exc))
+            outcomes[index] = DeliveryOutcome.rejected(str(exc), NO_STATUS)
     if files:
         outcomes.update(_store_over_one_association(files, destination, calling_aet, timeout_s))
     return [outcomes[index] for index in range(len(paths))]
@@ -298,7 +283,7 @@ def _store_over_one_association(
     destination: DicomDestination,
     calling_aet: str,
     timeout_s: float,
-) -> dict[int, StoreOutcome]:
+) -> dict[int, DeliveryOutcome]:
     ae = make_ae(calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.requested_contexts = batch_contexts(files.values())
@@ -311,11 +296,10 @@ def _store_over_one_association(
             client_ssl_context(destination.tls),
         )
     except (AssociationFailed, OSError, RuntimeError, ValueError) as exc:
-        reason = f"association failed: {exc}"
-        return {
-            index: StoreOutcome(item.path, StoreVerdict.RETRY, reason=reason)
-            for index, item in files.items()
-        }
+        failed = DeliveryOutcome.retry(
+            f"association failed: {exc}", NO_STATUS, destination_down=True
+        )
+        return dict.fromkeys(files, failed)
     try:
         return _store_files(assoc, files)
     finally:
@@ -323,38 +307,39 @@ def _store_over_one_association(
             assoc.release()
 
 
-def _store_files(assoc: Association, files: dict[int, FileToSend]) -> dict[int, StoreOutcome]:
+def _store_files(assoc: Association, files: dict[int, FileToSend]) -> dict[int, DeliveryOutcome]:
     """Send in order; once a C-STORE got no response the association is not trusted any more
     (pynetdicom aborts it on a DIMSE timeout), so the remaining files wait for a retry."""
-    outcomes: dict[int, StoreOutcome] = {}
+    outcomes: dict[int, DeliveryOutcome] = {}
     usable = True
     for index, item in files.items():
         if not (usable and assoc.is_established):
-            outcomes[index] = StoreOutcome(item.path, StoreVerdict.RETRY, reason="association lost")
+            outcomes[index] = DeliveryOutcome.retry(
+                "association lost", NO_STATUS, destination_down=True
+            )
             continue
         outcome = _store_file(assoc, item)
         outcomes[index] = outcome
-        usable = not (outcome.status is None and outcome.verdict is StoreVerdict.RETRY)
+        usable = not (outcome.code == NO_STATUS and outcome.verdict is Verdict.RETRY)
     return outcomes
 
 
-def _store_file(assoc: Association, item: FileToSend) -> StoreOutcome:
+def _store_file(assoc: Association, item: FileToSend) -> DeliveryOutcome:
     try:
         dataset_or_path = _encodable_for_peer(assoc, item)
     except (ValueError, RuntimeError, NotImplementedError, OSError, AttributeError) as exc:
         reason = f"cannot decompress for the peer's Explicit VR Little Endian context: {exc}"
-        return StoreOutcome(item.path, StoreVerdict.REJECTED, reason=reason)
+        return DeliveryOutcome.rejected(reason, NO_STATUS)
     if dataset_or_path is None:
         reason = f"the peer accepted no presentation context for SOP class {item.sop_class_uid}"
-        return StoreOutcome(item.path, StoreVerdict.REJECTED, reason=reason)
+        return DeliveryOutcome.rejected(reason, NO_STATUS)
     try:
         response = assoc.send_c_store(dataset_or_path)
     except (ValueError, AttributeError, OSError, RuntimeError) as exc:
-        return StoreOutcome(item.path, StoreVerdict.RETRY, reason=f"C-STORE not sent: {exc}")
+        return DeliveryOutcome.retry(f"C-STORE not sent: {exc}", NO_STATUS)
     status = int(response.Status) if response is not None and "Status" in response else None
-    verdict = judge_store_status(status)
     reason = "" if status == 0 else _status_reason(status)
-    return StoreOutcome(item.path, verdict, status, reason)
+    return DeliveryOutcome(judge_store_status(status), reason, status_code(status))
 
 
 def _encodable_for_peer(assoc: Association, item: FileToSend) -> Path | Dataset | None:

@@ -3,50 +3,38 @@
 HL7 v2.5 Appendix C.4 (MLLP release 1): a message travels as ``<VT> message <FS><CR>``
 (0x0B ... 0x1C 0x0D) over TCP, optionally inside TLS. One connection per message: connect
 (``connect_timeout_s``, TLS handshake included), send the frame, read one reply frame within
-``ack_timeout_s``, close. The reply decides the outcome:
+``ack_timeout_s``, close. The reply decides the outcome (storage.delivery_types), code = MSA-1:
 
     DELIVERED  MSA-1 AA or CA and MSA-2 equal to our MSH-10
     REJECTED   MSA-1 AR or CR: the receiver will not take this message; sending it again
                gives the same answer, so the caller dead-letters it
     RETRY      everything else: AE or CE, an ACK for another control id, an unreadable or
-               missing ACK, a timeout, a refused, reset or closed connection, a TLS failure
+               missing ACK, a timeout, a refused, reset or closed connection, a TLS failure.
+               Without a readable ACK the receiver is taken as down (code "no-ACK").
 
 Nothing is retried here; the delivery worker owns backoff and dead letters.
+
+The seam: ``MLLPTransport`` (one method, bound to a destination) with the real
+``MLLPClient`` here and ``hl7_out.scripted.ScriptedMLLP`` for tests.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol
 
 from config.settings import HL7Destination
 from config.tls import client_ssl_context
-from hl7_out.ack import Acknowledgment, AckParseError, parse_ack
+from hl7_out.ack import AckParseError, parse_ack
+from storage.delivery_types import DeliveryOutcome
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
 MAX_ACK_BYTES = 1 << 20
 _RECEIVE_SIZE = 65536
 _MSH_CONTROL_ID_FIELD = 9  # MSH-10: MSH-1 is the separator itself, so index 9 after split
-
-
-class DeliveryStatus(StrEnum):
-    DELIVERED = "delivered"
-    RETRY = "retry"
-    REJECTED = "rejected"
-
-
-@dataclass(frozen=True)
-class DeliveryOutcome:
-    """What happened to one send; ``reason`` says why for RETRY and REJECTED (no PHI of ours,
-    but ACK texts are the receiver's own words)."""
-
-    status: DeliveryStatus
-    reason: str = ""
-    ack: Acknowledgment | None = None
+NO_ACK = "no-ACK"  # the outcome code when no readable acknowledgment came back
 
 
 class _DeliveryFailed(Exception):
@@ -79,24 +67,26 @@ def send_message(message: str, destination: HL7Destination) -> DeliveryOutcome:
     try:
         payload = _exchange(frame(message), destination)
     except _DeliveryFailed as exc:
-        return DeliveryOutcome(DeliveryStatus.RETRY, str(exc))
+        return DeliveryOutcome.retry(str(exc), NO_ACK, destination_down=True)
     return judge_ack(payload, control_id)
 
 
 def judge_ack(payload: bytes, control_id: str) -> DeliveryOutcome:
-    """The outcome for an ACK frame's content answering the message ``control_id``."""
+    """The outcome for an ACK frame's content answering the message ``control_id``
+    (original acknowledgment mode, HL7 v2.5 §2.9.2)."""
     try:
         ack = parse_ack(payload)
     except AckParseError as exc:
-        return DeliveryOutcome(DeliveryStatus.RETRY, f"unreadable ACK: {exc}")
+        return DeliveryOutcome.retry(f"unreadable ACK: {exc}", NO_ACK, destination_down=True)
+    code = ack.code.value
     if ack.control_id != control_id:
         reason = f"ACK answers control id {ack.control_id!r}, not {control_id!r}"
-        return DeliveryOutcome(DeliveryStatus.RETRY, reason, ack)
+        return DeliveryOutcome.retry(reason, code)
     if ack.code.accepted:
-        return DeliveryOutcome(DeliveryStatus.DELIVERED, ack.reason, ack)
+        return DeliveryOutcome.delivered(ack.reason, code)
     if ack.code.rejected:
-        return DeliveryOutcome(DeliveryStatus.REJECTED, ack.reason, ack)
-    return DeliveryOutcome(DeliveryStatus.RETRY, ack.reason, ack)
+        return DeliveryOutcome.rejected(ack.reason, code)
+    return DeliveryOutcome.retry(ack.reason, code)
 
 
 def _exchange(block: bytes, destination: HL7Destination) -> bytes:
@@ -183,29 +173,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class HL7Sender(Protocol):
-    """The seam between the delivery worker and the network: one method."""
+class MLLPTransport(Protocol):
+    """The MLLP seam, bound to one HL7 destination: send one message, judge its ACK."""
 
-    def send(self, message: str, destination: HL7Destination) -> DeliveryOutcome: ...
-
-
-class MLLPSender:
-    """The real sender: ``send_message`` over TCP (and TLS)."""
-
-    def send(self, message: str, destination: HL7Destination) -> DeliveryOutcome:
-        return send_message(message, destination)
+    def send(self, message: str) -> DeliveryOutcome: ...
 
 
-@dataclass
-class ScriptedSender:
-    """A sender for tests: records each message and answers with the next scripted outcome
-    (DELIVERED once the script is used up)."""
+class MLLPClient:
+    """The real transport: ``send_message`` over TCP (and TLS) to one destination."""
 
-    outcomes: list[DeliveryOutcome] = field(default_factory=list)
-    sent: list[tuple[str, str]] = field(default_factory=list)  # (destination name, message)
+    def __init__(self, destination: HL7Destination) -> None:
+        self.destination = destination
 
-    def send(self, message: str, destination: HL7Destination) -> DeliveryOutcome:
-        self.sent.append((destination.name, message))
-        if self.outcomes:
-            return self.outcomes.pop(0)
-        return DeliveryOutcome(DeliveryStatus.DELIVERED, "scripted")
+    def send(self, message: str) -> DeliveryOutcome:
+        return send_message(message, self.destination)

@@ -15,15 +15,21 @@ Message layout::
 
 The message is built with hl7apy at STRICT validation, validated, and returned as ER7 text with
 every segment ended by CR (§2.5.1). Nothing in it depends on the clock: the same report, source,
-destination, control id and message time always give the same characters, so a re-sent outbox
-row is byte-identical.
+header, control id and message time always give the same characters, so a re-sent outbox row is
+byte-identical.
+
+``OruHeader`` carries what the receiving side configures (MSH-3..6, MSH-11, where the order
+number comes from); an HL7 destination gives its own (``OruHeader.of(destination)``), the .hl7
+file a file destination writes uses the defaults. ``hl7_control_id`` makes MSH-10.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Field, Group, Message, Segment
@@ -50,6 +56,7 @@ from storage.report_schema import (
     ReportContent,
     ReportDocument,
     Urgency,
+    follow_up_text,
 )
 
 HL7_VERSION = "2.5"
@@ -73,6 +80,45 @@ _CONTROL_ID = re.compile(r"^[\x21-\x7e]+$")
 
 class OruBuildError(ValueError):
     """The inputs cannot make a valid ORU^R01; ``str()`` says which field and why."""
+
+
+@dataclass(frozen=True)
+class OruHeader:
+    """The receiver-facing header values of an ORU^R01.
+
+    MSH-3..6 sending/receiving application and facility (HD-1, at most 20 characters),
+    MSH-11 processing id (HL7 table 0103: P production, T training, D debugging), and
+    ``placer_from``: the order number (ORC-2/3, OBR-2/3) from the Accession Number or the
+    Study Instance UID. The defaults are those of an HL7 destination left unconfigured.
+    """
+
+    sending_application: str = "MEDGEMMA"
+    sending_facility: str = "MEDGEMMA"
+    receiving_application: str = "HIS"
+    receiving_facility: str = "HOSPITAL"
+    processing_id: Literal["P", "T", "D"] = "P"
+    placer_from: Literal["accession", "study_uid"] = "accession"
+
+    @classmethod
+    def of(cls, destination: HL7Destination) -> OruHeader:
+        return cls(
+            sending_application=destination.sending_application,
+            sending_facility=destination.sending_facility,
+            receiving_application=destination.receiving_application,
+            receiving_facility=destination.receiving_facility,
+            processing_id=destination.processing_id,
+            placer_from=destination.placer_from,
+        )
+
+
+def hl7_control_id(study_uid: str, report_id: int, destination: str) -> str:
+    """MSH-10, at most 20 characters (HL7 v2.5 §2.15.9.10), fixed per report and destination.
+
+    Derived from the Study Instance UID (globally unique) as well as the report id, so two
+    nodes — or one node after a database reset — never reuse a control id at the same HIS.
+    """
+    digest = hashlib.sha256(f"{study_uid}|{report_id}|{destination}".encode()).hexdigest()
+    return f"MG{digest[:18].upper()}"
 
 
 @dataclass(frozen=True)
@@ -131,7 +177,7 @@ _EMPTY_RESULT_TEXT = {
 def build_oru(
     report: ReportDocument,
     source: Dataset,
-    destination: HL7Destination,
+    header: OruHeader,
     control_id: str,
     message_time: datetime,
 ) -> str:
@@ -149,7 +195,7 @@ def build_oru(
     if not study.patient_id:
         raise OruBuildError("the source has no Patient ID (0010,0020); PID-3 is required")
     try:
-        message = _assemble(report, study, destination, control_id, message_time)
+        message = _assemble(report, study, header, control_id, message_time)
         message.validate()
         text = message.to_er7() + SEGMENT_TERMINATOR
         parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
@@ -167,6 +213,11 @@ def observation_lines(content: ReportContent) -> list[ObservationLine]:
     ones are not).
     """
     lines = _structured_lines(content) if content.parse_status == ParseStatus.OK else []
+    if lines and content.follow_up:
+        # Follow-up questions appended from a conversation; a narrative-only result carries
+        # them in its narrative already.
+        qa_text = follow_up_text(content.follow_up)
+        lines += [ObservationLine(FINDINGS, line) for line in _text_lines(qa_text)]
     if not lines:
         lines = [ObservationLine(FINDINGS, text) for text in _text_lines(content.narrative)]
     if not lines:
@@ -224,18 +275,18 @@ def _check_control_id(control_id: str) -> None:
 def _assemble(
     report: ReportDocument,
     study: SourceStudy,
-    destination: HL7Destination,
+    header: OruHeader,
     control_id: str,
     message_time: datetime,
 ) -> Message:
     message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
-    _fill_msh(message.msh, destination, control_id, message_time)
+    _fill_msh(message.msh, header, control_id, message_time)
     result = message.add_group("ORU_R01_PATIENT_RESULT")
     patient = result.add_group("ORU_R01_PATIENT")
     _fill_pid(patient.add_segment("PID"), study)
     _fill_pv1(patient.add_group("ORU_R01_VISIT").add_segment("PV1"), study)
     order = result.add_group("ORU_R01_ORDER_OBSERVATION")
-    order_number = _order_number(report, study, destination)
+    order_number = _order_number(report, study, header)
     priority = result_priority(
         _DICOM_PRIORITIES.get(study.requested_priority, ""), report.content.urgency
     )
@@ -248,24 +299,22 @@ def _assemble(
     return message
 
 
-def _fill_msh(
-    msh: Segment, destination: HL7Destination, control_id: str, message_time: datetime
-) -> None:
+def _fill_msh(msh: Segment, header: OruHeader, control_id: str, message_time: datetime) -> None:
     """HL7 v2.5 §2.15.9 MSH; MSH-15/16 empty: original acknowledgment mode (§2.9.2)."""
-    msh.msh_3 = _namespace_id(destination.sending_application, "sending_application")
-    msh.msh_4 = _namespace_id(destination.sending_facility, "sending_facility")
-    msh.msh_5 = _namespace_id(destination.receiving_application, "receiving_application")
-    msh.msh_6 = _namespace_id(destination.receiving_facility, "receiving_facility")
+    msh.msh_3 = _namespace_id(header.sending_application, "sending_application")
+    msh.msh_4 = _namespace_id(header.sending_facility, "sending_facility")
+    msh.msh_5 = _namespace_id(header.receiving_application, "receiving_application")
+    msh.msh_6 = _namespace_id(header.receiving_facility, "receiving_facility")
     msh.msh_7 = format_dtm(message_time)
     msh.msh_9 = MESSAGE_TYPE
     msh.msh_10 = control_id
-    msh.msh_11 = destination.processing_id
+    msh.msh_11 = header.processing_id
     msh.msh_12 = HL7_VERSION
     msh.msh_18 = CHARACTER_SET
 
 
 def _namespace_id(value: str, setting: str) -> str:
-    """HD-1 namespace id (IS, at most 20 characters, §2.A.36) from a destination setting."""
+    """HD-1 namespace id (IS, at most 20 characters, §2.A.36) from a header setting."""
     escaped = escape_text(value.strip())
     if not escaped or len(escaped) > MAX_NAMESPACE_ID_LENGTH:
         raise OruBuildError(
@@ -338,13 +387,13 @@ def _fill_pv1(pv1: Segment, study: SourceStudy) -> None:
         pv1.pv1_19 = escape_text(study.admission_id)
 
 
-def _order_number(report: ReportDocument, study: SourceStudy, destination: HL7Destination) -> str:
+def _order_number(report: ReportDocument, study: SourceStudy, header: OruHeader) -> str:
     """Placer and filler order number (EI-1, §2.A.24) per ``placer_from``.
 
     ``accession`` uses the Accession Number (0008,0050) and falls back to the Study Instance
     UID when the study has none; ``study_uid`` always uses the Study Instance UID.
     """
-    if destination.placer_from == "accession" and study.accession_number:
+    if header.placer_from == "accession" and study.accession_number:
         return escape_text(study.accession_number)
     return escape_text(report.study_instance_uid or study.study_instance_uid)
 

@@ -2,6 +2,10 @@
 
     Engine.generate(requests) -> results, one per request, same order.
 
+A request is one user turn (images, then the question), or a whole conversation: the earlier
+turns in ``history`` (user and model alternating, MedGemma's chat template has no system role),
+then the new user turn. Images may sit in any user turn; the engine feeds them in order.
+
 An engine may also offer the same work in two steps (``PreparingEngine``), so a caller can
 build the next batch's inputs on the CPU while the device generates the current one:
 
@@ -30,13 +34,49 @@ class GenerationSettings:
     max_new_tokens: int = 1024
 
 
+CHAT_ROLES = ("user", "model")
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One earlier turn of a conversation: the user's images and text, or the model's text."""
+
+    role: str  # "user" | "model" (Gemma's name for the assistant)
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+
+
 @dataclass
 class GenerationRequest:
-    """One user turn: images first, then the question (MedGemma chat template, no system role)."""
+    """The new user turn (images first, then the question) after the turns in ``history``."""
 
     images: list[Image.Image]
     prompt: str
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    history: list[ChatTurn] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for position, turn in enumerate(self.history):
+            expected = CHAT_ROLES[position % 2]
+            if turn.role != expected:
+                raise ValueError(
+                    f"history turn {position} is {turn.role!r}; turns alternate user/model "
+                    "starting with user (no system role)"
+                )
+            if turn.role == "model" and turn.images:
+                raise ValueError("a model turn carries no images")
+        if len(self.history) % 2:
+            raise ValueError("history must end with a model turn before the new user turn")
+
+    @property
+    def turns(self) -> list[ChatTurn]:
+        """Every turn in order, the new user turn last."""
+        return [*self.history, ChatTurn("user", self.prompt, list(self.images))]
+
+    @property
+    def all_images(self) -> list[Image.Image]:
+        """The images of every turn, in the order the model reads them."""
+        return [image for turn in self.turns for image in turn.images]
 
 
 @dataclass

@@ -59,7 +59,8 @@ class ScriptedEngine:
             results.append(
                 GenerationResult(
                     text=text,
-                    prompt_tokens=len(request.prompt.split()) + 256 * len(request.images),
+                    prompt_tokens=sum(len(turn.text.split()) for turn in request.turns)
+                    + 256 * len(request.all_images),
                     new_tokens=min(len(text.split()), request.settings.max_new_tokens),
                     seconds=self.seconds_per_batch,
                     batch_size=len(requests),

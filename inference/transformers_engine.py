@@ -328,10 +328,14 @@ class TransformersEngine:
     # -- generation --------------------------------------------------------------------
 
     def _chat_text(self, request: GenerationRequest) -> str:
-        """One user turn: the images, then the question (no system role in Gemma 3)."""
-        content: list[dict[str, str]] = [{"type": "image"} for _ in request.images]
-        content.append({"type": "text", "text": request.prompt})
-        messages = [{"role": "user", "content": content}]
+        """The conversation as Gemma 3 chat turns: each user turn its images then its text, the
+        model's turns as text (no system role; the template spells the model "assistant")."""
+        messages = []
+        for turn in request.turns:
+            content: list[dict[str, str]] = [{"type": "image"} for _ in turn.images]
+            content.append({"type": "text", "text": turn.text})
+            role = "assistant" if turn.role == "model" else "user"
+            messages.append({"role": role, "content": content})
         text: str = self._processor().apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
@@ -348,7 +352,7 @@ class TransformersEngine:
     def _processor_inputs(self, requests: Sequence[GenerationRequest]) -> Any:
         """The processor's CPU tensors for one batch, left-padded."""
         texts = [self._chat_text(r) for r in requests]
-        images = [[image.convert("RGB") for image in r.images] for r in requests]
+        images = [[image.convert("RGB") for image in r.all_images] for r in requests]
         return self._processor()(
             text=texts,
             images=images if any(images) else None,

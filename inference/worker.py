@@ -7,6 +7,10 @@ One batch at a time:
     → parse → Report row + job done + outputs/outbox rows, in ONE transaction per job.
 Failures keep their traceback; retried with backoff, then the job ends `failed`.
 
+Priority lane: before each batch (and when the API rings the doorbell while idle) the worker
+answers waiting questions and predict requests first (inference/interactive.py); without a
+model they fail at once with the message status shows.
+
 Pipelining: when the engine can build its inputs ahead (inference.engine.PreparingEngine) and
 more jobs are due, one background thread claims batch N+1, preprocesses it and runs
 engine.prepare while batch N generates; batch N+1 then starts with engine.generate_prepared.
@@ -37,6 +41,7 @@ from inference.engine import (
     PreparedBatch,
     PreparingEngine,
 )
+from inference.interactive import InteractiveLane
 from inference.parsing import parse_report
 from inference.prefetch import Prefetcher
 from inference.preprocess import PreparedStudy, PreprocessError, attach_regions, prepare_study
@@ -124,11 +129,13 @@ class InferenceWorker:
         self.doorbell: Doorbell | None = None
         self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
+        self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         self.doorbell = Doorbell(self.data_dir, WORKER_DOORBELL)
+        self.lane.recover()
         self.thread.start()
 
     def stop(self) -> None:
@@ -180,24 +187,32 @@ class InferenceWorker:
     # -- one batch ------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Process at most one batch; return how many jobs it finished (done or failed).
+        """Answer waiting interactive requests, then process at most one batch; return how
+        many requests and jobs it finished (done or failed).
 
         The batch is the one built ahead during the previous call, if any; while it runs, the
         next one is built in the background when more jobs are due.
         """
         engine = self.ensure_engine()
         if engine is None:
+            self.lane.refuse_all(self._model_unavailable())
             return 0
+        answered = self.lane.serve(engine)
         batch = self._prefetcher.take()
         if batch is None or not batch.job_ids:
             batch = self._claim_and_load()
         if not batch.job_ids:
-            return 0
+            return answered
         if batch.jobs:
             self._prefetch_next(engine)
             self._run_batch(engine, batch)
             ring(self.data_dir, DELIVERY_DOORBELL)  # its outbox rows are committed
-        return len(batch.job_ids)
+        return answered + len(batch.job_ids)
+
+    def _model_unavailable(self) -> str:
+        """What status shows about the model (inference.loader.EngineProvider.state)."""
+        state = getattr(self.engine_provider, "state", None) or {}
+        return str(state.get("message") or "the model is not loaded")
 
     def _claim_and_load(self) -> ClaimedBatch:
         job_ids = self._claim_batch()

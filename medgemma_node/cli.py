@@ -21,12 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from config.settings import ConfigError, DicomSettings, NodeSettings, StorageSettings, load_settings
+from delivery.worker import DeliveryWorker
 from dicom_node.scu import AssociationFailed, FileToSend, echo, inspect_file, iter_files, send_files
-from medgemma_node.delivery import DeliveryWorker
 from medgemma_node.logs import setup_logging
 from medgemma_node.runtime import read_runtime_state
 from medgemma_node.service import (
     Node,
+    delivery_worker,
     open_database,
     start_serving,
     start_worker,
@@ -356,11 +357,10 @@ def outbox_deliver(
         errors.print("[red]`serve` is running on this SQLite database and delivers already[/red]")
         db.dispose()
         raise typer.Exit(1)
-    worker = DeliveryWorker.from_settings(
+    worker = delivery_worker(
         settings,
         db,
         poll_interval_s=poll_interval or settings.delivery.poll_interval_s,
-        batch_size=settings.delivery.batch_size,
         lease_s=lease_seconds,
     )
     try:

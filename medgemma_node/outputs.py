@@ -7,21 +7,22 @@ For each stored report the inference worker calls ReportOutputs(session, report)
     adds one outbox row per object per routed destination.
 Everything a delivery will send is fixed here, so a retry re-sends the same bytes: the same SR
 SOP Instance UID, the same HL7 control id (design.md, "Exactly one result per study version").
+
+Composition only: the builders are the stages' (dicom_node.sr/gsps, hl7_out.oru), the reads are
+storage.reports, identities come from hl7_out.oru.hl7_control_id and
+storage.outbox.idempotency_key, routing from the destination settings (``routes``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config.settings import (
@@ -34,23 +35,12 @@ from config.settings import (
 from dicom_node.gsps import build_gsps
 from dicom_node.output_common import NodeIdentity, OutputRecord, write_datasets
 from dicom_node.sr import SrReference, build_sr
-from hl7_out.oru import build_oru
+from hl7_out.oru import OruHeader, build_oru, hl7_control_id
 from storage.files import write_durably
-from storage.models import (
-    Instance,
-    OutboxItem,
-    Report,
-    ReportObject,
-    Study,
-    StudyVersion,
-)
-from storage.report_schema import (
-    AI_DISCLAIMER,
-    TEST_MODEL_BANNER,
-    ModelIdentity,
-    ReportContent,
-    ReportDocument,
-)
+from storage.models import OutboxItem, Report, ReportObject, Study
+from storage.outbox import idempotency_key
+from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, ReportDocument
+from storage.reports import predecessor_sr_path, report_document, source_instance_paths
 
 log = logging.getLogger("medgemma_node.outputs")
 
@@ -64,21 +54,6 @@ def node_identity(settings: NodeSettings) -> NodeIdentity:
         serial_number=identity.serial_number,
         institution_name=identity.institution_name,
         uid_prefix=identity.uid_root,
-    )
-
-
-def report_document(session: Session, report: Report) -> ReportDocument:
-    version = session.get_one(StudyVersion, report.study_version_id)
-    study = session.get_one(Study, report.study_id)
-    return ReportDocument(
-        report_id=report.id,
-        study_instance_uid=study.study_instance_uid,
-        version_number=version.version_number,
-        created_at=report.created_at,
-        content=ReportContent.model_validate(report.content_json),
-        model=ModelIdentity.model_validate(report.model_json),
-        question=report.question,
-        source_sop_instance_uids=list(report.timings_json.get("source_sop_instance_uids", [])),
     )
 
 
@@ -112,19 +87,14 @@ class ReportOutputs:
         json_path = self._write_json(document, study, records, directory)
         built = BuiltReport(session, report, document, sources[0], objects, json_path)
         for destination in self.settings.destinations:
-            if destination.enabled and routed(destination, study):
+            if destination.enabled and destination.routes(study.modality, study.calling_ae):
                 self._queue(built, destination)
 
     # -- building -------------------------------------------------------------------------
 
     def _sources(self, session: Session, report: Report, document: ReportDocument) -> list[Dataset]:
         """The images the model saw (headers + pixels: a GSPS may need a computed window)."""
-        paths = session.scalars(
-            select(Instance.path)
-            .join(StudyVersion.instances)
-            .where(StudyVersion.id == report.study_version_id)
-            .order_by(Instance.id)
-        ).all()
+        paths = source_instance_paths(session, report.study_version_id)
         datasets: list[Dataset] = [
             dcmread(self.data_dir / path, defer_size="1 MB") for path in paths
         ]
@@ -189,21 +159,22 @@ class ReportOutputs:
                     self._add(built, destination, obj.sop_instance_uid, Path(obj.path), obj.id)
         elif isinstance(destination, HL7Destination):
             control_id = hl7_control_id(study_uid, report_id, destination.name)
-            self._add(
-                built, destination, control_id, self._write_oru(built, destination, control_id)
-            )
+            oru = self._write_oru(built, destination.name, OruHeader.of(destination), control_id)
+            self._add(built, destination, control_id, oru)
         elif isinstance(destination, FileDestination):
-            if destination.write_hl7:
+            if destination.write_hl7:  # no MLLP peer to configure: the default header
                 control_id = hl7_control_id(study_uid, report_id, destination.name)
-                self._write_oru(built, file_hl7_settings(destination), control_id)
+                self._write_oru(built, destination.name, OruHeader(), control_id)
             self._add(built, destination, key, self._rel(built.json_path))
         else:
             self._add(built, destination, key, self._rel(built.json_path))
 
-    def _write_oru(self, built: BuiltReport, destination: HL7Destination, control_id: str) -> Path:
+    def _write_oru(
+        self, built: BuiltReport, destination_name: str, header: OruHeader, control_id: str
+    ) -> Path:
         document = built.document
-        message = build_oru(document, built.source, destination, control_id, document.created_at)
-        path = self.data_dir / "reports" / str(document.report_id) / f"oru-{destination.name}.hl7"
+        message = build_oru(document, built.source, header, control_id, document.created_at)
+        path = self.data_dir / "reports" / str(document.report_id) / f"oru-{destination_name}.hl7"
         write_durably(path, message.encode("utf-8"))
         return self._rel(path)
 
@@ -230,35 +201,6 @@ class ReportOutputs:
         )
 
 
-def routed(destination: Destination, study: Study) -> bool:
-    """Routing: empty lists mean every sender and modality."""
-    if destination.only_calling_aets and study.calling_ae not in destination.only_calling_aets:
-        return False
-    return not destination.only_modalities or study.modality in destination.only_modalities
-
-
-def hl7_control_id(study_uid: str, report_id: int, destination: str) -> str:
-    """MSH-10, at most 20 characters (HL7 v2.5 §2.15.9.10), fixed per report and destination.
-
-    Derived from the Study Instance UID (globally unique) as well as the report id, so two
-    nodes — or one node after a database reset — never reuse a control id at the same HIS.
-    """
-    digest = hashlib.sha256(f"{study_uid}|{report_id}|{destination}".encode()).hexdigest()
-    return f"MG{digest[:18].upper()}"
-
-
-def idempotency_key(study_uid: str, report_id: int, destination: str) -> str:
-    """The HTTP Idempotency-Key of a report: a UUID that no other report of any node shares."""
-    return str(
-        uuid.uuid5(uuid.NAMESPACE_OID, f"medgemma-node:{study_uid}:{report_id}:{destination}")
-    )
-
-
-def file_hl7_settings(destination: FileDestination) -> HL7Destination:
-    """HL7 header values for the .hl7 file a file destination writes (no MLLP peer)."""
-    return HL7Destination(kind="hl7", name=destination.name, host="localhost", port=1)
-
-
 def document_notice(document: ReportDocument) -> str:
     return (
         f"{TEST_MODEL_BANNER}. {AI_DISCLAIMER}" if document.model.is_test_model else AI_DISCLAIMER
@@ -267,18 +209,7 @@ def document_notice(document: ReportDocument) -> str:
 
 def previous_sr(session: Session, document: ReportDocument, data_dir: Path) -> SrReference | None:
     """The SR of the newest earlier report of the same study (Predecessor Documents, C.17.2)."""
-    row = session.execute(
-        select(ReportObject.path)
-        .join(Report, Report.id == ReportObject.report_id)
-        .join(Study, Study.id == Report.study_id)
-        .where(
-            Study.study_instance_uid == document.study_instance_uid,
-            Report.id < document.report_id,
-            ReportObject.kind == "sr",
-        )
-        .order_by(Report.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
+    path = predecessor_sr_path(session, document.study_instance_uid, document.report_id)
+    if path is None:
         return None
-    return SrReference.of(dcmread(data_dir / row[0], stop_before_pixels=True))
+    return SrReference.of(dcmread(data_dir / path, stop_before_pixels=True))

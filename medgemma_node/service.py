@@ -4,6 +4,8 @@
     worker = inference worker only (a second GPU box on the same PostgreSQL)
 
 Every part runs in its own thread; the model never runs in the SCP's association threads.
+The delivery worker gets its senders from ``sender_registry``: the one place that names the
+sender of each destination kind (the stages that hold them do not import one another).
 """
 
 from __future__ import annotations
@@ -21,10 +23,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from config.settings import NodeSettings
+from config.settings import (
+    DicomDestination,
+    FileDestination,
+    HL7Destination,
+    HttpDestination,
+    NodeSettings,
+)
+from delivery.file_sender import FileSender
+from delivery.http_sender import HttpSender
+from delivery.senders import SenderRegistry
+from delivery.worker import DeliveryWorker
 from dicom_node.completion import CompletionScheduler
 from dicom_node.scp import ScpCounters, StorageSCP
-from medgemma_node.delivery import DeliveryWorker
+from dicom_node.sender import DicomSender
+from hl7_out.sender import HL7OruSender
 from medgemma_node.logs import setup_logging
 from medgemma_node.metrics import MetricSources, start_metrics_server
 from medgemma_node.runtime import STATUS_FILE
@@ -201,6 +214,23 @@ def worker_argv(config_path: Path | None, data_dir: Path) -> list[str]:
     return argv
 
 
+def sender_registry(db: Database, data_dir: Path, calling_aet: str) -> SenderRegistry:
+    """The sender of each destination kind; a new kind is registered here."""
+    return (
+        SenderRegistry()
+        .register(DicomDestination, lambda destination: DicomSender(destination, calling_aet))
+        .register(HL7Destination, HL7OruSender)
+        .register(FileDestination, lambda destination: FileSender(destination, db, data_dir))
+        .register(HttpDestination, HttpSender)
+    )
+
+
+def delivery_worker(settings: NodeSettings, db: Database, **options: object) -> DeliveryWorker:
+    """The node's delivery worker: every destination's lane with its sender."""
+    senders = sender_registry(db, settings.storage.data_dir, settings.dicom.ae_title)
+    return DeliveryWorker.from_settings(settings, db, senders, **options)
+
+
 def start_serving(node: Node, config_path: Path | None) -> None:
     """`serve`: SCP, completion and delivery in this process; inference as a supervised child."""
     node.start()
@@ -208,17 +238,10 @@ def start_serving(node: Node, config_path: Path | None) -> None:
     assert db is not None
     data_dir = node.data_dir.resolve()
     node.add_part("inference", ChildProcess("inference worker", worker_argv(config_path, data_dir)))
-    delivery = node.settings.delivery
-    delivery_worker = DeliveryWorker.from_settings(
-        node.settings,
-        db,
-        poll_interval_s=delivery.poll_interval_s,
-        batch_size=delivery.batch_size,
-        lease_s=delivery.lease_s,
-    )
-    node.add_part("delivery", delivery_worker)
+    deliveries = delivery_worker(node.settings, db)
+    node.add_part("delivery", deliveries)
     node.add_part(
-        "delivery-doorbell", DoorbellRelay(node.data_dir, DELIVERY_DOORBELL, delivery_worker.wake)
+        "delivery-doorbell", DoorbellRelay(node.data_dir, DELIVERY_DOORBELL, deliveries.wake)
     )
     if node.settings.api.enabled:
         from api.server import ApiServer  # FastAPI loads only when the API is served
@@ -231,7 +254,7 @@ def start_serving(node: Node, config_path: Path | None) -> None:
         node.metrics_server = start_metrics_server(
             metrics.bind_address,
             metrics.port,
-            MetricSources(db, node.data_dir, node.scp_counters, delivery_worker.counters),
+            MetricSources(db, node.data_dir, node.scp_counters, deliveries.counters),
         )
 
 

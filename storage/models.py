@@ -5,6 +5,9 @@ Tables:
     studies ─< study_versions >─< instances   (the set a job covers)
     study_versions ─ jobs ─ reports ─< report_objects
                              reports ─< outbox
+                             reports ─ reports  (supersedes_report_id: a report appended to)
+    studies ─< conversations ─< conversation_turns  (follow-up questions anchored to regions)
+    interactive_requests   (the worker's priority lane: predict and conversation turns)
     audit_events
     users                        (REST API accounts; only a hash of each token)
 
@@ -79,6 +82,17 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+
+
+class InteractiveKind(StrEnum):
+    PREDICT = "predict"
+    CONVERSATION_TURN = "conversation_turn"
+
+
+class ConversationState(StrEnum):
+    OPEN = "open"
+    APPENDED = "appended"  # its turns became a new report version; no more questions
+    CLOSED = "closed"
 
 
 class OutboxStatus(StrEnum):
@@ -190,10 +204,13 @@ class Job(Base):
 
 
 class Report(Base):
+    """One report version of a study: a model run (job_id) or a report appended to from a
+    conversation (job_id None, supersedes_report_id set; migration 0004)."""
+
     __tablename__ = "reports"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), unique=True, nullable=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     study_version_id: Mapped[int] = mapped_column(ForeignKey("study_versions.id"))
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
@@ -208,6 +225,10 @@ class Report(Base):
     model_json: Mapped[dict[str, Any]] = mapped_column(JSON)  # storage.report_schema.ModelIdentity
     timings_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     is_test_model: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The report this version replaces (PS3.3 C.17.2 Predecessor Documents; HL7 'C' result).
+    supersedes_report_id: Mapped[int | None] = mapped_column(
+        ForeignKey("reports.id"), nullable=True, index=True
+    )
 
     objects: Mapped[list[ReportObject]] = relationship(back_populates="report")
 
@@ -267,6 +288,79 @@ class AuditEvent(Base):
     kind: Mapped[str] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class InteractiveRequest(Base):
+    """A predict request or a conversation turn waiting for, or answered by, the worker.
+
+    ``payload`` is what the worker needs (storage/interactive.py documents each kind);
+    ``result`` the answer; ``error_code`` tells the API which HTTP status a failure is.
+    """
+
+    __tablename__ = "interactive_requests"
+    __table_args__ = (Index("ix_interactive_requests_queue", "status", "priority", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # InteractiveKind
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    requested_by: Mapped[str] = mapped_column(String(128), default="")
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+
+
+class Conversation(Base):
+    """Follow-up questions about one study, starting from its latest report (``report_id``)."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), nullable=True)
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    state: Mapped[str] = mapped_column(String(16), default=ConversationState.OPEN)
+    appended_report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), nullable=True)
+
+    turns: Mapped[list[ConversationTurn]] = relationship(
+        back_populates="conversation", order_by="ConversationTurn.turn_index"
+    )
+
+
+class ConversationTurn(Base):
+    """One question and its answer. ``anchors`` holds every anchor known after this turn
+    (A1..An from the report, then one per box an answer gave)."""
+
+    __tablename__ = "conversation_turns"
+    __table_args__ = (UniqueConstraint("conversation_id", "turn_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"), index=True)
+    turn_index: Mapped[int] = mapped_column(Integer)  # 1, 2, ...
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text, default="")
+    raw_text: Mapped[str] = mapped_column(Text, default="")  # the model's text ("" when measured)
+    answered_by: Mapped[str] = mapped_column(String(16), default="model")  # "model" | "node"
+    referenced_anchor_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    anchors: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    measurements: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    model_json: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    asked_by: Mapped[str] = mapped_column(String(128), default="")
+    request_id: Mapped[int | None] = mapped_column(
+        ForeignKey("interactive_requests.id"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+    conversation: Mapped[Conversation] = relationship(back_populates="turns")
 
 
 class User(Base):

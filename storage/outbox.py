@@ -8,6 +8,10 @@ row is due again (the same payload is re-sent: the payload is never rebuilt here
 PostgreSQL: several workers claim safely with SELECT … FOR UPDATE SKIP LOCKED, and the
 conditional UPDATE re-checks that nobody claimed the row meanwhile. SQLite: one delivery worker
 process; its single writer lock serialises claims, and at start-up it takes back every lease.
+
+Row identities are fixed when the row is written (design.md, "Exactly one result per study
+version"): a DICOM row's message_id is its SOP Instance UID, an HL7 row's its MSH-10
+(hl7_out.oru.hl7_control_id), a file or HTTP row's the report's ``idempotency_key``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,14 @@ class Failure:
     item: ClaimedItem
     reason: str
     next_attempt_at: datetime | None
+
+
+def idempotency_key(study_uid: str, report_id: int, destination: str) -> str:
+    """The Idempotency-Key of a report's JSON delivery: a UUID (RFC 9562 v5) no other report
+    of any node shares, since the Study Instance UID is globally unique (PS3.5 §9)."""
+    return str(
+        uuid.uuid5(uuid.NAMESPACE_OID, f"medgemma-node:{study_uid}:{report_id}:{destination}")
+    )
 
 
 def lease_token(owner: str) -> str:

@@ -28,6 +28,7 @@ Shorter per-field limits (LO 64 for a code meaning, SH 16, ...) are applied by e
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 
@@ -125,6 +126,16 @@ class Finding(BaseModel):
         return _clean_phrase_or_none(value)
 
 
+class FollowUp(BaseModel):
+    """One follow-up question and its answer, carried by a report appended to from a
+    conversation (inference/conversation.py)."""
+
+    question: str
+    answer: str
+    anchor_id: str | None = None  # the region (A1, A2, ...) the question was about
+    answered_by: str = "model"  # "model", or "node" for a measurement from the pixel spacing
+
+
 class ReportContent(BaseModel):
     """The parsed answer. ``findings`` empty and ``narrative`` set is a valid, normal result."""
 
@@ -135,6 +146,7 @@ class ReportContent(BaseModel):
     recommendation: str = ""
     urgency: Urgency | None = None
     narrative: str = ""
+    follow_up: list[FollowUp] = Field(default_factory=list)
 
     @field_validator("impression", "recommendation", "narrative")
     @classmethod
@@ -170,6 +182,9 @@ class ReportDocument(BaseModel):
     model: ModelIdentity
     question: str = ""
     source_sop_instance_uids: list[str] = Field(default_factory=list)
+    # The report this version replaces (a report appended to from a conversation): its SR
+    # lists the previous SR as Predecessor Document, its ORU is a correction.
+    supersedes_report_id: int | None = None
 
     @field_validator("question")
     @classmethod
@@ -179,3 +194,21 @@ class ReportDocument(BaseModel):
 
 TEST_MODEL_BANNER = "TEST MODEL – NOT FOR CLINICAL USE"
 AI_DISCLAIMER = "AI-generated, preliminary, not verified — must be reviewed by a physician."
+# The model card: MedGemma was not evaluated for multi-turn use (design.md, "Model facts").
+FOLLOW_UP_DISCLAIMER = (
+    "Follow-up answers are preliminary AI output; the model was not evaluated for multi-turn "
+    "conversations."
+)
+
+
+def follow_up_text(turns: Sequence[FollowUp]) -> str:
+    """Follow-up questions and answers as plain text, one "Q:"/"A:" pair per turn."""
+    if not turns:
+        return ""
+    lines = [f"Follow-up questions ({FOLLOW_UP_DISCLAIMER})"]
+    for number, turn in enumerate(turns, start=1):
+        about = f" [{turn.anchor_id}]" if turn.anchor_id else ""
+        source = " (measured by the node)" if turn.answered_by == "node" else ""
+        lines.append(f"Q{number}{about}: {turn.question}")
+        lines.append(f"A{number}{source}: {turn.answer}")
+    return "\n".join(lines)

@@ -18,8 +18,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from config.settings import HL7Destination
-from hl7_out.oru import build_oru
+from hl7_out.oru import OruHeader, build_oru
 from storage.db import Database
 from storage.models import (
     Job,
@@ -203,8 +202,7 @@ def _oru(report_id: int, study_uid: str, source: Dataset, control_id: str) -> st
         ),
         model=ModelIdentity(model_id="google/medgemma-1.5-4b-it", is_test_model=True),
     )
-    destination = HL7Destination(kind="hl7", name="his", host="127.0.0.1", port=2575)
-    return build_oru(document, source, destination, control_id, MESSAGE_TIME)
+    return build_oru(document, source, OruHeader(), control_id, MESSAGE_TIME)
 
 
 def queue(db: Database, report: ReportFiles, destination: str, kind: str) -> list[int]:

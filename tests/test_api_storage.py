@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api.schemas import StudyStatus
 from api.worklist import StudyFilters, list_studies, study_row
@@ -14,7 +14,9 @@ from storage.db import Database
 from storage.jobs import list_jobs, retry_job
 from storage.models import (
     JobStatus,
+    OutboxItem,
     OutboxStatus,
+    Report,
     Study,
     User,
     UserRole,
@@ -63,10 +65,56 @@ def test_derived_status_of_every_stage(db: Database) -> None:
         "1.10": StudyStatus.FAILED,
     }
     assert {uid: status_of(db, uid) for uid in expected} == expected
+    appended = append_report(db, "1.10", [OutboxStatus.PENDING])  # supersedes the dead one's
+    assert status_of(db, "1.10") == StudyStatus.REPORTED
+    set_outbox(db, appended, OutboxStatus.SENT)
+    assert status_of(db, "1.10") == StudyStatus.DELIVERED
     receive(db, "1.9")  # a late instance: a new version is coming
     assert status_of(db, "1.9") == StudyStatus.RECEIVING
     complete(db, db_study_id(db, "1.9"))
     assert status_of(db, "1.9") == StudyStatus.QUEUED  # the newest version's job counts
+
+
+def append_report(db: Database, study_uid: str, deliveries: list[OutboxStatus]) -> int:
+    """A report appended to from a conversation: no job, superseding the newest report."""
+    with db.session() as session:
+        previous = session.scalars(
+            select(Report)
+            .join(Study, Study.id == Report.study_id)
+            .where(Study.study_instance_uid == study_uid)
+            .order_by(Report.id.desc())
+        ).first()
+        assert previous is not None
+        report = Report(
+            job_id=None,
+            study_id=previous.study_id,
+            study_version_id=previous.study_version_id,
+            parse_status="ok",
+            content_json={"parse_status": "ok"},
+            model_json={"model_id": "m"},
+            supersedes_report_id=previous.id,
+        )
+        session.add(report)
+        session.flush()
+        for index, state in enumerate(deliveries):
+            session.add(
+                OutboxItem(
+                    report_id=report.id,
+                    destination=f"d{index}",
+                    kind="file",
+                    message_id=f"appended{report.id}.{index}",
+                    payload_path="x",
+                    status=state,
+                )
+            )
+        return report.id
+
+
+def set_outbox(db: Database, report_id: int, state: OutboxStatus) -> None:
+    with db.session() as session:
+        session.execute(
+            update(OutboxItem).where(OutboxItem.report_id == report_id).values(status=state)
+        )
 
 
 def db_study_id(db: Database, uid: str) -> int:

@@ -31,35 +31,43 @@ from config.settings import (
     FileDestination,
     HL7Destination,
     HttpDestination,
-    RetryPolicy,
+    RetrySettings,
 )
+from core.errors import DeliveryError
+from delivery.file_sender import delivered_file_name
+from delivery.metrics import DeliveryCollector
+from delivery.scripted import ScriptedSender
+from delivery.senders import SenderRegistry
+from delivery.worker import DeliveryWorker
 from medgemma_node.cli import app
-from medgemma_node.delivery import DeliveryWorker, delivered_file_name, next_attempt_at
-from medgemma_node.delivery_metrics import DeliveryCollector
+from medgemma_node.service import sender_registry
 from peers.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
 from peers.net import free_port, wait_for
 from peers.node_process import REPO, write_toml
 from peers.orthanc import OrthancServer
 from storage import outbox
 from storage.db import Database
+from storage.delivery_types import DeliveryOutcome
 from storage.models import OutboxItem, OutboxStatus, utcnow
 from tests.delivery_rows import all_in, make_report, outbox_rows, queue
 
-FAST_RETRY = RetryPolicy(max_attempts=100, max_age_s=600, initial_backoff_s=0.1, max_backoff_s=0.3)
+FAST_RETRY = RetrySettings(
+    max_attempts=100, max_age_s=600, initial_backoff_s=0.1, max_backoff_s=0.3
+)
 
 
 def make_worker(
     db: Database, data_dir: Path, destinations: list[Any], **options: Any
 ) -> DeliveryWorker:
     settings: dict[str, Any] = {
-        "calling_aet": "MEDGEMMA",
         "poll_interval_s": 0.05,
         "watch_interval_s": 0.2,
         "batch_size": 8,
         "lease_s": 30.0,
         "join_timeout_s": 15.0,
     }
-    return DeliveryWorker(db, data_dir, destinations, **{**settings, **options})
+    senders = sender_registry(db, data_dir, calling_aet="MEDGEMMA")
+    return DeliveryWorker(db, data_dir, destinations, senders, **{**settings, **options})
 
 
 def pacs_destination(pacs: OrthancServer, name: str = "pacs") -> DicomDestination:
@@ -81,7 +89,7 @@ def his_destination(port: int, ack_timeout_s: float = 1.0, **retry: Any) -> HL7D
         port=port,
         connect_timeout_s=1.0,
         ack_timeout_s=ack_timeout_s,
-        retry=RetryPolicy(**{**FAST_RETRY.model_dump(), **retry}),
+        retry=RetrySettings(**{**FAST_RETRY.model_dump(), **retry}),
     )
 
 
@@ -452,7 +460,7 @@ def test_http_client_errors_are_dead_and_throttling_waits(
     for number in (1, 2):
         queue(db, make_report(db, data_dir, number), "ris-api", "http")
     destination = http_destination(server.url).model_copy(
-        update={"retry": RetryPolicy(initial_backoff_s=0.1, max_backoff_s=10)}
+        update={"retry": RetrySettings(initial_backoff_s=0.1, max_backoff_s=10)}
     )
     worker = make_worker(db, data_dir, [destination])
     before = utcnow()
@@ -594,7 +602,7 @@ def test_rows_nobody_serves_stay_pending_with_a_note(
     queue(db, report, "paused", "hl7")
     paused = HL7Destination(kind="hl7", name="paused", host="127.0.0.1", port=1, enabled=False)
     worker = make_worker(db, data_dir, [his_destination(listener.port), paused])
-    with caplog.at_level(logging.WARNING, logger="medgemma_node.delivery"):
+    with caplog.at_level(logging.WARNING, logger="delivery"):
         worker.deliver_once()
         worker.deliver_once()
     notes = {row.destination: row.last_error or "" for row in outbox_rows(db)}
@@ -610,7 +618,8 @@ def test_rows_nobody_serves_stay_pending_with_a_note(
 
 
 def test_backoff_doubles_up_to_the_maximum_then_dead_letters() -> None:
-    policy = RetryPolicy(max_attempts=6, max_age_s=3600, initial_backoff_s=2, max_backoff_s=10)
+    settings = RetrySettings(max_attempts=6, max_age_s=3600, initial_backoff_s=2, max_backoff_s=10)
+    policy = settings.policy()
     now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
     def item(attempts: int, age_s: float = 0) -> outbox.ClaimedItem:
@@ -629,13 +638,66 @@ def test_backoff_doubles_up_to_the_maximum_then_dead_letters() -> None:
             None,
         )
 
-    delays = [(next_attempt_at(policy, item(n), now) - now).total_seconds() for n in range(1, 6)]  # type: ignore[operator]
+    def next_attempt(row: outbox.ClaimedItem, retry_after_s: float | None = None) -> Any:
+        return policy.next_attempt(row.attempts, row.created_at, now, retry_after_s)
+
+    delays = [(next_attempt(item(n)) - now).total_seconds() for n in range(1, 6)]
     assert delays == [2, 4, 8, 10, 10]
-    assert next_attempt_at(policy, item(6), now) is None
-    assert next_attempt_at(policy, item(1, age_s=3600), now) is None
-    retry_after = next_attempt_at(policy, item(1), now, retry_after_s=7)
+    assert next_attempt(item(6)) is None
+    assert next_attempt(item(1, age_s=3600)) is None
+    assert policy.give_up_reason(6) == "gave up after 6 attempts"
+    assert policy.give_up_reason(1) == "gave up: older than 3600 s"
+    retry_after = next_attempt(item(1), retry_after_s=7)
     assert retry_after == now + timedelta(seconds=7)
     assert delivered_file_name(item(1)) == "1.2_1_p"
+
+
+def test_each_outcome_is_recorded_by_the_destinations_retry_policy(
+    db: Database, data_dir: Path
+) -> None:
+    for number in (1, 2, 3):
+        queue(db, make_report(db, data_dir, number), "ris-api", "http")
+    scripted = ScriptedSender(
+        [
+            DeliveryOutcome.retry("busy", "HTTP 503", retry_after_s=5),
+            DeliveryOutcome.rejected("no such patient", "HTTP 404"),
+            DeliveryOutcome.delivered("", "HTTP 200"),
+        ]
+    )
+    senders = SenderRegistry().register(HttpDestination, lambda _destination: scripted)
+    destination = http_destination("http://127.0.0.1:1/unused")
+    worker = DeliveryWorker(db, data_dir, [destination], senders)
+    before = utcnow()
+    assert worker.deliver_once() == 3
+    waiting, rejected, sent = outbox_rows(db)
+    assert scripted.sent == [waiting.message_id, rejected.message_id, sent.message_id]
+    assert (waiting.status, waiting.last_error) == (OutboxStatus.PENDING, "busy")
+    assert waiting.next_attempt_at >= before + timedelta(seconds=0.3)  # FAST_RETRY's cap
+    assert (rejected.status, rejected.last_error) == (OutboxStatus.DEAD, "no such patient")
+    assert sent.status == OutboxStatus.SENT
+    counts = worker.counters.snapshot()
+    assert [counts[name]["ris-api"] for name in ("retry", "rejected", "dead", "delivered")] == [
+        1, 1, 1, 1,
+    ]  # fmt: skip
+
+
+def test_a_sender_must_answer_every_row_and_every_kind_needs_one(
+    db: Database, data_dir: Path
+) -> None:
+    queue(db, make_report(db, data_dir, 1), "ris-api", "http")
+    destination = http_destination("http://127.0.0.1:1/unused")
+
+    class Silent:
+        def send(self, parcels: Any) -> list[DeliveryOutcome]:
+            return []
+
+    senders = SenderRegistry().register(HttpDestination, lambda _destination: Silent())
+    with pytest.raises(DeliveryError, match="0 outcomes for 1 rows"):
+        DeliveryWorker(db, data_dir, [destination], senders).deliver_once()
+    (row,) = outbox_rows(db)
+    assert (row.status, row.attempts) == (OutboxStatus.PENDING, 1)  # the lease runs out
+    with pytest.raises(DeliveryError, match="kind 'http'"):
+        DeliveryWorker(db, data_dir, [destination], SenderRegistry())
 
 
 # ---------------------------------------------------------------------------------------------

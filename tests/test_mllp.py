@@ -17,17 +17,13 @@ from pydicom.data import get_testdata_file
 
 from config.settings import HL7Destination, TLSSettings
 from hl7_out.ack import AckCode, AckParseError, parse_ack
-from hl7_out.mllp import (
-    DeliveryOutcome,
-    DeliveryStatus,
-    MLLPSender,
-    ScriptedSender,
-    frame,
-    message_control_id,
-    send_message,
-)
-from hl7_out.oru import build_oru
+from hl7_out.mllp import MLLPClient, frame, judge_ack, message_control_id, send_message
+from hl7_out.oru import OruHeader, build_oru
+from hl7_out.scripted import ScriptedMLLP
+from hl7_out.sender import HL7OruSender
 from peers.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
+from storage.delivery_types import DeliveryOutcome, Parcel, Verdict
+from storage.outbox import ClaimedItem
 from storage.report_schema import (
     Finding,
     ModelIdentity,
@@ -65,7 +61,7 @@ def oru() -> str:
     )
     source = pydicom.dcmread(str(path), stop_before_pixels=True)
     return build_oru(
-        report, source, destination_for(1), CONTROL_ID, datetime(2024, 5, 1, 10, 0, 1, tzinfo=UTC)
+        report, source, OruHeader(), CONTROL_ID, datetime(2024, 5, 1, 10, 0, 1, tzinfo=UTC)
     )
 
 
@@ -104,9 +100,9 @@ def test_accepted_message_arrives_exactly(start_listener: ListenerFactory, oru: 
 
     outcome = send_to(listener, oru)
 
-    assert outcome.status is DeliveryStatus.DELIVERED
-    assert outcome.ack is not None and outcome.ack.code is AckCode.APPLICATION_ACCEPT
-    assert outcome.ack.control_id == CONTROL_ID
+    assert outcome.verdict is Verdict.DELIVERED  # MSA-2 answered CONTROL_ID (judge_ack)
+    assert outcome.code == AckCode.APPLICATION_ACCEPT.value
+    assert not outcome.destination_down
     (received,) = listener.wait_for(1)
     assert received.raw == oru.encode("utf-8")
     assert received.text == oru
@@ -117,7 +113,7 @@ def test_accepted_message_arrives_exactly(start_listener: ListenerFactory, oru: 
 
 
 def test_commit_accept_is_delivered(start_listener: ListenerFactory, oru: str) -> None:
-    assert send_to(start_listener(ReplyMode.CA), oru).status is DeliveryStatus.DELIVERED
+    assert send_to(start_listener(ReplyMode.CA), oru).verdict is Verdict.DELIVERED
 
 
 def test_several_messages_each_get_their_own_ack(start_listener: ListenerFactory, oru: str) -> None:
@@ -126,15 +122,14 @@ def test_several_messages_each_get_their_own_ack(start_listener: ListenerFactory
 
     outcomes = [send_to(listener, oru), send_to(listener, second)]
 
-    assert [o.status for o in outcomes] == [DeliveryStatus.DELIVERED] * 2
-    assert [o.ack.control_id for o in outcomes if o.ack] == [CONTROL_ID, "MG000102"]
+    assert [(o.verdict, o.code) for o in outcomes] == [(Verdict.DELIVERED, "AA")] * 2
     assert [r.control_id for r in listener.wait_for(2)] == [CONTROL_ID, "MG000102"]
 
 
 def test_application_error_is_retried(start_listener: ListenerFactory, oru: str) -> None:
     outcome = send_to(start_listener(ReplyMode.AE), oru)
 
-    assert outcome.status is DeliveryStatus.RETRY
+    assert outcome.verdict is Verdict.RETRY
     assert outcome.reason.startswith("AE: ")
     assert ERROR_TEXT in outcome.reason
     assert "207 Application internal error" in outcome.reason
@@ -145,14 +140,14 @@ def test_application_reject_is_rejected_with_reason(
 ) -> None:
     outcome = send_to(start_listener(ReplyMode.AR), oru)
 
-    assert outcome.status is DeliveryStatus.REJECTED
+    assert outcome.verdict is Verdict.REJECTED
     assert outcome.reason == f"AR: {REJECT_TEXT}; PID-3 204 Unknown key identifier"
 
 
 def test_ack_for_another_control_id_is_retried(start_listener: ListenerFactory, oru: str) -> None:
     outcome = send_to(start_listener(ReplyMode.WRONG_CONTROL_ID), oru)
 
-    assert outcome.status is DeliveryStatus.RETRY
+    assert outcome.verdict is Verdict.RETRY
     assert f"{CONTROL_ID}X" in outcome.reason and "not" in outcome.reason
 
 
@@ -171,7 +166,7 @@ def test_garbage_and_hang_ups_are_retried(
 
     outcome = send_to(listener, oru)
 
-    assert outcome.status is DeliveryStatus.RETRY
+    assert outcome.verdict is Verdict.RETRY
     assert reason in outcome.reason
     assert len(listener.wait_for(1)) == 1  # the listener did get the message
 
@@ -183,7 +178,7 @@ def test_silent_listener_times_out(start_listener: ListenerFactory, oru: str) ->
     outcome = send_to(listener, oru)
     elapsed = time.monotonic() - started
 
-    assert outcome.status is DeliveryStatus.RETRY
+    assert outcome.verdict is Verdict.RETRY
     assert "no complete ACK within 0.5 s" in outcome.reason
     assert ACK_TIMEOUT_S <= elapsed < ACK_TIMEOUT_S + 1.0
 
@@ -193,7 +188,7 @@ def test_fragmented_ack_with_lf_separators_is_read(
 ) -> None:
     outcome = send_to(start_listener(ReplyMode.FRAGMENTED_LF), oru)
 
-    assert outcome.status is DeliveryStatus.DELIVERED
+    assert outcome.verdict is Verdict.DELIVERED
 
 
 def test_nothing_listening_is_retried(oru: str) -> None:
@@ -203,19 +198,63 @@ def test_nothing_listening_is_retried(oru: str) -> None:
 
     outcome = send_message(oru, destination_for(free_port))
 
-    assert outcome.status is DeliveryStatus.RETRY
+    assert outcome.verdict is Verdict.RETRY
     assert "cannot connect" in outcome.reason and "ConnectionRefusedError" in outcome.reason
 
 
-def test_sender_seams(start_listener: ListenerFactory, oru: str) -> None:
-    listener = start_listener(ReplyMode.AR)
-    assert MLLPSender().send(oru, destination_for(listener.port)).status is DeliveryStatus.REJECTED
-    scripted = ScriptedSender([DeliveryOutcome(DeliveryStatus.RETRY, "busy")])
-    destination = destination_for(listener.port)
+def test_ack_judged_against_the_message_control_id() -> None:
+    ack = f"MSH|^~\\&|HIS|H|MG|MG|20240101||ACK|1|P|2.5\rMSA|AA|{CONTROL_ID}\r".encode()
 
-    assert scripted.send(oru, destination).status is DeliveryStatus.RETRY
-    assert scripted.send(oru, destination).status is DeliveryStatus.DELIVERED
+    assert judge_ack(ack, CONTROL_ID).verdict is Verdict.DELIVERED
+    other = judge_ack(ack, "MG000102")
+    assert (other.verdict, other.code, other.destination_down) == (Verdict.RETRY, "AA", False)
+
+
+def test_transport_seams(start_listener: ListenerFactory, oru: str) -> None:
+    listener = start_listener(ReplyMode.AR)
+    destination = destination_for(listener.port)
+    assert MLLPClient(destination).send(oru).verdict is Verdict.REJECTED
+    scripted = ScriptedMLLP(destination, [DeliveryOutcome.retry("busy")])
+
+    assert scripted.send(oru).verdict is Verdict.RETRY
+    assert scripted.send(oru).verdict is Verdict.DELIVERED
     assert scripted.sent == [("his", oru), ("his", oru)]
+
+
+def _parcel(path: Path, message_id: str) -> Parcel:
+    item = ClaimedItem(
+        1, 1, "his", "hl7", message_id, path.name, 1, datetime(2024, 5, 1, tzinfo=UTC),
+        "token", "1.2.3", None, None,
+    )  # fmt: skip
+    return Parcel(item, path)
+
+
+def test_oru_sender_sends_only_the_rows_own_message(oru: str, tmp_path: Path) -> None:
+    payload, not_hl7 = tmp_path / "oru-his.hl7", tmp_path / "other.hl7"
+    payload.write_bytes(oru.encode("utf-8"))
+    not_hl7.write_text("PID|1||x\r")
+    destination = destination_for(1)
+    transport = ScriptedMLLP(destination, [DeliveryOutcome.retry("busy", "AE")])
+    sender = HL7OruSender(destination, transport)
+
+    outcomes = sender.send(
+        [
+            _parcel(payload, CONTROL_ID),
+            _parcel(payload, "MG999999"),  # the file is not this row's message
+            _parcel(not_hl7, CONTROL_ID),
+            _parcel(tmp_path / "gone.hl7", CONTROL_ID),
+            _parcel(payload, CONTROL_ID),
+        ]
+    )
+
+    assert [(o.verdict, o.code) for o in outcomes] == [
+        (Verdict.RETRY, "AE"),
+        (Verdict.REJECTED, "MSH-10-mismatch"),
+        (Verdict.REJECTED, "no-MSH-10"),
+        (Verdict.REJECTED, "payload-missing"),
+        (Verdict.DELIVERED, "AA"),
+    ]
+    assert transport.sent == [("his", oru), ("his", oru)]  # CRs kept, nothing else sent
 
 
 def test_frame_and_control_id(oru: str) -> None:
@@ -295,7 +334,7 @@ def test_mutual_tls_delivery(
 
     outcome = send_message(oru, destination_for(listener.port, _client_tls(certificates, "his")))
 
-    assert outcome.status is DeliveryStatus.DELIVERED
+    assert outcome.verdict is Verdict.DELIVERED
     assert listener.wait_for(1)[0].raw == oru.encode("utf-8")
 
 
@@ -307,6 +346,6 @@ def test_untrusted_server_certificate_is_retried(
 
     outcome = send_message(oru, destination_for(listener.port, tls))
 
-    assert outcome.status is DeliveryStatus.RETRY
+    assert outcome.verdict is Verdict.RETRY
     assert "TLS" in outcome.reason and "CERTIFICATE_VERIFY_FAILED" in outcome.reason
     assert listener.received == []

@@ -3,6 +3,7 @@ round-trips, and the header, patient and order fields come from the inputs."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -24,7 +25,9 @@ from hl7_out.oru import (
     MAX_OBX_TEXT_LENGTH,
     RECOMMENDATION,
     OruBuildError,
+    OruHeader,
     build_oru,
+    hl7_control_id,
     observation_lines,
     wrap_line,
 )
@@ -148,8 +151,9 @@ def parse_strict(message: str) -> Any:
 
 
 def build(report: ReportDocument, source: Dataset, destination: HL7Destination, **kw: Any) -> str:
+    header = OruHeader.of(destination)
     return build_oru(
-        report, source, destination, kw.get("control_id", "MG000042"), kw.get("time", MESSAGE_TIME)
+        report, source, header, kw.get("control_id", "MG000042"), kw.get("time", MESSAGE_TIME)
     )
 
 
@@ -494,3 +498,24 @@ def test_naive_times_are_sent_without_offset(source: Dataset, destination: HL7De
     )
 
     assert fields(message, "MSH")[0][6] == "20240501090000"
+
+
+def test_default_header_is_that_of_an_unconfigured_hl7_destination(source: Dataset) -> None:
+    unconfigured = HL7Destination(kind="hl7", name="his", host="127.0.0.1", port=2575)
+    assert OruHeader() == OruHeader.of(unconfigured)
+    msh = fields(build(make_report(findings_content()), source, unconfigured), "MSH")[0]
+    assert msh[2:6] == ["MEDGEMMA", "MEDGEMMA", "HIS", "HOSPITAL"]
+    assert msh[10] == "P"
+
+
+def test_control_ids_are_fixed_per_report_and_destination() -> None:
+    study_uid = "1.3.6.1.4.1.5962.1.2.9.20040826185059.5457"
+    control_id = hl7_control_id(study_uid, 7, "his")
+    assert control_id == hl7_control_id(study_uid, 7, "his")
+    assert re.fullmatch(r"MG[0-9A-F]{18}", control_id)  # MSH-10 is at most 20 characters
+    others = {
+        hl7_control_id(study_uid, 8, "his"),
+        hl7_control_id(study_uid, 7, "ris"),
+        hl7_control_id(study_uid + ".1", 7, "his"),
+    }
+    assert control_id not in others and len(others) == 3

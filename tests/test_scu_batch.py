@@ -14,10 +14,11 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import DicomDestination, TLSSettings
-from dicom_node.scu import StoreVerdict, judge_store_status, store_batch
+from dicom_node.scu import judge_store_status, store_batch
 from peers.dicom_files import testdata as bundled_file
 from peers.net import free_port
 from peers.orthanc import OrthancServer
+from storage.delivery_types import Verdict
 from tests.delivery_rows import BASIC_TEXT_SR, write_basic_text_sr
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
@@ -98,14 +99,14 @@ def test_statuses_decide_each_file_over_one_association(
     finally:
         scp.close()
     assert scp.associations == 1
-    assert [(o.verdict, o.status) for o in outcomes] == [
-        (StoreVerdict.DELIVERED, 0x0000),
-        (StoreVerdict.DELIVERED, 0xB000),  # warning: stored with coercion
-        (StoreVerdict.RETRY, 0xA700),  # out of resources
-        (StoreVerdict.REJECTED, 0xA900),  # data set does not match SOP class
-        (StoreVerdict.REJECTED, 0xC123),  # cannot understand
-        (StoreVerdict.REJECTED, None),
-        (StoreVerdict.REJECTED, None),
+    assert [(o.verdict, o.code) for o in outcomes] == [
+        (Verdict.DELIVERED, "0x0000"),
+        (Verdict.DELIVERED, "0xB000"),  # warning: stored with coercion
+        (Verdict.RETRY, "0xA700"),  # out of resources
+        (Verdict.REJECTED, "0xA900"),  # data set does not match SOP class
+        (Verdict.REJECTED, "0xC123"),  # cannot understand
+        (Verdict.REJECTED, "no-status"),
+        (Verdict.REJECTED, "no-status"),
     ]
     assert "0xA900" in outcomes[3].reason
     assert "not a readable DICOM file" in outcomes[5].reason
@@ -118,32 +119,33 @@ def test_association_lost_mid_batch_leaves_the_rest_to_retry(sr_files: list[Path
         outcomes = store_batch(sr_files[:4], destination(scp.port), "MEDGEMMA", timeout_s=5)
     finally:
         scp.close()
-    assert [o.verdict for o in outcomes] == [StoreVerdict.DELIVERED] + [StoreVerdict.RETRY] * 3
+    assert [o.verdict for o in outcomes] == [Verdict.DELIVERED] + [Verdict.RETRY] * 3
     assert outcomes[2].reason == outcomes[3].reason == "association lost"
 
 
 def test_nothing_listening_makes_every_file_retry(sr_files: list[Path]) -> None:
     outcomes = store_batch(sr_files[:3], destination(free_port()), "MEDGEMMA", timeout_s=2)
-    assert {o.verdict for o in outcomes} == {StoreVerdict.RETRY}
+    assert {o.verdict for o in outcomes} == {Verdict.RETRY}
+    assert all(o.destination_down for o in outcomes)
     assert all("association failed" in o.reason for o in outcomes)
 
 
 @pytest.mark.parametrize(
     ("status", "verdict"),
     [
-        (0x0000, StoreVerdict.DELIVERED),
-        (0xB007, StoreVerdict.DELIVERED),
-        (0xA701, StoreVerdict.RETRY),
-        (0x0213, StoreVerdict.RETRY),
-        (None, StoreVerdict.RETRY),
-        (0x0122, StoreVerdict.REJECTED),
-        (0x0124, StoreVerdict.REJECTED),
-        (0xC000, StoreVerdict.REJECTED),
-        (0x0212, StoreVerdict.REJECTED),
-        (0xFE00, StoreVerdict.RETRY),
+        (0x0000, Verdict.DELIVERED),
+        (0xB007, Verdict.DELIVERED),
+        (0xA701, Verdict.RETRY),
+        (0x0213, Verdict.RETRY),
+        (None, Verdict.RETRY),
+        (0x0122, Verdict.REJECTED),
+        (0x0124, Verdict.REJECTED),
+        (0xC000, Verdict.REJECTED),
+        (0x0212, Verdict.REJECTED),
+        (0xFE00, Verdict.RETRY),
     ],
 )
-def test_store_status_classes(status: int | None, verdict: StoreVerdict) -> None:
+def test_store_status_classes(status: int | None, verdict: Verdict) -> None:
     assert judge_store_status(status) is verdict
 
 
@@ -156,7 +158,7 @@ def test_compressed_file_uses_its_own_syntax_or_the_uncompressed_fallback(
     config = {"Jpeg2000TransferSyntaxAccepted": j2k_accepted}
     with OrthancServer(tmp_path / "orthanc", extra_config=config) as pacs:
         (outcome,) = store_batch([bundled_file("RG1_J2KR.dcm")], destination(pacs.dicom_port), "MG")
-        assert outcome.verdict is StoreVerdict.DELIVERED, outcome.reason
+        assert outcome.verdict is Verdict.DELIVERED, outcome.reason
         (orthanc_id,) = pacs.instance_ids()
         assert pacs.instance_metadata(orthanc_id, "TransferSyntax") == stored_as
         assert pacs.instance_tags(orthanc_id)["Rows"] == "1955"
@@ -202,6 +204,6 @@ def test_mutual_tls_to_orthanc(tmp_path: Path, certificates: Path, sr_files: lis
         (wrong_ca,) = store_batch(sr_files[:1], destination(port, untrusted), "MG", timeout_s=5)
         outcomes = store_batch(sr_files[:2], destination(port, trusted), "MG", timeout_s=5)
         stored = sorted(pacs.sop_instance_uids())
-    assert plain.verdict is wrong_ca.verdict is StoreVerdict.RETRY
-    assert [o.verdict for o in outcomes] == [StoreVerdict.DELIVERED] * 2
+    assert plain.verdict is wrong_ca.verdict is Verdict.RETRY
+    assert [o.verdict for o in outcomes] == [Verdict.DELIVERED] * 2
     assert stored == [f"{STUDY_UID}.1", f"{STUDY_UID}.2"]

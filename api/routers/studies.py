@@ -233,6 +233,7 @@ def _report_summary(session: Session, report: Report) -> ReportSummary:
         parse_status=report.parse_status,
         urgency=report.urgency,
         is_test_model=report.is_test_model,
+        supersedes_report_id=report.supersedes_report_id,
         objects=[
             ReportObjectOut(
                 kind=o.kind, sop_class_uid=o.sop_class_uid, sop_instance_uid=o.sop_instance_uid

@@ -5,7 +5,8 @@
     prometheus_client.REGISTRY.register(DeliveryCollector(counters))
 
 Exposed metric families, counted by this process's worker since it started (the client
-library adds ``_total``; the database-wide outbox gauges live in medgemma_node.metrics):
+library adds ``_total``; the database-wide outbox gauges live in medgemma_node.metrics, which
+serves this collector too):
     medgemma_delivery_worker_attempts{destination}   rows tried (a DICOM batch counts each row)
     medgemma_delivery_worker_delivered{destination}  rows that arrived (SENT)
     medgemma_delivery_worker_failures{destination,outcome}  outcome = retry | rejected
