@@ -87,7 +87,7 @@ def echo_ok(port: int) -> bool:
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = 2
     try:
-        assoc = ae.associate("127.0.0.1", port, ae_title="ANY")
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDGEMMA")
     except OSError:
         return False
     if not assoc.is_established:
@@ -111,7 +111,7 @@ def send(port: int, files: list[Path]) -> float:
     """Seconds storescu takes to send every file in one association."""
     started = time.perf_counter()
     result = subprocess.run(
-        [STORESCU, "-aec", "ANY", "127.0.0.1", str(port), *map(str, files)],
+        [STORESCU, "-aec", "MEDGEMMA", "127.0.0.1", str(port), *map(str, files)],
         env=DCMTK_ENV,
         capture_output=True,
         text=True,

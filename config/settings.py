@@ -9,6 +9,8 @@ Sources, highest priority first:
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,8 +23,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
+from core.errors import ConfigError  # raised here; importable from here as before
 from core.retry import RetryPolicy
 
 ENV_PREFIX = "MEDGEMMA_NODE_"
@@ -89,7 +97,16 @@ class DicomSettings(Section):
     allowed_calling_aets: list[str] = Field(default_factory=list)
     max_associations: int = Field(default=10, ge=1)
     max_pdu: int = Field(default=262144, ge=0)
+    # PS3.8 §9.1.5 ARTIM timer: a connection that sends no A-ASSOCIATE-RQ within this (or, with
+    # TLS, does not finish its handshake) is closed; also bounds the wait for a release reply.
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    # The longest wait for the next DIMSE message of a C-STORE/C-ECHO under way.
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    # An established association with no traffic for this long is aborted.
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # PS3.8 §9.3.4: associations addressed to another called AE title are rejected
+    # (rejected-permanent, service-user, called-AE-title-not-recognized).
+    require_called_aet: bool = True
     accepted_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_SOP_CLASSES))
     ignored_sop_classes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_IGNORED_SOP_CLASSES)
@@ -283,9 +300,21 @@ class IdentitySettings(Section):
     device_name: str = Field(default="medgemma-node", min_length=1, max_length=64)
     institution_name: str | None = Field(default=None, max_length=64)
     serial_number: str | None = Field(default=None, max_length=64)
-    # The organisation's UID root (PS3.5 §9.1), e.g. "1.2.826.0.1.3680043.10.1234."; empty: the
-    # pydicom root. Derived UIDs stay deterministic either way.
+    # The organisation's UID root (PS3.5 §9.1), e.g. "1.2.826.0.1.3680043.10.1234.". Derived
+    # UIDs stay deterministic either way, and include the installation id.
+    # At most 40 characters leaves 24 digits for the derived suffix within the 64 of a UID.
+    # Empty: 2.25.<UUID as integer> (PS3.5 B.2), with a warning at start.
     uid_root: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*\.$", max_length=40)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str | None) -> str | None:
+        # PS3.5 §9.1: a component is "0" or starts with a non-zero digit.
+        if value is not None and any(
+            len(part) > 1 and part.startswith("0") for part in value.rstrip(".").split(".")
+        ):
+            raise ValueError(f"uid_root {value!r}: a component must not start with 0 (PS3.5 9.1)")
+        return value
 
 
 class DeliverySettings(Section):
@@ -370,16 +399,54 @@ class NodeSettings(BaseSettings):
         return (env_settings, init_settings)
 
 
-class ConfigError(Exception):
-    """The configuration cannot be used; ``str()`` names each bad key."""
+def _environment_variable(location: tuple[int | str, ...]) -> str | None:
+    """The MEDGEMMA_NODE_* variable that supplied the value at ``location``, if one did.
+
+    pydantic-settings matches names case-insensitively and a variable may set a whole table
+    (MEDGEMMA_NODE_DICOM='{...}'), so the longest matching prefix of the location wins.
+    """
+    present = {name.upper(): name for name in os.environ if name.upper().startswith(ENV_PREFIX)}
+    for length in range(len(location), 0, -1):
+        candidate = ENV_PREFIX + "__".join(str(part) for part in location[:length]).upper()
+        if candidate in present:
+            return present[candidate]
+    return None
 
 
-def _format_validation_error(exc: ValidationError) -> str:
+def _format_validation_error(exc: ValidationError, path: Path | None) -> str:
+    """One line per bad key; a value that came from the environment names its variable."""
     lines = []
+    from_file = False
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(root)"
-        lines.append(f"{key}: {error['msg']}")
-    return "\n".join(lines)
+        location = tuple(error["loc"])
+        key = ".".join(str(part) for part in location) or "(root)"
+        variable = _environment_variable(location)
+        if variable is None:
+            from_file = True
+            lines.append(f"{key}: {error['msg']}")
+        else:
+            # The value itself is left out: it may be a password or a token.
+            lines.append(f"{key} (environment variable {variable}): {error['msg']}")
+    if from_file and path is not None:
+        source = f" in {path}"
+    elif from_file:
+        source = ""
+    else:
+        source = " in the environment"
+    return f"invalid configuration{source}:\n" + "\n".join(lines)
+
+
+def _format_settings_error(exc: SettingsError) -> str:
+    """pydantic-settings could not parse a variable (a table or list that is not JSON)."""
+    match = re.search(r'field "(\w+)"', str(exc))
+    variable = _environment_variable((match.group(1),)) if match else None
+    if match is None or variable is None:
+        return f"invalid configuration in the environment: {exc}"
+    return (
+        "invalid configuration in the environment:\n"
+        f"{match.group(1)} (environment variable {variable}): not valid JSON "
+        "(tables and lists are given as JSON)"
+    )
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -403,6 +470,6 @@ def load_settings(path: Path | None = None, **overrides: Any) -> NodeSettings:
     try:
         return NodeSettings(**data)
     except ValidationError as exc:
-        source = f" in {path}" if path else ""
-        details = _format_validation_error(exc)
-        raise ConfigError(f"invalid configuration{source}:\n{details}") from exc
+        raise ConfigError(_format_validation_error(exc, path)) from exc
+    except SettingsError as exc:
+        raise ConfigError(_format_settings_error(exc)) from exc

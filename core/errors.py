@@ -6,7 +6,9 @@ wrapped where they enter the node (``raise SomeNodeError(...) from exc``).
 
     NodeError
     ├── ConfigError            config/settings.py: the configuration cannot be used
+    │                          (importable from config.settings as well)
     ├── StorageError           storage/: files and database
+    │   └── DatabaseUnavailable    storage/db.py: SQLAlchemy's OperationalError, wrapped
     ├── DicomError             dicom_node/: SCP, SCU, SR/GSPS/PDF builders
     │   ├── StoreRejected          a C-STORE answered with a DIMSE failure status
     │   └── AssociationFailed      the peer could not be reached or rejected us
@@ -18,7 +20,8 @@ wrapped where they enter the node (``raise SomeNodeError(...) from exc``).
     │   └── PermanentJobError      retrying cannot help
     ├── HL7Error               hl7_out/: ORU, ACK, MLLP
     │   ├── OruBuildError          (ValueError) the message cannot be built
-    │   └── AckParseError          (ValueError) the peer's ACK is not HL7
+    │   ├── AckParseError          (ValueError) the peer's ACK is not HL7
+    │   └── _DeliveryFailed        hl7_out/mllp.py, internal: the MLLP exchange failed
     ├── DeliveryError          delivery/: outbox lanes and senders
     └── ApiError               api/: the REST API
 """

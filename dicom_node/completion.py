@@ -8,15 +8,15 @@ modality and calling AE (config: [completion]).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 from config.settings import CompletionSettings
+from core.loop import LoopThread
 from storage.db import Database
 from storage.ingest import close_and_schedule
 from storage.jobs import requeue_expired_leases
 
-log = logging.getLogger("medgemma_node.completion")
+log = logging.getLogger(__name__)
 
 MIN_WAIT_S = 0.005
 
@@ -34,16 +34,24 @@ class CompletionScheduler:
         self.settings = settings
         self.on_jobs = on_jobs  # e.g. ring the inference worker's doorbell
         self.next_due_s: float | None = None
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="completion", daemon=True)
-        self.last_error: str | None = None
+        # A failed tick (e.g. the database is away) is retried at the next poll.
+        self.loop = LoopThread(
+            "completion",
+            self._tick_then_wait,
+            interval_s=settings.poll_interval_s,
+            first_wait_s=settings.poll_interval_s,
+            log=log,
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        return self.loop.last_error
 
     def start(self) -> None:
-        self.thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=10)
+        self.loop.stop(timeout_s=10)
 
     def tick(self) -> list[int]:
         completion = close_and_schedule(self.db, self.settings.quiet_seconds)
@@ -64,11 +72,6 @@ class CompletionScheduler:
             return poll
         return min(poll, max(self.next_due_s, MIN_WAIT_S))
 
-    def _run(self) -> None:
-        while not self.stop_event.wait(self._wait_s()):
-            try:
-                self.tick()
-                self.last_error = None
-            except Exception as exc:  # keep scheduling; the database may come back
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("completion scheduler tick failed")
+    def _tick_then_wait(self) -> float:
+        self.tick()
+        return self._wait_s()

@@ -11,6 +11,8 @@ study version downstream"). Each UID is ``generate_uid(prefix, entropy_srcs=[key
     GSPS of a report and source image   medgemma-node:{study_uid}:{report_id}:gsps:{image_uid}
     tracking UID of finding n           medgemma-node:{study_uid}:{report_id}:finding:{n}
     device observer UID                 medgemma-node:device:{node name}
+with the installation id (storage.installation) after "medgemma-node:" when the node has one.
+Without a UID root the UID is ``2.25.<uuid5(key) as integer>`` (PS3.5 B.2).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -62,7 +65,9 @@ def _software_version() -> str:
 class NodeIdentity:
     """The node as equipment (PS3.3 C.7.5.1) and as device observer (PS3.16 TID 1004).
 
-    ``uid_prefix`` is the organisation's UID root ending in "." (None: pydicom's root).
+    ``uid_prefix`` is the organisation's UID root ending in "." (None: the ``2.25.`` UUID form,
+    PS3.5 B.2). ``installation_id`` (storage.installation) is part of every derived UID, so two
+    installations reporting the same study never mint the same UID.
     """
 
     name: str = "medgemma-node"
@@ -72,6 +77,7 @@ class NodeIdentity:
     serial_number: str | None = None
     institution_name: str | None = None
     uid_prefix: str | None = None
+    installation_id: str | None = None
 
     @property
     def device_uid(self) -> str:
@@ -95,10 +101,14 @@ def _optional_long_string(text: str | None) -> str | None:
 
 
 def derived_uid(node: NodeIdentity, *parts: object) -> str:
-    """A UID that depends only on ``parts`` (and the node's UID root)."""
-    key = ":".join([_UID_KEY_PREFIX, *(str(part) for part in parts)])
+    """A UID that depends only on ``parts``, the installation id and the node's UID root.
+
+    Without a root: ``2.25.`` and the integer of a name-based UUID (RFC 9562 v5), PS3.5 B.2.
+    """
+    installation = [] if node.installation_id is None else [node.installation_id]
+    key = ":".join([_UID_KEY_PREFIX, *installation, *(str(part) for part in parts)])
     if node.uid_prefix is None:
-        return str(generate_uid(entropy_srcs=[key]))
+        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, key).int}"
     return str(generate_uid(prefix=node.uid_prefix, entropy_srcs=[key]))
 
 

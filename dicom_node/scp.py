@@ -4,15 +4,32 @@ The C-STORE handler does four things — check, write, record, return a status �
 failure into a DIMSE status (PS3.4 B.2.3):
     0x0000 Success            file fsynced + renamed + row committed (or a known duplicate)
     0xA700 Out of resources   disk below the watermark, or the disk/database failed
-    0xA900 Data set does not match SOP class   UIDs missing or not those of the request
+    0xA900 Data set does not match SOP class   UIDs missing or not those of the request, or
+                              native pixel data shorter than its Image Pixel module says
     0xC000 Cannot understand  the data set does not parse
-It runs in the association's thread: it never touches the model.
+A failure status carries an Error Comment (0000,0902) saying why (a related field of each failure
+in PS3.4 Table B.2-1). The handler runs in the association's thread: it never touches the model.
+
+Around the associations (PS3.8):
+- the called AE title must be ours when dicom.require_called_aet is set (A-ASSOCIATE-RJ
+  rejected-permanent, service-user, reason 7 "called-AE-title-not-recognized", §9.3.4);
+- ARTIM (dicom.acse_timeout_s) closes connections that send no A-ASSOCIATE-RQ, the network
+  timeout aborts idle associations, the DIMSE timeout bounds a C-STORE under way;
+- the TLS handshake (PS3.15 B.9) runs in the connection's own thread with the ACSE timeout, so a
+  silent client cannot hold up the listener, and every refused handshake is logged with the peer
+  address and the reason;
+- a peer that breaks the upper layer protocol gets an A-ABORT and one log line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import socket
+import ssl
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,18 +44,21 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, Association, evt
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.exc import OperationalError
 
 from config.settings import NodeSettings
 from config.tls import server_ssl_context
-from storage.db import Database
+from core.errors import DicomError
+from dicom_node.statuses import describe_rejection
+from storage.db import Database, DatabaseUnavailable
 from storage.files import free_disk_mb, instance_relpath, uid_component, write_durably
 from storage.ingest import ReceivedInstance, instance_exists, record_instance
 from storage.phi import phi_hash
 
-log = logging.getLogger("medgemma_node.scp")
+log = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -46,6 +66,10 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 DUL_LOOP_DELAY_S = 0.0002  # see _shorten_dul_polling
+ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO: 64 characters (PS3.7 Annex E)
+# Threads of incoming connections are named after the peer (no PHI): log lines and uncaught
+# exceptions then say whom they concern.
+CONNECTION_THREAD_PREFIX = "dicom-in"
 
 UNCOMPRESSED_SYNTAXES = [
     ExplicitVRLittleEndian,
@@ -87,7 +111,7 @@ def accepted_transfer_syntaxes() -> list[str]:
     return [*UNCOMPRESSED_SYNTAXES, *decodable_compressed_syntaxes()]
 
 
-class StoreRejected(Exception):
+class StoreRejected(DicomError):
     """A C-STORE that must fail with ``status``; the message is safe to log (no PHI)."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -129,9 +153,10 @@ class StorageSCP:
         ae = AE(ae_title=dicom.ae_title)
         ae.maximum_associations = dicom.max_associations
         ae.maximum_pdu_size = dicom.max_pdu
+        ae.acse_timeout = dicom.acse_timeout_s
+        ae.dimse_timeout = dicom.dimse_timeout_s
         ae.network_timeout = dicom.network_timeout_s
-        ae.acse_timeout = dicom.network_timeout_s
-        ae.dimse_timeout = dicom.network_timeout_s
+        ae.require_called_aet = dicom.require_called_aet
         if dicom.allowed_calling_aets:
             ae.require_calling_aet = list(dicom.allowed_calling_aets)
         ae.add_supported_context(Verification)
@@ -147,26 +172,41 @@ class StorageSCP:
                 "dicom.allowed_calling_aets is empty: any calling AE title may store studies"
             )
         handlers = [
+            (evt.EVT_CONN_OPEN, _prepare_connection),
+            (evt.EVT_CONN_CLOSE, _log_connection_closed),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_REQUESTED, _shorten_dul_polling),
             (evt.EVT_ACCEPTED, _log_accepted),
             (evt.EVT_REJECTED, _log_rejected),
+            (evt.EVT_ACSE_RECV, _note_abort_source),
             (evt.EVT_ABORTED, _log_aborted),
         ]
+        _quieten_pdu_errors()
         ae = self.build_ae()
-        self.server = ae.start_server(
+        server = ae.make_server(
             (dicom.bind_address, dicom.port),
-            block=False,
             evt_handlers=handlers,  # type: ignore[arg-type]
             ssl_context=server_ssl_context(dicom.tls),
+            server_class=NodeAssociationServer,
         )
+        assert isinstance(server, NodeAssociationServer)
+        server.handshake_timeout_s = dicom.acse_timeout_s
+        server.read_timeout_s = dicom.network_timeout_s
+        # What AE.start_server(block=False) does, with our server class: AE.shutdown() and
+        # the server's own shutdown() find it in the AE's list.
+        ae._servers.append(server)
+        threading.Thread(
+            target=server.serve_forever, name=f"dicom-listener {dicom.port}", daemon=True
+        ).start()
+        self.server = server
         log.info(
-            "DICOM SCP %s listening on %s:%d (%d transfer syntaxes)",
+            "DICOM SCP %s listening on %s:%d (%d transfer syntaxes%s)",
             dicom.ae_title,
             dicom.bind_address,
             self.port,
             len(accepted_transfer_syntaxes()),
+            ", TLS" if dicom.tls.enabled else "",
         )
 
     @property
@@ -182,22 +222,22 @@ class StorageSCP:
 
     # -- C-STORE ---------------------------------------------------------------------------
 
-    def _handle_store(self, event: evt.Event) -> int:
+    def _handle_store(self, event: evt.Event) -> int | Dataset:
         try:
             status = self._store(event)
         except StoreRejected as rejected:
             self.counters.add("failed")
             log.warning("C-STORE refused with 0x%04X: %s", rejected.status, rejected)
-            return rejected.status
-        except (OSError, OperationalError) as exc:
+            return failure_response(rejected.status, str(rejected))
+        except (OSError, DatabaseUnavailable) as exc:
             self.counters.add("failed")
             log.error("C-STORE failed, disk or database unavailable: %s", type(exc).__name__)
             log.debug("C-STORE failure detail", exc_info=True)
-            return STATUS_OUT_OF_RESOURCES
+            return failure_response(STATUS_OUT_OF_RESOURCES, "disk or database unavailable")
         except Exception:
             self.counters.add("failed")
             log.exception("C-STORE failed unexpectedly")
-            return STATUS_CANNOT_UNDERSTAND
+            return failure_response(STATUS_CANNOT_UNDERSTAND, "internal error")
         return status
 
     def _store(self, event: evt.Event) -> int:
@@ -205,6 +245,7 @@ class StorageSCP:
         dataset = _decode_fully(event)
         request = event.request
         uids = _required_uids(dataset, request)
+        check_native_pixel_data(dataset, str(event.context.transfer_syntax))
         calling_ae = _calling_ae(event.assoc)
         if uids.sop_class in self.ignored_sop_classes:
             return self._store_ignored(event, uids, calling_ae)
@@ -315,6 +356,48 @@ def _required_uids(dataset: Dataset, request: Any) -> RequiredUIDs:
     )
 
 
+def failure_response(status: int, reason: str) -> Dataset:
+    """A C-STORE-RSP status with an Error Comment saying why (no PHI: reasons never quote
+    data set values)."""
+    response = Dataset()
+    response.Status = status
+    response.ErrorComment = reason[:ERROR_COMMENT_MAX]
+    return response
+
+
+def check_native_pixel_data(dataset: Dataset, transfer_syntax: str) -> None:
+    """PS3.5 §8.1.1 / PS3.3 C.7.6.3: native pixel data holds Rows × Columns × Samples per Pixel
+    × Bits Allocated / 8 bytes per frame (1-bit data packed, YBR_FULL_422 two samples per pixel).
+    Shorter data cannot be shown or analysed: refuse it now rather than fail in the worker."""
+    if "PixelData" not in dataset or transfer_syntax not in UNCOMPRESSED_SYNTAXES:
+        return
+    needed = _native_pixel_bytes(dataset)
+    have = len(dataset["PixelData"].value or b"")
+    if have < needed:
+        raise StoreRejected(
+            STATUS_DATASET_MISMATCH, f"pixel data {have} bytes, image needs {needed}"
+        )
+
+
+def _native_pixel_bytes(dataset: Dataset) -> int:
+    keywords = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")
+    values = {keyword: _int_or_none(dataset.get(keyword)) for keyword in keywords}
+    missing = [keyword for keyword, value in values.items() if not value]
+    if missing:
+        raise StoreRejected(STATUS_DATASET_MISMATCH, f"pixel data without {', '.join(missing)}")
+    bits = values["BitsAllocated"] or 0
+    if bits != 1 and bits % 8:
+        raise StoreRejected(STATUS_DATASET_MISMATCH, f"Bits Allocated {bits} is not 1 or 8n")
+    frames = _int_or_none(dataset.get("NumberOfFrames")) or 1
+    if frames < 0:
+        raise StoreRejected(STATUS_DATASET_MISMATCH, "negative Number of Frames")
+    samples = values["SamplesPerPixel"] or 0
+    if str(dataset.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # PS3.3 C.7.6.3.1.2: Cb and Cr shared by two pixels
+    pixels = (values["Rows"] or 0) * (values["Columns"] or 0) * samples * frames
+    return (pixels + 7) // 8 if bits == 1 else pixels * (bits // 8)
+
+
 def _int_or_none(value: object) -> int | None:
     try:
         return int(str(value)) if value not in (None, "") else None
@@ -345,21 +428,188 @@ def _handle_echo(_event: evt.Event) -> int:
 
 
 def _log_accepted(event: evt.Event) -> None:
-    log.info(
-        "association accepted from %s (%s:%s)",
-        _calling_ae(event.assoc),
-        event.assoc.requestor.address,
-        event.assoc.requestor.port,
-    )
+    log.info("association accepted from %s (%s)", _calling_ae(event.assoc), _peer(event.assoc))
 
 
 def _log_rejected(event: evt.Event) -> None:
+    rejection = event.assoc.acceptor.primitive
+    reason = (
+        describe_rejection(rejection.result, rejection.result_source, rejection.diagnostic)
+        if rejection is not None
+        else "no reason recorded"
+    )
+    called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
     log.warning(
-        "association rejected from %s (%s): calling AE not allowed or no shared context",
+        "association rejected from %s (%s) called %r: %s",
         _calling_ae(event.assoc),
-        event.assoc.requestor.address,
+        _peer(event.assoc),
+        called,
+        reason,
     )
 
 
+# Why an association ended in an abort, noted when the A-ABORT or A-P-ABORT indication reaches
+# the ACSE (EVT_ACSE_RECV, once per association) and logged with EVT_ABORTED.
+_abort_reasons: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
+
+
+def _note_abort_source(event: evt.Event) -> None:
+    primitive = getattr(event, "primitive", None)  # set by pynetdicom for ACSE events
+    if isinstance(primitive, A_P_ABORT):
+        # PS3.8 §9.2 AA-8: the upper layer got a PDU it does not recognise or expect.
+        _abort_reasons[event.assoc] = "the peer sent an invalid PDU (A-P-ABORT)"
+    elif isinstance(primitive, A_ABORT):
+        _abort_reasons[event.assoc] = "the peer sent A-ABORT"
+
+
 def _log_aborted(event: evt.Event) -> None:
-    log.warning("association from %s aborted", _calling_ae(event.assoc))
+    assoc = event.assoc
+    reason = _abort_reasons.pop(assoc, None)
+    if reason is None and assoc.dul.idle_timer_expired():
+        reason = f"idle for dicom.network_timeout_s ({assoc.network_timeout} s)"
+    log.warning(
+        "association from %s (%s) aborted: %s",
+        _calling_ae(assoc),
+        _peer(assoc),
+        reason or "aborted by the node (timeout or error)",
+    )
+
+
+def _peer(assoc: Association) -> str:
+    return f"{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+# -- connections -------------------------------------------------------------------------------
+
+# PS3.8 Table 9-10 has no transition for a local primitive in Sta13 (awaiting the close of a
+# connection whose association no longer exists) or, on an acceptor, in Sta1 (the connection is
+# gone). pynetdicom's ACSE thread can still answer an A-ASSOCIATE-RQ (Evt7/Evt8) after its DUL
+# thread aborted on an invalid PDU that followed the request; pynetdicom then raises
+# InvalidEventError and the DUL thread dies. Such a primitive can only be dropped.
+LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+ABANDONED_STATES = frozenset({"Sta1", "Sta13"})
+
+
+def _prepare_connection(event: evt.Event) -> None:
+    """EVT_CONN_OPEN, before the association's threads start: name them after the peer and let
+    the state machine drop primitives that come after the association is gone."""
+    host, port = getattr(event, "address", ("?", 0))[:2]  # set by pynetdicom for CONN_OPEN
+    assoc = event.assoc
+    assoc.name = f"{CONNECTION_THREAD_PREFIX} {host}:{port}"
+    assoc.dul.name = f"{CONNECTION_THREAD_PREFIX} {host}:{port} (upper layer)"
+    _drop_primitives_after_abort(assoc.dul)
+
+
+def _drop_primitives_after_abort(dul: DULServiceProvider) -> None:
+    machine = dul.state_machine
+    do_action = machine.do_action
+
+    def guarded(event_name: str) -> None:
+        if machine.current_state in ABANDONED_STATES and event_name in LOCAL_PRIMITIVE_EVENTS:
+            # The primitive that raised the event is still queued: take it away.
+            with contextlib.suppress(queue.Empty):
+                dul.to_provider_queue.get(block=False)
+            return
+        do_action(event_name)
+
+    machine.do_action = guarded  # type: ignore[method-assign,assignment]
+
+
+def _log_connection_closed(event: evt.Event) -> None:
+    """A connection that never sent an A-ASSOCIATE-RQ is closed by the ARTIM timer."""
+    assoc = event.assoc
+    if assoc.requestor.primitive is None and assoc.dul.artim_timer.expired:
+        log.info(
+            "connection from %s closed: no association request within "
+            "dicom.acse_timeout_s (%s s)",
+            _peer(assoc),
+            assoc.acse_timeout,
+        )
+
+
+class _OurConnectionsPduErrors(logging.Filter):
+    """Keeps pynetdicom's upper layer errors about our listener's connections to one line each.
+
+    It logs one ERROR per unrecognised PDU (a peer sending a megabyte of garbage would write
+    hundreds of thousands of lines: the abort line above says it once), and a read that fails
+    in the middle of a PDU as a line plus the exception's traceback (the line is enough).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.threadName or "").startswith(CONNECTION_THREAD_PREFIX):
+            return True
+        if isinstance(record.msg, BaseException):
+            return False
+        return not str(record.msg).startswith("Unknown PDU type received")
+
+
+def _quieten_pdu_errors() -> None:
+    dul_logger = logging.getLogger("pynetdicom.dul")
+    if not any(isinstance(f, _OurConnectionsPduErrors) for f in dul_logger.filters):
+        dul_logger.addFilter(_OurConnectionsPduErrors())
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+# OpenSSL reason codes of refused handshakes, in words for the log.
+TLS_REFUSALS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
+    "CERTIFICATE_VERIFY_FAILED": "the client certificate is not from a trusted CA",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust our certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected our certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client rejected our certificate",
+    "WRONG_VERSION_NUMBER": "not TLS (plain DICOM to the TLS port?)",
+    "HTTP_REQUEST": "not TLS (an HTTP request)",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions below 1.2",
+    "NO_SHARED_CIPHER": "no cipher suite in common",
+    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection during the handshake",
+}
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded listener with the TLS handshake moved off the accept loop.
+
+    pynetdicom shakes hands in ``get_request``, in the one thread that accepts connections and
+    on a blocking socket: one client that connects and sends nothing stops every other
+    association, and a refused handshake leaves no trace. Here the handshake runs in the
+    connection's thread, bounded by the ACSE timeout, and a refusal is logged.
+    """
+
+    handshake_timeout_s: float = 30.0
+    # pynetdicom leaves accepted sockets blocking: a peer that stops in the middle of a PDU
+    # would hold its upper layer thread in recv() for ever, out of reach of every timer. With
+    # this timeout such a read fails and the connection is closed (pynetdicom's Evt17).
+    read_timeout_s: float | None = 60.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            request = self._handshake(self.ssl_context, request, client_address)
+            if request is None:
+                return
+        request.settimeout(self.read_timeout_s)
+        super().process_request_thread(request, client_address)
+
+    def _handshake(
+        self, context: ssl.SSLContext, client: socket.socket, address: tuple[str, int]
+    ) -> ssl.SSLSocket | None:
+        peer = f"{address[0]}:{address[1]}"
+        client.settimeout(self.handshake_timeout_s)
+        try:
+            secured = context.wrap_socket(client, server_side=True)
+        except TimeoutError:
+            reason = f"no handshake within dicom.acse_timeout_s ({self.handshake_timeout_s} s)"
+        except ssl.SSLError as exc:
+            code = str(exc.reason or type(exc).__name__)
+            reason = f"{TLS_REFUSALS.get(code, 'handshake failed')} ({code})"
+        except OSError as exc:
+            reason = f"connection lost during the handshake ({type(exc).__name__})"
+        else:
+            return secured
+        log.warning("TLS handshake from %s refused: %s", peer, reason)
+        client.close()
+        return None

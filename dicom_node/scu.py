@@ -27,12 +27,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from config.settings import DicomDestination
 from config.tls import client_ssl_context
+from core.errors import DicomError
+from dicom_node.statuses import describe_rejection, describe_status
 from storage.delivery_types import DeliveryOutcome, Verdict
 
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1..255
 
 
-class AssociationFailed(Exception):
+class AssociationFailed(DicomError):
     """The peer could not be reached or refused the association."""
 
 
@@ -113,9 +115,23 @@ def associate(
                 f"cannot connect to {host}:{port} (nothing listening, unreachable, "
                 "or the TLS handshake failed)"
             )
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise AssociationFailed(f"association to {called_aet}@{host}:{port} {reason}")
+        raise AssociationFailed(
+            f"association to {called_aet}@{host}:{port} {_why_not_established(assoc)}"
+        )
     return assoc
+
+
+def _why_not_established(assoc: Association) -> str:
+    """'rejected: <result, source and reason in words>' (PS3.8 §9.3.4), or aborted/failed."""
+    if assoc.is_rejected:
+        rejection = assoc.acceptor.primitive
+        if rejection is None:
+            return "rejected"
+        reason = describe_rejection(
+            rejection.result, rejection.result_source, rejection.diagnostic
+        )
+        return f"rejected: {reason}"
+    return "aborted" if assoc.is_aborted else "failed"
 
 
 def echo(host: str, port: int, calling_aet: str, called_aet: str) -> int:
@@ -185,20 +201,22 @@ def _send_one(
             progress(item, None)
         return
     status = int(response.Status) if response and "Status" in response else None
-    _record_status(item, status, summary)
+    comment = str(response.get("ErrorComment", "") or "") if response else ""
+    _record_status(item, status, summary, comment)
     if progress:
         progress(item, status)
 
 
-def _record_status(item: FileToSend, status: int | None, summary: SendSummary) -> None:
+def _record_status(
+    item: FileToSend, status: int | None, summary: SendSummary, error_comment: str = ""
+) -> None:
     # PS3.4 B.2.3: 0x0000 success; 0xB000/0xB007/0xB006 warnings are stored too.
     if status == 0x0000:
         summary.sent.append(item.path)
     elif status is not None and (status & 0xF000) == 0xB000:
         summary.warnings.append((item.path, status))
     else:
-        text = "no response (timeout or abort)" if status is None else f"status 0x{status:04X}"
-        summary.failed.append((item.path, text))
+        summary.failed.append((item.path, describe_status(status, error_comment)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,10 +12,12 @@ from enum import StrEnum
 
 import hl7
 
+from core.errors import HL7Error
+
 _MIN_HEADER_LENGTH = 8  # "MSH" + field separator + four encoding characters
 
 
-class AckParseError(ValueError):
+class AckParseError(HL7Error, ValueError):
     """The bytes received are not a readable HL7 acknowledgment."""
 
 

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from config.settings import HL7Destination
 from config.tls import client_ssl_context
+from core.errors import HL7Error
 from hl7_out.ack import AckParseError, parse_ack
 from storage.delivery_types import DeliveryOutcome
 
@@ -37,7 +38,7 @@ _MSH_CONTROL_ID_FIELD = 9  # MSH-10: MSH-1 is the separator itself, so index 9 a
 NO_ACK = "no-ACK"  # the outcome code when no readable acknowledgment came back
 
 
-class _DeliveryFailed(Exception):
+class _DeliveryFailed(HL7Error):
     """A transport failure, with the reason the outcome will carry."""
 
 

@@ -38,6 +38,7 @@ from hl7apy.parser import parse_message
 from pydicom import Dataset
 
 from config.settings import HL7Destination
+from core.errors import HL7Error
 from hl7_out.dicom_source import CodedConcept, SourceStudy, read_source_study
 from hl7_out.encoding import (
     ENCODING_CHARACTERS,
@@ -78,7 +79,7 @@ MAX_NAMESPACE_ID_LENGTH = 20
 _CONTROL_ID = re.compile(r"^[\x21-\x7e]+$")
 
 
-class OruBuildError(ValueError):
+class OruBuildError(HL7Error, ValueError):
     """The inputs cannot make a valid ORU^R01; ``str()`` says which field and why."""
 
 
@@ -111,13 +112,19 @@ class OruHeader:
         )
 
 
-def hl7_control_id(study_uid: str, report_id: int, destination: str) -> str:
+def hl7_control_id(
+    study_uid: str, report_id: int, destination: str, installation_id: str | None = None
+) -> str:
     """MSH-10, at most 20 characters (HL7 v2.5 §2.15.9.10), fixed per report and destination.
 
-    Derived from the Study Instance UID (globally unique) as well as the report id, so two
-    nodes — or one node after a database reset — never reuse a control id at the same HIS.
+    Derived from the installation id (storage.installation), the Study Instance UID and the
+    report id, so two nodes, or one node after a database reset, never reuse a control id at
+    the same HIS, while a rebuild on the same installation keeps it.
     """
-    digest = hashlib.sha256(f"{study_uid}|{report_id}|{destination}".encode()).hexdigest()
+    key = f"{study_uid}|{report_id}|{destination}"
+    if installation_id is not None:
+        key = f"{installation_id}|{key}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
     return f"MG{digest[:18].upper()}"
 
 

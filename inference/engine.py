@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
+from core.errors import InferenceError
 from storage.report_schema import ModelIdentity
 
 
@@ -88,7 +89,7 @@ class GenerationResult:
     batch_size: int = 1
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(InferenceError, RuntimeError):
     """The device ran out of memory for this batch; the worker halves the batch and retries."""
 
 

@@ -29,7 +29,7 @@ from inference.transformers_engine import (
     missing_weights_message,
 )
 
-log = logging.getLogger("medgemma_node.model")
+log = logging.getLogger(__name__)
 
 DEMO_MODEL_DIR = "demo-model"
 FAST_PATH_MIN_LENGTH = 2048  # KV columns: prompt (~256 image + text tokens) + new tokens

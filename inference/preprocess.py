@@ -38,6 +38,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
+from core.errors import InferenceError
 from storage.report_schema import PixelRegion, ReportContent
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ UNKNOWN_VIEW_RANK = 2
 DEFER_SIZE = "256 KB"  # header reads leave Pixel Data on disk until it is decoded
 
 
-class PreprocessError(ValueError):
+class PreprocessError(InferenceError, ValueError):
     """No image of the study could be turned into model input; ``str()`` says why."""
 
 

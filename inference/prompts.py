@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import config
 from config.settings import ModelSettings
+from core.errors import InferenceError
+from core.validation import format_validation_error
 
 SHIPPED_PROMPTS_DIR = Path(config.__file__).resolve().parent / "prompts"  # package data
 LANGUAGES = ("en", "zh")
@@ -37,7 +39,7 @@ RANK_BODY_PART = 2
 RANK_MODALITY = 1
 
 
-class PromptTemplateError(ValueError):
+class PromptTemplateError(InferenceError, ValueError):
     """A template file cannot be used; ``str()`` names the file and the problem."""
 
 
@@ -127,14 +129,6 @@ class Prompt:
     source: Path
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(file)"
-        parts.append(f"{key}: {error['msg']}")
-    return "; ".join(parts)
-
-
 def load_template(path: Path, from_site: bool = False) -> PromptTemplate:
     """Read and validate one template file; every error names the file."""
     try:
@@ -147,7 +141,8 @@ def load_template(path: Path, from_site: bool = False) -> PromptTemplate:
     try:
         parsed = _TemplateFile.model_validate(raw)
     except ValidationError as exc:
-        raise PromptTemplateError(f"{path}: {_describe(exc)}") from exc
+        details = format_validation_error(exc, separator="; ", root="(file)")
+        raise PromptTemplateError(f"{path}: {details}") from exc
     texts = {lang: text.strip() for lang in LANGUAGES if (text := getattr(parsed, lang))}
     if not texts:
         raise PromptTemplateError(f"{path}: needs a question in 'en' or 'zh'")
@@ -216,3 +211,16 @@ class PromptLibrary:
     ) -> str:
         """The question text alone (see ``select`` for the template it came from)."""
         return self.select(modality, body_part, calling_ae, language).text
+
+
+def check_templates(settings: ModelSettings) -> PromptLibrary:
+    """Load every template the worker will use, at start-up; raise PromptTemplateError naming
+    the setting, the file and the key in it (e.g. ``model.prompts_dir = /etc/prompts:
+    /etc/prompts/chest.toml: match.modalty: Extra inputs are not permitted``)."""
+    try:
+        return PromptLibrary.from_settings(settings)
+    except PromptTemplateError as exc:
+        site = settings.prompts_dir
+        if site is not None and str(exc).startswith(str(site)):
+            raise PromptTemplateError(f"model.prompts_dir = {site}: {exc}") from exc
+        raise

@@ -38,9 +38,11 @@ from typing import Any, Protocol
 import torch
 import transformers
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from config.settings import ModelSettings
+from core.errors import InferenceError
 from inference.demo_model import DEMO_MODEL_MARKER
 from inference.engine import GenerationRequest, GenerationResult, OutOfMemory, PreparedBatch
 from storage.report_schema import ModelIdentity
@@ -54,7 +56,7 @@ THINKING_TOKENS = ("<unused94>", "<unused95>")
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InferenceError, RuntimeError):
     """The model cannot be loaded as configured; ``str()`` says why and what to do."""
 
 
@@ -261,7 +263,12 @@ class TransformersEngine:
     # -- loading -----------------------------------------------------------------------
 
     def _load_processor(self) -> Any:
-        processor = AutoProcessor.from_pretrained(self.weights_dir, local_files_only=True)
+        try:
+            processor = AutoProcessor.from_pretrained(self.weights_dir, local_files_only=True)
+        except (OSError, ValueError) as exc:  # missing or malformed tokenizer/processor files
+            raise ModelLoadError(
+                f"cannot load the processor from {self.weights_dir}: {exc}"
+            ) from exc
         processor.tokenizer.padding_side = "left"
         return processor
 
@@ -276,10 +283,16 @@ class TransformersEngine:
             kwargs["device_map"] = {"": self.device.index or 0}
         try:
             model: Any = AutoModelForImageTextToText.from_pretrained(self.weights_dir, **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated, mismatched
             raise ModelLoadError(f"cannot load the model from {self.weights_dir}: {exc}") from exc
         if quantization is None:
-            model = model.to(self.device)
+            try:
+                model = model.to(self.device)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise ModelLoadError(
+                    f"the model does not fit on {self.device}: {exc}; "
+                    "try model.quantization = 'nf4'"
+                ) from exc
         return model.eval()
 
     def _identity(self, settings: ModelSettings) -> ModelIdentity:

@@ -32,6 +32,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from config.settings import NodeSettings
+from core.errors import InferenceError
+from core.loop import LoopThread
 from inference.engine import (
     Engine,
     GenerationRequest,
@@ -49,22 +51,24 @@ from inference.prompts import PromptLibrary
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.jobs import (
-    RetryPolicy,
+    NO_RETRY,
     claim_jobs,
+    complete_job,
     extend_lease,
     fail_job,
     has_due_jobs,
+    job_retry_policy,
     release_jobs,
 )
 from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
 
-log = logging.getLogger("medgemma_node.worker")
+log = logging.getLogger(__name__)
 
 ReportHook = Callable[[Session, Report], None]
 EngineProvider = Callable[[], Engine | None]
 
 
-class PermanentJobError(Exception):
+class PermanentJobError(InferenceError):
     """Retrying cannot help (the study has no usable image); the job fails at once."""
 
 
@@ -119,53 +123,54 @@ class InferenceWorker:
         self.on_report = on_report
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.prompts = PromptLibrary.load(settings.model.prompts_dir)
-        self.retry = RetryPolicy(settings.model.max_attempts, settings.model.retry_backoff_s)
+        self.retry = job_retry_policy(settings.model.max_attempts, settings.model.retry_backoff_s)
         self.engine: Engine | None = None
         self.stats = WorkerStats()
-        self.last_error: str | None = None
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.poll_interval_s = settings.model.poll_interval_s
         self.doorbell: Doorbell | None = None
+        # Idle (or after a failure) the loop waits on the doorbell that the completion
+        # scheduler rings when it queues a job; polling covers jobs queued from other hosts.
+        self.loop = LoopThread(
+            "inference",
+            self._run_step,
+            interval_s=self.poll_interval_s,
+            wait=self._wait_for_jobs,
+            interrupt=lambda: ring(self.data_dir, WORKER_DOORBELL),
+            on_exit=self._release_prefetched,
+            log=log,
+        )
+        self.stop_event = self.loop.stop_event  # set once stop() is called
+        self.thread = self.loop.thread
         self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    @property
+    def last_error(self) -> str | None:
+        return self.loop.last_error
+
     def start(self) -> None:
         self.doorbell = Doorbell(self.data_dir, WORKER_DOORBELL)
         self.lane.recover()
-        self.thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
-        self.stop_event.set()
-        ring(self.data_dir, WORKER_DOORBELL)
-        if self.thread.is_alive():
-            self.thread.join(timeout=60)
-        if not self.thread.is_alive():
+        if self.loop.stop(timeout_s=60):
             # The loop released its batch built ahead on the way out; this covers run_once
             # driven without the thread. While a late batch still runs, the loop does it.
             self._release_prefetched()
         if self.doorbell is not None:
             self.doorbell.close()
 
-    def _run(self) -> None:
-        try:
-            while not self.stop_event.is_set():
-                try:
-                    done = self.run_once()
-                    self.last_error = None
-                except Exception as exc:  # the loop survives; the supervisor shows the error
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.exception("inference loop error")
-                    done = 0
-                if done == 0 and self.doorbell is not None:
-                    # The completion scheduler rings when it queues a job; polling covers jobs
-                    # queued from other hosts.
-                    self.doorbell.wait(self.poll_interval_s)
-        finally:
-            self._release_prefetched()
+    def _run_step(self) -> float | None:
+        """One batch; straight on to the next while there was work, else wait (interval)."""
+        return 0.0 if self.run_once() else None
+
+    def _wait_for_jobs(self, seconds: float) -> None:
+        if self.doorbell is not None:
+            self.doorbell.wait(seconds)
 
     def _release_prefetched(self) -> None:
         """Give a batch claimed ahead and never run back to the queue, attempts not counted."""
@@ -348,8 +353,8 @@ class InferenceWorker:
             log.info("study %s: %s", job.study_uid, note)
         content = attach_regions(parsed.content, job.prepared.geometries)
         with self.db.session() as session:
-            db_job = session.get_one(Job, job.job_id)
-            if db_job.lease_owner != self.owner or db_job.status != JobStatus.RUNNING:
+            # Done together with its report and outbox rows: one commit, or none of them.
+            if not complete_job(session, job.job_id, self.owner):
                 log.warning("job %d lost its lease while running; result dropped", job.job_id)
                 return
             report = Report(
@@ -376,11 +381,6 @@ class InferenceWorker:
             )
             session.add(report)
             session.flush()
-            db_job.status = JobStatus.DONE
-            db_job.finished_at = utcnow()
-            db_job.lease_owner = None
-            db_job.lease_expires_at = None
-            db_job.last_error = None
             if self.on_report is not None:
                 started = time.perf_counter()
                 self.on_report(session, report)
@@ -398,7 +398,7 @@ class InferenceWorker:
         )
 
     def _fail(self, job_id: int, exc: BaseException) -> None:
-        policy = RetryPolicy(1, 0) if isinstance(exc, PermanentJobError) else self.retry
+        policy = NO_RETRY if isinstance(exc, PermanentJobError) else self.retry
         status = fail_job(self.db, job_id, exc, policy)
         with self._stats_lock:
             self.stats.jobs_failed += status == JobStatus.FAILED

@@ -23,6 +23,8 @@ from rich.table import Table
 from config.settings import ConfigError, DicomSettings, NodeSettings, StorageSettings, load_settings
 from delivery.worker import DeliveryWorker
 from dicom_node.scu import AssociationFailed, FileToSend, echo, inspect_file, iter_files, send_files
+from dicom_node.statuses import describe_status
+from inference.prompts import PromptTemplateError, check_templates
 from medgemma_node.logs import setup_logging
 from medgemma_node.runtime import read_runtime_state
 from medgemma_node.service import (
@@ -87,6 +89,16 @@ def settings_or_exit(
     return settings
 
 
+def templates_or_exit(settings: NodeSettings) -> None:
+    """The question templates the worker will load (shipped + model.prompts_dir) must load:
+    a broken one is a configuration error now, not a worker restarting every minute."""
+    try:
+        check_templates(settings.model)
+    except PromptTemplateError as exc:
+        errors.print(f"[red]configuration error[/red]\n{escape(str(exc))}")
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
@@ -95,6 +107,7 @@ def serve(
 ) -> None:
     """Run the node: DICOM SCP, study completion, inference and delivery workers."""
     settings = settings_or_exit(config, port=port, data_dir=data_dir)
+    templates_or_exit(settings)
     _run_node(Node(settings), lambda node: start_serving(node, config))
 
 
@@ -102,6 +115,7 @@ def serve(
 def worker(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Run only the inference worker (e.g. a second GPU box on the same PostgreSQL)."""
     settings = settings_or_exit(config, data_dir=data_dir)
+    templates_or_exit(settings)
     _run_node(Node(settings, with_scp=False), start_worker)
 
 
@@ -131,6 +145,7 @@ def demo_model(
 def validate_config(config: ConfigOption = None) -> None:
     """Print the effective settings, or the errors naming each bad key."""
     settings = settings_or_exit(config)
+    templates_or_exit(settings)
     console.print_json(settings.model_dump_json(indent=2))
 
 
@@ -143,21 +158,43 @@ def db_upgrade(config: ConfigOption = None, data_dir: DataDirOption = None) -> N
     console.print(f"database at revision head: {redact_url(settings.database_url)}")
 
 
+DEFAULT_CALLING_AET = "MEDGEMMA_SCU"
+CallingAetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--aet",
+        help="Calling AE title (default: dicom.ae_title with --config, "
+        f"else {DEFAULT_CALLING_AET})",
+    ),
+]
+
+
+def calling_aet_or_exit(aet: str | None, config: Path | None) -> str:
+    """--aet, else the node's own AE title from --config, else the default."""
+    if aet is not None:
+        return aet
+    if config is not None:
+        return settings_or_exit(config).dicom.ae_title
+    return DEFAULT_CALLING_AET
+
+
 @app.command("echo")
 def echo_command(
     host: str,
     port: int,
-    aet: Annotated[str, typer.Option(help="Calling AE title")] = "MEDGEMMA_SCU",
+    aet: CallingAetOption = None,
     aec: Annotated[str, typer.Option(help="Called AE title")] = "ANY-SCP",
+    config: ConfigOption = None,
 ) -> None:
     """C-ECHO a DICOM peer."""
+    calling = calling_aet_or_exit(aet, config)
     try:
-        status = echo(host, port, aet, aec)
+        status = echo(host, port, calling, aec)
     except AssociationFailed as exc:
-        errors.print(f"[red]{exc}[/red]")
+        errors.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from exc
     if status != 0:
-        errors.print(f"[red]C-ECHO status 0x{status:04X}[/red]")
+        errors.print(f"[red]C-ECHO status {escape(describe_status(status))}[/red]")
         raise typer.Exit(1)
     console.print(f"C-ECHO {aec}@{host}:{port}: success")
 
@@ -168,9 +205,11 @@ def send(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 11112,
     aec: Annotated[str, typer.Option(help="Called AE title")] = "MEDGEMMA",
-    aet: Annotated[str, typer.Option(help="Calling AE title")] = "MEDGEMMA_SCU",
+    aet: CallingAetOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """C-STORE files and folders to a DICOM node, with a progress bar."""
+    aet = calling_aet_or_exit(aet, config)
     files = _inspect_all(iter_files(paths))
     if not files:
         errors.print("[red]no DICOM files to send[/red]")
@@ -188,14 +227,14 @@ def send(
                 files, host, port, aet, aec, progress=lambda *_: progress.advance(task)
             )
         except AssociationFailed as exc:
-            errors.print(f"[red]{exc}[/red]")
+            errors.print(f"[red]{escape(str(exc))}[/red]")
             raise typer.Exit(1) from exc
     console.print(
         f"sent {len(summary.sent)}, warnings {len(summary.warnings)}, "
         f"failed {len(summary.failed)}, not accepted {len(summary.skipped)}"
     )
     for path, reason in [*summary.failed, *summary.skipped]:
-        errors.print(f"  {path}: {reason}")
+        errors.print(f"  {escape(str(path))}: {escape(reason)}")
     if summary.failed or summary.skipped:
         raise typer.Exit(1)
 

@@ -3,16 +3,26 @@
 Patient name, ID and birth date never reach a log record in clear: the code logs studies by UID
 and patients only as storage.phi.phi_hash(). pynetdicom's own debug output dumps whole data sets,
 so its loggers are held at WARNING whatever the node's level.
+
+An exception that ends a thread (the node's or a library's) goes to this log too, not as a bare
+traceback on stderr (``threading.excepthook``); its message is left out because library messages
+can quote data set values.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import threading
+import traceback
 from pathlib import Path
+
+from pynetdicom.fsm import InvalidEventError
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 NOISY_LIBRARIES = ("pynetdicom", "pydicom", "highdicom", "hl7apy", "transformers", "httpx")
+
+log = logging.getLogger("medgemma_node.threads")
 
 
 def setup_logging(level: str, log_file: Path | None) -> None:
@@ -32,3 +42,30 @@ def setup_logging(level: str, log_file: Path | None) -> None:
         root.addHandler(rotating)
     for name in NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    fsm_logger = logging.getLogger("pynetdicom.fsm")
+    if not any(isinstance(f, _InvalidEventRecord) for f in fsm_logger.filters):
+        fsm_logger.addFilter(_InvalidEventRecord())
+    threading.excepthook = log_uncaught_thread_exception
+
+
+def log_uncaught_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: one record in the node's log for an exception that ended a
+    thread. pynetdicom's state machine error (a peer broke the DICOM upper layer protocol in a
+    way pynetdicom does not handle) is one line; anything else is a bug and keeps its frames."""
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread.name if args.thread is not None else "(unknown thread)"
+    if issubclass(args.exc_type, InvalidEventError):
+        # The message names only the PS3.8 event and state, e.g. 'Evt7' in 'Sta13'.
+        log.warning("DICOM connection %s dropped: %s", thread, args.exc_value)
+        return
+    frames = "".join(traceback.format_tb(args.exc_traceback)).rstrip()
+    log.error("uncaught %s ended thread %s:\n%s", args.exc_type.__name__, thread, frames)
+
+
+class _InvalidEventRecord(logging.Filter):
+    """pynetdicom logs its state machine error and then raises it; the exception hook above
+    logs it once, with the connection's name."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Invalid event")

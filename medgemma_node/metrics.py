@@ -26,7 +26,7 @@ from medgemma_node.runtime import read_worker_states
 from storage.db import Database
 from storage.models import Job, JobStatus, OutboxItem
 
-log = logging.getLogger("medgemma_node.metrics")
+log = logging.getLogger(__name__)
 
 
 class NodeCollector(Collector):

@@ -35,25 +35,27 @@ from config.settings import (
 from dicom_node.gsps import build_gsps
 from dicom_node.output_common import NodeIdentity, OutputRecord, write_datasets
 from dicom_node.sr import SrReference, build_sr
-from hl7_out.oru import OruHeader, build_oru, hl7_control_id
+from hl7_out.oru import OruBuildError, OruHeader, build_oru, hl7_control_id
 from storage.files import write_durably
-from storage.models import OutboxItem, Report, ReportObject, Study
+from storage.installation import ensure_installation_id
+from storage.models import OutboxItem, OutboxStatus, Report, ReportObject, Study
 from storage.outbox import idempotency_key
 from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, ReportDocument
 from storage.reports import predecessor_sr_path, report_document, source_instance_paths
 
-log = logging.getLogger("medgemma_node.outputs")
+log = logging.getLogger(__name__)
 
 REPORT_JSON = "report.json"
 
 
-def node_identity(settings: NodeSettings) -> NodeIdentity:
+def node_identity(settings: NodeSettings, installation_id: str | None = None) -> NodeIdentity:
     identity = settings.identity
     return NodeIdentity(
         name=identity.device_name,
         serial_number=identity.serial_number,
         institution_name=identity.institution_name,
         uid_prefix=identity.uid_root,
+        installation_id=installation_id,
     )
 
 
@@ -76,8 +78,13 @@ class ReportOutputs:
         self.settings = settings
         self.data_dir = settings.storage.data_dir
         self.node = node_identity(settings)
+        self.installation_id: str | None = None
 
     def __call__(self, session: Session, report: Report) -> None:
+        if self.installation_id is None:
+            # Every identity minted below derives from it (storage/installation.py).
+            self.installation_id = ensure_installation_id(session, self.data_dir)
+            self.node = node_identity(self.settings, self.installation_id)
         document = report_document(session, report)
         study = session.get_one(Study, report.study_id)
         sources = self._sources(session, report, document)
@@ -88,7 +95,7 @@ class ReportOutputs:
         built = BuiltReport(session, report, document, sources[0], objects, json_path)
         for destination in self.settings.destinations:
             if destination.enabled and destination.routes(study.modality, study.calling_ae):
-                self._queue(built, destination)
+                self._queue_or_dead_letter(built, destination)
 
     # -- building -------------------------------------------------------------------------
 
@@ -149,21 +156,53 @@ class ReportOutputs:
 
     # -- outbox ---------------------------------------------------------------------------
 
+    def _queue_or_dead_letter(self, built: BuiltReport, destination: Destination) -> None:
+        """Queue one destination; a payload that cannot be built fails only that delivery:
+        a dead outbox row says why (``outbox list``) and the other outputs go on."""
+        try:
+            self._queue(built, destination)
+        except Exception as exc:  # any builder failure is this destination's alone
+            reason = build_failure_reason(exc)
+            log.error(
+                "report %s: no payload for destination %s: %s",
+                built.report.id,
+                destination.name,
+                reason,
+            )
+            key = idempotency_key(
+                built.document.study_instance_uid,
+                built.report.id,
+                destination.name,
+                self.installation_id,
+            )
+            built.session.add(
+                OutboxItem(
+                    report_id=built.report.id,
+                    destination=destination.name,
+                    kind=destination.kind,
+                    message_id=key,
+                    payload_path="",
+                    status=OutboxStatus.DEAD,
+                    last_error=reason,
+                )
+            )
+
     def _queue(self, built: BuiltReport, destination: Destination) -> None:
         """The outbox rows of one destination (design.md: written with the report)."""
         study_uid, report_id = built.document.study_instance_uid, built.report.id
-        key = idempotency_key(study_uid, report_id, destination.name)
+        installation = self.installation_id
+        key = idempotency_key(study_uid, report_id, destination.name, installation)
         if isinstance(destination, DicomDestination):
             for obj in built.objects:
                 if obj.kind != "gsps" or destination.send_gsps:
                     self._add(built, destination, obj.sop_instance_uid, Path(obj.path), obj.id)
         elif isinstance(destination, HL7Destination):
-            control_id = hl7_control_id(study_uid, report_id, destination.name)
+            control_id = hl7_control_id(study_uid, report_id, destination.name, installation)
             oru = self._write_oru(built, destination.name, OruHeader.of(destination), control_id)
             self._add(built, destination, control_id, oru)
         elif isinstance(destination, FileDestination):
             if destination.write_hl7:  # no MLLP peer to configure: the default header
-                control_id = hl7_control_id(study_uid, report_id, destination.name)
+                control_id = hl7_control_id(study_uid, report_id, destination.name, installation)
                 self._write_oru(built, destination.name, OruHeader(), control_id)
             self._add(built, destination, key, self._rel(built.json_path))
         else:
@@ -199,6 +238,14 @@ class ReportOutputs:
                 payload_path=payload.as_posix(),
             )
         )
+
+
+def build_failure_reason(exc: BaseException) -> str:
+    """Why a payload was not built, without PHI: library errors (strict HL7 validation,
+    pydicom) may quote dataset values, so only the node's own messages are kept whole."""
+    if isinstance(exc, OruBuildError) and exc.__cause__ is None:
+        return f"payload not built: {exc}"
+    return f"payload not built: {type(exc).__name__} (details withheld: may quote patient data)"
 
 
 def document_notice(document: ReportDocument) -> str:

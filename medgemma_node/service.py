@@ -30,6 +30,7 @@ from config.settings import (
     HttpDestination,
     NodeSettings,
 )
+from core.loop import LoopThread
 from delivery.file_sender import FileSender
 from delivery.http_sender import HttpSender
 from delivery.senders import SenderRegistry
@@ -44,6 +45,7 @@ from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
+from storage.installation import ensure_installation_id
 from storage.phi import load_or_create_salt
 from storage.recovery import recover
 
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
     from inference.loader import EngineProvider
     from inference.worker import InferenceWorker
 
-log = logging.getLogger("medgemma_node.service")
+log = logging.getLogger(__name__)
 
 
 class Part(Protocol):
@@ -115,6 +117,7 @@ class Node:
     def start(self) -> None:
         db = self.db or self.prepare()
         salt = load_or_create_salt(self.data_dir, self.settings.storage.phi_hash_salt)
+        self._check_identity(db)
         if self.with_scp:
             report = recover(db, self.data_dir, salt)
             log.info("start-up check: %s", report)
@@ -131,6 +134,17 @@ class Node:
             )
             self.add_part("completion", scheduler)
         self.write_state()
+
+    def _check_identity(self, db: Database) -> None:
+        """Create the installation id with the data directory (storage/installation.py)."""
+        with db.session() as session:
+            installation_id = ensure_installation_id(session, self.data_dir)
+        log.info("installation id %s", installation_id)
+        if self.settings.identity.uid_root is None:
+            log.warning(
+                "no [identity] uid_root configured: minting 2.25 UUID-derived UIDs (PS3.5 B.2); "
+                "set your organisation's UID root to have UIDs under it"
+            )
 
     def scp_counters(self) -> ScpCounters | None:
         return self.scp.counters if self.scp is not None else None
@@ -184,24 +198,32 @@ class DoorbellRelay:
         self.name = name
         self.action = action
         self.doorbell: Doorbell | None = None
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"doorbell-{name}", daemon=True)
-        self.last_error: str | None = None
+        # The step itself blocks on the doorbell (up to 1 s); stop() rings it to end the wait.
+        self.loop = LoopThread(
+            f"doorbell-{name}",
+            self._answer,
+            interval_s=0.0,
+            error_wait_s=1.0,
+            interrupt=lambda: ring(data_dir, name),
+            log=log,
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        return self.loop.last_error
 
     def start(self) -> None:
         self.doorbell = Doorbell(self.data_dir, self.name)
-        self.thread.start()
+        self.loop.start()
 
-    def _run(self) -> None:
+    def _answer(self) -> float:
         assert self.doorbell is not None
-        while not self.stop_event.is_set():
-            if self.doorbell.wait(1.0) and not self.stop_event.is_set():
-                self.action()
+        if self.doorbell.wait(1.0) and not self.loop.stopping:
+            self.action()
+        return 0.0
 
     def stop(self) -> None:
-        self.stop_event.set()
-        ring(self.data_dir, self.name)
-        self.thread.join(timeout=5)
+        self.loop.stop(timeout_s=5)
         if self.doorbell is not None:
             self.doorbell.close()
 

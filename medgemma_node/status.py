@@ -21,6 +21,7 @@ from dicom_node.scu import AssociationFailed, echo
 from medgemma_node.runtime import read_runtime_state, read_worker_states
 from storage.db import Database
 from storage.files import free_disk_mb
+from storage.installation import ensure_installation_id
 from storage.models import Instance, Job, OutboxItem, OutboxStatus, Study
 
 STATUS_CALLING_AE = "MEDGEMMA_STATUS"
@@ -68,6 +69,7 @@ def database_status(settings: NodeSettings) -> dict[str, Any]:
             )
             return {
                 "url": redact_url(settings.database_url),
+                "installation_id": ensure_installation_id(session, settings.storage.data_dir),
                 "studies": session.scalar(select(func.count()).select_from(Study)),
                 "instances": session.scalar(select(func.count()).select_from(Instance)),
                 "jobs": jobs,
@@ -163,6 +165,7 @@ def _database_rows(table: Table, database: dict[str, Any]) -> None:
         table.add_row("database", f"[red]{database['error']}[/red]")
         return
     table.add_row("database", database["url"])
+    table.add_row("installation id", database["installation_id"])
     table.add_row("studies / instances", f"{database['studies']} / {database['instances']}")
     jobs = ", ".join(f"{k}: {v}" for k, v in sorted(database["jobs"].items()))
     table.add_row("jobs", jobs or "none")

@@ -18,7 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-log = logging.getLogger("medgemma_node.supervisor")
+from core.loop import LoopThread
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -35,47 +37,70 @@ class ChildProcess:
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
-        self.last_error: str | None = None
-        self.stop_event = threading.Event()
-        self.watcher = threading.Thread(target=self._watch, name=f"watch-{name}", daemon=True)
+        self.exit_note: str | None = None  # how the last child ended
+        self._delay_s = 1.0
+        self._started_at = 0.0
+        self._relaunch = False
+        self._launch_lock = threading.Lock()
+        # Each step waits for the child to end; the pause after it is the restart backoff. A
+        # launch that fails (e.g. the interpreter is gone) is tried again after the longest one.
+        self.loop = LoopThread(
+            f"watch-{name}",
+            self._supervise,
+            interval_s=0.0,
+            error_wait_s=MAX_RESTART_DELAY_S,
+            log=log,
+        )
+
+    @property
+    def last_error(self) -> str | None:
+        return self.loop.last_error or self.exit_note
 
     def start(self) -> None:
         self._launch()
-        self.watcher.start()
+        self.loop.start()
 
     def _launch(self) -> None:
         self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent())
+        self._started_at = time.monotonic()
         log.info("%s started (pid %d)", self.name, self.process.pid)
 
-    def _watch(self) -> None:
-        delay = 1.0
-        while not self.stop_event.is_set():
-            assert self.process is not None
-            started = time.monotonic()
-            code = self.process.wait()
-            if self.stop_event.is_set():
-                return
-            self.last_error = f"exited with code {code}"
-            log.error("%s exited with code %d; restarting in %.0f s", self.name, code, delay)
-            if self.stop_event.wait(delay):
-                return
-            # A child that ran a while before dying starts the backoff afresh.
-            delay = 1.0 if time.monotonic() - started > 300 else min(delay * 2, MAX_RESTART_DELAY_S)
+    def _supervise(self) -> float:
+        """Launch again when due, wait for the child to end; return the wait before the next
+        launch."""
+        if self._relaunch:
+            with self._launch_lock:  # stop() either sees this child or this launch sees stop()
+                if self.loop.stopping:
+                    return 0.0
+                self._launch()
+            self._relaunch = False
             self.restarts += 1
-            self._launch()
+        assert self.process is not None
+        code = self.process.wait()
+        if self.loop.stopping:
+            return 0.0
+        delay = self._delay_s
+        self.exit_note = f"exited with code {code}"
+        log.error("%s exited with code %d; restarting in %.0f s", self.name, code, delay)
+        # A child that ran a while before dying starts the backoff afresh.
+        ran_s = time.monotonic() - self._started_at
+        self._delay_s = 1.0 if ran_s > 300 else min(delay * 2, MAX_RESTART_DELAY_S)
+        self._relaunch = True
+        return delay
 
     def stop(self) -> None:
-        self.stop_event.set()
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0f s: killing it", self.name, STOP_GRACE_S)
-            process.kill()
-            process.wait(10)
+        self.loop.request_stop()
+        with self._launch_lock:
+            process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s: killing it", self.name, STOP_GRACE_S)
+                process.kill()
+                process.wait(10)
+        self.loop.join(timeout_s=10)
 
 
 def _die_with_parent() -> Callable[[], None] | None:

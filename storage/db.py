@@ -15,10 +15,32 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import StorageError
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class DatabaseUnavailable(StorageError):
+    """The database could not be reached or could not run the transaction (server down,
+    connection lost, SQLite locked past its busy timeout, disk I/O error)."""
+
+
+@contextmanager
+def _unavailable_as_storage_error() -> Iterator[None]:
+    """SQLAlchemy's OperationalError becomes DatabaseUnavailable where it enters the node.
+
+    The message is the driver's own (e.g. "database is locked"), not SQLAlchemy's, which
+    quotes the statement and its parameters (they may hold patient data); the original stays
+    chained as ``__cause__``.
+    """
+    try:
+        yield
+    except OperationalError as exc:
+        raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
 
 
 class Database:
@@ -35,9 +57,24 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session whose transaction commits on success and rolls back on any error."""
-        with self.sessions() as session, session.begin():
+        """A session whose transaction commits on success and rolls back on any error.
+
+        Raises DatabaseUnavailable when the database cannot be reached or the commit fails.
+        """
+        with _unavailable_as_storage_error(), self.sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A Core connection for reads (no transaction kept); DatabaseUnavailable as above."""
+        with _unavailable_as_storage_error(), self.engine.connect() as connection:
+            yield connection
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A Core connection in a transaction that commits on success; as ``session()``."""
+        with _unavailable_as_storage_error(), self.engine.begin() as connection:
+            yield connection
 
     def upgrade(self) -> None:
         upgrade(self.engine)

@@ -68,7 +68,7 @@ _TOUCH_STUDY = (
 
 
 def instance_exists(db: Database, sop_uid: str) -> bool:
-    with db.engine.connect() as connection:
+    with db.connect() as connection:
         return connection.scalar(_FIND_INSTANCE, {"uid": sop_uid}) is not None
 
 
@@ -83,7 +83,7 @@ def record_instance(db: Database, item: ReceivedInstance) -> bool:
     """
     for attempt in range(1, RECORD_ATTEMPTS + 1):
         try:
-            with db.engine.begin() as connection:
+            with db.begin() as connection:
                 return _record(connection, item)
         except IntegrityError:
             # Two associations raced to create the same study, series or instance; the

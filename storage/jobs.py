@@ -1,5 +1,10 @@
 """The job queue: claim with a lease, finish, fail with backoff (rq-style status enum).
 
+A job's status changes only here:
+    queued --claim_jobs--> running --complete_job--> done
+                                   --fail_job-----> queued (backoff) | failed
+                                   --release_jobs / requeue_expired_leases--> queued
+
 PostgreSQL: several workers claim safely with SELECT … FOR UPDATE SKIP LOCKED.
 SQLite: one worker process; its single writer lock serialises claims.
 """
@@ -11,18 +16,22 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
 
+from core.retry import RetryPolicy
 from storage.db import Database
 from storage.models import Job, JobStatus, Study, StudyVersion, utcnow
 
+# A job that cannot succeed however often it runs (e.g. a study without a usable image).
+NO_RETRY = RetryPolicy(max_attempts=1, initial_backoff_s=0.0)
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 3
-    backoff_s: float = 30.0
 
-    def delay(self, attempts: int) -> timedelta:
-        return timedelta(seconds=self.backoff_s * (2 ** max(attempts - 1, 0)))
+def job_retry_policy(max_attempts: int, backoff_s: float) -> RetryPolicy:
+    """The queue's policy from [model] max_attempts / retry_backoff_s: backoff doubles after
+    each failed attempt, without a cap or an age limit (attempts bound it)."""
+    return RetryPolicy(
+        max_attempts=max_attempts, initial_backoff_s=backoff_s, max_backoff_s=None, max_age_s=None
+    )
 
 
 def claim_jobs(db: Database, owner: str, limit: int, lease_seconds: float) -> list[int]:
@@ -77,6 +86,21 @@ def release_jobs(db: Database, job_ids: list[int], owner: str) -> None:
                 job.attempts = max(job.attempts - 1, 0)
 
 
+def complete_job(session: Session, job_id: int, owner: str) -> bool:
+    """Mark ``owner``'s running job done, in the caller's transaction (the one that stores its
+    report, so both commit or neither). False, and nothing changed, when the job is no longer
+    this owner's: its lease expired and it went back to the queue or to another worker."""
+    job = session.get_one(Job, job_id)
+    if job.lease_owner != owner or job.status != JobStatus.RUNNING:
+        return False
+    job.status = JobStatus.DONE
+    job.finished_at = utcnow()
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.last_error = None
+    return True
+
+
 def fail_job(db: Database, job_id: int, error: BaseException, policy: RetryPolicy) -> str:
     """Record the failure with its traceback; requeue with backoff or end as failed."""
     with db.session() as session:
@@ -85,12 +109,14 @@ def fail_job(db: Database, job_id: int, error: BaseException, policy: RetryPolic
         job.last_traceback = "".join(traceback.format_exception(error))[-20000:]
         job.lease_owner = None
         job.lease_expires_at = None
-        if job.attempts >= policy.max_attempts:
+        now = utcnow()
+        retry_at = policy.next_attempt(job.attempts, first_at=job.created_at, now=now)
+        if retry_at is None:
             job.status = JobStatus.FAILED
-            job.finished_at = utcnow()
+            job.finished_at = now
         else:
             job.status = JobStatus.QUEUED
-            job.available_at = utcnow() + policy.delay(job.attempts)
+            job.available_at = retry_at
         return job.status
 
 

@@ -10,6 +10,7 @@ Tables:
     interactive_requests   (the worker's priority lane: predict and conversation turns)
     audit_events
     users                        (REST API accounts; only a hash of each token)
+    installation   (one row: this installation's random id)
 
 Schema changes go through Alembic (storage/migrations); ``serve`` upgrades a fresh database.
 """
@@ -278,6 +279,18 @@ class OutboxItem(Base):
     # until the claim expires, so a worker that died mid-send gives its rows back by itself.
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+
+
+class Installation(Base):
+    """The one row naming this installation (database + data directory): its random id is
+    part of every UID, HL7 control id and idempotency key the node mints, so two installations
+    never reuse an identity (storage/installation.py)."""
+
+    __tablename__ = "installation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    installation_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
 
 
 class AuditEvent(Base):

@@ -57,11 +57,18 @@ class Failure:
     next_attempt_at: datetime | None
 
 
-def idempotency_key(study_uid: str, report_id: int, destination: str) -> str:
+def idempotency_key(
+    study_uid: str, report_id: int, destination: str, installation_id: str | None = None
+) -> str:
     """The Idempotency-Key of a report's JSON delivery: a UUID (RFC 9562 v5) no other report
-    of any node shares, since the Study Instance UID is globally unique (PS3.5 §9)."""
+    of any installation shares: the installation id (storage.installation) tells installations
+    apart, the Study Instance UID (globally unique, PS3.5 §9) and report id the reports."""
+    installation = "" if installation_id is None else f"{installation_id}:"
     return str(
-        uuid.uuid5(uuid.NAMESPACE_OID, f"medgemma-node:{study_uid}:{report_id}:{destination}")
+        uuid.uuid5(
+            uuid.NAMESPACE_OID,
+            f"medgemma-node:{installation}{study_uid}:{report_id}:{destination}",
+        )
     )
 
 

@@ -24,7 +24,7 @@ from storage.jobs import requeue_expired_leases
 from storage.models import AuditEvent, Instance
 from storage.phi import phi_hash
 
-log = logging.getLogger("medgemma_node.recovery")
+log = logging.getLogger(__name__)
 
 
 @dataclass

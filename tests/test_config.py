@@ -108,6 +108,11 @@ def test_bad_environment_value_names_the_key(monkeypatch: pytest.MonkeyPatch) ->
         ('[completion]\nrules = [{ modality = "CR", seconds = -1 }]\n', "completion.rules.0"),
         ("[storage]\nmin_free_disk_mb = -5\n", "storage.min_free_disk_mb"),
         ('[[destinations]]\nname = "p"\nkind = "dicom"\nhost = "h"\nport = 1\n', "ae_title"),
+        # A UID root (PS3.5 9.1): digits and dots, no leading zero, room for the suffix.
+        ('[identity]\nuid_root = "1.2.0840."\n', "identity.uid_root"),
+        ('[identity]\nuid_root = "1.2.x."\n', "identity.uid_root"),
+        ('[identity]\nuid_root = "1.2.3"\n', "identity.uid_root"),
+        ('[identity]\nuid_root = "' + "1." * 25 + '"\n', "identity.uid_root"),
     ],
 )
 def test_error_names_the_bad_key(tmp_path: Path, toml: str, key: str) -> None:

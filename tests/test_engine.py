@@ -267,6 +267,27 @@ def test_quantization_needs_cuda(demo_dir: Path) -> None:
         TransformersEngine(settings)
 
 
+def damaged_copy(demo_dir: Path, tmp_path: Path, name: str, keep_bytes: int) -> Path:
+    """The demo model with one file cut short (an interrupted copy of the weights)."""
+    copy = Path(shutil.copytree(demo_dir, tmp_path / "damaged"))
+    damaged = next(copy.glob(name))
+    damaged.write_bytes(damaged.read_bytes()[:keep_bytes])
+    return copy
+
+
+def test_truncated_weights_are_a_model_load_error(demo_dir: Path, tmp_path: Path) -> None:
+    weights = damaged_copy(demo_dir, tmp_path, "*.safetensors", keep_bytes=4096)
+    with pytest.raises(ModelLoadError, match="cannot load the model from") as caught:
+        TransformersEngine(ModelSettings(model_path=weights, device="cpu"))
+    assert type(caught.value.__cause__).__name__ == "SafetensorError"
+
+
+def test_a_malformed_tokenizer_is_a_model_load_error(demo_dir: Path, tmp_path: Path) -> None:
+    weights = damaged_copy(demo_dir, tmp_path, "tokenizer.json", keep_bytes=100)
+    with pytest.raises(ModelLoadError, match="cannot load the processor from"):
+        TransformersEngine(ModelSettings(model_path=weights, device="cpu"))
+
+
 # --------------------------------------------------------------------------- scripted engine
 
 

@@ -18,13 +18,15 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import _config as pynetdicom_config
+from sqlalchemy import create_engine, text
 
 from peers.dcmtk import dcmtk_storescu
 from peers.dicom_files import copy_with_new_uids, make_ct_study
 from peers.dicom_files import testdata as bundled_file
-from peers.net import echo_ok
+from peers.net import echo_ok, wait_for
 from peers.node_process import NodeProcess
 from storage.db import Database
+from tests.conftest import PG_ADMIN_URL
 from tests.nodecheck import instance_row, store_with_pynetdicom
 
 pytestmark = pytest.mark.slow
@@ -209,4 +211,29 @@ def test_low_disk_is_a700(tmp_path: Path) -> None:
         assert store_with_pynetdicom(node.port, [path]) == [0xA700]
     finally:
         db.dispose()
+        node.terminate()
+
+
+@pytest.mark.postgres
+def test_database_unavailable_is_a700(tmp_path: Path, pg_url: str) -> None:
+    """PostgreSQL goes away under a running node: C-STORE answers 0xA700 (out of resources),
+    nothing is written, and the node keeps answering."""
+    sections = {"storage": {"min_free_disk_mb": 0, "database_url": pg_url}}
+    node = NodeProcess(tmp_path, sections).start()
+    try:
+        # Every part started (some read the database as they start): only the SCP's path is
+        # under test here.
+        wait_for(lambda: "delivery-doorbell started" in node.log_text(), 60)
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            name = pg_url.rsplit("/", 1)[1]
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+        (path,) = make_ct_study(tmp_path / "ct", slices=1)
+        assert store_with_pynetdicom(node.port, [path]) == [0xA700]
+        assert list((node.data_dir / "instances").rglob("*.dcm")) == []
+        assert "database unavailable: DatabaseUnavailable" in node.log_text()
+        assert echo_ok(node.port)
+        assert node.proc is not None and node.proc.poll() is None
+    finally:
         node.terminate()

@@ -27,7 +27,14 @@ from storage.ingest import (
     close_quiet_studies,
     record_instance,
 )
-from storage.jobs import RetryPolicy, claim_jobs, fail_job, requeue_expired_leases
+from storage.jobs import (
+    NO_RETRY,
+    claim_jobs,
+    complete_job,
+    fail_job,
+    job_retry_policy,
+    requeue_expired_leases,
+)
 from storage.models import Instance, Job, JobStatus, Series, Study, StudyVersion, utcnow
 
 STUDY = "1.2.826.0.1.3680043.8.498.100"
@@ -248,7 +255,7 @@ def make_due(db: Database, job_id: int) -> None:
 
 def test_fail_job_backs_off_then_fails_with_traceback(db: Database) -> None:
     (job_id,) = make_jobs(db, 1)
-    policy = RetryPolicy(max_attempts=2, backoff_s=30)
+    policy = job_retry_policy(max_attempts=2, backoff_s=30)
 
     assert claim_jobs(db, "w", 1, 60) == [job_id]
     before = utcnow()
@@ -276,8 +283,31 @@ def test_fail_job_backs_off_then_fails_with_traceback(db: Database) -> None:
 
 
 def test_backoff_doubles() -> None:
-    policy = RetryPolicy(max_attempts=5, backoff_s=10)
-    assert [policy.delay(n).total_seconds() for n in (1, 2, 3)] == [10, 20, 40]
+    policy = job_retry_policy(max_attempts=5, backoff_s=10)
+    assert [policy.delay(n).total_seconds() for n in (1, 2, 3, 8)] == [10, 20, 40, 1280]
+
+
+def test_no_retry_fails_at_the_first_attempt(db: Database) -> None:
+    (job_id,) = make_jobs(db, 1)
+    assert claim_jobs(db, "w", 1, 60) == [job_id]
+    assert fail_job(db, job_id, failure(), NO_RETRY) == JobStatus.FAILED
+    assert job(db, job_id).finished_at is not None
+
+
+def test_complete_job_only_for_the_lease_owner(db: Database) -> None:
+    mine, lost = make_jobs(db, 2)
+    assert claim_jobs(db, "w", 2, 60) == [mine, lost]
+    with db.session() as session:
+        session.execute(update(Job).where(Job.id == lost).values(lease_owner="other"))
+    with db.session() as session:
+        assert complete_job(session, mine, "w") is True
+        assert complete_job(session, lost, "w") is False
+    done, taken = job(db, mine), job(db, lost)
+    assert (done.status, done.lease_owner, done.lease_expires_at) == (JobStatus.DONE, None, None)
+    assert done.finished_at is not None
+    assert (taken.status, taken.lease_owner) == (JobStatus.RUNNING, "other")
+    with db.session() as session:  # a job already done is not done twice
+        assert complete_job(session, mine, "w") is False
 
 
 def test_expired_leases_return_to_the_queue(db: Database) -> None:

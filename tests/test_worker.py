@@ -73,6 +73,11 @@ def ingest_copy(
 ) -> str:
     """Store a copy of a real image as a new study, the way the SCP does; return its UID."""
     copy = copy_with_new_uids(source, work / f"{pydicom.uid.generate_uid()}.dcm", **attributes)
+    return ingest_file(db, data_dir, copy)
+
+
+def ingest_file(db: Database, data_dir: Path, copy: Path) -> str:
+    """Store an image file the way the SCP does; return its Study Instance UID."""
     dataset = pydicom.dcmread(copy)
     relpath = instance_relpath(
         dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
