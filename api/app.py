@@ -4,6 +4,8 @@
     /api/ready, /api/me               readiness (503 when not ready), the signed-in user
     /api/studies...                   worklist, study, report (JSON or SR), instance image
     /api/jobs..., /api/outbox...      admin: lists and retries
+    /api/status, /api/events          the node's status page; change events (SSE)
+    /, /console/...                   the web console (api/routers/console.py)
     /api/openapi.json, /api/docs      the contract and Swagger UI, served from the package
 
 Swagger UI is vendored (api/static/swagger-ui, from npm's swagger-ui-dist; update with
@@ -23,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api.deps import ApiContext
 from api.middleware import AuditMiddleware, BodyLimitMiddleware, UnexpectedErrorMiddleware
-from api.routers import admin, health, studies
+from api.routers import admin, console, health, live, studies
 from config.settings import NodeSettings
 from storage.db import Database
 
@@ -58,8 +60,9 @@ def create_app(settings: NodeSettings, db: Database) -> FastAPI:
         redoc_url=None,
     )
     app.state.context = ApiContext(settings=settings, db=db)
-    for router in (health.router, studies.router, admin.router):
+    for router in (health.router, studies.router, admin.router, live.router, console.router):
         app.include_router(router)
+    app.mount("/console", StaticFiles(directory=console.CONSOLE_DIR), name="console")
     if docs_public:
         _add_docs(app)
     # Each add wraps the ones before: audit (outermost) sees every answer, 413 and 500 too.

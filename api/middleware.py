@@ -4,8 +4,9 @@ JSON 500 for anything unexpected.
 Audit: one ``audit_events`` row per request (``kind = "api.access"``): the user and role, the
 route template (never the query string, which may hold a searched name), the method, the
 status and the study UID when the request concerns one. The row is committed before the
-response starts, so whoever got an answer is already on record. Health checks and the static
-documentation are not recorded (no data; probes would flood the table).
+response starts, so whoever got an answer is already on record. Only /api/ is recorded: health
+checks, the static documentation and the console's files and settings hold no data
+(and probes would flood the table).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class AuditMiddleware:
         self.db = db
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(NOT_AUDITED):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/api/") or path.startswith(NOT_AUDITED):
             await self.app(scope, receive, send)
             return
         recorded = False
