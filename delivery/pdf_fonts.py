@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import ConfigError
+from core.errors import ConfigError, DeliveryError
 
 CJK_FAMILY = "Report CJK"
 LATIN_FAMILY = "Report Latin"
@@ -70,7 +70,7 @@ LATIN_BOLD_CANDIDATES: tuple[FontFile, ...] = (
 )
 
 
-class PdfFontMissing(ConfigError):
+class PdfFontMissing(DeliveryError, ConfigError):
     """The language of the reports needs a font that is not installed; names the package."""
 
 
