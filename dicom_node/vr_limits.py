@@ -169,7 +169,10 @@ def _text(limit: int | None) -> Callable[[str], str]:
 
 
 def _code_string(value: str) -> str:
-    return _CODE_STRING_EXCLUDED.sub("", value.strip().upper())[: MAX_CHARACTERS["CS"]]
+    # Leading and trailing spaces are padding in CS (PS3.5 Table 6.2-1); they are stripped after
+    # the excluded characters go and again after the cut, so fitting a fitted value changes nothing.
+    kept = _CODE_STRING_EXCLUDED.sub("", value.upper()).strip()
+    return kept[: MAX_CHARACTERS["CS"]].rstrip()
 
 
 def person_name(value: str) -> str:
