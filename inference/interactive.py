@@ -8,12 +8,13 @@ and runs them through the same engine as studies, as one batch; at most
 ``interactive.max_rounds_between_batches`` rounds run before the next study batch, so a
 steady stream of questions cannot starve the studies.
 
-    predict            the upload (DICOM: the same preprocessing as received studies; PNG/JPEG
-                       as RGB, padded to a square) + the question (default: the template of
-                       its modality) -> answer, findings, boxes in pixels of the upload
-    conversation_turn  inference/conversation.py: the conversation as chat turns, anchors,
-                       a crop for a question about one anchor; distances and sizes measured
-                       by the node without the model
+    predict            the upload (DICOM: the same preprocessing as received studies;
+                       PNG/JPEG as RGB, padded to a square) + the question (default: the
+                       template of its modality) -> answer, findings, boxes in pixels of the
+                       upload (inference/interactive_predict.py)
+    conversation_turn  the conversation as chat turns, anchors, a crop for a question about
+                       one anchor; distances and sizes measured by the node without the model
+                       (inference/interactive_turns.py, inference/conversation.py)
 
 Without a model (no weights) every waiting request fails at once with the message ``status``
 shows (how to provide weights). A request that cannot be answered as asked (unreadable
@@ -23,161 +24,43 @@ upload, unknown anchor, conversation already appended) fails with ``invalid_inpu
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-import warnings
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from config.settings import NodeSettings
 from core.errors import InferenceError
-from inference.conversation import (
-    ImageView,
-    PastTurn,
-    Reference,
-    StudyImages,
-    TurnError,
-    build_turn_request,
-    question_language,
-    read_answer,
-    requested_measurements,
-    resolve_reference,
-    spacings_by_sop_uid,
-)
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
     EngineRequestFailed,
     EngineRequestRejected,
     EngineUnavailable,
-    GenerationRequest,
     GenerationResult,
-    GenerationSettings,
     OutOfMemory,
 )
-from inference.parsing import parse_report, strip_thinking
-from inference.preprocess import (
-    PreprocessError,
-    SquareGeometry,
-    attach_regions,
-    pad_to_square,
-    prepare_study,
-)
+from inference.interactive_items import LaneItem, PredictPlan, RequestRefused
+from inference.interactive_predict import PredictAnswers
+from inference.interactive_turns import TurnAnswers
 from inference.prompts import PromptLibrary
-from storage.conversations import current_anchors
 from storage.db import Database
 from storage.doorbell import API_DOORBELL, ring
 from storage.interactive import (
-    Anchor,
-    Box,
     ClaimedRequest,
     ErrorCode,
-    Measurement,
-    PredictResult,
-    TurnResult,
     claim_next,
-    complete,
-    complete_in,
     fail,
     fail_abandoned,
     has_queued,
     release,
     remove_upload,
 )
-from storage.models import (
-    Conversation,
-    ConversationState,
-    ConversationTurn,
-    InteractiveKind,
-    InteractiveRequest,
-    Report,
-    StudyVersion,
-    utcnow,
-)
-from storage.report_schema import (
-    AI_DISCLAIMER,
-    FOLLOW_UP_DISCLAIMER,
-    TEST_MODEL_BANNER,
-    ModelIdentity,
-    ReportContent,
-)
+from storage.models import InteractiveKind, InteractiveRequest, utcnow
+from storage.report_schema import ModelIdentity
 
-log = logging.getLogger("medgemma_node.interactive")
+log = logging.getLogger(__name__)
 
-STUDY_CACHE_SIZE = 4  # studies kept rendered: a conversation's turns reuse its images
-MAX_UPLOAD_PIXELS = 100_000_000  # larger PNG/JPEG uploads are refused (decompression bombs)
 ABANDONED_CHECK_S = 30.0
-NODE_MEASURED = "Measured by the node from the image header between AI-generated regions."
-
-
-class RequestRefused(InferenceError):
-    """This request cannot be answered as asked; ``code`` says why (storage ErrorCode)."""
-
-    def __init__(self, message: str, code: ErrorCode) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class PredictPlan:
-    images: list[Image.Image]
-    geometries: list[SquareGeometry]
-    language: str
-    image_info: dict[str, Any]
-
-
-@dataclass
-class TurnContext:
-    """What answering one turn needs from the database and the study's files."""
-
-    id: int
-    turn_index: int
-    anchors: list[Anchor]
-    report_question: str | None
-    report_content: ReportContent | None
-    past: list[PastTurn]
-    is_test_model: bool
-    study: StudyImages
-
-
-@dataclass
-class TurnPlan:
-    context: TurnContext
-    question: str
-    language: str
-    reference: Reference
-    measurements: list[Measurement]  # non-empty: the node answers, the model does not run
-    views: list[ImageView]  # what each box_2d image_index of the answer means
-
-
-@dataclass
-class LaneItem:
-    """One claimed request, ready to run: its engine request (None: answered by the node)."""
-
-    claimed: ClaimedRequest
-    request: GenerationRequest | None
-    plan: PredictPlan | TurnPlan
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def conversation_id(self) -> int | None:
-        return self.plan.context.id if isinstance(self.plan, TurnPlan) else None
-
-
-def disclaimer(is_test_model: bool, follow_up: bool) -> str:
-    parts = [TEST_MODEL_BANNER + "."] if is_test_model else []
-    parts.append(AI_DISCLAIMER)
-    if follow_up:
-        parts.append(FOLLOW_UP_DISCLAIMER)
-    return " ".join(parts)
 
 
 class InteractiveLane:
@@ -192,8 +75,10 @@ class InteractiveLane:
         self.model_settings = settings.model
         self.prompts = prompts
         self.owner = owner
-        self._studies: OrderedDict[int, StudyImages] = OrderedDict()
         self._next_abandoned_check = 0.0
+        language = self.model_settings.language
+        self._predict = PredictAnswers(db, self.data_dir, prompts, language, self._timings)
+        self._turns = TurnAnswers(db, self.data_dir, language, self._timings)
 
     # -- entry points -----------------------------------------------------------------------
 
@@ -279,10 +164,11 @@ class InteractiveLane:
         return items, later
 
     def _prepare(self, request: ClaimedRequest) -> LaneItem:
+        max_new_tokens = self._max_new_tokens(request.payload)
         if request.kind == InteractiveKind.PREDICT:
-            return self._prepare_predict(request)
+            return self._predict.prepare(request, max_new_tokens)
         if request.kind == InteractiveKind.CONVERSATION_TURN:
-            return self._prepare_turn(request)
+            return self._turns.prepare(request, max_new_tokens)
         raise RequestRefused(f"unknown request kind {request.kind!r}", ErrorCode.INVALID_INPUT)
 
     def _generate(self, engine: Engine, items: list[LaneItem]) -> dict[int, GenerationResult]:
@@ -327,9 +213,9 @@ class InteractiveLane:
     ) -> None:
         try:
             if isinstance(item.plan, PredictPlan):
-                self._finish_predict(item, item.plan, result, identity)
+                self._predict.finish(item, item.plan, result, identity)
             else:
-                self._finish_turn(item, item.plan, result, identity)
+                self._turns.finish(item, item.plan, result, identity)
         except RequestRefused as exc:
             self._fail(item.claimed, str(exc), exc.code)
         except Exception as exc:
@@ -363,252 +249,6 @@ class InteractiveLane:
             timings["prompt_tokens"] = result.prompt_tokens
         return timings
 
-    # -- predict ----------------------------------------------------------------------------
-
-    def _prepare_predict(self, request: ClaimedRequest) -> LaneItem:
-        payload = request.payload
-        path = self.data_dir / str(payload.get("upload_path", ""))
-        kind = str(payload.get("upload_kind"))
-        if kind == "dicom":
-            images, geometries, default_question = self._dicom_upload(path)
-        else:
-            images, geometries = self._picture_upload(path)
-            default_question = self.prompts.question("OT", "", "", self.model_settings.language)
-        question = str(payload.get("question") or "").strip() or default_question
-        generation = GenerationRequest(
-            images=images,
-            prompt=question,
-            settings=GenerationSettings(max_new_tokens=self._max_new_tokens(payload)),
-        )
-        image_info = {"kind": kind, "width": geometries[0].columns, "height": geometries[0].rows}
-        language = question_language(question, self.model_settings.language)
-        return LaneItem(request, generation, PredictPlan(images, geometries, language, image_info))
-
-    def _finish_predict(
-        self,
-        item: LaneItem,
-        plan: PredictPlan,
-        result: GenerationResult | None,
-        identity: ModelIdentity,
-    ) -> None:
-        assert result is not None
-        parsed = parse_report(result.text, plan.language, image_count=len(plan.images)).content
-        content = attach_regions(parsed, plan.geometries)
-        boxes = [
-            Box(
-                label=finding.label,
-                box=[finding.region.x0, finding.region.y0, finding.region.x1, finding.region.y1],
-                image_sop_uid=finding.region.sop_instance_uid or None,
-            )
-            for finding in content.findings
-            if finding.region is not None
-        ]
-        predict = PredictResult(
-            answer=content.narrative or content.impression or _clean_text(result.text),
-            findings=content.findings,
-            boxes=boxes,
-            image=plan.image_info,
-            parse_status=content.parse_status.value,
-            model=identity,
-            disclaimer=disclaimer(identity.is_test_model, follow_up=False),
-            timings=self._timings(item, result),
-        )
-        complete(self.db, item.claimed.id, predict.model_dump(mode="json"))
-
-    def _dicom_upload(self, path: Path) -> tuple[list[Image.Image], list[SquareGeometry], str]:
-        """Same preprocessing as a received study; its first image; its template question."""
-        try:
-            prepared = prepare_study([path])
-        except PreprocessError as exc:
-            raise RequestRefused(
-                f"the DICOM file cannot be used: {exc}", ErrorCode.INVALID_INPUT
-            ) from exc
-        question = self.prompts.question(
-            prepared.modality, prepared.body_part, "", self.model_settings.language
-        )
-        return prepared.images[:1], prepared.geometries[:1], question
-
-    def _picture_upload(self, path: Path) -> tuple[list[Image.Image], list[SquareGeometry]]:
-        """A PNG/JPEG as RGB, padded to a square like a radiograph (preprocess.pad_to_square)."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(path.read_bytes())) as opened:
-                    if opened.width * opened.height > MAX_UPLOAD_PIXELS:
-                        raise RequestRefused(
-                            f"the image has more than {MAX_UPLOAD_PIXELS} pixels",
-                            ErrorCode.INVALID_INPUT,
-                        )
-                    pixels = np.asarray(opened.convert("RGB"))
-        except (
-            OSError,
-            ValueError,
-            UnidentifiedImageError,
-            Image.DecompressionBombError,
-            Image.DecompressionBombWarning,
-        ) as exc:
-            raise RequestRefused(
-                f"the upload is not a readable PNG or JPEG image ({type(exc).__name__})",
-                ErrorCode.INVALID_INPUT,
-            ) from exc
-        geometry = SquareGeometry.for_image("", pixels.shape[0], pixels.shape[1])
-        return [pad_to_square(pixels, geometry)], [geometry]
-
-    # -- conversation turns -------------------------------------------------------------------
-
-    def _prepare_turn(self, request: ClaimedRequest) -> LaneItem:
-        payload = request.payload
-        question = str(payload.get("question", "")).strip()
-        anchor_id = payload.get("anchor_id")
-        context = self._turn_context(int(payload.get("conversation_id") or 0))
-        language = question_language(question, self.model_settings.language)
-        try:
-            reference = resolve_reference(
-                question, anchor_id if isinstance(anchor_id, str) else None, context.anchors
-            )
-        except TurnError as exc:
-            raise RequestRefused(str(exc), ErrorCode.INVALID_INPUT) from exc
-        measurements = requested_measurements(
-            question, reference, context.anchors, context.study, language
-        )
-        plan = TurnPlan(context, question, language, reference, measurements, [])
-        if measurements:
-            return LaneItem(request, None, plan)
-        generation, plan.views = build_turn_request(
-            question=question,
-            reference=reference,
-            anchors=context.anchors,
-            study=context.study,
-            report_question=context.report_question,
-            report_content=context.report_content,
-            past=context.past,
-            language=language,
-            max_new_tokens=self._max_new_tokens(payload),
-        )
-        return LaneItem(request, generation, plan)
-
-    def _finish_turn(
-        self,
-        item: LaneItem,
-        plan: TurnPlan,
-        result: GenerationResult | None,
-        identity: ModelIdentity,
-    ) -> None:
-        context = plan.context
-        if result is None:  # measured by the node; the model did not run
-            answer = " ".join(m.text for m in plan.measurements)
-            findings, new_anchors, raw_text, model = [], [], "", None
-            text = f"{NODE_MEASURED} {disclaimer(context.is_test_model, follow_up=True)}"
-        else:
-            read = read_answer(
-                result.text, plan.language, plan.views, context.study, context.anchors,
-                context.turn_index,
-            )  # fmt: skip
-            answer, findings, new_anchors = read.answer, read.findings, read.new_anchors
-            raw_text, model = result.text, identity
-            text = disclaimer(identity.is_test_model, follow_up=True)
-        turn = TurnResult(
-            conversation_id=context.id,
-            turn_index=context.turn_index,
-            question=plan.question,
-            answer=answer,
-            answered_by="node" if result is None else "model",
-            referenced_anchor_id=plan.reference.anchor.id if plan.reference.anchor else None,
-            findings=findings,
-            anchors=[*context.anchors, *new_anchors],
-            new_anchor_ids=[anchor.id for anchor in new_anchors],
-            measurements=plan.measurements,
-            model=model,
-            disclaimer=text,
-            timings=self._timings(item, result),
-        )
-        self._store_turn(item.claimed, turn, raw_text)
-
-    def _store_turn(self, request: ClaimedRequest, turn: TurnResult, raw_text: str) -> None:
-        """The turn row and the request's answer in one transaction."""
-        with self.db.session() as session:
-            conversation = session.get_one(Conversation, turn.conversation_id)
-            if conversation.state != ConversationState.OPEN:
-                raise RequestRefused(
-                    f"conversation {conversation.id} was {conversation.state} meanwhile",
-                    ErrorCode.CONFLICT,
-                )
-            session.add(
-                ConversationTurn(
-                    conversation_id=turn.conversation_id,
-                    turn_index=turn.turn_index,
-                    question=turn.question,
-                    answer=turn.answer,
-                    raw_text=raw_text,
-                    answered_by=turn.answered_by,
-                    referenced_anchor_id=turn.referenced_anchor_id,
-                    anchors=[a.model_dump(mode="json") for a in turn.anchors],
-                    findings=[f.model_dump(mode="json") for f in turn.findings],
-                    measurements=[m.model_dump(mode="json") for m in turn.measurements],
-                    model_json=turn.model.model_dump(mode="json") if turn.model else {},
-                    timings=turn.timings,
-                    asked_by=request.requested_by,
-                    request_id=request.id,
-                    created_at=utcnow(),
-                )
-            )
-            complete_in(session, request.id, turn.model_dump(mode="json"))
-
-    def _turn_context(self, conversation_id: int) -> TurnContext:
-        with self.db.session() as session:
-            conversation = session.get(Conversation, conversation_id)
-            if conversation is None:
-                raise RequestRefused(f"no conversation {conversation_id}", ErrorCode.NOT_FOUND)
-            if conversation.state != ConversationState.OPEN:
-                raise RequestRefused(
-                    f"conversation {conversation_id} is {conversation.state}", ErrorCode.CONFLICT
-                )
-            report = (
-                session.get_one(Report, conversation.report_id)
-                if conversation.report_id is not None
-                else None
-            )
-            version_id = (
-                report.study_version_id
-                if report is not None
-                else _latest_version(session, conversation.study_id)
-            )
-            version = session.get_one(StudyVersion, version_id)
-            paths = [self.data_dir / instance.path for instance in version.instances]
-            turns = list(conversation.turns)
-            anchors = current_anchors(session, conversation)
-            past = [PastTurn(turn.question, _past_text(turn)) for turn in turns]
-        return TurnContext(
-            id=conversation_id,
-            turn_index=len(turns) + 1,
-            anchors=anchors,
-            report_question=report.question if report is not None else None,
-            report_content=(
-                ReportContent.model_validate(report.content_json) if report is not None else None
-            ),
-            past=past,
-            is_test_model=bool(report.is_test_model) if report is not None else False,
-            study=self._study_images(version_id, paths),
-        )
-
-    def _study_images(self, version_id: int, paths: list[Path]) -> StudyImages:
-        """The study rendered as the model saw it (kept for the next turns)."""
-        cached = self._studies.get(version_id)
-        if cached is not None:
-            self._studies.move_to_end(version_id)
-            return cached
-        try:
-            prepared = prepare_study(paths)
-        except PreprocessError as exc:
-            raise RequestRefused(
-                f"the study images cannot be used: {exc}", ErrorCode.INVALID_INPUT
-            ) from exc
-        study = StudyImages(prepared, spacings_by_sop_uid(paths))
-        self._studies[version_id] = study
-        while len(self._studies) > STUDY_CACHE_SIZE:
-            self._studies.popitem(last=False)
-        return study
-
 
 def _engine_error_code(error: InferenceError) -> ErrorCode:
     """An inference server's refusal of the request itself is the request's problem (its
@@ -618,27 +258,3 @@ def _engine_error_code(error: InferenceError) -> ErrorCode:
     if isinstance(error, EngineUnavailable | EngineRequestFailed):
         return ErrorCode.MODEL_UNAVAILABLE
     return ErrorCode.INTERNAL
-
-
-def _latest_version(session: Session, study_id: int) -> int:
-    version_id = session.scalar(
-        select(StudyVersion.id)
-        .where(StudyVersion.study_id == study_id)
-        .order_by(StudyVersion.version_number.desc())
-        .limit(1)
-    )
-    if version_id is None:
-        raise RequestRefused("the study has no images yet", ErrorCode.INVALID_INPUT)
-    return int(version_id)
-
-
-def _past_text(turn: ConversationTurn) -> str:
-    """What the model said in an earlier turn (its thinking dropped), or the node's answer."""
-    if turn.answered_by == "model" and turn.raw_text:
-        return _clean_text(turn.raw_text)
-    return turn.answer
-
-
-def _clean_text(text: str) -> str:
-    answer, _unclosed = strip_thinking(text)
-    return answer.strip()
