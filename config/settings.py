@@ -33,6 +33,7 @@ from pydantic_settings import (
 
 from core.errors import ConfigError  # raised here; importable from here as before
 from core.retry import RetryPolicy
+from core.validation import error_key
 
 ENV_PREFIX = "MEDGEMMA_NODE_"
 
@@ -490,7 +491,7 @@ def _format_validation_error(exc: ValidationError, path: Path | None) -> str:
     from_file = False
     for error in exc.errors():
         location = tuple(error["loc"])
-        key = ".".join(str(part) for part in location) or "(root)"
+        key = error_key(location)
         variable = _environment_variable(location)
         if variable is None:
             from_file = True

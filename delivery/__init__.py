@@ -1,7 +1,8 @@
 """Delivery: outbox rows to their destinations, one lane per destination.
 
-worker.py       DeliveryWorker: a lane (core.loop.LoopThread) per enabled destination; claim,
-                send, record; backoff and dead letters by the destination's retry policy (core.retry)
+worker.py       DeliveryWorker: a lane (core.loop.LoopThread) per enabled destination;
+                claim, send, record; backoff and dead letters by the destination's retry
+                policy (core.retry)
 senders.py      SenderRegistry: the Sender bound to each destination's typed settings
 file_sender.py  FileSender: a report's files into a directory, durably
 http_sender.py  HttpSender: the JSON POSTed with an Idempotency-Key (RFC 9110)
