@@ -1,7 +1,7 @@
 """TEST DOUBLE: a scripted OpenAI-compatible chat completions server on loopback.
 
-This is not an inference server and runs no model. It stands in for vLLM (whose CPU build
-cannot serve on the test machines: see benchmarks/RESULTS.md) so the tests and the benchmark can
+This is not an inference server and runs no model. It stands in for vLLM (whose CPU build is
+not installed on the test machines: see benchmarks/RESULTS.md) so the tests and the benchmark can
 drive ``engine = "openai"`` over real HTTP. It answers the way vLLM's OpenAI server does
 (``GET /v1/models``, ``GET /version``, ``POST /v1/chat/completions`` with vLLM's response and
 error shapes), and it checks every chat request against the chat completions schema the node
