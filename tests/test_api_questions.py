@@ -180,9 +180,9 @@ def test_without_weights_the_answer_is_503_saying_how_to_provide_them(
 ) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     settings.model = settings.model.model_copy(update={"model_path": tmp_path / "no-weights"})
-    with worker_running(api.db, settings, EngineProvider(settings)):
-        with api.client(RADIOLOGIST) as client:
-            refused = predict(client, png_bytes(32, 32))
+    provider = EngineProvider(settings)
+    with worker_running(api.db, settings, provider), api.client(RADIOLOGIST) as client:
+        refused = predict(client, png_bytes(32, 32))
     assert refused.status_code == 503, refused.text
     assert refused.json()["error_code"] == ErrorCode.MODEL_UNAVAILABLE
     assert refused.json()["detail"] == missing_weights_message(settings.model)
