@@ -38,6 +38,7 @@ class ApiServer:
         self.settings = settings
         self.db = db
         self.app = create_app(settings, db, on_report)
+        self.answers = self.app.state.context.answers  # its doorbell listener stops with us
         self.last_error: str | None = None
         self.restarts = 0
         self.port: int = settings.api.port
@@ -130,7 +131,7 @@ class ApiServer:
             self._thread.join(timeout=GRACEFUL_SHUTDOWN_S + 5)
         if self._socket is not None:
             self._socket.close()
-        self.app.state.context.answers.stop()
+        self.answers.stop()
 
 
 def _run_uvicorn(server: uvicorn.Server, sock: socket.socket) -> None:
