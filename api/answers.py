@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -145,7 +146,7 @@ def answer_responses(answer: type[BaseModel], extra: dict[int, str]) -> dict[int
 class AnswerWaiter:
     """Waits for answers without taking threads from the pool of the other endpoints."""
 
-    def __init__(self, db: Database, data_dir: Any, max_waiters: int, poll_interval_s: float):
+    def __init__(self, db: Database, data_dir: Path, max_waiters: int, poll_interval_s: float):
         self.db = db
         self.data_dir = data_dir
         self.max_waiters = max_waiters
