@@ -64,11 +64,13 @@ class PredictAnswers:
         payload = request.payload
         path = self.data_dir / str(payload.get("upload_path", ""))
         kind = str(payload.get("upload_kind"))
+        asked = payload.get("language")
+        default = asked if asked in ("en", "zh") else self.language
         if kind == "dicom":
-            images, geometries, default_question = self._dicom_upload(path)
+            images, geometries, default_question = self._dicom_upload(path, default)
         else:
             images, geometries = self._picture_upload(path)
-            default_question = self.prompts.question("OT", "", "", self.language)
+            default_question = self.prompts.question("OT", "", "", default)
         question = str(payload.get("question") or "").strip() or default_question
         generation = GenerationRequest(
             images=images,
@@ -76,7 +78,8 @@ class PredictAnswers:
             settings=GenerationSettings(max_new_tokens=max_new_tokens),
         )
         image_info = {"kind": kind, "width": geometries[0].columns, "height": geometries[0].rows}
-        language = question_language(question, self.language)
+        # An asked language wins; else the question's (Chinese characters: zh), else [model]'s.
+        language = default if asked in ("en", "zh") else question_language(question, default)
         return LaneItem(request, generation, PredictPlan(images, geometries, language, image_info))
 
     def finish(
@@ -110,7 +113,9 @@ class PredictAnswers:
         )
         complete(self.db, item.claimed.id, predict.model_dump(mode="json"))
 
-    def _dicom_upload(self, path: Path) -> tuple[list[Image.Image], list[SquareGeometry], str]:
+    def _dicom_upload(
+        self, path: Path, language: str
+    ) -> tuple[list[Image.Image], list[SquareGeometry], str]:
         """Same preprocessing as a received study; its first image; its template question."""
         try:
             prepared = prepare_study([path])
@@ -118,7 +123,7 @@ class PredictAnswers:
             raise RequestRefused(
                 f"the DICOM file cannot be used: {exc}", ErrorCode.INVALID_INPUT
             ) from exc
-        question = self.prompts.question(prepared.modality, prepared.body_part, "", self.language)
+        question = self.prompts.question(prepared.modality, prepared.body_part, "", language)
         return prepared.images[:1], prepared.geometries[:1], question
 
     def _picture_upload(self, path: Path) -> tuple[list[Image.Image], list[SquareGeometry]]:
