@@ -2,8 +2,8 @@
 served model's name, Retry-After, settings, and mutual TLS; and `serve` as a process with the
 server down, then up.
 
-The server is peers/openai_double.py, a TEST DOUBLE on loopback (vLLM's CPU build is not
-installed on the test machines: benchmarks/RESULTS.md says why) that checks every request
+The server is peers/openai_double.py, a TEST DOUBLE on loopback (vLLM's CPU build cannot
+serve Gemma 3 on the test machines: benchmarks/RESULTS.md says why) that checks every request
 against the chat completions schema and answers like vLLM.
 """
 

@@ -1,8 +1,8 @@
 """engine = "openai": studies and questions sent to an OpenAI-compatible chat completions
 server through the inference worker (the engine alone, TLS and `serve`: test_openai_client.py).
 
-The server is peers/openai_double.py, a TEST DOUBLE on loopback (vLLM's CPU build is not
-installed on the test machines: benchmarks/RESULTS.md says why) that checks every request
+The server is peers/openai_double.py, a TEST DOUBLE on loopback (vLLM's CPU build cannot
+serve Gemma 3 on the test machines: benchmarks/RESULTS.md says why) that checks every request
 against the chat completions schema and answers like vLLM. The node side is real: the engine
 provider, the inference worker, the job queue on SQLite and PostgreSQL, the report outputs, real
 images.
