@@ -2,7 +2,7 @@
 
     /api/health                       liveness, no token
     /api/ready, /api/me               readiness (503 when not ready), the signed-in user
-    /api/studies...                   worklist, study, report (JSON or SR), instance image
+    /api/studies...                   worklist, study, report (JSON, SR or PDF), instance image
     /api/jobs..., /api/outbox...      admin: lists and retries
     /api/status, /api/events          the node's status page; change events (SSE)
     /, /console/...                   the web console (api/routers/console.py)
@@ -23,7 +23,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.deps import ApiContext
+from api.deps import ApiContext, ReportPdfSource
 from api.middleware import AuditMiddleware, BodyLimitMiddleware, UnexpectedErrorMiddleware
 from api.routers import admin, console, health, live, studies
 from config.settings import NodeSettings
@@ -49,7 +49,10 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: NodeSettings, db: Database) -> FastAPI:
+def create_app(
+    settings: NodeSettings, db: Database, report_pdf: ReportPdfSource | None = None
+) -> FastAPI:
+    """``report_pdf``: how to get a report's PDF (``?format=pdf``); None answers 503."""
     docs_public = settings.api.docs == "public"
     app = FastAPI(
         title="medgemma-node",
@@ -59,7 +62,7 @@ def create_app(settings: NodeSettings, db: Database) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.context = ApiContext(settings=settings, db=db)
+    app.state.context = ApiContext(settings=settings, db=db, report_pdf=report_pdf)
     for router in (health.router, studies.router, admin.router, live.router, console.router):
         app.include_router(router)
     app.mount("/console", StaticFiles(directory=console.CONSOLE_DIR), name="console")

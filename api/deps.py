@@ -22,6 +22,10 @@ from storage.models import UserRole
 from storage.users import UserInfo, authenticate
 
 REALM = "medgemma-node"
+# The PDF of a report by id, built and stored first when missing. Injected by the process
+# wiring (medgemma_node.report_pdf.ReportPdfFiles.ensure_pdf): the API does not compose the
+# delivery and DICOM stages itself.
+ReportPdfSource = Callable[[int], bytes]
 ROLE_RANK = {UserRole.VIEWER: 0, UserRole.RADIOLOGIST: 1, UserRole.ADMIN: 2}
 
 
@@ -31,6 +35,7 @@ class ApiContext:
 
     settings: NodeSettings
     db: Database
+    report_pdf: ReportPdfSource | None = None  # None: this process serves no PDFs
 
     @property
     def data_dir(self) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from api.app import create_app
+from api.deps import ReportPdfSource
 from config.settings import NodeSettings
 from config.tls import server_ssl_context
 from storage.db import Database
@@ -31,10 +32,12 @@ GRACEFUL_SHUTDOWN_S = 3
 class ApiServer:
     """A Part (medgemma_node.service): start() returns at once, stop() when stopped."""
 
-    def __init__(self, settings: NodeSettings, db: Database) -> None:
+    def __init__(
+        self, settings: NodeSettings, db: Database, report_pdf: ReportPdfSource | None = None
+    ) -> None:
         self.settings = settings
         self.db = db
-        self.app = create_app(settings, db)
+        self.app = create_app(settings, db, report_pdf)
         self.last_error: str | None = None
         self.restarts = 0
         self.port: int = settings.api.port

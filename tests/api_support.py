@@ -52,14 +52,17 @@ def api_settings(data_dir: Path, **api: Any) -> NodeSettings:
 
 @contextmanager
 def running_api(
-    settings: NodeSettings, prepare: Callable[[ApiServer], None] | None = None
+    settings: NodeSettings,
+    prepare: Callable[[ApiServer], None] | None = None,
+    report_pdf: Callable[[int], bytes] | None = None,
 ) -> Iterator[RunningApi]:
     """The API alone (no SCP, no worker) in this process, as `serve` runs it: uvicorn in a
-    thread on a real socket. ``prepare`` may change the server before it starts."""
+    thread on a real socket. ``prepare`` may change the server before it starts;
+    ``report_pdf`` serves ?format=pdf."""
     db = Database(settings.database_url)
     db.upgrade()
     tokens = {role: create_user(db, f"{role.value}-user", role) for role in UserRole}
-    server = ApiServer(settings, db)
+    server = ApiServer(settings, db, report_pdf)
     if prepare is not None:
         prepare(server)
     server.start()
