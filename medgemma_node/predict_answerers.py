@@ -175,7 +175,7 @@ class ApiAnswerer:
         max_new_tokens: int | None,
         batch_size: int,
         timeout_s: float = 300.0,
-        busy_limit_s: float = 600.0,
+        busy_limit_s: float = 900.0,
     ) -> None:
         base = url.rstrip("/").removesuffix("/api")
         self.client = httpx.Client(
@@ -184,14 +184,18 @@ class ApiAnswerer:
         self.asked_language = asked_language
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.busy_limit_s = busy_limit_s  # how long to keep trying while the node says 429
+        # How long one pair may wait while the node says 429 (queue full) or 202 (not ready).
+        self.busy_limit_s = busy_limit_s
 
     def close(self) -> None:
         self.client.close()
 
     def answer(self, pairs: Sequence[Pair]) -> list[Record]:
-        with ThreadPoolExecutor(max_workers=self.batch_size) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.batch_size)
+        try:
             return list(pool.map(self._one, pairs))
+        finally:  # Ctrl-C: do not wait for the requests still out
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _fields(self, pair: Pair) -> dict[str, str]:
         fields = {"question": pair.question}
@@ -213,7 +217,7 @@ class ApiAnswerer:
                     "/api/predict", files={"file": (pair.file.name, data)}, data=self._fields(pair)
                 )
                 if response.status_code == httpx.codes.ACCEPTED:
-                    response = self._wait_for_answer(response)
+                    response = self._wait_for_answer(response, give_up_at)
             except httpx.ConnectError as exc:
                 message = f"cannot reach the node at {self.client.base_url}: {exc}"
                 raise PredictRunError(message) from exc
@@ -225,11 +229,13 @@ class ApiAnswerer:
                 return error_record(pair, "the node stayed busy (429): too many questions queued")
             time.sleep(_retry_after_s(response))
 
-    def _wait_for_answer(self, accepted: httpx.Response) -> httpx.Response:
+    def _wait_for_answer(self, accepted: httpx.Response, give_up_at: float) -> httpx.Response:
         """202: the answer was not ready in time; ask for it at its Location until it is."""
         location = accepted.headers.get("location", "")
         response = accepted
         while response.status_code == httpx.codes.ACCEPTED and location:
+            if time.monotonic() >= give_up_at:
+                break
             response = self.client.get(location, params={"wait": 60})
         return response
 
@@ -237,6 +243,8 @@ class ApiAnswerer:
         status = response.status_code
         if status == httpx.codes.OK:
             return answer_record(pair, response.json())
+        if status == httpx.codes.ACCEPTED:
+            return error_record(pair, "no answer in time (202); the node may still answer it")
         detail = _detail(response)
         if status in (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN):
             raise PredictRunError(f"the node refused the token ({status}): {detail}")

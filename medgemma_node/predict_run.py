@@ -187,7 +187,6 @@ class Answerer(Protocol):
 class RunSummary:
     answered: int = 0
     failed: int = 0
-    skipped: int = 0  # answered by an earlier run
     interrupted: bool = False
     errors: dict[str, str] = field(default_factory=dict)  # file -> its first error
 
