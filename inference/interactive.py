@@ -358,7 +358,7 @@ class InteractiveLane:
                 source = dicom_source(path, self.prompts, template)
             else:
                 source = picture_source(path.read_bytes(), kind, self.prompts, template)
-        except UnusableImage as exc:
+        except (UnusableImage, OSError) as exc:  # OSError: the kept upload cannot be read
             raise RequestRefused(str(exc), ErrorCode.INVALID_INPUT) from exc
         question = str(payload.get("question") or "")
         generation, question = predict_request(source, question, self._max_new_tokens(payload))
