@@ -27,7 +27,7 @@ from rich.progress import (
     ProgressColumn,
     Task,
     TextColumn,
-    TimeRemainingColumn,
+    TimeElapsedColumn,
 )
 from rich.text import Text
 
@@ -61,17 +61,24 @@ class PredictOptions:
     token: str | None = None
 
 
-class FilesPerSecond(ProgressColumn):
-    """Files done per second: pairs per second over the questions asked of each file."""
+class FilesRateAndEta(ProgressColumn):
+    """Files per second and the time left, from the average since the start: pairs finish a
+    batch at a time, so the rate between two updates says little."""
 
     def __init__(self, questions: int) -> None:
         super().__init__()
         self.questions = max(questions, 1)
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        shown = "-" if speed is None else f"{speed / self.questions:.2f}"
-        return Text(f"{shown} files/s", style="progress.data.speed")
+        elapsed = task.finished_time if task.finished else task.elapsed
+        if not elapsed or not task.completed:
+            return Text("- files/s, ETA -", style="progress.data.speed")
+        pairs_per_s = task.completed / elapsed
+        left_s = int(task.remaining / pairs_per_s) if task.remaining else 0
+        eta = f"{left_s // 3600}:{left_s // 60 % 60:02d}:{left_s % 60:02d}"
+        return Text(
+            f"{pairs_per_s / self.questions:.2f} files/s, ETA {eta}", style="progress.data.speed"
+        )
 
 
 def progress_bar(console: Console, questions: int) -> Progress:
@@ -80,9 +87,8 @@ def progress_bar(console: Console, questions: int) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("pairs"),
-        FilesPerSecond(questions),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+        FilesRateAndEta(questions),
+        TimeElapsedColumn(),
         console=console,
     )
 
