@@ -136,8 +136,23 @@ class FollowUp(BaseModel):
     answered_by: str = "model"  # "model", or "node" for a measurement from the pixel spacing
 
 
+class ScopeVerdict(BaseModel):
+    """Whether the study is within the model's validated scope, decided from its header
+    (issue 12; the JSON report's ``"scope": {"in_scope": false, "reason": "..."}``)."""
+
+    in_scope: bool = True
+    reason: str = ""
+
+    @field_validator("reason")
+    @classmethod
+    def _clean_reason(cls, value: str) -> str:
+        return clean_model_text(value)
+
+
 class ReportContent(BaseModel):
-    """The parsed answer. ``findings`` empty and ``narrative`` set is a valid, normal result."""
+    """The parsed answer. ``findings`` empty and ``narrative`` set is a valid, normal result.
+    ``scope``: set by the node, not the model; carried by a report appended to from a
+    conversation, as it is about the same study."""
 
     parse_status: ParseStatus
     language: str = "en"
@@ -147,6 +162,14 @@ class ReportContent(BaseModel):
     urgency: Urgency | None = None
     narrative: str = ""
     follow_up: list[FollowUp] = Field(default_factory=list)
+    scope: ScopeVerdict | None = None
+
+    @property
+    def out_of_scope_reason(self) -> str | None:
+        """What every output says when the study is outside the validated scope, else None."""
+        if self.scope is None or self.scope.in_scope:
+            return None
+        return self.scope.reason or "outside the validated scope"
 
     @field_validator("impression", "recommendation", "narrative")
     @classmethod
