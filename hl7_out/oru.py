@@ -8,7 +8,7 @@ Message layout::
     ORC                         §4.5.1   RE, order numbers, ORC-7.6 priority
     OBR                         §7.4.1   procedure, times, status P, priority
     NTE...                      §2.15.10 what the result is: test-model banner, AI disclaimer,
-                                         model identity
+                                         model identity, the comparison with the prior
     [TQ1]                       §4.5.4   TQ1-9 priority, when one is known
     OBX (one OBSERVATION group  §7.4.2   TX, one report line each, LOINC section code,
          per report line)...             OBX-11 P
