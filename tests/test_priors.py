@@ -22,10 +22,13 @@ from sqlalchemy import select
 from config.settings import NodeSettings
 from dicom_node.priors import PacsPriorFinder
 from dicom_node.scp import StorageSCP
+from inference.demo_model import write_demo_model
+from inference.engine import GenerationRequest, GenerationResult
 from inference.parsing import parse_report
 from inference.preprocess import prepare_study
 from inference.prompts import PromptLibrary
 from inference.scripted_engine import ScriptedEngine
+from inference.transformers_engine import TransformersEngine
 from inference.worker import InferenceWorker
 from medgemma_node.outputs import REPORT_JSON, ReportOutputs
 from peers.dicom_files import copy_with_new_uids
@@ -284,7 +287,7 @@ def test_no_prior_within_max_age_says_so(
     settings = settings_for(tmp_path, db, orthanc, node_port, max_age_days=365)
     queue_current(db, settings, rg1_unci, tmp_path / "modality")
     engine, finder = run_worker(db, settings)
-    report, comparison, _sr = stored(db)
+    _report, comparison, _sr = stored(db)
     assert not comparison.compared and "within 365 days" in comparison.reason
     assert len(engine.calls[0][0].images) == 1 and "PRIOR" not in engine.calls[0][0].prompt
     assert finder.state["last_error"] is None  # no prior is not an error
@@ -297,7 +300,7 @@ def test_pacs_down_report_without_prior_within_the_limit(
     orthanc.stop()
     queue_current(db, settings, rg1_unci, tmp_path / "modality")
     engine, finder = run_worker(db, settings)
-    report, comparison, sr_path = stored(db)
+    _report, comparison, sr_path = stored(db)
     assert not comparison.compared and "cannot connect" in comparison.reason
     assert comparison.seconds <= settings.priors.total_timeout_s
     assert len(engine.calls[0][0].images) == 1
@@ -330,6 +333,35 @@ def test_pacs_slow_report_without_prior_within_the_limit(
     # Bounded by the finder's join(total_timeout_s), measured by the finder itself.
     assert comparison.seconds < settings.priors.total_timeout_s + 1.0
     assert finder.state["last_error"] == comparison.reason
+
+
+def test_tiny_test_model_reads_prior_then_current_in_one_turn(
+    tmp_path: Path, db: Database, orthanc: OrthancServer, node_port: int, rg1_unci: Path
+) -> None:
+    """The real load and generate path (tiny random Gemma 3) with the two-image request."""
+    orthanc.upload(chest_cr(rg1_unci, tmp_path / "pacs", PATIENT, PRIOR_DATE))
+    settings = settings_for(tmp_path, db, orthanc, node_port, mode="get")
+    queue_current(db, settings, rg1_unci, tmp_path / "modality")
+    write_demo_model(tmp_path / "demo")
+    engine = TransformersEngine(settings.model, weights_dir=tmp_path / "demo")
+    seen: list[int] = []
+    generate = engine.generate
+
+    def recording(requests: list[GenerationRequest]) -> list[GenerationResult]:
+        seen.extend(len(request.images) for request in requests)
+        return generate(requests)
+
+    engine.generate = recording  # type: ignore[method-assign]
+    finder = PacsPriorFinder(settings, db)
+    worker = InferenceWorker(
+        db, settings, lambda: engine, ReportOutputs(settings), prior_finder=finder
+    )
+    assert worker.run_once() == 1
+    _report, comparison, _sr = stored(db)
+    assert comparison.compared and seen == [2]
+    with db.session() as session:
+        report = session.scalars(select(Report)).one()
+    assert report.is_test_model and report.timings_json["new_tokens"] > 0
 
 
 def test_comparison_template_and_change_words() -> None:
