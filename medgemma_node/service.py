@@ -78,6 +78,7 @@ class RuntimeState:
     model: dict[str, Any] = field(default_factory=dict)
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     api: dict[str, Any] = field(default_factory=dict)
+    priors: dict[str, Any] = field(default_factory=dict)  # [priors]: searches, last error
 
 
 def open_database(settings: NodeSettings) -> Database:
@@ -350,7 +351,15 @@ def start_worker(node: Node) -> None:
 
     db = node.db or node.prepare()
     provider = EngineProvider(node.settings)
-    worker = InferenceWorker(db, node.settings, provider, ReportOutputs(node.settings))
+    finder = None
+    if node.settings.priors.enabled:
+        from dicom_node.priors import PacsPriorFinder
+
+        finder = PacsPriorFinder(node.settings, db)
+        node.state_providers.append(lambda state: state.priors.update(finder.state))
+    worker = InferenceWorker(
+        db, node.settings, provider, ReportOutputs(node.settings), prior_finder=finder
+    )
     # Before start(): the first status file already says what the model is doing.
     node.state_providers.append(lambda state: _model_state(state, provider, worker))
     node.start()

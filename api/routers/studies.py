@@ -49,6 +49,7 @@ from storage.models import (
     Study,
     StudyVersion,
 )
+from storage.priors import prior_comparison
 from storage.report_schema import (
     AI_DISCLAIMER,
     TEST_MODEL_BANNER,
@@ -313,6 +314,7 @@ def report_detail(
         model=model,
         timings=report.timings_json or {},
         disclaimer=disclaimer,
+        prior=prior_comparison(session, report.id),
     )
 
 
