@@ -265,7 +265,7 @@ def read_profile(database_url: str) -> dict[str, Any]:
 # -- the engine reference ---------------------------------------------------------------------
 
 
-def engine_reference(args: argparse.Namespace, max_batch: int) -> dict[str, Any]:
+def engine_reference(args: argparse.Namespace, max_batch: int, batches: int) -> dict[str, Any]:
     """The engine alone, pipelined as the worker runs it, from the same weights directory."""
     import gc
 
@@ -293,7 +293,7 @@ def engine_reference(args: argparse.Namespace, max_batch: int) -> dict[str, Any]
     engine = TransformersEngine(settings.model)
     attach_fast_path(engine, settings)
     side = IMAGE_TINY if args.tiny else IMAGE_4B
-    work = sustained_requests(args.engine_batches, max_batch, args.new_tokens, side)
+    work = sustained_requests(batches, max_batch, args.new_tokens, side)
     row = time_sustained(engine, work, pipelined=True)
     row.pop("texts")
     del engine
@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         row = run_node(args, case, files)
         size = case["max_batch"]
         if size not in seen_reference:
-            seen_reference[size] = engine_reference(args, size)
+            seen_reference[size] = engine_reference(args, size, engine_batches(args, size))
         row["engine"] = seen_reference[size]
         rows.append(row)
         print_row(row, header=len(rows) == 1)
