@@ -38,6 +38,7 @@ class RenderPool:
     def __init__(self, processes: int) -> None:
         self.processes = processes
         self._executor = self._new_executor()
+        self._warm_ups: list[Future[int]] = []
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -46,8 +47,12 @@ class RenderPool:
 
     def warm_up(self) -> None:
         """Start every process now (imports) rather than during the first batch; returns at once."""
-        for _ in range(self.processes):
-            self._executor.submit(_ready)
+        self._warm_ups = [self._executor.submit(_ready) for _ in range(self.processes)]
+
+    @property
+    def ready(self) -> bool:
+        """Every process has started (until then the worker renders in its own thread)."""
+        return all(future.done() for future in self._warm_ups)
 
     def submit(self, paths: Sequence[Path]) -> Future[tuple[PreparedStudy, float]]:
         try:

@@ -175,6 +175,7 @@ class StorePool:
         self._initargs = (database_url, data_dir, on_report, setup)
         self._executor = self._new_executor()
         self._pending: set[Future[StoreOutcome]] = set()
+        self._warm_ups: list[Future[None]] = []
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -186,8 +187,12 @@ class StorePool:
 
     def warm_up(self) -> None:
         """Start every process now (imports) rather than at first use; returns at once."""
-        for _ in range(self.processes):
-            self._executor.submit(_ready)
+        self._warm_ups = [self._executor.submit(_ready) for _ in range(self.processes)]
+
+    @property
+    def ready(self) -> bool:
+        """Every process has started (until then the worker stores in its own thread)."""
+        return all(future.done() for future in self._warm_ups)
 
     def submit(self, owner: str, task: StoreTask, done: StoreDone) -> None:
         try:

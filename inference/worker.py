@@ -197,19 +197,26 @@ class InferenceWorker:
         self.loop.start()
 
     def start_pools(self) -> None:
-        """The render and store processes, started now so the first batch does not wait."""
+        """The render and store processes, started now; until they run (a few seconds of
+        imports) the worker renders and stores in its own threads, so no study waits."""
         if self.render_processes > 0 and self._render_pool is None:
             self._render_pool = RenderPool(self.render_processes)
             self._render_pool.warm_up()
         if self.store_processes > 0 and self._store_pool is None:
             self._store_pool = StorePool(
                 self.store_processes,
-                self.db.engine.url.render_as_string(hide_password=False),
+                self.db.url,
                 self.data_dir,
                 self.on_report,
                 self.process_setup,
             )
             self._store_pool.warm_up()
+
+    @property
+    def pools_ready(self) -> bool:
+        """The render and store processes (those configured) have all started."""
+        pools = (self._render_pool, self._store_pool)
+        return all(pool.ready for pool in pools if pool is not None)
 
     def stop(self) -> None:
         if self.loop.stop(timeout_s=60):
@@ -288,10 +295,11 @@ class InferenceWorker:
 
     def _claim_and_load(self) -> ClaimedBatch:
         job_ids = self._claim_batch()
-        if self._render_pool is None:
+        pool = self._render_pool
+        if pool is None or not pool.ready:  # its processes are still starting: no waiting
             jobs = [job for job in (self._prepare(job_id) for job_id in job_ids) if job]
         else:
-            jobs = self._render_in_pool(self._render_pool, job_ids)
+            jobs = self._render_in_pool(pool, job_ids)
         return ClaimedBatch(job_ids, jobs)
 
     def _render_in_pool(self, pool: RenderPool, job_ids: list[int]) -> list[PreparedJob]:
@@ -436,8 +444,9 @@ class InferenceWorker:
         for the outputs), else here."""
         try:
             task = self._store_task(engine, job, result)
-            if self._store_pool is not None:
-                self._store_pool.submit(self.owner, task, self._stored)
+            pool = self._store_pool
+            if pool is not None and pool.ready:  # until its processes run: in this thread
+                pool.submit(self.owner, task, self._stored)
                 return
             outcome = store_report(self.db, self.owner, task, self.on_report)
         except Exception as exc:

@@ -18,6 +18,7 @@ from inference.report_store import StoreOutcome, StoreTask, store_report
 from inference.scripted_engine import ScriptedEngine
 from inference.worker import InferenceWorker
 from medgemma_node.outputs import ReportOutputs
+from peers.net import wait_for
 from storage.db import Database
 from storage.files import uid_component
 from storage.ingest import close_quiet_studies
@@ -52,6 +53,7 @@ def test_reports_and_outputs_are_stored_by_the_processes(
     )
     worker.start_pools()
     try:
+        wait_for(lambda: worker.pools_ready, 120, message="render and store processes")
         assert worker.run_once() == 2
     finally:
         worker.close_pools()  # waits for the report being stored
