@@ -236,8 +236,9 @@ class ModelSettings(Section):
     poll_interval_s: float = Field(default=0.5, gt=0)
     fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
     # Processes beside the inference worker (README "GPU sizing"): DICOM reading and rendering,
-    # and storing reports with their SR/GSPS/ORU/JSON. None: a quarter of the CPU cores, 1 to 4
-    # each; 0: in the worker's own threads (the GPU then waits while outputs are built).
+    # and storing reports with their SR/GSPS/ORU/JSON. None: a quarter of the CPU cores, at most
+    # 4 each (none below 4 cores); 0: in the worker's own threads (the GPU then waits while
+    # outputs are built).
     render_processes: int | None = Field(default=None, ge=0)
     output_processes: int | None = Field(default=None, ge=0)
     # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
@@ -248,7 +249,7 @@ class ModelSettings(Section):
 
     def processes(self) -> tuple[int, int]:
         """(render, output) processes, ``None`` settings resolved for this machine."""
-        auto = min(4, max(1, (os.cpu_count() or 1) // 4))
+        auto = min(4, (os.cpu_count() or 1) // 4)
         render = auto if self.render_processes is None else self.render_processes
         output = auto if self.output_processes is None else self.output_processes
         return render, output
