@@ -3,6 +3,8 @@
     /api/health                       liveness, no token
     /api/ready, /api/me               readiness (503 when not ready), the signed-in user
     /api/studies...                   worklist, study, report (JSON or SR), instance image
+    /api/predict, /api/answers/{id}   a question about an uploaded image; answers not ready
+    /api/studies/{uid}/conversations, /api/conversations/...   questions about a study
     /api/jobs..., /api/outbox...      admin: lists and retries
     /api/status, /api/events          the node's status page; change events (SSE)
     /, /console/...                   the web console (api/routers/console.py)
@@ -25,8 +27,9 @@ from fastapi.staticfiles import StaticFiles
 
 from api.deps import ApiContext
 from api.middleware import AuditMiddleware, BodyLimitMiddleware, UnexpectedErrorMiddleware
-from api.routers import admin, console, health, live, studies
+from api.routers import admin, console, conversations, health, live, predict, studies
 from config.settings import NodeSettings
+from storage.conversations import ReportHook
 from storage.db import Database
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -49,7 +52,9 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: NodeSettings, db: Database) -> FastAPI:
+def create_app(
+    settings: NodeSettings, db: Database, on_report: ReportHook | None = None
+) -> FastAPI:
     docs_public = settings.api.docs == "public"
     app = FastAPI(
         title="medgemma-node",
@@ -59,9 +64,10 @@ def create_app(settings: NodeSettings, db: Database) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.context = ApiContext(settings=settings, db=db)
-    for router in (health.router, studies.router, admin.router, live.router, console.router):
-        app.include_router(router)
+    app.state.context = ApiContext(settings=settings, db=db, on_report=on_report)
+    routers = (health, studies, conversations, predict, admin, live, console)
+    for module in routers:
+        app.include_router(module.router)
     app.mount("/console", StaticFiles(directory=console.CONSOLE_DIR), name="console")
     if docs_public:
         _add_docs(app)
@@ -87,4 +93,3 @@ def _add_docs(app: FastAPI) -> None:
             # validator.swagger.io for its badge.
             swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": False},
         )
-

@@ -369,11 +369,13 @@ class InteractiveLane:
         payload = request.payload
         path = self.data_dir / str(payload.get("upload_path", ""))
         kind = str(payload.get("upload_kind"))
+        asked = payload.get("language")
+        default = asked if asked in ("en", "zh") else self.model_settings.language
         if kind == "dicom":
-            images, geometries, default_question = self._dicom_upload(path)
+            images, geometries, default_question = self._dicom_upload(path, default)
         else:
             images, geometries = self._picture_upload(path)
-            default_question = self.prompts.question("OT", "", "", self.model_settings.language)
+            default_question = self.prompts.question("OT", "", "", default)
         question = str(payload.get("question") or "").strip() or default_question
         generation = GenerationRequest(
             images=images,
@@ -381,7 +383,8 @@ class InteractiveLane:
             settings=GenerationSettings(max_new_tokens=self._max_new_tokens(payload)),
         )
         image_info = {"kind": kind, "width": geometries[0].columns, "height": geometries[0].rows}
-        language = question_language(question, self.model_settings.language)
+        # An asked language wins; else the question's (Chinese characters: zh), else [model]'s.
+        language = default if asked in ("en", "zh") else question_language(question, default)
         return LaneItem(request, generation, PredictPlan(images, geometries, language, image_info))
 
     def _finish_predict(
@@ -415,7 +418,9 @@ class InteractiveLane:
         )
         complete(self.db, item.claimed.id, predict.model_dump(mode="json"))
 
-    def _dicom_upload(self, path: Path) -> tuple[list[Image.Image], list[SquareGeometry], str]:
+    def _dicom_upload(
+        self, path: Path, language: str
+    ) -> tuple[list[Image.Image], list[SquareGeometry], str]:
         """Same preprocessing as a received study; its first image; its template question."""
         try:
             prepared = prepare_study([path])
@@ -423,9 +428,7 @@ class InteractiveLane:
             raise RequestRefused(
                 f"the DICOM file cannot be used: {exc}", ErrorCode.INVALID_INPUT
             ) from exc
-        question = self.prompts.question(
-            prepared.modality, prepared.body_part, "", self.model_settings.language
-        )
+        question = self.prompts.question(prepared.modality, prepared.body_part, "", language)
         return prepared.images[:1], prepared.geometries[:1], question
 
     def _picture_upload(self, path: Path) -> tuple[list[Image.Image], list[SquareGeometry]]:

@@ -297,8 +297,10 @@ def start_serving(node: Node, config_path: Path | None) -> None:
     )
     if node.settings.api.enabled:
         from api.server import ApiServer  # FastAPI loads only when the API is served
+        from medgemma_node.outputs import ReportOutputs
 
-        api = ApiServer(node.settings, db)
+        # Appending a conversation writes a report version (SR, ORU, outbox) in this process.
+        api = ApiServer(node.settings, db, on_report=ReportOutputs(node.settings))
         node.state_providers.append(lambda state: state.api.update(api.state))
         node.add_part("api", api)
     metrics = node.settings.metrics

@@ -153,6 +153,12 @@ class OrthancServer:
     def study(self, orthanc_id: str) -> dict[str, Any]:
         return dict(self.get(f"/studies/{orthanc_id}"))
 
+    def instance_file(self, orthanc_id: str) -> bytes:
+        """The stored DICOM file, as Orthanc keeps it."""
+        response = self._http.get(f"/instances/{orthanc_id}/file")
+        response.raise_for_status()
+        return response.content
+
     def sop_instance_uids(self) -> list[str]:
         """SOP Instance UIDs of everything stored (one entry per stored instance)."""
         return [self.instance_tags(i)["SOPInstanceUID"] for i in self.instance_ids()]
