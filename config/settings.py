@@ -235,11 +235,24 @@ class ModelSettings(Section):
     # its doorbell (storage/doorbell.py) the moment it queues one.
     poll_interval_s: float = Field(default=0.5, gt=0)
     fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
+    # Processes beside the inference worker (README "GPU sizing"): DICOM reading and rendering,
+    # and storing reports with their SR/GSPS/ORU/JSON. None: a quarter of the CPU cores, at most
+    # 4 each (none below 4 cores); 0: in the worker's own threads (the GPU then waits while
+    # outputs are built).
+    render_processes: int | None = Field(default=None, ge=0)
+    output_processes: int | None = Field(default=None, ge=0)
     # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
     # weights); True writes and loads the tiny random demo model, loudly marked as a test model.
     demo_model_if_missing: bool = False
     weights_check_interval_s: float = Field(default=60.0, gt=0)
     openai: OpenAIServerSettings = Field(default_factory=OpenAIServerSettings)
+
+    def processes(self) -> tuple[int, int]:
+        """(render, output) processes, ``None`` settings resolved for this machine."""
+        auto = min(4, (os.cpu_count() or 1) // 4)
+        render = auto if self.render_processes is None else self.render_processes
+        output = auto if self.output_processes is None else self.output_processes
+        return render, output
 
     @model_validator(mode="after")
     def _engine_needs_its_settings(self) -> ModelSettings:

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -357,8 +358,22 @@ def start_worker(node: Node) -> None:
 
         finder = PacsPriorFinder(node.settings, db)
         node.state_providers.append(lambda state: state.priors.update(finder.state))
+    render, output = node.settings.model.processes()
+    logging_settings = node.settings.logging
     worker = InferenceWorker(
-        db, node.settings, provider, ReportOutputs(node.settings), prior_finder=finder
+        db,
+        node.settings,
+        provider,
+        ReportOutputs(node.settings),
+        prior_finder=finder,
+        render_processes=render,
+        store_processes=output,
+        # Each process logs as this one does (level, file, PHI filter).
+        process_setup=partial(
+            setup_logging,
+            logging_settings.level,
+            logging_settings.file or node.data_dir / "logs" / "node.log",
+        ),
     )
     # Before start(): the first status file already says what the model is doing.
     node.state_providers.append(lambda state: _model_state(state, provider, worker))
