@@ -42,6 +42,7 @@ from dicom_node.sender import DicomSender
 from hl7_out.sender import HL7OruSender
 from medgemma_node.logs import setup_logging
 from medgemma_node.metrics import MetricSources, start_metrics_server
+from medgemma_node.pidfile import remove_pid_file
 from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
 from storage.db import Database
@@ -107,6 +108,7 @@ class Node:
         self.db: Database | None = None
         self.scp: StorageSCP | None = None
         self.metrics_server: Any = None
+        self.pid_file: Path | None = None  # `serve` only (medgemma_node/pidfile.py)
 
     def prepare(self) -> Database:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +192,8 @@ class Node:
         (self.data_dir / self.status_file).unlink(missing_ok=True)
         if self.db is not None:
             self.db.dispose()
+        if self.pid_file is not None:
+            remove_pid_file(self.pid_file)
         log.info("stopped")
 
 

@@ -6,6 +6,7 @@ model        loaded (id, device, test model or not) or why not (missing weights)
 database     studies, instances, jobs by status, outbox by destination and status with the
              newest error of each destination
 disk         free space against the C-STORE watermark
+receiving    studies still in their quiet period: instances, seconds left
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from medgemma_node.runtime import read_runtime_state, read_worker_states
 from storage.db import Database
 from storage.files import free_disk_mb
 from storage.installation import ensure_installation_id
-from storage.models import Instance, Job, OutboxItem, OutboxStatus, Study
+from storage.models import Instance, Job, OutboxItem, OutboxStatus, Study, utcnow
 
 STATUS_CALLING_AE = "MEDGEMMA_STATUS"
 
@@ -74,11 +75,46 @@ def database_status(settings: NodeSettings) -> dict[str, Any]:
                 "instances": session.scalar(select(func.count()).select_from(Instance)),
                 "jobs": jobs,
                 "outbox": _outbox_status(session),
+                "receiving": receiving_studies(session, settings),
             }
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         db.dispose()
+
+
+def receiving_studies(session: Any, settings: NodeSettings) -> list[dict[str, Any]]:
+    """Studies with instances that no version covers yet: the quiet period still runs (or has
+    just ended and the completion scheduler has not looked yet)."""
+    rows = session.execute(
+        select(
+            Study.study_instance_uid,
+            Study.modality,
+            Study.calling_ae,
+            Study.last_received_at,
+            func.count(Instance.id),
+        )
+        .join(Instance, Instance.study_id == Study.id)
+        .where(Study.has_unversioned.is_(True))
+        .group_by(Study.id)
+        .order_by(Study.last_received_at)
+    ).all()
+    now = utcnow()
+    studies = []
+    for uid, modality, calling_ae, last_received, count in rows:
+        quiet = settings.completion.quiet_seconds(modality, calling_ae)
+        studies.append(
+            {
+                "study_instance_uid": uid,
+                "modality": modality,
+                "calling_ae": calling_ae,
+                "instances": count,
+                "last_received_at": last_received.isoformat(),
+                "quiet_period_s": quiet,
+                "remaining_s": round(max(quiet - (now - last_received).total_seconds(), 0.0), 1),
+            }
+        )
+    return studies
 
 
 def _outbox_status(session: Any) -> dict[str, dict[str, Any]]:
@@ -173,6 +209,13 @@ def _database_rows(table: Table, database: dict[str, Any]) -> None:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(entry["counts"].items()))
         error = f"  [red]last error: {entry['last_error']}[/red]" if entry["last_error"] else ""
         table.add_row(f"outbox {destination}", counts + error)
+    for study in database.get("receiving", []):
+        table.add_row(
+            "receiving",
+            f"{study['study_instance_uid']} {study['modality']} from {study['calling_ae']}: "
+            f"{study['instances']} instance(s), {study['remaining_s']:.0f} s of "
+            f"{study['quiet_period_s']:.0f} s quiet period left",
+        )
 
 
 def redact_url(url: str) -> str:
