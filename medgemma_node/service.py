@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from config.ops_settings import settings_fingerprint
 from config.settings import (
     DicomDestination,
     FileDestination,
@@ -31,6 +32,7 @@ from config.settings import (
     NodeSettings,
 )
 from core.loop import LoopThread
+from core.version import node_version
 from delivery.file_sender import FileSender
 from delivery.http_sender import HttpSender
 from delivery.preparing_sender import PreparingSender
@@ -40,11 +42,13 @@ from dicom_node.completion import CompletionScheduler
 from dicom_node.scp import ScpCounters, StorageSCP
 from dicom_node.sender import DicomSender
 from hl7_out.sender import HL7OruSender
+from medgemma_node.audit_forwarder import AuditForwarder
 from medgemma_node.logs import setup_logging
 from medgemma_node.metrics import MetricSources, start_metrics_server
 from medgemma_node.pidfile import remove_pid_file
 from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
+from storage import audit
 from storage.db import Database
 from storage.delivery_types import Sender
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
@@ -123,6 +127,7 @@ class Node:
         db = self.db or self.prepare()
         salt = load_or_create_salt(self.data_dir, self.settings.storage.phi_hash_salt)
         self._check_identity(db)
+        self._audit("node.start", config_fingerprint=settings_fingerprint(self.settings))
         if self.with_scp:
             report = recover(db, self.data_dir, salt)
             log.info("start-up check: %s", report)
@@ -150,6 +155,27 @@ class Node:
                 "no [identity] uid_root configured: minting 2.25 UUID-derived UIDs (PS3.5 B.2); "
                 "set your organisation's UID root to have UIDs under it"
             )
+
+    @property
+    def role(self) -> str:
+        return "serve" if self.with_scp else "worker"
+
+    def _audit(self, kind: str, **detail: object) -> None:
+        """node.start / node.stop: which process, its version and pid (storage/audit.py)."""
+        if self.db is None:
+            return
+        try:
+            audit.record(
+                self.db,
+                kind,
+                actor=self.role,
+                address=self.state.host,
+                version=node_version(),
+                pid=self.state.pid,
+                **detail,
+            )
+        except Exception as exc:  # never keeps the node from starting or stopping
+            log.error("audit row %s not written (%s)", kind, type(exc).__name__)
 
     def scp_counters(self) -> ScpCounters | None:
         return self.scp.counters if self.scp is not None else None
@@ -190,6 +216,7 @@ class Node:
             part.stop()
             log.info("%s stopped", name)
         (self.data_dir / self.status_file).unlink(missing_ok=True)
+        self._audit("node.stop")
         if self.db is not None:
             self.db.dispose()
         if self.pid_file is not None:
@@ -304,6 +331,9 @@ def start_serving(node: Node, config_path: Path | None) -> None:
         api = ApiServer(node.settings, db)
         node.state_providers.append(lambda state: state.api.update(api.state))
         node.add_part("api", api)
+    if node.settings.audit.syslog.enabled:
+        syslog = node.settings.audit.syslog
+        node.add_part("audit-forwarder", AuditForwarder(db, syslog, node.data_dir))
     metrics = node.settings.metrics
     if metrics.enabled:
         node.metrics_server = start_metrics_server(
