@@ -28,6 +28,7 @@ import logging
 import queue
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,9 @@ class StorageSCP:
         self.server: NodeAssociationServer | None = None
         self.on_instance_stored: list[Any] = []  # callables(ReceivedInstance) for metrics
         self.association_audit = AssociationAudit(db)
+        # Frees disk below the watermark before refusing (retention; returns studies pruned).
+        self.make_room: Callable[[], int] | None = None
+        self._room_lock = threading.Lock()
         # More services on the same listener (dicom_node/mpps.py): (SOP class, handlers).
         self.extra_services: list[tuple[str, list[tuple[Any, Any]]]] = []
 
@@ -278,6 +282,13 @@ class StorageSCP:
 
     def _check_disk(self) -> None:
         free = free_disk_mb(self.data_dir)
+        if free < self.settings.storage.min_free_disk_mb and self.make_room is not None:
+            # 0xA700 only when nothing can be pruned: settled studies go first (one
+            # association at a time prunes; the others wait for it, then measure again).
+            with self._room_lock:
+                if free_disk_mb(self.data_dir) < self.settings.storage.min_free_disk_mb:
+                    self.make_room()
+            free = free_disk_mb(self.data_dir)
         if free < self.settings.storage.min_free_disk_mb:
             raise StoreRejected(
                 STATUS_OUT_OF_RESOURCES,

@@ -1,23 +1,30 @@
-"""Operator commands registered on the main app: `stop` (more below as they are added)."""
+"""Operator commands registered on the main app: `stop`, `prune`, `self-check`."""
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from medgemma_node.cli_common import (
     ConfigOption,
     DataDirOption,
     console,
     errors,
+    opened_database,
     settings_or_exit,
 )
 from medgemma_node.pidfile import stop_node
+from medgemma_node.retention_part import Pruner
+from storage.retention import MB
 
 
 def register(app: typer.Typer) -> None:
     app.command("stop")(stop)
+    app.command("prune")(prune)
 
 
 def stop(
@@ -42,3 +49,38 @@ def stop(
         raise typer.Exit(1)
     else:
         console.print(f"pid {result.pid} {result.outcome} after {result.waited_s:.1f} s")
+
+
+def prune(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be deleted, delete nothing")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Delete the files [retention] allows: settled studies past their age, and the oldest
+    settled ones while free disk is below the target. Every prune is audited."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    with opened_database(settings) as db:
+        pruner = Pruner(settings, db)
+        actions = pruner.plan() if dry_run else pruner.prune("cli")
+    if as_json:
+        rows = [action.as_dict() for action in actions]
+        sys.stdout.write(json.dumps({"dry_run": dry_run, "studies": rows}, indent=2) + "\n")
+        return
+    if actions:
+        table = Table("study", "settled", "why", "instances", "reports", "MB")
+        for action in actions:
+            table.add_row(
+                action.study_uid,
+                action.settled_at.strftime("%Y-%m-%d %H:%M"),
+                action.reason,
+                str(len(action.instance_ids)),
+                str(len(action.report_ids)),
+                f"{action.bytes / MB:.1f}",
+            )
+        console.print(table)
+    total = sum(action.bytes for action in actions) / MB
+    verb = "would prune" if dry_run else "pruned"
+    console.print(f"{verb} {len(actions)} study(ies), {total:.1f} MB")

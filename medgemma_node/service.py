@@ -46,6 +46,7 @@ from medgemma_node.audit_forwarder import AuditForwarder
 from medgemma_node.logs import setup_logging
 from medgemma_node.metrics import MetricSources, start_metrics_server
 from medgemma_node.pidfile import remove_pid_file
+from medgemma_node.retention_part import Pruner, RetentionLoop
 from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
 from storage import audit
@@ -331,6 +332,11 @@ def start_serving(node: Node, config_path: Path | None) -> None:
         api = ApiServer(node.settings, db)
         node.state_providers.append(lambda state: state.api.update(api.state))
         node.add_part("api", api)
+    if node.settings.retention.enabled:
+        pruner = Pruner(node.settings, db)
+        if node.scp is not None:
+            node.scp.make_room = pruner.make_room
+        node.add_part("retention", RetentionLoop(pruner, node.settings.retention.check_interval_s))
     if node.settings.audit.syslog.enabled:
         syslog = node.settings.audit.syslog
         node.add_part("audit-forwarder", AuditForwarder(db, syslog, node.data_dir))

@@ -7,6 +7,7 @@ database     studies, instances, jobs by status, outbox by destination and statu
              newest error of each destination
 disk         free space against the C-STORE watermark
 receiving    studies still in their quiet period: instances, seconds left
+retention    what pruning would delete now (by age, or for space), and the free-space target
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import func, select
 
 from config.settings import NodeSettings
 from dicom_node.scu import AssociationFailed, echo
+from medgemma_node.retention_part import Pruner
 from medgemma_node.runtime import read_runtime_state, read_worker_states
 from storage.db import Database
 from storage.files import free_disk_mb
@@ -38,6 +40,28 @@ def collect_status(settings: NodeSettings) -> dict[str, Any]:
         "database": database_status(settings),
         "disk_free_mb": round(free_disk_mb(data_dir), 1),
         "disk_watermark_mb": settings.storage.min_free_disk_mb,
+        "retention": retention_status(settings),
+    }
+
+
+def retention_status(settings: NodeSettings) -> dict[str, Any]:
+    """What `prune` would delete now (never deletes anything itself)."""
+    try:
+        db = Database(settings.database_url)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        actions = Pruner(settings, db).plan() if db.is_current() else []
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        db.dispose()
+    return {
+        "enabled": settings.retention.enabled,
+        "free_space_target_mb": settings.free_space_target_mb,
+        "prunable_studies": len(actions),
+        "prunable_mb": round(sum(a.bytes for a in actions) / (1024 * 1024), 1),
+        "prunable": [a.as_dict() for a in actions[:20]],
     }
 
 
@@ -148,7 +172,23 @@ def print_status(report: dict[str, Any], console: Console) -> None:
     _database_rows(table, report["database"])
     free, watermark = report["disk_free_mb"], report["disk_watermark_mb"]
     table.add_row("disk free", f"{free:.0f} MB (watermark {watermark} MB)")
+    _retention_rows(table, report.get("retention", {}))
     console.print(table)
+
+
+def _retention_rows(table: Table, retention: dict[str, Any]) -> None:
+    if "error" in retention:
+        table.add_row("retention", f"[red]{retention['error']}[/red]")
+        return
+    if not retention:
+        return
+    state = "on" if retention["enabled"] else "[yellow]off[/yellow]"
+    table.add_row(
+        "retention",
+        f"{state}; prunable now: {retention['prunable_studies']} studies, "
+        f"{retention['prunable_mb']:.1f} MB (free-space target "
+        f"{retention['free_space_target_mb']} MB)",
+    )
 
 
 def _scp_rows(table: Table, report: dict[str, Any]) -> None:

@@ -208,7 +208,10 @@ def close_quiet_study(db: Database, study_id: int, seen_last_received: datetime)
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             return None
-        instances = session.scalars(select(Instance).where(Instance.study_id == study_id)).all()
+        # Instances whose files retention deleted are no longer part of the study's versions.
+        instances = session.scalars(
+            select(Instance).where(Instance.study_id == study_id, Instance.pruned_at.is_(None))
+        ).all()
         number = (
             session.scalar(
                 select(func.max(StudyVersion.version_number)).where(
