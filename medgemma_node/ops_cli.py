@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -19,12 +19,14 @@ from medgemma_node.cli_common import (
 )
 from medgemma_node.pidfile import stop_node
 from medgemma_node.retention_part import Pruner
+from medgemma_node.self_check import run_checks
 from storage.retention import MB
 
 
 def register(app: typer.Typer) -> None:
     app.command("stop")(stop)
     app.command("prune")(prune)
+    app.command("self-check")(self_check)
 
 
 def stop(
@@ -84,3 +86,36 @@ def prune(
     total = sum(action.bytes for action in actions) / MB
     verb = "would prune" if dry_run else "pruned"
     console.print(f"{verb} {len(actions)} study(ies), {total:.1f} MB")
+
+
+def self_check(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """How this installation handles data; exits 1 on unsafe settings."""
+    settings = settings_or_exit(config, data_dir=data_dir)
+    report = run_checks(settings)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        _print_self_check(report)
+    if report["unsafe"]:
+        raise typer.Exit(1)
+
+
+def _print_self_check(report: dict[str, Any]) -> None:
+    colours = {"ok": "green", "warn": "yellow", "unsafe": "bold red"}
+    table = Table("", "setting", "finding")
+    for finding in report["findings"]:
+        colour = colours[finding["level"]]
+        table.add_row(
+            f"[{colour}]{finding['level']}[/{colour}]", finding["topic"], finding["message"]
+        )
+    console.print(table)
+    console.print("data flows:")
+    for flow in report["data_flows"]:
+        console.print(f"  {flow}")
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    if report["unsafe"]:
+        errors.print(f"[red]{report['unsafe']} unsafe setting(s)[/red]")
