@@ -39,6 +39,7 @@ from delivery.preparing_sender import PreparingSender
 from delivery.senders import SenderRegistry
 from delivery.worker import DeliveryWorker
 from dicom_node.completion import CompletionScheduler
+from dicom_node.mpps import MPPS_SOP_CLASS, MppsService
 from dicom_node.scp import ScpCounters, StorageSCP
 from dicom_node.sender import DicomSender
 from hl7_out.sender import HL7OruSender
@@ -132,17 +133,22 @@ class Node:
         if self.with_scp:
             report = recover(db, self.data_dir, salt)
             log.info("start-up check: %s", report)
+            data_dir = self.data_dir
+            scheduler = CompletionScheduler(
+                db,
+                self.settings.completion,
+                on_jobs=lambda _ids: ring(data_dir, WORKER_DOORBELL),
+                use_mpps=self.settings.dicom.mpps,
+            )
             self.scp = StorageSCP(self.settings, db, salt)
+            if self.settings.dicom.mpps:
+                self._add_mpps(self.scp, scheduler)
             self.scp.start()
             self.state.scp = {
                 "ae_title": self.settings.dicom.ae_title,
                 "address": self.settings.dicom.bind_address,
                 "port": self.scp.port,
             }
-            data_dir = self.data_dir
-            scheduler = CompletionScheduler(
-                db, self.settings.completion, on_jobs=lambda _ids: ring(data_dir, WORKER_DOORBELL)
-            )
             self.add_part("completion", scheduler)
         self.write_state()
 
@@ -156,6 +162,14 @@ class Node:
                 "no [identity] uid_root configured: minting 2.25 UUID-derived UIDs (PS3.5 B.2); "
                 "set your organisation's UID root to have UIDs under it"
             )
+
+    @staticmethod
+    def _add_mpps(scp: StorageSCP, scheduler: CompletionScheduler) -> None:
+        """The MPPS SCP on the same AE; a completed step wakes the completion scheduler."""
+        mpps = MppsService(scp.db, scp.association_audit, on_completed=scheduler.wake)
+        mpps.load()
+        scp.extra_services.append((MPPS_SOP_CLASS, mpps.handlers()))
+        scp.on_instance_stored.append(lambda item: mpps.instance_stored(item.study_uid))
 
     @property
     def role(self) -> str:

@@ -323,9 +323,10 @@ class AuditEvent(Base):
 class PerformedProcedureStep(Base):
     """A Modality Performed Procedure Step (PS3.4 Annex F.7) as last created or set.
 
-    ``sop_instance_uids``: the images the step says it made (Performed Series Sequence >
-    Referenced Image Sequence); ``study_instance_uids``: from the Scheduled Step Attributes
-    Sequence. A COMPLETED step whose images have all arrived completes its study at once.
+    ``sop_instance_uids``: the instances the step says it made (Performed Series Sequence >
+    Referenced Image / Non-Image Composite SOP Instance Sequences); ``study_instance_uid``:
+    from the (first item of the) Scheduled Step Attributes Sequence. A COMPLETED step whose
+    instances have all arrived completes its study at once.
     """
 
     __tablename__ = "mpps"
@@ -333,7 +334,7 @@ class PerformedProcedureStep(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     status: Mapped[str] = mapped_column(String(16))  # IN PROGRESS | COMPLETED | DISCONTINUED
-    study_instance_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    study_instance_uid: Mapped[str] = mapped_column(UID, default="", index=True)
     sop_instance_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)

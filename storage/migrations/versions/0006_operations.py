@@ -45,7 +45,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("sop_instance_uid", sa.String(length=64), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
-        sa.Column("study_instance_uids", sa.JSON(), nullable=False),
+        sa.Column("study_instance_uid", sa.String(length=64), nullable=False),
         sa.Column("sop_instance_uids", sa.JSON(), nullable=False),
         sa.Column("calling_ae", sa.String(length=16), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -53,6 +53,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_mpps")),
         sa.UniqueConstraint("sop_instance_uid", name=op.f("uq_mpps_sop_instance_uid")),
     )
+    with op.batch_alter_table("mpps", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_mpps_study_instance_uid"), ["study_instance_uid"], unique=False
+        )
 
 
 def downgrade() -> None:
