@@ -88,7 +88,7 @@ class PruneAction:
         }
 
 
-def _not_settled() -> list[ColumnElement[bool]]:
+def _settled() -> list[ColumnElement[bool]]:
     """Conditions (on Study) under which a study is settled; see the module docstring."""
     busy_job = (
         select(Job.id)
@@ -160,7 +160,7 @@ def settled_studies(session: Session) -> list[tuple[int, str, datetime]]:
         select(Report.id).where(Report.study_id == Study.id, Report.outputs_pruned_at.is_(None))
     )
     rows = session.execute(
-        select(Study.id, Study.study_instance_uid).where(*_not_settled(), has_files)
+        select(Study.id, Study.study_instance_uid).where(*_settled(), has_files)
     ).all()
     times = _settle_times(session, [row[0] for row in rows])
     found = [(study_id, uid, times[study_id]) for study_id, uid in rows]
@@ -259,7 +259,7 @@ def _prune_one(db: Database, data_dir: Path, action: PruneAction, actor: str) ->
     now = utcnow()
     with db.session() as session:
         locked = session.execute(
-            select(Study.id).where(Study.id == action.study_id, *_not_settled()).with_for_update()
+            select(Study.id).where(Study.id == action.study_id, *_settled()).with_for_update()
         ).first()
         if locked is None:
             log.info("study %s changed since it was planned: not pruned", action.study_uid)

@@ -226,3 +226,14 @@ def test_prune_command_and_status(sqlite_db: Database, data_dir: Path) -> None:
         )
         assert list(actors) == ["cli", "cli"]
     sqlite_db.dispose()
+
+
+def test_the_settled_rules_hold_on_both_databases(db: Database, tmp_path: Path) -> None:
+    data_dir = tmp_path / "files"
+    data_dir.mkdir()
+    make_studies(db, data_dir)
+    policy = retention.RetentionPolicy(30, 35, free_space_target_mb=0)
+    actions = retention.plan(db, data_dir, policy, free_mb=10**6)
+    assert [(a.study_uid, bool(a.report_ids)) for a in actions] == [("1.2", False), ("1.1", True)]
+    assert len(retention.execute(db, data_dir, actions, actor="test")) == 2
+    assert retention.plan(db, data_dir, policy, free_mb=10**6) == []
