@@ -52,6 +52,7 @@ from config.tls import server_ssl_context
 from core.errors import DicomError
 from dicom_node.association_audit import AssociationAudit
 from dicom_node.listener import NodeAssociationServer
+from dicom_node.priors import PriorIntake
 from dicom_node.statuses import describe_rejection
 from storage.db import Database, DatabaseUnavailable
 from storage.files import free_disk_mb, instance_relpath, uid_component, write_durably
@@ -153,6 +154,8 @@ class StorageSCP:
         self._room_lock = threading.Lock()
         # More services on the same listener (dicom_node/mpps.py): (SOP class, handlers).
         self.extra_services: list[tuple[str, list[tuple[Any, Any]]]] = []
+        # [priors] mode "move": the images the node asked PACS for go to the prior store.
+        self.prior_intake = PriorIntake(settings, db) if settings.priors.enabled else None
 
     def build_ae(self) -> AE:
         dicom = self.settings.dicom
@@ -265,6 +268,8 @@ class StorageSCP:
         calling_ae = _calling_ae(event.assoc)
         if uids.sop_class in self.ignored_sop_classes:
             return self._store_ignored(event, uids, calling_ae)
+        if self.prior_intake is not None and self.prior_intake.wants(event, uids.study, calling_ae):
+            return self.prior_intake.store(event, dataset)
         if instance_exists(self.db, uids.sop_instance):
             self.counters.add("duplicates")
             log.info("duplicate SOP %s from %s acknowledged", uids.sop_instance, calling_ae)

@@ -51,6 +51,7 @@ from storage.files import write_durably
 from storage.installation import ensure_installation_id
 from storage.models import OutboxItem, OutboxStatus, Report, ReportObject, Study
 from storage.outbox import idempotency_key
+from storage.priors import prior_image_paths
 from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, ReportDocument
 from storage.reports import predecessor_sr_path, report_document, source_instance_paths
 
@@ -136,10 +137,19 @@ class ReportOutputs:
         self, session: Session, document: ReportDocument, sources: list[Dataset], directory: Path
     ) -> list[OutputRecord]:
         predecessor = previous_sr(session, document, self.data_dir)
-        sr = build_sr(document, sources, predecessor, node=self.node)
+        priors = self._prior_images(session, document)
+        sr = build_sr(document, sources, predecessor, node=self.node, priors=priors)
         has_regions = any(f.region is not None for f in document.content.findings)
         gsps = build_gsps(document, sources, node=self.node) if has_regions else []
         return write_datasets([sr, *gsps], directory)
+
+    def _prior_images(self, session: Session, document: ReportDocument) -> list[Dataset]:
+        """Headers of the prior images the report was compared with: the SR's evidence."""
+        prior = document.prior
+        if prior is None or not prior.compared:
+            return []
+        paths = prior_image_paths(session, prior.sop_instance_uids)
+        return [dcmread(self.data_dir / path, stop_before_pixels=True) for path in paths]
 
     def _planned_pdf(
         self, document: ReportDocument, study: Study, directory: Path

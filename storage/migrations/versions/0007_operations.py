@@ -1,7 +1,7 @@
 """audit columns, retention marks, MPPS
 
-Revision ID: 0006_operations
-Revises: 0005_installation
+Revision ID: 0007_operations
+Revises: 0006_priors
 Create Date: 2026-11-29 01:40:00.000000
 
 audit_events: actor, address, outcome and an index on kind (storage/audit.py).
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_operations"
-down_revision = "0005_installation"
+revision = "0007_operations"
+down_revision = "0006_priors"
 branch_labels = None
 depends_on = None
 
