@@ -31,6 +31,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from config.ops_settings import AuditSettings, RetentionSettings
 from core.errors import ConfigError  # raised here; importable from here as before
 from core.retry import RetryPolicy
 
@@ -108,6 +109,9 @@ class DicomSettings(Section):
     # PS3.8 §9.3.4: associations addressed to another called AE title are rejected
     # (rejected-permanent, service-user, called-AE-title-not-recognized).
     require_called_aet: bool = True
+    # Modality Performed Procedure Step SCP (PS3.4 F.7) on the same AE: a COMPLETED step whose
+    # images have all arrived completes its study at once (dicom_node/mpps.py).
+    mpps: bool = True
     accepted_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_SOP_CLASSES))
     ignored_sop_classes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_IGNORED_SOP_CLASSES)
@@ -487,6 +491,8 @@ class NodeSettings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> NodeSettings:
@@ -495,6 +501,11 @@ class NodeSettings(BaseSettings):
         if duplicates:
             raise ValueError(f"destination names must be unique; repeated: {duplicates}")
         return self
+
+    @property
+    def free_space_target_mb(self) -> int:
+        """Retention prunes settled studies down to this free space (0: twice the watermark)."""
+        return self.retention.free_space_target_mb or 2 * self.storage.min_free_disk_mb
 
     @property
     def database_url(self) -> str:
