@@ -2,7 +2,7 @@
 
     /api/health                       liveness, no token
     /api/ready, /api/me               readiness (503 when not ready), the signed-in user
-    /api/studies...                   worklist, study, report (JSON or SR), instance image
+    /api/studies...                   worklist, study, report (JSON, SR or PDF), instance image
     /api/predict, /api/answers/{id}   a question about an uploaded image; answers not ready
     /api/studies/{uid}/conversations, /api/conversations/...   questions about a study
     /api/jobs..., /api/outbox...      admin: lists and retries
@@ -25,7 +25,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.deps import ApiContext
+from api.deps import ApiContext, ReportPdfSource
 from api.middleware import AuditMiddleware, BodyLimitMiddleware, UnexpectedErrorMiddleware
 from api.routers import admin, console, conversations, health, live, predict, studies
 from config.settings import NodeSettings
@@ -53,8 +53,13 @@ def _version() -> str:
 
 
 def create_app(
-    settings: NodeSettings, db: Database, on_report: ReportHook | None = None
+    settings: NodeSettings,
+    db: Database,
+    on_report: ReportHook | None = None,
+    report_pdf: ReportPdfSource | None = None,
 ) -> FastAPI:
+    """``on_report``: how an appended conversation becomes a report version (None: 503);
+    ``report_pdf``: how to get a report's PDF (``?format=pdf``); None answers 503."""
     docs_public = settings.api.docs == "public"
     app = FastAPI(
         title="medgemma-node",
@@ -64,7 +69,9 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.state.context = ApiContext(settings=settings, db=db, on_report=on_report)
+    app.state.context = ApiContext(
+        settings=settings, db=db, on_report=on_report, report_pdf=report_pdf
+    )
     routers = (health, studies, conversations, predict, admin, live, console)
     for module in routers:
         app.include_router(module.router)

@@ -24,6 +24,10 @@ from storage.models import UserRole
 from storage.users import UserInfo, authenticate
 
 REALM = "medgemma-node"
+# The PDF of a report by id, built and stored first when missing. Injected by the process
+# wiring (medgemma_node.report_pdf.ReportPdfFiles.ensure_pdf): the API does not compose the
+# delivery and DICOM stages itself.
+ReportPdfSource = Callable[[int], bytes]
 ROLE_RANK = {UserRole.VIEWER: 0, UserRole.RADIOLOGIST: 1, UserRole.ADMIN: 2}
 
 
@@ -38,6 +42,7 @@ class ApiContext:
     settings: NodeSettings
     db: Database
     on_report: ReportHook | None = None
+    report_pdf: ReportPdfSource | None = None  # None: this process serves no PDFs
     answers: AnswerWaiter = field(init=False)
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from storage.models import OutboxStatus, UserRole
-from storage.report_schema import ModelIdentity, ReportContent
+from storage.report_schema import ModelIdentity, PriorComparison, ReportContent
 
 
 class StudyStatus(StrEnum):
@@ -27,6 +27,7 @@ class StudyStatus(StrEnum):
     DELIVERED = "delivered"  # every delivery of the report was sent
     FAILED = "failed"  # the job failed for good, or a delivery was given up (dead)
     OUT_OF_SCOPE = "out_of_scope"  # skipped: outside the model's validated scope
+    CANCELLED = "cancelled"  # its job was cancelled (`jobs cancel`, or MPPS DISCONTINUED)
 
 
 class Health(BaseModel):
@@ -189,6 +190,10 @@ class ReportOut(ReportSummary):
     model: ModelIdentity
     timings: dict[str, Any]
     disclaimer: str = Field(description="What this is: AI output, preliminary, unverified")
+    prior: PriorComparison | None = Field(
+        default=None,
+        description="[priors]: the prior study compared with, or why there was none",
+    )
 
 
 class JobPage(BaseModel):

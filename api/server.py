@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from api.app import create_app
+from api.deps import ReportPdfSource
 from config.settings import NodeSettings
 from config.tls import server_ssl_context
 from storage.conversations import ReportHook
@@ -33,11 +34,15 @@ class ApiServer:
     """A Part (medgemma_node.service): start() returns at once, stop() when stopped."""
 
     def __init__(
-        self, settings: NodeSettings, db: Database, on_report: ReportHook | None = None
+        self,
+        settings: NodeSettings,
+        db: Database,
+        on_report: ReportHook | None = None,
+        report_pdf: ReportPdfSource | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
-        self.app = create_app(settings, db, on_report)
+        self.app = create_app(settings, db, on_report, report_pdf)
         self.answers = self.app.state.context.answers  # its doorbell listener stops with us
         self.last_error: str | None = None
         self.restarts = 0

@@ -16,14 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,6 +24,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from config.ops_settings import AuditSettings, RetentionSettings
 from core.errors import ConfigError  # raised here; importable from here as before
 from core.retry import RetryPolicy
 from core.validation import error_key
@@ -109,6 +103,9 @@ class DicomSettings(Section):
     # PS3.8 §9.3.4: associations addressed to another called AE title are rejected
     # (rejected-permanent, service-user, called-AE-title-not-recognized).
     require_called_aet: bool = True
+    # Modality Performed Procedure Step SCP (PS3.4 F.7) on the same AE: a COMPLETED step whose
+    # images have all arrived completes its study at once (dicom_node/mpps.py).
+    mpps: bool = True
     accepted_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_SOP_CLASSES))
     ignored_sop_classes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_IGNORED_SOP_CLASSES)
@@ -236,11 +233,24 @@ class ModelSettings(Section):
     # its doorbell (storage/doorbell.py) the moment it queues one.
     poll_interval_s: float = Field(default=0.5, gt=0)
     fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
+    # Processes beside the inference worker (README "GPU sizing"): DICOM reading and rendering,
+    # and storing reports with their SR/GSPS/ORU/JSON. None: a quarter of the CPU cores, at most
+    # 4 each (none below 4 cores); 0: in the worker's own threads (the GPU then waits while
+    # outputs are built).
+    render_processes: int | None = Field(default=None, ge=0)
+    output_processes: int | None = Field(default=None, ge=0)
     # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
     # weights); True writes and loads the tiny random demo model, loudly marked as a test model.
     demo_model_if_missing: bool = False
     weights_check_interval_s: float = Field(default=60.0, gt=0)
     openai: OpenAIServerSettings = Field(default_factory=OpenAIServerSettings)
+
+    def processes(self) -> tuple[int, int]:
+        """(render, output) processes, ``None`` settings resolved for this machine."""
+        auto = min(4, (os.cpu_count() or 1) // 4)
+        render = auto if self.render_processes is None else self.render_processes
+        output = auto if self.output_processes is None else self.output_processes
+        return render, output
 
     @model_validator(mode="after")
     def _engine_needs_its_settings(self) -> ModelSettings:
@@ -267,6 +277,37 @@ class InteractiveSettings(Section):
     wait_timeout_s: float = Field(default=120.0, gt=0)  # how long a caller waits for an answer
     poll_interval_s: float = Field(default=0.25, gt=0)  # waiting without the answer doorbell
     lease_seconds: float = Field(default=300.0, gt=0)  # a request whose worker died then fails
+
+
+class PriorsSettings(Section):
+    """``[priors]``: compare each study with the same patient's previous one from PACS.
+
+    When a study's job starts, the worker asks the PACS (C-FIND, Study Root, STUDY level) for
+    the same Patient ID (and Issuer of Patient ID), modality and body part before the study's
+    date, takes the most recent within ``max_age_days`` and retrieves it (C-GET, or C-MOVE to
+    ``move_destination_aet``) into the prior store (no job of its own). Everything is bounded
+    by ``total_timeout_s``: a study never waits longer for its prior.
+    """
+
+    enabled: bool = False
+    ae_title: AETitle = "PACS"  # the PACS's called AE title
+    host: str = "127.0.0.1"
+    port: int = Field(default=104, ge=1, le=65535)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    # "get": C-GET, images come back on the same association; "move": C-MOVE to
+    # move_destination_aet, which the PACS must know with this node's host and DICOM port.
+    mode: Literal["get", "move"] = "get"
+    move_destination_aet: AETitle | None = None  # None: the node's own dicom.ae_title
+    max_age_days: int = Field(default=730, ge=1)
+    match_body_part: bool = True  # query Body Part Examined too (when the study has one)
+    connect_timeout_s: float = Field(default=5.0, gt=0)  # association set-up (ACSE)
+    query_timeout_s: float = Field(default=10.0, gt=0)  # each DIMSE response
+    total_timeout_s: float = Field(default=30.0, gt=0)  # query + retrieve, per study
+
+    @field_validator("ae_title", "move_destination_aet")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
 
 
 class RetrySettings(Section):
@@ -440,9 +481,12 @@ class NodeSettings(BaseSettings):
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     interactive: InteractiveSettings = Field(default_factory=InteractiveSettings)
+    priors: PriorsSettings = Field(default_factory=PriorsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> NodeSettings:
@@ -451,6 +495,11 @@ class NodeSettings(BaseSettings):
         if duplicates:
             raise ValueError(f"destination names must be unique; repeated: {duplicates}")
         return self
+
+    @property
+    def free_space_target_mb(self) -> int:
+        """Retention prunes settled studies down to this free space (0: twice the watermark)."""
+        return self.retention.free_space_target_mb or 2 * self.storage.min_free_disk_mb
 
     @property
     def database_url(self) -> str:

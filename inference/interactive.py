@@ -8,13 +8,12 @@ and runs them through the same engine as studies, as one batch; at most
 ``interactive.max_rounds_between_batches`` rounds run before the next study batch, so a
 steady stream of questions cannot starve the studies.
 
-    predict            the upload (DICOM: the same preprocessing as received studies;
-                       PNG/JPEG as RGB, padded to a square) + the question (default: the
-                       template of its modality) -> answer, findings, boxes in pixels of the
-                       upload (inference/interactive_predict.py)
-    conversation_turn  the conversation as chat turns, anchors, a crop for a question about
-                       one anchor; distances and sizes measured by the node without the model
-                       (inference/interactive_turns.py, inference/conversation.py)
+    predict            the upload (DICOM: the same preprocessing as received studies; PNG/JPEG
+                       as RGB, padded to a square) + the question (default: the template of
+                       its modality) -> answer, findings, boxes in pixels of the upload
+    conversation_turn  inference/conversation.py: the conversation as chat turns, anchors,
+                       a crop for a question about one anchor; distances and sizes measured
+                       by the node without the model
 
 Without a model (no weights) every waiting request fails at once with the message ``status``
 shows (how to provide weights). A request that cannot be answered as asked (unreadable
@@ -26,41 +25,140 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from config.settings import NodeSettings
 from core.errors import InferenceError
+from inference.conversation import (
+    ImageView,
+    PastTurn,
+    Reference,
+    StudyImages,
+    TurnError,
+    build_turn_request,
+    question_language,
+    read_answer,
+    requested_measurements,
+    resolve_reference,
+    spacings_by_sop_uid,
+)
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
     EngineRequestFailed,
     EngineRequestRejected,
     EngineUnavailable,
+    GenerationRequest,
     GenerationResult,
     OutOfMemory,
 )
-from inference.interactive_items import LaneItem, PredictPlan, RequestRefused
-from inference.interactive_predict import PredictAnswers
-from inference.interactive_turns import TurnAnswers
+from inference.parsing import strip_thinking
+from inference.predict import (
+    PredictSource,
+    UnusableImage,
+    answer_language,
+    dicom_source,
+    disclaimer,
+    picture_source,
+    predict_request,
+    predict_result,
+    template_language,
+)
+from inference.preprocess import PreprocessError, prepare_study
 from inference.prompts import PromptLibrary
+from storage.conversations import current_anchors
 from storage.db import Database
 from storage.doorbell import API_DOORBELL, ring
 from storage.interactive import (
+    Anchor,
     ClaimedRequest,
     ErrorCode,
+    Measurement,
+    TurnResult,
     claim_next,
+    complete,
+    complete_in,
     fail,
     fail_abandoned,
     has_queued,
     release,
     remove_upload,
 )
-from storage.models import InteractiveKind, InteractiveRequest, utcnow
-from storage.report_schema import ModelIdentity
+from storage.models import (
+    Conversation,
+    ConversationState,
+    ConversationTurn,
+    InteractiveKind,
+    InteractiveRequest,
+    Report,
+    StudyVersion,
+    utcnow,
+)
+from storage.report_schema import ModelIdentity, ReportContent
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("medgemma_node.interactive")
 
+STUDY_CACHE_SIZE = 4  # studies kept rendered: a conversation's turns reuse its images
 ABANDONED_CHECK_S = 30.0
+NODE_MEASURED = "Measured by the node from the image header between AI-generated regions."
+
+
+class RequestRefused(InferenceError):
+    """This request cannot be answered as asked; ``code`` says why (storage ErrorCode)."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class PredictPlan:
+    source: PredictSource
+    language: str
+
+
+@dataclass
+class TurnContext:
+    """What answering one turn needs from the database and the study's files."""
+
+    id: int
+    turn_index: int
+    anchors: list[Anchor]
+    report_question: str | None
+    report_content: ReportContent | None
+    past: list[PastTurn]
+    is_test_model: bool
+    study: StudyImages
+
+
+@dataclass
+class TurnPlan:
+    context: TurnContext
+    question: str
+    language: str
+    reference: Reference
+    measurements: list[Measurement]  # non-empty: the node answers, the model does not run
+    views: list[ImageView]  # what each box_2d image_index of the answer means
+
+
+@dataclass
+class LaneItem:
+    """One claimed request, ready to run: its engine request (None: answered by the node)."""
+
+    claimed: ClaimedRequest
+    request: GenerationRequest | None
+    plan: PredictPlan | TurnPlan
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def conversation_id(self) -> int | None:
+        return self.plan.context.id if isinstance(self.plan, TurnPlan) else None
 
 
 class InteractiveLane:
@@ -75,10 +173,8 @@ class InteractiveLane:
         self.model_settings = settings.model
         self.prompts = prompts
         self.owner = owner
+        self._studies: OrderedDict[int, StudyImages] = OrderedDict()
         self._next_abandoned_check = 0.0
-        language = self.model_settings.language
-        self._predict = PredictAnswers(db, self.data_dir, prompts, language, self._timings)
-        self._turns = TurnAnswers(db, self.data_dir, language, self._timings)
 
     # -- entry points -----------------------------------------------------------------------
 
@@ -164,11 +260,10 @@ class InteractiveLane:
         return items, later
 
     def _prepare(self, request: ClaimedRequest) -> LaneItem:
-        max_new_tokens = self._max_new_tokens(request.payload)
         if request.kind == InteractiveKind.PREDICT:
-            return self._predict.prepare(request, max_new_tokens)
+            return self._prepare_predict(request)
         if request.kind == InteractiveKind.CONVERSATION_TURN:
-            return self._turns.prepare(request, max_new_tokens)
+            return self._prepare_turn(request)
         raise RequestRefused(f"unknown request kind {request.kind!r}", ErrorCode.INVALID_INPUT)
 
     def _generate(self, engine: Engine, items: list[LaneItem]) -> dict[int, GenerationResult]:
@@ -213,9 +308,9 @@ class InteractiveLane:
     ) -> None:
         try:
             if isinstance(item.plan, PredictPlan):
-                self._predict.finish(item, item.plan, result, identity)
+                self._finish_predict(item, item.plan, result, identity)
             else:
-                self._turns.finish(item, item.plan, result, identity)
+                self._finish_turn(item, item.plan, result, identity)
         except RequestRefused as exc:
             self._fail(item.claimed, str(exc), exc.code)
         except Exception as exc:
@@ -249,6 +344,194 @@ class InteractiveLane:
             timings["prompt_tokens"] = result.prompt_tokens
         return timings
 
+    # -- predict ----------------------------------------------------------------------------
+
+    def _prepare_predict(self, request: ClaimedRequest) -> LaneItem:
+        """inference/predict.py: the same path as the `predict` command."""
+        payload = request.payload
+        path = self.data_dir / str(payload.get("upload_path", ""))
+        kind = str(payload.get("upload_kind"))
+        asked, default = payload.get("language"), self.model_settings.language
+        template = template_language(asked, default)
+        try:
+            if kind == "dicom":
+                source = dicom_source(path, self.prompts, template)
+            else:
+                source = picture_source(path.read_bytes(), kind, self.prompts, template)
+        except (UnusableImage, OSError) as exc:  # OSError: the kept upload cannot be read
+            raise RequestRefused(str(exc), ErrorCode.INVALID_INPUT) from exc
+        question = str(payload.get("question") or "")
+        generation, question = predict_request(source, question, self._max_new_tokens(payload))
+        plan = PredictPlan(source, answer_language(asked, question, default))
+        return LaneItem(request, generation, plan)
+
+    def _finish_predict(
+        self,
+        item: LaneItem,
+        plan: PredictPlan,
+        result: GenerationResult | None,
+        identity: ModelIdentity,
+    ) -> None:
+        assert result is not None
+        timings = self._timings(item, result)
+        predict = predict_result(result.text, plan.source, plan.language, identity, timings)
+        complete(self.db, item.claimed.id, predict.model_dump(mode="json"))
+
+    # -- conversation turns -------------------------------------------------------------------
+
+    def _prepare_turn(self, request: ClaimedRequest) -> LaneItem:
+        payload = request.payload
+        question = str(payload.get("question", "")).strip()
+        anchor_id = payload.get("anchor_id")
+        context = self._turn_context(int(payload.get("conversation_id") or 0))
+        language = question_language(question, self.model_settings.language)
+        try:
+            reference = resolve_reference(
+                question, anchor_id if isinstance(anchor_id, str) else None, context.anchors
+            )
+        except TurnError as exc:
+            raise RequestRefused(str(exc), ErrorCode.INVALID_INPUT) from exc
+        measurements = requested_measurements(
+            question, reference, context.anchors, context.study, language
+        )
+        plan = TurnPlan(context, question, language, reference, measurements, [])
+        if measurements:
+            return LaneItem(request, None, plan)
+        generation, plan.views = build_turn_request(
+            question=question,
+            reference=reference,
+            anchors=context.anchors,
+            study=context.study,
+            report_question=context.report_question,
+            report_content=context.report_content,
+            past=context.past,
+            language=language,
+            max_new_tokens=self._max_new_tokens(payload),
+        )
+        return LaneItem(request, generation, plan)
+
+    def _finish_turn(
+        self,
+        item: LaneItem,
+        plan: TurnPlan,
+        result: GenerationResult | None,
+        identity: ModelIdentity,
+    ) -> None:
+        context = plan.context
+        if result is None:  # measured by the node; the model did not run
+            answer = " ".join(m.text for m in plan.measurements)
+            findings, new_anchors, raw_text, model = [], [], "", None
+            text = f"{NODE_MEASURED} {disclaimer(context.is_test_model, follow_up=True)}"
+        else:
+            read = read_answer(
+                result.text, plan.language, plan.views, context.study, context.anchors,
+                context.turn_index,
+            )  # fmt: skip
+            answer, findings, new_anchors = read.answer, read.findings, read.new_anchors
+            raw_text, model = result.text, identity
+            text = disclaimer(identity.is_test_model, follow_up=True)
+        turn = TurnResult(
+            conversation_id=context.id,
+            turn_index=context.turn_index,
+            question=plan.question,
+            answer=answer,
+            answered_by="node" if result is None else "model",
+            referenced_anchor_id=plan.reference.anchor.id if plan.reference.anchor else None,
+            findings=findings,
+            anchors=[*context.anchors, *new_anchors],
+            new_anchor_ids=[anchor.id for anchor in new_anchors],
+            measurements=plan.measurements,
+            model=model,
+            disclaimer=text,
+            timings=self._timings(item, result),
+        )
+        self._store_turn(item.claimed, turn, raw_text)
+
+    def _store_turn(self, request: ClaimedRequest, turn: TurnResult, raw_text: str) -> None:
+        """The turn row and the request's answer in one transaction."""
+        with self.db.session() as session:
+            conversation = session.get_one(Conversation, turn.conversation_id)
+            if conversation.state != ConversationState.OPEN:
+                raise RequestRefused(
+                    f"conversation {conversation.id} was {conversation.state} meanwhile",
+                    ErrorCode.CONFLICT,
+                )
+            session.add(
+                ConversationTurn(
+                    conversation_id=turn.conversation_id,
+                    turn_index=turn.turn_index,
+                    question=turn.question,
+                    answer=turn.answer,
+                    raw_text=raw_text,
+                    answered_by=turn.answered_by,
+                    referenced_anchor_id=turn.referenced_anchor_id,
+                    anchors=[a.model_dump(mode="json") for a in turn.anchors],
+                    findings=[f.model_dump(mode="json") for f in turn.findings],
+                    measurements=[m.model_dump(mode="json") for m in turn.measurements],
+                    model_json=turn.model.model_dump(mode="json") if turn.model else {},
+                    timings=turn.timings,
+                    asked_by=request.requested_by,
+                    request_id=request.id,
+                    created_at=utcnow(),
+                )
+            )
+            complete_in(session, request.id, turn.model_dump(mode="json"))
+
+    def _turn_context(self, conversation_id: int) -> TurnContext:
+        with self.db.session() as session:
+            conversation = session.get(Conversation, conversation_id)
+            if conversation is None:
+                raise RequestRefused(f"no conversation {conversation_id}", ErrorCode.NOT_FOUND)
+            if conversation.state != ConversationState.OPEN:
+                raise RequestRefused(
+                    f"conversation {conversation_id} is {conversation.state}", ErrorCode.CONFLICT
+                )
+            report = (
+                session.get_one(Report, conversation.report_id)
+                if conversation.report_id is not None
+                else None
+            )
+            version_id = (
+                report.study_version_id
+                if report is not None
+                else _latest_version(session, conversation.study_id)
+            )
+            version = session.get_one(StudyVersion, version_id)
+            paths = [self.data_dir / instance.path for instance in version.instances]
+            turns = list(conversation.turns)
+            anchors = current_anchors(session, conversation)
+            past = [PastTurn(turn.question, _past_text(turn)) for turn in turns]
+        return TurnContext(
+            id=conversation_id,
+            turn_index=len(turns) + 1,
+            anchors=anchors,
+            report_question=report.question if report is not None else None,
+            report_content=(
+                ReportContent.model_validate(report.content_json) if report is not None else None
+            ),
+            past=past,
+            is_test_model=bool(report.is_test_model) if report is not None else False,
+            study=self._study_images(version_id, paths),
+        )
+
+    def _study_images(self, version_id: int, paths: list[Path]) -> StudyImages:
+        """The study rendered as the model saw it (kept for the next turns)."""
+        cached = self._studies.get(version_id)
+        if cached is not None:
+            self._studies.move_to_end(version_id)
+            return cached
+        try:
+            prepared = prepare_study(paths)
+        except PreprocessError as exc:
+            raise RequestRefused(
+                f"the study images cannot be used: {exc}", ErrorCode.INVALID_INPUT
+            ) from exc
+        study = StudyImages(prepared, spacings_by_sop_uid(paths))
+        self._studies[version_id] = study
+        while len(self._studies) > STUDY_CACHE_SIZE:
+            self._studies.popitem(last=False)
+        return study
+
 
 def _engine_error_code(error: InferenceError) -> ErrorCode:
     """An inference server's refusal of the request itself is the request's problem (its
@@ -258,3 +541,27 @@ def _engine_error_code(error: InferenceError) -> ErrorCode:
     if isinstance(error, EngineUnavailable | EngineRequestFailed):
         return ErrorCode.MODEL_UNAVAILABLE
     return ErrorCode.INTERNAL
+
+
+def _latest_version(session: Session, study_id: int) -> int:
+    version_id = session.scalar(
+        select(StudyVersion.id)
+        .where(StudyVersion.study_id == study_id)
+        .order_by(StudyVersion.version_number.desc())
+        .limit(1)
+    )
+    if version_id is None:
+        raise RequestRefused("the study has no images yet", ErrorCode.INVALID_INPUT)
+    return int(version_id)
+
+
+def _past_text(turn: ConversationTurn) -> str:
+    """What the model said in an earlier turn (its thinking dropped), or the node's answer."""
+    if turn.answered_by == "model" and turn.raw_text:
+        return _clean_text(turn.raw_text)
+    return turn.answer
+
+
+def _clean_text(text: str) -> str:
+    answer, _unclosed = strip_thinking(text)
+    return answer.strip()

@@ -11,6 +11,11 @@ templates in ``ModelSettings.prompts_dir`` without code changes. One file is one
     modality = ["CR", "DX"]        # (0008,0060) Modality, a string or a list
     body_part = ["CHEST"]          # (0018,0015) Body Part Examined
     calling_ae = ["ER_CR01"]       # the sending AE title
+    comparison = true              # a comparison template: used only with a prior ([priors])
+
+Comparison templates are asked when the node found the patient's prior study: the model gets
+the prior image first, then the current images, and ``{prior_date}`` in the text becomes the
+prior's date (YYYY-MM-DD). Other templates are asked when there is no prior.
 
 Selection: among the templates whose keys all match, the most specific wins — a calling AE
 counts 4, a body part 2, a modality 1. At equal rank a site template beats a shipped one, and
@@ -53,6 +58,7 @@ class _MatchKeys(BaseModel):
     modality: list[str] = Field(default_factory=list)
     body_part: list[str] = Field(default_factory=list)
     calling_ae: list[str] = Field(default_factory=list)
+    comparison: bool = False
 
     @field_validator("modality", "body_part", "calling_ae", mode="before")
     @classmethod
@@ -95,6 +101,7 @@ class PromptTemplate:
     body_parts: frozenset[str]
     calling_aes: frozenset[str]
     from_site: bool = False
+    comparison: bool = False
 
     @property
     def rank(self) -> int:
@@ -155,6 +162,7 @@ def load_template(path: Path, from_site: bool = False) -> PromptTemplate:
         body_parts=frozenset(b.upper() for b in parsed.match.body_part),
         calling_aes=frozenset(parsed.match.calling_ae),
         from_site=from_site,
+        comparison=parsed.match.comparison,
     )
 
 
@@ -183,22 +191,33 @@ class PromptLibrary:
     def from_settings(cls, settings: ModelSettings) -> PromptLibrary:
         return cls(site_dir=settings.prompts_dir)
 
-    def candidates(self, modality: str, body_part: str, calling_ae: str) -> list[PromptTemplate]:
-        """Matching templates, best first."""
+    def candidates(
+        self, modality: str, body_part: str, calling_ae: str, comparison: bool = False
+    ) -> list[PromptTemplate]:
+        """Matching templates (comparison templates only when ``comparison``), best first."""
         matching: Iterable[PromptTemplate] = (
-            t for t in self.templates if t.matches(modality, body_part, calling_ae)
+            t
+            for t in self.templates
+            if t.comparison == comparison and t.matches(modality, body_part, calling_ae)
         )
         return sorted(matching, key=lambda t: (-t.rank, not t.from_site, t.name))
 
     def select(
-        self, modality: str, body_part: str = "", calling_ae: str = "", language: str = "en"
+        self,
+        modality: str,
+        body_part: str = "",
+        calling_ae: str = "",
+        language: str = "en",
+        comparison: bool = False,
     ) -> Prompt:
         """The most specific template for the study; raise when none matches (no default)."""
-        found = self.candidates(modality, body_part, calling_ae)
+        found = self.candidates(modality, body_part, calling_ae, comparison)
         if not found:
+            kind = "comparison " if comparison else ""
             raise PromptTemplateError(
-                f"no prompt template matches modality={modality!r} body_part={body_part!r} "
-                f"calling_ae={calling_ae!r}; add a default.toml without [match] keys"
+                f"no {kind}prompt template matches modality={modality!r} "
+                f"body_part={body_part!r} calling_ae={calling_ae!r}; add a default.toml without "
+                "[match] keys" + (" but comparison = true" if comparison else "")
             )
         best = found[0]
         text, used_language = best.text(language)

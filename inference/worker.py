@@ -17,11 +17,23 @@ Priority lane: before each batch (and when the API rings the doorbell while idle
 answers waiting questions and predict requests first (inference/interactive.py); without a
 model they fail at once with the message status shows.
 
+Priors ([priors], issue 17): with a PriorFinder the worker asks for each job's prior while it
+loads the job (bounded by the finder's limit; the jobs of a batch search at the same time),
+shows the model the prior image first and asks the comparison question
+(inference/comparison.py); the report's prior link says what was compared, or why not.
+
 Pipelining: when the engine can build its inputs ahead (inference.engine.PreparingEngine) and
 more jobs are due, one background thread claims batch N+1, preprocesses it and runs
 engine.prepare while batch N generates; batch N+1 then starts with engine.generate_prepared.
 A lone study is not held up: with nothing else due it goes straight through. A batch built
 ahead and never run (stop()) goes back to the queue with its attempt not counted.
+
+Processes (``render_processes``, ``store_processes``; `serve` sets them from [model]): DICOM
+reading and rendering (inference/render_pool.py) and the storing of each answer with its
+outputs (inference/report_store.py: SR, GSPS, ORU, JSON, outbox rows, one commit) run in
+processes of their own, so neither holds the interpreter lock the decode loop needs nor makes
+the GPU wait between batches. The next batch generates while the last one's reports are
+stored; its jobs stay leased until their commit, and stop() waits for those commits.
 """
 
 from __future__ import annotations
@@ -32,14 +44,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-from sqlalchemy.orm import Session
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from config.settings import NodeSettings
 from core.errors import InferenceError
 from core.loop import LoopThread
+from inference.comparison import (
+    PriorInput,
+    comparison_question,
+    current_query,
+    load_prior,
+    without_prior,
+)
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
@@ -50,68 +67,38 @@ from inference.engine import (
     GenerationResult,
     GenerationSettings,
     OutOfMemory,
-    PreparedBatch,
     PreparingEngine,
 )
 from inference.interactive import InteractiveLane
-from inference.parsing import parse_report
 from inference.prefetch import Prefetcher
-from inference.preprocess import PreparedStudy, PreprocessError, attach_regions, prepare_study
-from inference.prompts import PromptLibrary
+from inference.preprocess import PreparedStudy, PreprocessError, prepare_study
+from inference.prompts import Prompt, PromptLibrary, PromptTemplateError
+from inference.render_pool import RenderPool
+from inference.report_store import ReportHook, StoreOutcome, StorePool, StoreTask, store_report
+from inference.worker_jobs import (
+    ClaimedBatch,
+    JobSource,
+    PermanentJobError,
+    PreparedJob,
+    WorkerStats,
+)
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.jobs import (
     NO_RETRY,
     claim_jobs,
-    complete_job,
     extend_lease,
     fail_job,
     has_due_jobs,
     job_retry_policy,
     release_jobs,
 )
-from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
+from storage.models import Job, JobStatus, Study, StudyVersion
+from storage.priors import PriorFinder
 
 log = logging.getLogger(__name__)
 
-ReportHook = Callable[[Session, Report], None]
 EngineProvider = Callable[[], Engine | None]
-
-
-class PermanentJobError(InferenceError):
-    """Retrying cannot help (the study has no usable image); the job fails at once."""
-
-
-@dataclass
-class PreparedJob:
-    job_id: int
-    study_id: int
-    study_version_id: int
-    study_uid: str
-    prepared: PreparedStudy
-    question: str
-    language: str  # the template's: a site template with English only answers in English
-    preprocess_seconds: float = 0.0
-
-
-@dataclass
-class ClaimedBatch:
-    """Claimed job ids, the jobs whose studies loaded, and the engine's inputs when built ahead."""
-
-    job_ids: list[int]
-    jobs: list[PreparedJob]
-    inputs: PreparedBatch | None = None
-
-
-@dataclass
-class WorkerStats:
-    batches: int = 0
-    jobs_done: int = 0
-    jobs_failed: int = 0
-    last_batch_seconds: float = 0.0
-    last_batch_size: int = 0
-    inference_seconds_total: float = 0.0
-    recent: list[dict[str, Any]] = field(default_factory=list)
 
 
 class InferenceWorker:
@@ -124,6 +111,11 @@ class InferenceWorker:
         engine_provider: EngineProvider,
         on_report: ReportHook | None = None,
         owner: str | None = None,
+        prior_finder: PriorFinder | None = None,
+        *,
+        render_processes: int = 0,
+        store_processes: int = 0,
+        process_setup: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
@@ -131,6 +123,7 @@ class InferenceWorker:
         self.data_dir = settings.storage.data_dir
         self.engine_provider = engine_provider
         self.on_report = on_report
+        self.prior_finder = prior_finder
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.prompts = PromptLibrary.load(settings.model.prompts_dir)
         self.retry = job_retry_policy(settings.model.max_attempts, settings.model.retry_backoff_s)
@@ -154,6 +147,13 @@ class InferenceWorker:
         self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
+        # Off the generating process's interpreter lock (0: in this process's threads):
+        # DICOM reading and rendering, and the reports with their outputs (report_store.py).
+        self.render_processes = render_processes
+        self.store_processes = store_processes
+        self.process_setup = process_setup
+        self._render_pool: RenderPool | None = None
+        self._store_pool: StorePool | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -164,15 +164,49 @@ class InferenceWorker:
     def start(self) -> None:
         self.doorbell = Doorbell(self.data_dir, WORKER_DOORBELL)
         self.lane.recover()
+        self.start_pools()
         self.loop.start()
+
+    def start_pools(self) -> None:
+        """The render and store processes, started now; until they run (a few seconds of
+        imports) the worker renders and stores in its own threads, so no study waits."""
+        if self.render_processes > 0 and self._render_pool is None:
+            self._render_pool = RenderPool(self.render_processes)
+            self._render_pool.warm_up()
+        if self.store_processes > 0 and self._store_pool is None:
+            self._store_pool = StorePool(
+                self.store_processes,
+                self.db.url,
+                self.data_dir,
+                self.on_report,
+                self.process_setup,
+            )
+            self._store_pool.warm_up()
+
+    @property
+    def pools_ready(self) -> bool:
+        """The render and store processes (those configured) have all started."""
+        pools = (self._render_pool, self._store_pool)
+        return all(pool.ready for pool in pools if pool is not None)
 
     def stop(self) -> None:
         if self.loop.stop(timeout_s=60):
             # The loop released its batch built ahead on the way out; this covers run_once
             # driven without the thread. While a late batch still runs, the loop does it.
             self._release_prefetched()
+        self.close_pools()
         if self.doorbell is not None:
             self.doorbell.close()
+
+    def close_pools(self) -> None:
+        """Wait for the reports still being stored (each commits or fails its job), then end
+        the processes."""
+        if self._store_pool is not None:
+            self._store_pool.close()
+            self._store_pool = None
+        if self._render_pool is not None:
+            self._render_pool.close()
+            self._render_pool = None
 
     def _run_step(self) -> float | None:
         """One batch; straight on to the next while there was work, else wait (interval)."""
@@ -232,8 +266,58 @@ class InferenceWorker:
 
     def _claim_and_load(self) -> ClaimedBatch:
         job_ids = self._claim_batch()
-        jobs = [job for job in (self._prepare(job_id) for job_id in job_ids) if job]
-        return ClaimedBatch(job_ids, jobs)
+        pool = self._render_pool
+        if pool is not None and pool.ready:  # until its processes have started: in threads
+            return ClaimedBatch(job_ids, self._render_in_pool(pool, job_ids))
+        if self.prior_finder is not None and len(job_ids) > 1:
+            # Prior searches wait on PACS: the batch's jobs search side by side, so no study
+            # waits longer than the finder's limit for its neighbours' priors.
+            with ThreadPoolExecutor(len(job_ids), thread_name_prefix="prior") as threads:
+                loaded = list(threads.map(self._prepare, job_ids))
+        else:
+            loaded = [self._prepare(job_id) for job_id in job_ids]
+        return ClaimedBatch(job_ids, [job for job in loaded if job])
+
+    def _render_in_pool(self, pool: RenderPool, job_ids: list[int]) -> list[PreparedJob]:
+        """Read and render the batch's studies in the render processes, all at once."""
+        sources: list[JobSource] = []
+        for job_id in job_ids:
+            try:
+                sources.append(self._job_source(job_id))
+            except Exception as exc:
+                self._fail(job_id, exc)
+        futures = [(source, pool.submit(source.paths)) for source in sources]
+        rendered: list[tuple[JobSource, PreparedStudy, float]] = []
+        for source, future in futures:
+            try:
+                prepared, seconds = future.result()
+                rendered.append((source, prepared, seconds))
+            except PreprocessError as exc:
+                self._fail(source.job_id, PermanentJobError(str(exc)))
+            except Exception as exc:  # a process that died fails the job: it is retried
+                self._fail(source.job_id, exc)
+        return self._with_questions(rendered)
+
+    def _with_questions(
+        self, rendered: list[tuple[JobSource, PreparedStudy, float]]
+    ) -> list[PreparedJob]:
+        """Each rendered study with its question (and prior: searched side by side, as in
+        ``_claim_and_load``)."""
+
+        def question_for(item: tuple[JobSource, PreparedStudy, float]) -> PreparedJob | None:
+            source, prepared, seconds = item
+            try:
+                return self._prepared_job(source, prepared, seconds)
+            except Exception as exc:
+                self._fail(source.job_id, exc)
+                return None
+
+        if self.prior_finder is not None and len(rendered) > 1:
+            with ThreadPoolExecutor(len(rendered), thread_name_prefix="prior") as threads:
+                jobs = list(threads.map(question_for, rendered))
+        else:
+            jobs = [question_for(item) for item in rendered]
+        return [job for job in jobs if job]
 
     def _prefetch_next(self, engine: Engine) -> None:
         """Start building the next batch in the background, when the engine can and more jobs
@@ -275,36 +359,78 @@ class InferenceWorker:
             return None
 
     def _load_job(self, job_id: int) -> PreparedJob:
+        source = self._job_source(job_id)
+        started = time.perf_counter()
+        try:
+            prepared = prepare_study(source.paths)
+        except PreprocessError as exc:
+            raise PermanentJobError(str(exc)) from exc
+        return self._prepared_job(source, prepared, time.perf_counter() - started)
+
+    def _job_source(self, job_id: int) -> JobSource:
         with self.db.session() as session:
             job = session.get_one(Job, job_id)
             version = session.get_one(StudyVersion, job.study_version_id)
             study = session.get_one(Study, version.study_id)
-            paths = [self.data_dir / instance.path for instance in version.instances]
-            calling_ae = study.calling_ae
-            job_ids = {"job_id": job.id, "study_id": study.id, "study_version_id": version.id}
-            study_uid = study.study_instance_uid
-        started = time.perf_counter()
-        try:
-            prepared = prepare_study(paths)
-        except PreprocessError as exc:
-            raise PermanentJobError(str(exc)) from exc
-        preprocess_seconds = time.perf_counter() - started
-        prompt = self.prompts.select(
-            prepared.modality, prepared.body_part, calling_ae, self.model_settings.language
-        )
+            return JobSource(
+                job_id=job.id,
+                study_id=study.id,
+                study_version_id=version.id,
+                study_uid=study.study_instance_uid,
+                calling_ae=study.calling_ae,
+                paths=[self.data_dir / instance.path for instance in version.instances],
+            )
+
+    def _prepared_job(
+        self, source: JobSource, prepared: PreparedStudy, preprocess_seconds: float
+    ) -> PreparedJob:
+        prior = self._prior(source.paths, source.study_uid, prepared) if self.prior_finder else None
+        prompt, prior = self._question(prepared, source.calling_ae, prior)
+        question = prompt.text
+        if prior is not None and prior.compared:
+            question = comparison_question(prompt.text, prior.comparison)
         return PreparedJob(
-            **job_ids,
-            study_uid=study_uid,
+            job_id=source.job_id,
+            study_id=source.study_id,
+            study_version_id=source.study_version_id,
+            study_uid=source.study_uid,
             prepared=prepared,
-            question=prompt.text,
+            question=question,
             language=prompt.language,
             preprocess_seconds=preprocess_seconds,
+            prior=prior,
         )
+
+    def _prior(self, paths: list[Path], study_uid: str, prepared: PreparedStudy) -> PriorInput:
+        assert self.prior_finder is not None
+        query = current_query(paths, study_uid, prepared.modality, prepared.body_part)
+        prior = load_prior(self.prior_finder, query, self.data_dir)
+        log.info("study %s: %s", study_uid, prior.comparison.statement())
+        return prior
+
+    def _question(
+        self, prepared: PreparedStudy, calling_ae: str, prior: PriorInput | None
+    ) -> tuple[Prompt, PriorInput | None]:
+        """The comparison template when there is a prior (and one matches), else the usual."""
+        language = self.model_settings.language
+        if prior is not None and prior.compared:
+            try:
+                prompt = self.prompts.select(
+                    prepared.modality, prepared.body_part, calling_ae, language, comparison=True
+                )
+                return prompt, prior
+            except PromptTemplateError:
+                prior = without_prior(prior, "no comparison question template matches the study")
+        prompt = self.prompts.select(prepared.modality, prepared.body_part, calling_ae, language)
+        return prompt, prior
 
     def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> int:
         """Run the batch and store or fail each job; return how many went back to the queue
         unrun (the engine's backend was out of reach)."""
         jobs = batch.jobs
+        if self._store_pool is not None:
+            # Answers wait for their outputs at most two batches deep (their jobs stay leased).
+            self._store_pool.wait_below(2 * self.model_settings.max_batch)
         extend_lease(
             self.db, [job.job_id for job in jobs], self.owner, self.model_settings.lease_seconds
         )
@@ -337,10 +463,21 @@ class InferenceWorker:
         return len(lost)
 
     def _store_or_fail(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> None:
+        """Store the answer: in the store pool when there is one (the next batch does not wait
+        for the outputs), else here."""
         try:
-            self._store(engine, job, result)
+            task = self._store_task(engine, job, result)
+            pool = self._store_pool
+            if pool is not None and pool.ready:  # until its processes run: in this thread
+                pool.submit(self.owner, task, self._stored)
+                return
+            outcome = store_report(self.db, self.owner, task, self.on_report)
         except Exception as exc:
             self._fail(job.job_id, exc)
+            return
+        if outcome is StoreOutcome.STORED:
+            with self._stats_lock:
+                self.stats.jobs_done += 1
 
     def _engine_lost(self, exc: EngineUnavailable, jobs: list[PreparedJob]) -> None:
         """The backend cannot be reached: nothing ran, so the jobs (and a batch built ahead)
@@ -388,61 +525,43 @@ class InferenceWorker:
 
     def _request(self, job: PreparedJob) -> GenerationRequest:
         return GenerationRequest(
-            images=job.prepared.images,
+            images=[*job.prior_images, *job.prepared.images],  # prior first, then current
             prompt=job.question,
             settings=GenerationSettings(max_new_tokens=self.model_settings.max_new_tokens),
         )
 
-    def _store(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> None:
-        parsed = parse_report(result.text, job.language, image_count=len(job.prepared.images))
-        for note in parsed.notes:
-            log.info("study %s: %s", job.study_uid, note)
-        content = attach_regions(parsed.content, job.prepared.geometries)
-        with self.db.session() as session:
-            # Done together with its report and outbox rows: one commit, or none of them.
-            if not complete_job(session, job.job_id, self.owner):
-                log.warning("job %d lost its lease while running; result dropped", job.job_id)
-                return
-            identity = result.identity or engine.identity
-            report = Report(
-                job_id=job.job_id,
-                study_id=job.study_id,
-                study_version_id=job.study_version_id,
-                language=content.language,
-                parse_status=content.parse_status,
-                urgency=content.urgency,
-                question=job.question,
-                raw_text=result.text,
-                content_json=content.model_dump(mode="json"),
-                model_json=identity.model_dump(mode="json"),
-                timings_json={
-                    "batch_seconds": round(result.seconds, 4),
-                    "batch_size": result.batch_size,
-                    "prompt_tokens": result.prompt_tokens,
-                    "new_tokens": result.new_tokens,
-                    "preprocess_seconds": round(job.preprocess_seconds, 4),
-                    "source_sop_instance_uids": job.prepared.sop_instance_uids,
-                },
-                is_test_model=identity.is_test_model,
-                created_at=utcnow(),
-            )
-            session.add(report)
-            session.flush()
-            if self.on_report is not None:
-                started = time.perf_counter()
-                self.on_report(session, report)
-                report.timings_json = {
-                    **report.timings_json,
-                    "outputs_seconds": round(time.perf_counter() - started, 4),
-                }
-        self.stats.jobs_done += 1
-        log.info(
-            "study %s: report stored (%s, %d findings, urgency %s)",
-            job.study_uid,
-            content.parse_status,
-            len(content.findings),
-            content.urgency or "-",
+    def _store_task(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> StoreTask:
+        return StoreTask(
+            job_id=job.job_id,
+            study_id=job.study_id,
+            study_version_id=job.study_version_id,
+            study_uid=job.study_uid,
+            question=job.question,
+            language=job.language,
+            sop_instance_uids=job.prepared.sop_instance_uids,
+            geometries=job.prepared.geometries,
+            preprocess_seconds=job.preprocess_seconds,
+            text=result.text,
+            identity=result.identity or engine.identity,
+            batch_seconds=result.seconds,
+            prepare_seconds=result.prepare_seconds,
+            batch_size=result.batch_size,
+            prompt_tokens=result.prompt_tokens,
+            new_tokens=result.new_tokens,
+            prior_images=len(job.prior_images),
+            prior_comparison=job.prior.comparison if job.prior is not None else None,
         )
+
+    def _stored(self, task: StoreTask, future: Future[StoreOutcome]) -> None:
+        """A store run in the pool ended (in a thread of the pool): count it or fail the job."""
+        try:
+            outcome = future.result()
+        except Exception as exc:  # the build failed, or its process died (BrokenProcessPool)
+            self._fail(task.job_id, exc)
+            return
+        if outcome is StoreOutcome.STORED:
+            with self._stats_lock:
+                self.stats.jobs_done += 1
 
     def _fail(self, job_id: int, exc: BaseException) -> None:
         permanent = isinstance(exc, PermanentJobError | EngineRequestRejected)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pynetdicom.fsm import InvalidEventError
 
-FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# The pid tells the serving process from its inference worker child (both write this file).
+FORMAT = "%(asctime)s [%(process)d] %(levelname)-7s %(name)s: %(message)s"
 NOISY_LIBRARIES = ("pynetdicom", "pydicom", "highdicom", "hl7apy", "transformers", "httpx")
 
 log = logging.getLogger("medgemma_node.threads")

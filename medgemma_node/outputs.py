@@ -46,10 +46,12 @@ from dicom_node.output_common import (
 )
 from dicom_node.sr import SrReference, build_sr
 from hl7_out.oru import OruBuildError, OruHeader, build_oru, hl7_control_id
+from storage import audit
 from storage.files import write_durably
 from storage.installation import ensure_installation_id
 from storage.models import OutboxItem, OutboxStatus, Report, ReportObject, Study
 from storage.outbox import idempotency_key
+from storage.priors import prior_image_paths
 from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, ReportDocument
 from storage.reports import predecessor_sr_path, report_document, source_instance_paths
 
@@ -107,6 +109,17 @@ class ReportOutputs:
         for destination in self.settings.destinations:
             if destination.enabled and destination.routes(study.modality, study.calling_ae):
                 self._queue_or_dead_letter(built, destination)
+        session.add(
+            audit.event(
+                "report.created",
+                study_uid=study.study_instance_uid,
+                report_id=report.id,
+                job_id=report.job_id,
+                supersedes_report_id=report.supersedes_report_id,
+                objects=[record.kind for record in records],
+                test_model=report.is_test_model,
+            )
+        )
 
     # -- building -------------------------------------------------------------------------
 
@@ -124,10 +137,19 @@ class ReportOutputs:
         self, session: Session, document: ReportDocument, sources: list[Dataset], directory: Path
     ) -> list[OutputRecord]:
         predecessor = previous_sr(session, document, self.data_dir)
-        sr = build_sr(document, sources, predecessor, node=self.node)
+        priors = self._prior_images(session, document)
+        sr = build_sr(document, sources, predecessor, node=self.node, priors=priors)
         has_regions = any(f.region is not None for f in document.content.findings)
         gsps = build_gsps(document, sources, node=self.node) if has_regions else []
         return write_datasets([sr, *gsps], directory)
+
+    def _prior_images(self, session: Session, document: ReportDocument) -> list[Dataset]:
+        """Headers of the prior images the report was compared with: the SR's evidence."""
+        prior = document.prior
+        if prior is None or not prior.compared:
+            return []
+        paths = prior_image_paths(session, prior.sop_instance_uids)
+        return [dcmread(self.data_dir / path, stop_before_pixels=True) for path in paths]
 
     def _planned_pdf(
         self, document: ReportDocument, study: Study, directory: Path

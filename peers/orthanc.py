@@ -144,6 +144,17 @@ class OrthancServer:
         response.raise_for_status()
         return response.json()
 
+    def upload(self, path: Path) -> str:
+        """Store a DICOM file through the REST API (POST /instances); its Orthanc id."""
+        response = self._http.post("/instances", content=path.read_bytes())
+        response.raise_for_status()
+        return str(response.json()["ID"])
+
+    @property
+    def pid(self) -> int | None:
+        """The Orthanc process this object started (to pause it in a test), if running."""
+        return self.proc.pid if self.running and self.proc is not None else None
+
     def instance_ids(self) -> list[str]:
         return list(self.get("/instances"))
 

@@ -8,9 +8,12 @@ Tables:
                              reports ─ reports  (supersedes_report_id: a report appended to)
     studies ─< conversations ─< conversation_turns  (follow-up questions anchored to regions)
     interactive_requests   (the worker's priority lane: predict and conversation turns)
-    audit_events
+    audit_events   (the audit trail: storage/audit.py)
+    mpps           (Modality Performed Procedure Steps received by N-CREATE / N-SET)
     installation   (one row: this installation's random id)
     users                        (REST API accounts; only a hash of each token)
+    prior_studies ─< prior_instances   (the prior store: earlier studies fetched from PACS)
+    reports ─ prior_links              (what each report was compared with, or why not)
 
 Schema changes go through Alembic (storage/migrations); ``serve`` upgrades a fresh database.
 """
@@ -83,6 +86,9 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    # Set aside by an operator (`jobs cancel`) or because the modality discontinued the
+    # procedure step (MPPS DISCONTINUED): never run unless retried.
+    CANCELLED = "cancelled"
 
 
 class InteractiveKind(StrEnum):
@@ -122,6 +128,8 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     # True while instances exist that no study version covers yet (the scheduler's work list).
     has_unversioned: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    # When retention last deleted files of this study (migration 0007).
+    pruned_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     versions: Mapped[list[StudyVersion]] = relationship(
@@ -164,6 +172,8 @@ class Instance(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     received_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    # Its file was deleted by retention (migration 0007): no later version covers it.
+    pruned_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -230,6 +240,8 @@ class Report(Base):
     supersedes_report_id: Mapped[int | None] = mapped_column(
         ForeignKey("reports.id"), nullable=True, index=True
     )
+    # Its files under <data>/reports/<id>/ were deleted by retention (the row stays).
+    outputs_pruned_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
     objects: Mapped[list[ReportObject]] = relationship(back_populates="report")
 
@@ -294,13 +306,41 @@ class Installation(Base):
 
 
 class AuditEvent(Base):
+    """One audited event (storage/audit.py lists the kinds). ``actor``: the API user, calling
+    AE title or process; ``address``: the peer's network address; ``outcome``: "success",
+    "failure" or "rejected" (columns of migration 0007)."""
+
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
-    kind: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(64), index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    address: Mapped[str] = mapped_column(String(64), default="")
+    outcome: Mapped[str] = mapped_column(String(16), default="success")
+
+
+class PerformedProcedureStep(Base):
+    """A Modality Performed Procedure Step (PS3.4 Annex F.7) as last created or set.
+
+    ``sop_instance_uids``: the instances the step says it made (Performed Series Sequence >
+    Referenced Image / Non-Image Composite SOP Instance Sequences); ``study_instance_uid``:
+    from the (first item of the) Scheduled Step Attributes Sequence. A COMPLETED step whose
+    instances have all arrived completes its study at once.
+    """
+
+    __tablename__ = "mpps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    status: Mapped[str] = mapped_column(String(16))  # IN PROGRESS | COMPLETED | DISCONTINUED
+    study_instance_uid: Mapped[str] = mapped_column(UID, default="", index=True)
+    sop_instance_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
 
 
 class InteractiveRequest(Base):
@@ -388,3 +428,52 @@ class User(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+
+
+class PriorStudy(Base):
+    """An earlier study of a patient fetched from PACS for comparison (migration 0006).
+
+    Its instances live in the prior store (``<data>/priors/``, ``prior_instances``), apart
+    from received studies: a prior never starts a job of its own. ``requested_at`` is set
+    before a C-MOVE so the SCP knows the study's instances are priors.
+    """
+
+    __tablename__ = "prior_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True, index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    requested_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class PriorInstance(Base):
+    """One image of a prior study, on disk under ``<data>/priors/``."""
+
+    __tablename__ = "prior_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prior_study_id: Mapped[int] = mapped_column(ForeignKey("prior_studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)  # relative to the data directory
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class PriorLink(Base):
+    """What one report was compared with (``status`` "compared"), or why it was made without
+    a prior ("none"); ``detail`` is a storage.report_schema.PriorComparison."""
+
+    __tablename__ = "prior_links"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), unique=True)
+    status: Mapped[str] = mapped_column(String(16))
+    prior_study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)

@@ -56,14 +56,16 @@ def running_api(
     settings: NodeSettings,
     prepare: Callable[[ApiServer], None] | None = None,
     on_report: ReportHook | None = None,
+    report_pdf: Callable[[int], bytes] | None = None,
 ) -> Iterator[RunningApi]:
     """The API alone (no SCP, no worker) in this process, as `serve` runs it: uvicorn in a
     thread on a real socket. ``prepare`` may change the server before it starts; ``on_report``
-    is what `serve` passes for appended reports (medgemma_node.outputs.ReportOutputs)."""
+    is what `serve` passes for appended reports (medgemma_node.outputs.ReportOutputs);
+    ``report_pdf`` serves ?format=pdf."""
     db = Database(settings.database_url)
     db.upgrade()
     tokens = {role: create_user(db, f"{role.value}-user", role) for role in UserRole}
-    server = ApiServer(settings, db, on_report)
+    server = ApiServer(settings, db, on_report, report_pdf)
     if prepare is not None:
         prepare(server)
     server.start()
