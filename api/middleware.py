@@ -24,7 +24,7 @@ from storage.db import Database
 from storage.models import AuditEvent
 from storage.users import UserInfo
 
-log = logging.getLogger("api")
+log = logging.getLogger(__name__)
 
 AUDIT_KIND = "api.access"
 NOT_AUDITED = ("/api/health", "/api/docs", "/api/openapi.json", "/api/static/")

@@ -8,7 +8,7 @@ destinations  each configured one (and any the outbox still names): counts by st
 disk          free space of the data directory against the C-STORE watermark
 parts         the serving process's parts and their last errors (<data>/run/status.json)
 
-Error texts come from the outbox and job columns, which never hold patient data (design.md).
+Error texts come from the outbox and job columns, which never hold patient data (README).
 """
 
 from __future__ import annotations

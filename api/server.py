@@ -24,7 +24,7 @@ from config.tls import server_ssl_context
 from storage.conversations import ReportHook
 from storage.db import Database
 
-log = logging.getLogger("api.server")
+log = logging.getLogger(__name__)
 
 RESTART_PAUSE_S = 2.0
 GRACEFUL_SHUTDOWN_S = 3

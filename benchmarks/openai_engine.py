@@ -9,7 +9,7 @@ starts; one study is run first, untimed (imports, first connections).
 Engines, each through the node's EngineProvider:
 
 * ``openai``: OpenAIEngine against peers/openai_double.py, a TEST DOUBLE of vLLM's OpenAI server
-  on loopback (vLLM's CPU build does not run on this machine: RESULTS.md). It answers every
+  on loopback (vLLM's CPU build cannot serve Gemma 3 here: RESULTS.md). It answers every
   request after ``--server-seconds`` (a stand-in for the GPU server's time per study; 0 measures
   what the node itself costs) with a structured chest answer, so findings, regions and the GSPS
   are built. It checks each request's schema but does not decode the PNGs, to keep its own CPU

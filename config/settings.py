@@ -16,14 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +27,7 @@ from pydantic_settings import (
 from config.ops_settings import AuditSettings, RetentionSettings
 from core.errors import ConfigError  # raised here; importable from here as before
 from core.retry import RetryPolicy
+from core.validation import error_key
 
 ENV_PREFIX = "MEDGEMMA_NODE_"
 
@@ -546,7 +540,7 @@ def _format_validation_error(exc: ValidationError, path: Path | None) -> str:
     from_file = False
     for error in exc.errors():
         location = tuple(error["loc"])
-        key = ".".join(str(part) for part in location) or "(root)"
+        key = error_key(location)
         variable = _environment_variable(location)
         if variable is None:
             from_file = True

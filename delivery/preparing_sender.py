@@ -2,14 +2,14 @@
 
     sender = PreparingSender(DicomSender(destination, "MEDGEMMA"), prepare)
 
-Some outputs are built on the delivery side the first time a destination needs them (the PDF
-report and its Encapsulated PDF: off the inference worker's critical path, design.md). The
-outbox row and its payload path were written with the report; ``prepare(parcel)`` builds the
-parcel's files when they are missing — durably, and the same bytes every time, so a retry
+Some outputs are built on the delivery side the first time a destination needs them (the PDF report
+and its Encapsulated PDF, off the inference worker's critical path: docs/architecture.md, "PDF
+reports"). The outbox row and its payload path were written with the report; ``prepare(parcel)``
+builds the parcel's files when they are missing — durably, and the same bytes every time, so a retry
 re-sends the same object — and returns nothing. A parcel whose preparation fails gets its own
-outcome and is not handed on: REJECTED when an input is gone for good (``PayloadInputMissing``:
-the report row or a source image no longer exists), RETRY otherwise. The others go to the
-wrapped sender as one batch, and each outcome comes back in the parcel's place.
+outcome and is not handed on: REJECTED when an input is gone for good (``PayloadInputMissing``: the
+report row or a source image no longer exists), RETRY otherwise. The others go to the wrapped sender
+as one batch, and each outcome comes back in the parcel's place.
 """
 
 from __future__ import annotations

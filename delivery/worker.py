@@ -4,10 +4,10 @@
     node.add_part("delivery", worker)     # start(); stop() at shutdown
     worker.wake()                         # optional: rows were just written, look now
 
-One lane — a thread — per enabled destination, so a destination that times out only ever
-delays its own rows (design.md: one bad destination never blocks the others). A lane claims the
-destination's due rows (storage.outbox: lease, attempt counted), hands them to the sender
-built for that destination (delivery.senders) and records each outcome
+One lane — a thread (core.loop.LoopThread) — per enabled destination, so a destination that
+times out only ever delays its own rows (one bad destination never blocks the others). A lane
+claims the destination's due rows (storage.outbox: lease, attempt counted), hands them to the
+sender built for that destination (delivery.senders) and records each outcome
 (storage.delivery_types):
 
     DELIVERED  -> SENT, sent_at
@@ -39,7 +39,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -47,6 +46,7 @@ from pathlib import Path
 
 from config.settings import Destination, NodeSettings
 from core.errors import DeliveryError
+from core.loop import LoopThread
 from delivery.metrics import DeliveryCounters
 from delivery.senders import SenderRegistry
 from storage.db import Database
@@ -66,39 +66,47 @@ log = logging.getLogger(__name__)
 
 
 class _Lane:
-    """One destination's thread: claim, send, record; wait for the next poll or a wake()."""
+    """One destination's loop (core.loop.LoopThread): claim, send, record; wait for the next
+    poll or a wake(). A full batch means more may be due, so the next one is claimed at once."""
 
     def __init__(self, worker: DeliveryWorker, destination: Destination, sender: Sender):
         self.worker = worker
         self.destination = destination
         self.sender = sender
         self.policy = destination.retry.policy()
-        self.wake = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.last_error: str | None = None
+        self.loop: LoopThread | None = None
+        # The outcome of the last batch sent (a peer's refusal), kept apart from the loop's
+        # own failures (database trouble), which LoopThread records and clears on recovery.
+        self.verdict_error: str | None = None
         self.last_success_at: datetime | None = None
 
     @property
     def name(self) -> str:
         return self.destination.name
 
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name=f"delivery-{self.name}", daemon=True)
-        self.thread.start()
+    @property
+    def last_error(self) -> str | None:
+        loop_error = self.loop.last_error if self.loop is not None else None
+        return loop_error or self.verdict_error
 
-    def _run(self) -> None:
-        worker = self.worker
-        while not worker.stopping.is_set():
-            self.wake.clear()
-            try:
-                handled = self.serve_once()
-            except Exception as exc:  # database trouble: keep the lane alive, try again later
-                log.error("delivery to %s: %s", self.name, type(exc).__name__)
-                log.debug("delivery lane error", exc_info=True)
-                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                handled = 0
-            if handled < worker.batch_size:
-                self.wake.wait(worker.poll_interval_s)
+    def is_alive(self) -> bool:
+        return self.loop is not None and self.loop.is_alive()
+
+    def start(self) -> None:
+        batch_size = self.worker.batch_size
+        # Peers' words may appear in a failure, so the log gets only its type (LoopThread).
+        self.loop = LoopThread(
+            f"delivery-{self.name}",
+            lambda: 0.0 if self.serve_once() >= batch_size else None,
+            interval_s=self.worker.poll_interval_s,
+            traceback_in_log=False,
+            log=log,
+        )
+        self.loop.start()
+
+    def wake(self) -> None:
+        if self.loop is not None:
+            self.loop.wake()
 
     def serve_once(self) -> int:
         """Send one batch of due rows; return how many rows were claimed."""
@@ -139,7 +147,7 @@ class _Lane:
         if sent:
             self.last_success_at = now
         failed = [outcome for outcome in outcomes if outcome.verdict is not Verdict.DELIVERED]
-        self.last_error = f"{failed[-1].verdict}: {failed[-1].code}" if failed else None
+        self.verdict_error = f"{failed[-1].verdict}: {failed[-1].code}" if failed else None
 
     def _failure(self, item: ClaimedItem, outcome: DeliveryOutcome, now: datetime) -> Failure:
         counters = self.worker.counters
@@ -212,15 +220,13 @@ class DeliveryWorker:
         self.owner = owner or f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.join_timeout_s = join_timeout_s
         self.counters = DeliveryCounters()
-        self.stopping = threading.Event()
         self.lanes = [
             _Lane(self, destination, senders.build(destination))
             for destination in destinations
             if destination.enabled
         ]
         self.unserved: dict[tuple[str, str], str] = {}
-        self._watch_thread: threading.Thread | None = None
-        self._watch_error: str | None = None
+        self._watch: LoopThread | None = None
 
     @classmethod
     def from_settings(
@@ -245,36 +251,37 @@ class DeliveryWorker:
     # Part protocol ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.stopping.clear()
         if self.release_leases_on_start:
             released = release_leases(self.db)
             if released:
                 log.info("took back %d outbox lease(s) left by the previous run", released)
         for lane in self.lanes:
             lane.start()
-        self._watch_thread = threading.Thread(
-            target=self._watch, name="delivery-watch", daemon=True
+        self._watch = LoopThread(
+            "delivery-watch",
+            self._check_unserved_step,
+            interval_s=self.watch_interval_s,
+            traceback_in_log=False,
+            log=log,
         )
-        self._watch_thread.start()
+        self._watch.start()
 
     def stop(self) -> None:
-        self.stopping.set()
-        for lane in self.lanes:
-            lane.wake.set()
-        threads = [lane.thread for lane in self.lanes] + [self._watch_thread]
-        for thread in threads:
-            if thread is not None:
-                thread.join(self.join_timeout_s)
-                if thread.is_alive():
-                    log.warning("%s did not stop within %.0f s", thread.name, self.join_timeout_s)
+        loops = [lane.loop for lane in self.lanes] + [self._watch]
+        running = [loop for loop in loops if loop is not None]
+        for loop in running:  # every lane is asked first, so slow peers end their batches together
+            loop.request_stop()
+        for loop in running:
+            loop.join(self.join_timeout_s)
 
     @property
     def last_error(self) -> str | None:
         """Destinations whose last attempt failed, and routes nobody serves; None when fine."""
         problems = [f"{lane.name}: {lane.last_error}" for lane in self.lanes if lane.last_error]
         problems += [f"{name} ({kind}): unserved" for name, kind in sorted(self.unserved)]
-        if self._watch_error:
-            problems.append(f"watch: {self._watch_error}")
+        watch_error = self._watch.last_error if self._watch is not None else None
+        if watch_error:
+            problems.append(f"watch: {watch_error}")
         return "; ".join(problems) or None
 
     # Control ---------------------------------------------------------------------------------
@@ -283,7 +290,7 @@ class DeliveryWorker:
         """Look for due rows now (after writing outbox rows) instead of at the next poll."""
         for lane in self.lanes:
             if destination is None or lane.name == destination:
-                lane.wake.set()
+                lane.wake()
 
     def deliver_once(self) -> int:
         """Serve every destination in turn until nothing is due; return rows handled.
@@ -306,22 +313,15 @@ class DeliveryWorker:
                 "kind": lane.destination.kind,
                 "last_error": lane.last_error,
                 "last_success_at": lane.last_success_at,
-                "running": lane.thread is not None and lane.thread.is_alive(),
+                "running": lane.is_alive(),
             }
             for lane in self.lanes
         }
 
     # Unserved rows ---------------------------------------------------------------------------
 
-    def _watch(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                self.check_unserved()
-                self._watch_error = None
-            except Exception as exc:
-                log.error("delivery watch: %s", type(exc).__name__)
-                self._watch_error = type(exc).__name__
-            self.stopping.wait(self.watch_interval_s)
+    def _check_unserved_step(self) -> None:
+        self.check_unserved()
 
     def check_unserved(self) -> dict[tuple[str, str], str]:
         """Pending rows that no lane serves keep a note in last_error and one warning log."""

@@ -1,7 +1,7 @@
 """What the SR and GSPS builders share: node identity, derived UIDs, geometry, texts, files.
 
 UIDs (PS3.5 Chapter 9) are derived, not random: the same report built twice yields the same
-SOP Instance UIDs, so a re-sent object is the same object (design.md, "Exactly one result per
+SOP Instance UIDs, so a re-sent object is the same object (README, "Exactly one result per
 study version downstream"). Each UID is ``generate_uid(prefix, entropy_srcs=[key])`` with keys:
 
     series of the SRs of a study        medgemma-node:{study_uid}:sr-series

@@ -1,13 +1,13 @@
 """A tiny, randomly initialised MedGemma look-alike for tests and demos.
 
 Real MedGemma weights cannot be downloaded on the machines that build and test the node
-(design.md, "Model facts"), yet the loading, batching and parsing path must be exercised for
-real. ``write_demo_model`` writes a directory with the same layout a Hugging Face snapshot of
-``google/medgemma-1.5-4b-it`` has — ``config.json`` (Gemma3ForConditionalGeneration with a
-SigLIP vision tower), safetensors weights, a Gemma tokenizer with the Gemma 3 special tokens,
-the Gemma 3 image processor and processor configs, the chat template and a generation
-config — so ``TransformersEngine`` loads it through ``AutoProcessor`` and
-``AutoModelForImageTextToText`` exactly as it loads the real model.
+(docs/architecture.md, "Model facts"), yet the loading, batching and parsing path must be exercised
+for real. ``write_demo_model`` writes a directory with the same layout a Hugging Face snapshot of
+``google/medgemma-1.5-4b-it`` has — ``config.json`` (Gemma3ForConditionalGeneration with a SigLIP
+vision tower), safetensors weights, a Gemma tokenizer with the Gemma 3 special tokens, the Gemma 3
+image processor and processor configs, the chat template and a generation config — so
+``TransformersEngine`` loads it through ``AutoProcessor`` and ``AutoModelForImageTextToText``
+exactly as it loads the real model.
 
 The weights are random: the text it generates is gibberish. The marker file
 ``DEMO_MODEL_MARKER`` makes the engine record ``is_test_model=True``, so every output built from

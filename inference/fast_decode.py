@@ -1,7 +1,7 @@
 """Greedy decoding for Gemma 3 (MedGemma) on static KV buffers, one CUDA graph replay a token.
 
 Plain ``model.generate`` is CPU-bound at batch 1 on the H100: the Python and launch cost of
-some 1,500 small kernels a token (design.md, "GPU fast path"). Here:
+some 1,500 small kernels a token (README, "GPU sizing"; benchmarks/RESULTS.md). Here:
 
 * the prompt (vision tower + text, batched, left-padded) runs through the model's own forward,
   with the same arguments ``generate`` gives its first step (on CUDA the text model's RMSNorms

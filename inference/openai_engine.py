@@ -143,7 +143,7 @@ def chat_body(model: str, request: GenerationRequest, max_side: int = 0) -> dict
         "model": model,
         "messages": chat_messages(request, max_side),
         "max_tokens": request.settings.max_new_tokens,
-        "temperature": 0,  # greedy (design.md: deterministic answers)
+        "temperature": 0,  # greedy (docs/architecture.md, "Model facts")
         "n": 1,
         "stream": False,
     }

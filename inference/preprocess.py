@@ -1,6 +1,6 @@
 """DICOM instances of one study version -> the images MedGemma sees, and the way back.
 
-Three renderings, one per kind of study (design.md, "Model facts"):
+Three renderings, one per kind of study (docs/architecture.md, "Model facts"):
 
 * Projection radiographs (CR, DX and any other 2D image): the PS3.4 Annex N grayscale
   pipeline — Modality LUT (PS3.3 C.11.1), VOI LUT or window (PS3.3 C.11.2; the 0.5-99.5

@@ -1,6 +1,6 @@
 """The real engine: MedGemma (or the tiny demo model) through Hugging Face transformers.
 
-Loading follows the model card (design.md, "Model facts"): ``AutoProcessor`` +
+Loading follows the model card (docs/architecture.md, "Model facts"): ``AutoProcessor`` +
 ``AutoModelForImageTextToText`` from a local directory, bf16 on CUDA (fp16 is broken for
 Gemma 3), float32 on CPU, optional NF4/int8 through bitsandbytes on CUDA, SDPA attention,
 greedy decoding. Nothing is ever downloaded: weights come from ``ModelSettings.model_path`` or

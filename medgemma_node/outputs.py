@@ -10,7 +10,7 @@ For each stored report the inference worker calls ReportOutputs(session, report)
       (medgemma_node.report_pdf), off this critical path
     adds one outbox row per object per routed destination.
 Everything a delivery will send is fixed here, so a retry re-sends the same bytes: the same SR
-SOP Instance UID, the same HL7 control id (design.md, "Exactly one result per study version").
+SOP Instance UID, the same HL7 control id (README, "Exactly one result per study version").
 
 Composition only: the builders are the stages' (dicom_node.sr/gsps, hl7_out.oru), the reads are
 storage.reports, identities come from hl7_out.oru.hl7_control_id and
@@ -239,7 +239,7 @@ class ReportOutputs:
             )
 
     def _queue(self, built: BuiltReport, destination: Destination) -> None:
-        """The outbox rows of one destination (design.md: written with the report)."""
+        """The outbox rows of one destination (README: written with the report)."""
         study_uid, report_id = built.document.study_instance_uid, built.report.id
         installation = self.installation_id
         key = idempotency_key(study_uid, report_id, destination.name, installation)

@@ -6,11 +6,11 @@
     sender = PreparingSender(DicomSender(...), pdfs.prepare_dicom)
     sender = PreparingSender(FileSender(...), pdfs.file_preparer(destination))
 
-Off the inference worker's critical path (issue 14, design.md): with the report the worker
-writes only the outbox rows and, for DICOM destinations with ``send_pdf``, the report_objects
-row of the Encapsulated PDF (its derived SOP Instance UID and its path). The files are made
-here from the stored report and the source images — the PDF by delivery.pdf_report, the
-Encapsulated PDF by dicom_node.encapsulated_pdf around it — deterministically, written with
+Off the inference worker's critical path (docs/architecture.md, "PDF reports"): with the report the
+worker writes only the outbox rows and, for DICOM destinations with ``send_pdf``, the report_objects
+row of the Encapsulated PDF (its derived SOP Instance UID and its path). The files are made here
+from the stored report and the source images — the PDF by delivery.pdf_report, the Encapsulated PDF
+by dicom_node.encapsulated_pdf around it — deterministically, written with
 storage.files.write_durably and re-used once there. A retry, a second destination or a second
 delivery process thus sends the same bytes under the same SOP Instance UID: exactly once.
 

@@ -1,11 +1,10 @@
 """TEST DOUBLE: a scripted OpenAI-compatible chat completions server on loopback.
 
-This is not an inference server and runs no model. It stands in for vLLM (whose CPU build
-cannot serve on the test machines: see benchmarks/RESULTS.md) so the tests and the benchmark can
-drive ``engine = "openai"`` over real HTTP. It answers the way vLLM's OpenAI server does
-(``GET /v1/models``, ``GET /version``, ``POST /v1/chat/completions`` with vLLM's response and
-error shapes), and it checks every chat request against the chat completions schema the node
-must follow:
+This is not an inference server and runs no model. It stands in for vLLM (whose CPU build cannot
+serve Gemma 3 on the test machines: see benchmarks/RESULTS.md) so the tests and the benchmark can
+drive ``engine = "openai"`` over real HTTP. It answers the way vLLM's OpenAI server does (``GET
+/v1/models``, ``GET /version``, ``POST /v1/chat/completions`` with vLLM's response and error
+shapes), and it checks every chat request against the chat completions schema the node must follow:
 
 * the body is a JSON object with only known keys; ``model`` is the served name; ``n`` = 1,
   ``stream`` false; ``max_tokens`` a positive integer; ``temperature`` 0 (the node is greedy);

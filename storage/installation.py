@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from storage.files import write_durably
 from storage.models import Installation
 
-log = logging.getLogger("medgemma_node.storage")
+log = logging.getLogger(__name__)
 
 INSTALLATION_FILE = "installation-id"
 

@@ -263,7 +263,7 @@ class ReportObject(Base):
 
 
 class OutboxItem(Base):
-    """One object for one destination. Written in the report's transaction (design.md)."""
+    """One object for one destination. Written in the report's transaction (README)."""
 
     __tablename__ = "outbox"
     __table_args__ = (

@@ -9,8 +9,8 @@ PostgreSQL: several workers claim safely with SELECT … FOR UPDATE SKIP LOCKED,
 conditional UPDATE re-checks that nobody claimed the row meanwhile. SQLite: one delivery worker
 process; its single writer lock serialises claims, and at start-up it takes back every lease.
 
-Row identities are fixed when the row is written (design.md, "Exactly one result per study
-version"): a DICOM row's message_id is its SOP Instance UID, an HL7 row's its MSH-10
+Row identities are fixed when the row is written (README, "Exactly one result per study
+version downstream"): a DICOM row's message_id is its SOP Instance UID, an HL7 row's its MSH-10
 (hl7_out.oru.hl7_control_id), a file or HTTP row's the report's ``idempotency_key``.
 """
 

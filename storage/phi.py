@@ -1,4 +1,4 @@
-"""Patient identifiers in logs: only as a short salted hash (design.md, "No PHI in logs")."""
+"""Patient identifiers in logs: only as a short salted hash (README, "No PHI in logs")."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 It lives in storage/ because the inference worker writes it (Report.content_json), and the
 DICOM SR/GSPS builders (dicom_node/) and the HL7 ORU builder (hl7_out/) read it; none of those
-may import each other (design.md, "Imports point one way").
+may import each other (docs/architecture.md, "Folders and what each may import").
 
 Box conventions:
 - ``box_2d`` is what MedGemma 1.5 emits: ``[y0, x0, y1, x1]`` normalised to 0..1000 of the
@@ -193,7 +193,7 @@ class ReportContent(BaseModel):
 
 
 class ModelIdentity(BaseModel):
-    """Which model produced a result, recorded with every report (design.md, non-negotiables)."""
+    """Which model produced a result, recorded with every report (README, "What it does")."""
 
     model_id: str
     revision: str = "unknown"
@@ -279,7 +279,8 @@ class ReportDocument(BaseModel):
 
 TEST_MODEL_BANNER = "TEST MODEL – NOT FOR CLINICAL USE"
 AI_DISCLAIMER = "AI-generated, preliminary, not verified — must be reviewed by a physician."
-# The model card: MedGemma was not evaluated for multi-turn use (design.md, "Model facts").
+# The model card: MedGemma was not evaluated for multi-turn use (docs/architecture.md,
+# "Model facts").
 FOLLOW_UP_DISCLAIMER = (
     "Follow-up answers are preliminary AI output; the model was not evaluated for multi-turn "
     "conversations."

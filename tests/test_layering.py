@@ -7,11 +7,14 @@
     api/, medgemma_node/           anything
 
 Every ``import`` statement counts: at module level, inside functions, under ``TYPE_CHECKING``.
+
+No Python file of the project (tests and benchmarks included) is longer than MAX_MODULE_LINES.
 """
 
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,9 @@ ALLOWED: dict[str, frozenset[str]] = {
 TOP_LEVEL = frozenset({*ALLOWED, "api", "medgemma_node"})  # the node's own packages
 # Not part of the node: the tests, the benchmarks and the real-peer helpers they share.
 SUPPORT = frozenset({"tests", "benchmarks", "peers"})
+MAX_MODULE_LINES = 600
+# Not the project's files: the virtual environment, caches, version control.
+NOT_PROJECT = frozenset({".venv", "venv", "node_modules", "__pycache__"})
 
 
 def project_imports(path: Path) -> list[tuple[int, str]]:
@@ -90,3 +96,39 @@ def test_every_layered_package_is_checked() -> None:
     packages = {path.parent.name for path in ROOT.glob("*/__init__.py")}
     assert packages - TOP_LEVEL <= SUPPORT
     assert {"core", "config", "storage", "dicom_node", "inference", "hl7_out"} <= packages
+
+
+def python_files(root: Path) -> list[Path]:
+    """Every .py file under ``root`` but those of NOT_PROJECT and hidden folders (.git, caches)."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [
+            name for name in subfolders if name not in NOT_PROJECT and not name.startswith(".")
+        ]
+        found += [Path(folder) / name for name in files if name.endswith(".py")]
+    return sorted(found)
+
+
+def overlong_files(root: Path) -> list[str]:
+    """``path: n lines`` for each Python file over MAX_MODULE_LINES."""
+    found = []
+    for path in python_files(root):
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > MAX_MODULE_LINES:
+            found.append(f"{path.relative_to(root)}: {lines} lines")
+    return found
+
+
+def test_no_python_file_is_over_the_line_limit() -> None:
+    """Split a file that grows past the limit into cohesive modules."""
+    assert overlong_files(ROOT) == []
+
+
+def test_the_line_limit_names_each_long_file_and_skips_the_venv(tmp_path: Path) -> None:
+    long_text = "x = 1\n" * (MAX_MODULE_LINES + 1)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "long.py").write_text(long_text, encoding="utf-8")
+    (tmp_path / "pkg" / "short.py").write_text("x = 1\n" * MAX_MODULE_LINES, encoding="utf-8")
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "lib" / "vendored.py").write_text(long_text, encoding="utf-8")
+    assert overlong_files(tmp_path) == [f"pkg/long.py: {MAX_MODULE_LINES + 1} lines"]

@@ -23,16 +23,8 @@ from pydicom import Dataset
 
 from core.errors import ConfigError
 from delivery import pdf_fonts
-from delivery.pdf_report import (
-    WATERMARK_EN,
-    WATERMARK_ZH,
-    PdfReportRenderer,
-    PdfReportRequest,
-    SupersededReport,
-    age_text,
-    person_name,
-    size_text,
-)
+from delivery.pdf_report import PdfReportRenderer, PdfReportRequest, SupersededReport
+from delivery.pdf_text import WATERMARK_EN, WATERMARK_ZH, age_text, person_name, size_text
 from delivery.report_image import ReportImageError, display_picture, render_report_image
 from dicom_node.encapsulated_pdf import build_encapsulated_pdf, fitted_value
 from dicom_node.output_common import NodeIdentity, write_datasets

@@ -1,4 +1,4 @@
-"""Bad input gets a DICOM status, not a crash; the node keeps serving (design.md).
+"""Bad input gets a DICOM status, not a crash; the node keeps serving (README).
 
 Each test sends something bad, checks the exact outcome (association rejected, no presentation
 context, or the C-STORE status of PS3.4 B.2.3), that nothing was stored, and then that the same

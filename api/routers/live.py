@@ -23,7 +23,7 @@ from api.node_status import NodeStatus, collect
 from api.routers.console import LIVE_INTERVAL_S
 from storage.db import Database
 
-log = logging.getLogger("api.live")
+log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 15.0  # a comment line now and then, so proxies keep the stream open
 STREAM_LIFETIME_S = 300.0  # then the client reconnects, and its token is checked again
