@@ -333,6 +333,10 @@ class HL7Destination(DestinationBase):
     receiving_facility: str = Field(default="HOSPITAL", min_length=1, max_length=20)
     processing_id: Literal["P", "T", "D"] = "P"
     placer_from: Literal["accession", "study_uid"] = "accession"
+    # PID-3 only from Patient ID (0010,0020) or Other Patient IDs (0010,1002): a study with
+    # neither is not sent here (dead letter with the reason) instead of being sent with its
+    # accession number as the identifier (hl7_out/pid.py).
+    require_patient_id: bool = False
     connect_timeout_s: float = Field(default=10.0, gt=0)
     ack_timeout_s: float = Field(default=30.0, gt=0)
     tls: TLSSettings = Field(default_factory=TLSSettings)
