@@ -71,6 +71,7 @@ from storage.jobs import (
     release_jobs,
 )
 from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
+from storage.reports import latest_report_id
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +405,9 @@ class InferenceWorker:
                 log.warning("job %d lost its lease while running; result dropped", job.job_id)
                 return
             identity = result.identity or engine.identity
+            # A new version of a reported study replaces that report: its ORU says C
+            # (correction) and its SR names the earlier SR as Predecessor Document.
+            superseded = latest_report_id(session, job.study_id)
             report = Report(
                 job_id=job.job_id,
                 study_id=job.study_id,
@@ -425,6 +429,7 @@ class InferenceWorker:
                 },
                 is_test_model=identity.is_test_model,
                 created_at=utcnow(),
+                supersedes_report_id=superseded,
             )
             session.add(report)
             session.flush()

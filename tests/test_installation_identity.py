@@ -133,7 +133,8 @@ def test_a_study_without_patient_id_fails_only_the_hl7_delivery(
     settings, db = _installation(tmp_path, "site")
     study = copy_with_new_uids(rg1_unci, tmp_path / "study.dcm")
     dataset = pydicom.dcmread(study)
-    del dataset.PatientID
+    del dataset.PatientID, dataset.OtherPatientIDs  # no identifier for PID-3 at all
+    dataset.AccessionNumber = ""
     dataset.save_as(study)
     ingest_file(db, settings.storage.data_dir, study)
     close_studies(db, lambda _modality, _ae: 0.0)
