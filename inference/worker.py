@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 from config.settings import NodeSettings
 from core.errors import InferenceError
 from core.loop import LoopThread
+from core.redaction import error_text
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
@@ -456,7 +457,7 @@ class InferenceWorker:
         status = fail_job(self.db, job_id, exc, policy, retry_after_s=retry_after)
         with self._stats_lock:
             self.stats.jobs_failed += status == JobStatus.FAILED
-        log.error("job %d: %s: %s (now %s)", job_id, type(exc).__name__, exc, status)
+        log.error("job %d: %s (now %s)", job_id, error_text(exc), status)
 
     def _record_batch_stats(self, size: int, seconds: float) -> None:
         self.stats.batches += 1

@@ -18,6 +18,7 @@ from datetime import timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.redaction import error_text, scrub_traceback
 from core.retry import RetryPolicy
 from storage.db import Database
 from storage.models import Job, JobStatus, Study, StudyVersion, utcnow
@@ -114,8 +115,9 @@ def fail_job(
     """
     with db.session() as session:
         job = session.get_one(Job, job_id)
-        job.last_error = f"{type(error).__name__}: {error}"[:2000]
-        job.last_traceback = "".join(traceback.format_exception(error))[-20000:]
+        # Library messages can quote data set values (a patient's name): scrubbed (core.redaction).
+        job.last_error = error_text(error)[:2000]
+        job.last_traceback = scrub_traceback("".join(traceback.format_exception(error)))[-20000:]
         job.lease_owner = None
         job.lease_expires_at = None
         now = utcnow()
