@@ -392,6 +392,14 @@ class IdentitySettings(Section):
         return value
 
 
+class ScopeSettings(Section):
+    """Studies outside the scope their question was validated for (inference/scope.py):
+    "flag" reports them with the generic question and says so in every output; "skip" makes
+    no report and ends the job as skipped with the reason."""
+
+    out_of_scope: Literal["flag", "skip"] = "flag"
+
+
 class DeliverySettings(Section):
     # How often each destination's lane looks for due rows (retries, rows written on other
     # hosts); a worker on this host rings the delivery doorbell as soon as it writes rows.
@@ -441,6 +449,7 @@ class NodeSettings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     destinations: list[Destination] = Field(default_factory=list)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    scope: ScopeSettings = Field(default_factory=ScopeSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     interactive: InteractiveSettings = Field(default_factory=InteractiveSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

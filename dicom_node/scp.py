@@ -520,8 +520,7 @@ def _log_connection_closed(event: evt.Event) -> None:
     assoc = event.assoc
     if assoc.requestor.primitive is None and assoc.dul.artim_timer.expired:
         log.info(
-            "connection from %s closed: no association request within "
-            "dicom.acse_timeout_s (%s s)",
+            "connection from %s closed: no association request within dicom.acse_timeout_s (%s s)",
             _peer(assoc),
             assoc.acse_timeout,
         )

@@ -127,9 +127,7 @@ def _why_not_established(assoc: Association) -> str:
         rejection = assoc.acceptor.primitive
         if rejection is None:
             return "rejected"
-        reason = describe_rejection(
-            rejection.result, rejection.result_source, rejection.diagnostic
-        )
+        reason = describe_rejection(rejection.result, rejection.result_source, rejection.diagnostic)
         return f"rejected: {reason}"
     return "aborted" if assoc.is_aborted else "failed"
 

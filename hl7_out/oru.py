@@ -8,8 +8,8 @@ Message layout::
     PV1                         §3.4.3   patient class U (unknown)
     ORC                         §4.5.1   RE, order numbers, ORC-7.6 priority
     OBR                         §7.4.1   procedure, times, status P or C, priority
-    NTE...                      §2.15.10 what the result is: test-model banner, AI disclaimer,
-                                         model identity
+    NTE...                      §2.15.10 what the result is: test-model banner, scope notice
+                                         (out of scope only), AI disclaimer, model identity
     [TQ1]                       §4.5.4   TQ1-9 priority, when one is known
     OBX (one OBSERVATION group  §7.4.2   TX, one report line each, LOINC section code,
          per report line)...             OBX-11 P or C
@@ -441,6 +441,8 @@ def _add_notes(order: Group, report: ReportDocument) -> None:
 def _note_texts(report: ReportDocument) -> list[str]:
     model = report.model
     notes = [TEST_MODEL_BANNER] if model.is_test_model else []
+    if report.scope_notice:
+        notes.append(report.scope_notice)  # "Outside the validated scope: <reason>"
     notes.append(AI_DISCLAIMER)
     notes.append(
         f"Model: {model.model_id}; revision: {model.revision}; device: {model.device}; "

@@ -12,10 +12,20 @@ templates in ``ModelSettings.prompts_dir`` without code changes. One file is one
     body_part = ["CHEST"]          # (0018,0015) Body Part Examined
     calling_ae = ["ER_CR01"]       # the sending AE title
 
+    [scope]               # optional: the studies this question was validated for
+    name = "chest radiograph"
+    modality = ["CR", "DX"]
+    body_part = ["CHEST"]
+    keywords = ["chest", "胸"]     # a description naming the region, English or Chinese
+    view_position = ["PA", "AP"]
+
 Selection: among the templates whose keys all match, the most specific wins — a calling AE
 counts 4, a body part 2, a modality 1. At equal rank a site template beats a shipped one, and
 a site file with the same name as a shipped file replaces it. Remaining ties go to the file
 name that sorts first. ``default.toml`` (no keys) matches every study.
+
+``[scope]`` and the rule that reads it: inference/scope.py. A study outside every declared
+scope gets the most specific template that declares none (the generic question).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import config
 from config.settings import ModelSettings
 from core.errors import InferenceError
 from core.validation import format_validation_error
+from inference.scope import ScopeRule
 
 SHIPPED_PROMPTS_DIR = Path(config.__file__).resolve().parent / "prompts"  # package data
 LANGUAGES = ("en", "zh")
@@ -67,6 +78,26 @@ class _MatchKeys(BaseModel):
         return [v.strip() for v in values]
 
 
+class _ScopeKeys(_MatchKeys):
+    name: str = Field(default="validated study", min_length=1)
+    keywords: list[str] = Field(default_factory=list)
+    view_position: list[str] = Field(default_factory=list)
+
+    @field_validator("keywords", "view_position", mode="before")
+    @classmethod
+    def _listify_more(cls, value: str | list[str]) -> list[str]:
+        return _as_list(value)
+
+    def rule(self) -> ScopeRule:
+        return ScopeRule(
+            name=self.name.strip(),
+            modalities=frozenset(m.upper() for m in self.modality),
+            body_parts=frozenset(b.upper() for b in self.body_part),
+            keywords=tuple(k.strip().lower() for k in self.keywords if k.strip()),
+            view_positions=frozenset(v.strip().upper() for v in self.view_position),
+        )
+
+
 class _TemplateFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -74,6 +105,7 @@ class _TemplateFile(BaseModel):
     en: str | None = None
     zh: str | None = None
     match: _MatchKeys = Field(default_factory=_MatchKeys)
+    scope: _ScopeKeys | None = None
 
     @field_validator("en", "zh")
     @classmethod
@@ -95,6 +127,7 @@ class PromptTemplate:
     body_parts: frozenset[str]
     calling_aes: frozenset[str]
     from_site: bool = False
+    scope: ScopeRule | None = None  # the studies its question was validated for
 
     @property
     def rank(self) -> int:
@@ -155,6 +188,7 @@ def load_template(path: Path, from_site: bool = False) -> PromptTemplate:
         body_parts=frozenset(b.upper() for b in parsed.match.body_part),
         calling_aes=frozenset(parsed.match.calling_ae),
         from_site=from_site,
+        scope=parsed.scope.rule() if parsed.scope is not None else None,
     )
 
 
@@ -183,18 +217,33 @@ class PromptLibrary:
     def from_settings(cls, settings: ModelSettings) -> PromptLibrary:
         return cls(site_dir=settings.prompts_dir)
 
-    def candidates(self, modality: str, body_part: str, calling_ae: str) -> list[PromptTemplate]:
-        """Matching templates, best first."""
+    @property
+    def scope_rules(self) -> list[ScopeRule]:
+        """The declared validated scopes, in template-name order (inference/scope.py)."""
+        return [t.scope for t in self.templates if t.scope is not None]
+
+    def candidates(
+        self, modality: str, body_part: str, calling_ae: str, in_scope: bool = True
+    ) -> list[PromptTemplate]:
+        """Matching templates, best first; out of scope, only those that declare no scope."""
         matching: Iterable[PromptTemplate] = (
-            t for t in self.templates if t.matches(modality, body_part, calling_ae)
+            t
+            for t in self.templates
+            if t.matches(modality, body_part, calling_ae) and (in_scope or t.scope is None)
         )
         return sorted(matching, key=lambda t: (-t.rank, not t.from_site, t.name))
 
     def select(
-        self, modality: str, body_part: str = "", calling_ae: str = "", language: str = "en"
+        self,
+        modality: str,
+        body_part: str = "",
+        calling_ae: str = "",
+        language: str = "en",
+        in_scope: bool = True,
     ) -> Prompt:
-        """The most specific template for the study; raise when none matches (no default)."""
-        found = self.candidates(modality, body_part, calling_ae)
+        """The most specific template for the study; raise when none matches (no default).
+        ``in_scope`` False: a study outside the validated scope gets the generic question."""
+        found = self.candidates(modality, body_part, calling_ae, in_scope)
         if not found:
             raise PromptTemplateError(
                 f"no prompt template matches modality={modality!r} body_part={body_part!r} "

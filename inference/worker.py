@@ -33,8 +33,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from sqlalchemy.orm import Session
 
 from config.settings import NodeSettings
@@ -59,6 +61,7 @@ from inference.parsing import parse_report
 from inference.prefetch import Prefetcher
 from inference.preprocess import PreparedStudy, PreprocessError, attach_regions, prepare_study
 from inference.prompts import PromptLibrary
+from inference.scope import StudyHeader, StudyOutOfScope, decide_scope
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.jobs import (
@@ -70,8 +73,10 @@ from storage.jobs import (
     has_due_jobs,
     job_retry_policy,
     release_jobs,
+    skip_job,
 )
 from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
+from storage.report_schema import Scope
 from storage.reports import latest_report_id
 
 log = logging.getLogger(__name__)
@@ -94,6 +99,7 @@ class PreparedJob:
     question: str
     language: str  # the template's: a site template with English only answers in English
     preprocess_seconds: float = 0.0
+    scope: Scope | None = None  # decided from the header (inference/scope.py)
 
 
 @dataclass
@@ -272,9 +278,26 @@ class InferenceWorker:
     def _prepare(self, job_id: int) -> PreparedJob | None:
         try:
             return self._load_job(job_id)
+        except StudyOutOfScope as exc:
+            if skip_job(self.db, job_id, self.owner, str(exc)):
+                log.info("job %d skipped: outside the validated scope: %s", job_id, exc)
+            return None
         except Exception as exc:
             self._fail(job_id, exc)
             return None
+
+    def _scope(self, paths: list[Path]) -> Scope | None:
+        """The study's scope from its first instance's header; None when it cannot be read
+        (preprocessing then says why the study cannot be used). Raises StudyOutOfScope with
+        the reason when the study is outside it and ``[scope] out_of_scope = "skip"``."""
+        try:
+            header = StudyHeader.of(dcmread(paths[0], stop_before_pixels=True))
+        except Exception:
+            return None
+        scope = decide_scope(header, self.prompts.scope_rules)
+        if not scope.in_scope and self.settings.scope.out_of_scope == "skip":
+            raise StudyOutOfScope(scope.reason)
+        return scope
 
     def _load_job(self, job_id: int) -> PreparedJob:
         with self.db.session() as session:
@@ -285,6 +308,7 @@ class InferenceWorker:
             calling_ae = study.calling_ae
             job_ids = {"job_id": job.id, "study_id": study.id, "study_version_id": version.id}
             study_uid = study.study_instance_uid
+        scope = self._scope(paths) if paths else None
         started = time.perf_counter()
         try:
             prepared = prepare_study(paths)
@@ -292,7 +316,11 @@ class InferenceWorker:
             raise PermanentJobError(str(exc)) from exc
         preprocess_seconds = time.perf_counter() - started
         prompt = self.prompts.select(
-            prepared.modality, prepared.body_part, calling_ae, self.model_settings.language
+            prepared.modality,
+            prepared.body_part,
+            calling_ae,
+            self.model_settings.language,
+            in_scope=scope is None or scope.in_scope,
         )
         return PreparedJob(
             **job_ids,
@@ -301,6 +329,7 @@ class InferenceWorker:
             question=prompt.text,
             language=prompt.language,
             preprocess_seconds=preprocess_seconds,
+            scope=scope,
         )
 
     def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> int:
@@ -427,6 +456,7 @@ class InferenceWorker:
                     "new_tokens": result.new_tokens,
                     "preprocess_seconds": round(job.preprocess_seconds, 4),
                     "source_sop_instance_uids": job.prepared.sop_instance_uids,
+                    **({"scope": job.scope.model_dump()} if job.scope is not None else {}),
                 },
                 is_test_model=identity.is_test_model,
                 created_at=utcnow(),

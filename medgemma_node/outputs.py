@@ -174,6 +174,8 @@ class ReportOutputs:
         payload: dict[str, Any] = {
             "notice": document_notice(document),
             "supersedes": superseded_json(document, predecessor),
+            # Absent for reports made before the scope check.
+            "scope": document.scope.model_dump() if document.scope is not None else None,
             "report": document.model_dump(mode="json"),
             "study": {"modality": study.modality, "calling_ae": study.calling_ae},
             "objects": [
@@ -299,9 +301,10 @@ def superseded_json(
 
 
 def document_notice(document: ReportDocument) -> str:
-    return (
-        f"{TEST_MODEL_BANNER}. {AI_DISCLAIMER}" if document.model.is_test_model else AI_DISCLAIMER
-    )
+    """The JSON report's notice: test model banner, the scope notice, the AI disclaimer."""
+    banner = TEST_MODEL_BANNER if document.model.is_test_model else None
+    parts = [banner, document.scope_notice, AI_DISCLAIMER]
+    return ". ".join(part.rstrip(".") for part in parts if part) + "."
 
 
 def previous_sr(session: Session, document: ReportDocument, data_dir: Path) -> SrReference | None:

@@ -91,6 +91,9 @@ class ReportPdfFiles:
             sources if sources is not None else self._sources(stored),
             institution=self.settings.identity.institution_name,
             supersedes=self._superseded(stored),
+            out_of_scope_reason=(
+                scope.reason if (scope := stored.document.scope) and not scope.in_scope else None
+            ),
         )
         pdf = self.renderer.render(request)
         write_durably(path, pdf)

@@ -102,6 +102,22 @@ def complete_job(session: Session, job_id: int, owner: str) -> bool:
     return True
 
 
+def skip_job(db: Database, job_id: int, owner: str, reason: str) -> bool:
+    """End ``owner``'s running job as skipped (no report) with ``reason`` in its error column:
+    the study is outside the validated scope (inference/scope.py). False when the job is no
+    longer this owner's."""
+    with db.session() as session:
+        job = session.get_one(Job, job_id)
+        if job.lease_owner != owner or job.status != JobStatus.RUNNING:
+            return False
+        job.status = JobStatus.SKIPPED
+        job.finished_at = utcnow()
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.last_error = reason[:2000]
+        return True
+
+
 def fail_job(
     db: Database,
     job_id: int,

@@ -83,6 +83,7 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    SKIPPED = "skipped"  # outside the validated scope with [scope] out_of_scope = "skip"
 
 
 class InteractiveKind(StrEnum):

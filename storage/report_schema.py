@@ -175,6 +175,19 @@ class ModelIdentity(BaseModel):
         return f"{prefix}{self.model_id} ({self.revision})"
 
 
+class Scope(BaseModel):
+    """Whether the study is inside the scope the question was validated for (inference/scope.py)
+    and, when it is not, why: every output of an out-of-scope report says so."""
+
+    in_scope: bool = True
+    reason: str = ""
+
+    @property
+    def notice(self) -> str | None:
+        """``Outside the validated scope: <reason>`` for an out-of-scope study, else None."""
+        return None if self.in_scope else f"{OUT_OF_SCOPE_NOTICE}: {self.reason}"
+
+
 class ReportDocument(BaseModel):
     """Everything the output builders need besides the source DICOM files."""
 
@@ -189,6 +202,12 @@ class ReportDocument(BaseModel):
     # The report this version replaces (a report appended to from a conversation): its SR
     # lists the previous SR as Predecessor Document, its ORU is a correction.
     supersedes_report_id: int | None = None
+    # Decided from the header before the model ran; None for reports made before the check.
+    scope: Scope | None = None
+
+    @property
+    def scope_notice(self) -> str | None:
+        return self.scope.notice if self.scope is not None else None
 
     @field_validator("question")
     @classmethod
@@ -197,6 +216,7 @@ class ReportDocument(BaseModel):
 
 
 TEST_MODEL_BANNER = "TEST MODEL – NOT FOR CLINICAL USE"
+OUT_OF_SCOPE_NOTICE = "Outside the validated scope"
 AI_DISCLAIMER = "AI-generated, preliminary, not verified — must be reviewed by a physician."
 # The model card: MedGemma was not evaluated for multi-turn use (design.md, "Model facts").
 FOLLOW_UP_DISCLAIMER = (

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from storage.db import Database
 from storage.models import Instance, Report, ReportObject, Study, StudyVersion
-from storage.report_schema import ModelIdentity, ReportContent, ReportDocument
+from storage.report_schema import ModelIdentity, ReportContent, ReportDocument, Scope
 
 
 def report_document(session: Session, report: Report) -> ReportDocument:
@@ -38,6 +38,7 @@ def report_document(session: Session, report: Report) -> ReportDocument:
         question=report.question,
         source_sop_instance_uids=list(report.timings_json.get("source_sop_instance_uids", [])),
         supersedes_report_id=report.supersedes_report_id,
+        scope=Scope.model_validate(scope) if (scope := report.timings_json.get("scope")) else None,
     )
 
 
