@@ -108,6 +108,9 @@ def test_flag_reports_with_the_generic_question_and_every_output_says_so(
     with db.session() as session:
         report = session.scalars(select(Report)).one()
         sr_path = session.scalars(select(ReportObject.path).where(ReportObject.kind == "sr")).one()
+        gsps_paths = session.scalars(
+            select(ReportObject.path).where(ReportObject.kind == "gsps")
+        ).all()
         report_id, question = report.id, report.question
     reason = decide_scope(header("RG3_UNCI.dcm"), CHEST_RULES).reason
     notice = f"{OUT_OF_SCOPE_NOTICE}: {reason}"
@@ -123,8 +126,14 @@ def test_flag_reports_with_the_generic_question_and_every_output_says_so(
     sr = pydicom.dcmread(data_dir / sr_path)
     found = hd.sr.utils.find_content_items(sr, name=fc.OUT_OF_SCOPE, recursive=True)
     assert [item.TextValue for item in found] == [notice]
+    assert gsps_paths  # the answer has a box
+    for path in gsps_paths:  # the notice drawn on the image
+        texts = [t.UnformattedTextValue for a in pydicom.dcmread(data_dir / path)
+                 .GraphicAnnotationSequence for t in a.get("TextObjectSequence", [])]  # fmt: skip
+        assert any(notice in text for text in texts)
     if validators_installed():
-        assert dciodvfy(data_dir / sr_path).errors == []
+        for path in (sr_path, *gsps_paths):
+            assert dciodvfy(data_dir / path).errors == []
         assert pixelmed_sr(data_dir / sr_path).errors == []
     db.dispose()
 
