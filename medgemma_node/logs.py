@@ -29,8 +29,9 @@ from core.redaction import scrub_traceback, scrub_values
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 NOISY_LIBRARIES = ("pynetdicom", "pydicom", "highdicom", "hl7apy", "transformers", "httpx")
-# Loggers whose messages may quote data set values: the libraries and captured warnings.
-LIBRARY_LOGGERS = (*NOISY_LIBRARIES, "py.warnings", "PIL", "sqlalchemy", "uvicorn")
+# Loggers whose messages may quote data set or message values: the DICOM and HL7 libraries and
+# captured Python warnings (pydicom warns and logs each invalid value).
+LIBRARY_LOGGERS = ("pydicom", "pynetdicom", "highdicom", "hl7apy", "py.warnings")
 
 log = logging.getLogger("medgemma_node.threads")
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
