@@ -2,7 +2,9 @@
 
     /api/health                       liveness, no token
     /api/ready, /api/me               readiness (503 when not ready), the signed-in user
-    /api/studies...                   worklist, study, report (JSON or SR), instance image
+    /api/studies...                   worklist, study, report (JSON, SR or PDF), instance image
+    /api/predict, /api/answers/{id}   a question about an uploaded image; answers not ready
+    /api/studies/{uid}/conversations, /api/conversations/...   questions about a study
     /api/jobs..., /api/outbox...      admin: lists and retries
     /api/status, /api/events          the node's status page; change events (SSE)
     /, /console/...                   the web console (api/routers/console.py)
@@ -23,10 +25,11 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.deps import ApiContext
+from api.deps import ApiContext, ReportPdfSource
 from api.middleware import AuditMiddleware, BodyLimitMiddleware, UnexpectedErrorMiddleware
-from api.routers import admin, console, health, live, studies
+from api.routers import admin, console, conversations, health, live, predict, studies
 from config.settings import NodeSettings
+from storage.conversations import ReportHook
 from storage.db import Database
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -49,7 +52,14 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: NodeSettings, db: Database) -> FastAPI:
+def create_app(
+    settings: NodeSettings,
+    db: Database,
+    on_report: ReportHook | None = None,
+    report_pdf: ReportPdfSource | None = None,
+) -> FastAPI:
+    """``on_report``: how an appended conversation becomes a report version (None: 503);
+    ``report_pdf``: how to get a report's PDF (``?format=pdf``); None answers 503."""
     docs_public = settings.api.docs == "public"
     app = FastAPI(
         title="medgemma-node",
@@ -59,9 +69,12 @@ def create_app(settings: NodeSettings, db: Database) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.context = ApiContext(settings=settings, db=db)
-    for router in (health.router, studies.router, admin.router, live.router, console.router):
-        app.include_router(router)
+    app.state.context = ApiContext(
+        settings=settings, db=db, on_report=on_report, report_pdf=report_pdf
+    )
+    routers = (health, studies, conversations, predict, admin, live, console)
+    for module in routers:
+        app.include_router(module.router)
     app.mount("/console", StaticFiles(directory=console.CONSOLE_DIR), name="console")
     if docs_public:
         _add_docs(app)
@@ -87,4 +100,3 @@ def _add_docs(app: FastAPI) -> None:
             # validator.swagger.io for its badge.
             swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": False},
         )
-

@@ -8,7 +8,7 @@ what was asked gets 403. The user is remembered on ``request.state`` for the aud
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -16,21 +16,40 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.answers import WAITERS_PER_QUEUED, AnswerWaiter
 from config.settings import NodeSettings
+from storage.conversations import ReportHook
 from storage.db import Database
 from storage.models import UserRole
 from storage.users import UserInfo, authenticate
 
 REALM = "medgemma-node"
+# The PDF of a report by id, built and stored first when missing. Injected by the process
+# wiring (medgemma_node.report_pdf.ReportPdfFiles.ensure_pdf): the API does not compose the
+# delivery and DICOM stages itself.
+ReportPdfSource = Callable[[int], bytes]
 ROLE_RANK = {UserRole.VIEWER: 0, UserRole.RADIOLOGIST: 1, UserRole.ADMIN: 2}
 
 
 @dataclass(frozen=True)
 class ApiContext:
-    """What every request handler may use; set once on ``app.state.context``."""
+    """What every request handler may use; set once on ``app.state.context``.
+
+    ``on_report``: what a new report version needs written with it (SR, ORU, outbox rows;
+    ``serve`` passes medgemma_node.outputs.ReportOutputs); None: appending is refused (503).
+    """
 
     settings: NodeSettings
     db: Database
+    on_report: ReportHook | None = None
+    report_pdf: ReportPdfSource | None = None  # None: this process serves no PDFs
+    answers: AnswerWaiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        waiters = self.settings.api.max_queued_questions * WAITERS_PER_QUEUED
+        poll = self.settings.interactive.poll_interval_s
+        waiter = AnswerWaiter(self.db, self.settings.storage.data_dir, waiters, poll)
+        object.__setattr__(self, "answers", waiter)
 
     @property
     def data_dir(self) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from storage.models import OutboxStatus, UserRole
-from storage.report_schema import ModelIdentity, ReportContent
+from storage.report_schema import ModelIdentity, PriorComparison, ReportContent
 
 
 class StudyStatus(StrEnum):
@@ -189,6 +189,10 @@ class ReportOut(ReportSummary):
     model: ModelIdentity
     timings: dict[str, Any]
     disclaimer: str = Field(description="What this is: AI output, preliminary, unverified")
+    prior: PriorComparison | None = Field(
+        default=None,
+        description="[priors]: the prior study compared with, or why there was none",
+    )
 
 
 class JobPage(BaseModel):

@@ -18,8 +18,10 @@ from typing import Any
 import uvicorn
 
 from api.app import create_app
+from api.deps import ReportPdfSource
 from config.settings import NodeSettings
 from config.tls import server_ssl_context
+from storage.conversations import ReportHook
 from storage.db import Database
 
 log = logging.getLogger("api.server")
@@ -31,10 +33,17 @@ GRACEFUL_SHUTDOWN_S = 3
 class ApiServer:
     """A Part (medgemma_node.service): start() returns at once, stop() when stopped."""
 
-    def __init__(self, settings: NodeSettings, db: Database) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        db: Database,
+        on_report: ReportHook | None = None,
+        report_pdf: ReportPdfSource | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
-        self.app = create_app(settings, db)
+        self.app = create_app(settings, db, on_report, report_pdf)
+        self.answers = self.app.state.context.answers  # its doorbell listener stops with us
         self.last_error: str | None = None
         self.restarts = 0
         self.port: int = settings.api.port
@@ -127,6 +136,7 @@ class ApiServer:
             self._thread.join(timeout=GRACEFUL_SHUTDOWN_S + 5)
         if self._socket is not None:
             self._socket.close()
+        self.answers.stop()
 
 
 def _run_uvicorn(server: uvicorn.Server, sock: socket.socket) -> None:

@@ -268,6 +268,37 @@ class InteractiveSettings(Section):
     lease_seconds: float = Field(default=300.0, gt=0)  # a request whose worker died then fails
 
 
+class PriorsSettings(Section):
+    """``[priors]``: compare each study with the same patient's previous one from PACS.
+
+    When a study's job starts, the worker asks the PACS (C-FIND, Study Root, STUDY level) for
+    the same Patient ID (and Issuer of Patient ID), modality and body part before the study's
+    date, takes the most recent within ``max_age_days`` and retrieves it (C-GET, or C-MOVE to
+    ``move_destination_aet``) into the prior store (no job of its own). Everything is bounded
+    by ``total_timeout_s``: a study never waits longer for its prior.
+    """
+
+    enabled: bool = False
+    ae_title: AETitle = "PACS"  # the PACS's called AE title
+    host: str = "127.0.0.1"
+    port: int = Field(default=104, ge=1, le=65535)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    # "get": C-GET, images come back on the same association; "move": C-MOVE to
+    # move_destination_aet, which the PACS must know with this node's host and DICOM port.
+    mode: Literal["get", "move"] = "get"
+    move_destination_aet: AETitle | None = None  # None: the node's own dicom.ae_title
+    max_age_days: int = Field(default=730, ge=1)
+    match_body_part: bool = True  # query Body Part Examined too (when the study has one)
+    connect_timeout_s: float = Field(default=5.0, gt=0)  # association set-up (ACSE)
+    query_timeout_s: float = Field(default=10.0, gt=0)  # each DIMSE response
+    total_timeout_s: float = Field(default=30.0, gt=0)  # query + retrieve, per study
+
+    @field_validator("ae_title", "move_destination_aet")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+
 class RetrySettings(Section):
     """``[destinations.retry]``: when a destination's failed rows are tried again, and when
     they are given up on (dead-lettered)."""
@@ -452,6 +483,7 @@ class NodeSettings(BaseSettings):
     scope: ScopeSettings = Field(default_factory=ScopeSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     interactive: InteractiveSettings = Field(default_factory=InteractiveSettings)
+    priors: PriorsSettings = Field(default_factory=PriorsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

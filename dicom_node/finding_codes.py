@@ -15,7 +15,7 @@ Sequence (PS3.3 C.12.1.1.2, SOP Common Module):
 
     Concept names (constant codes below): URGENCY, DISCLAIMER, TESTMODEL, SCOPE, MODELID, DEVICE,
     GENERATED, QUESTION, PARSESTAT, LABEL, LOCATION, DENSITY, BOUNDARY, SIZETEXT, BOXEXTENT,
-    MODELSIZE, PROCESSING.
+    MODELSIZE, PROCESSING, COMPARISON, CHANGE.
     Urgency values: ROUTINE, URGENT, CRITICAL (the node's triage scale, storage.Urgency).
     Finding types without a standard code: code value ``F`` + the first 12 hex digits of the
     SHA-256 of the normalised label, code meaning = the label itself (at most 64 characters).
@@ -60,6 +60,8 @@ REPORTED_DENSITY = _private("DENSITY", "Finding density as reported by the AI mo
 REPORTED_BOUNDARY = _private("BOUNDARY", "Finding boundary as reported by the AI model")
 REPORTED_SIZE_TEXT = _private("SIZETEXT", "Finding size as reported by the AI model")
 PROCESSING_DETAILS = _private("PROCESSING", "AI processing details")
+COMPARISON = _private("COMPARISON", "Comparison with prior study")
+REPORTED_CHANGE = _private("CHANGE", "Change since prior as reported by the AI model")
 # Measurement methods (TID 300 row "Measurement Method").
 BOX_EXTENT_METHOD = _private("BOXEXTENT", "Extent of the AI bounding box")
 MODEL_SIZE_METHOD = _private("MODELSIZE", "Size estimated by the AI model")

@@ -52,6 +52,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from config.settings import NodeSettings
 from config.tls import server_ssl_context
 from core.errors import DicomError
+from dicom_node.priors import PriorIntake
 from dicom_node.statuses import describe_rejection
 from storage.db import Database, DatabaseUnavailable
 from storage.files import free_disk_mb, instance_relpath, uid_component, write_durably
@@ -147,6 +148,8 @@ class StorageSCP:
         self.ignored_sop_classes = set(settings.dicom.ignored_sop_classes)
         self.server: ThreadedAssociationServer | None = None
         self.on_instance_stored: list[Any] = []  # callables(ReceivedInstance) for metrics
+        # [priors] mode "move": the images the node asked PACS for go to the prior store.
+        self.prior_intake = PriorIntake(settings, db) if settings.priors.enabled else None
 
     def build_ae(self) -> AE:
         dicom = self.settings.dicom
@@ -249,6 +252,8 @@ class StorageSCP:
         calling_ae = _calling_ae(event.assoc)
         if uids.sop_class in self.ignored_sop_classes:
             return self._store_ignored(event, uids, calling_ae)
+        if self.prior_intake is not None and self.prior_intake.wants(event, uids.study, calling_ae):
+            return self.prior_intake.store(event, dataset)
         if instance_exists(self.db, uids.sop_instance):
             self.counters.add("duplicates")
             log.info("duplicate SOP %s from %s acknowledged", uids.sop_instance, calling_ae)

@@ -96,19 +96,32 @@ def associate(
     port: int,
     called_aet: str,
     ssl_context: ssl.SSLContext | None = None,
+    *,
+    ext_neg: list[object] | None = None,
+    evt_handlers: list[evt.EventHandlerType] | None = None,
 ) -> Association:
     """Request an association; raise AssociationFailed when it is not established.
 
     With TLS the peer's certificate must name ``host`` (when the context checks host names).
+    ``ext_neg``: extended negotiation items (e.g. SCP/SCU role selection for C-GET);
+    ``evt_handlers``: more handlers bound to the association (e.g. C-STORE for C-GET).
     """
     server_hostname = host if ssl_context is not None and ssl_context.check_hostname else ""
     tls_args = (ssl_context, server_hostname) if ssl_context is not None else None
     # pynetdicom reports a refused TCP connection as an abort; tell the two apart.
     connected: list[bool] = []
     handlers: list[evt.EventHandlerType] = [
-        (evt.EVT_CONN_OPEN, lambda _event: connected.append(True))
+        (evt.EVT_CONN_OPEN, lambda _event: connected.append(True)),
+        *(evt_handlers or []),
     ]
-    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args, evt_handlers=handlers)
+    assoc = ae.associate(
+        host,
+        port,
+        ae_title=called_aet,
+        tls_args=tls_args,
+        evt_handlers=handlers,
+        ext_neg=ext_neg,  # type: ignore[arg-type]
+    )
     if not assoc.is_established:
         if not connected:
             raise AssociationFailed(

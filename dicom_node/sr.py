@@ -8,7 +8,8 @@ Content tree (every CONTAINER is SEPARATE: its items are read one by one, not as
       HAS OBS CONTEXT  Observer Type = Device, Device Observer UID/Name/Manufacturer/Model
                        Name (= model id)/Serial Number (TID 1002, TID 1004)
       HAS CONCEPT MOD  Procedure reported (CID 100, finding_codes.procedure_reported)
-      CONTAINS CONTAINER Image Library (TID 1600, image_library): the source images
+      CONTAINS CONTAINER Image Library (TID 1600, image_library): the source images, then
+                       the prior study's images when the report compares with a prior
       CONTAINS CONTAINER Imaging Measurements (omitted when there are no findings)
         CONTAINER Measurement Group, one per finding:
           TID 1410 Planar ROI Measurements when the finding has a region, else TID 1501:
@@ -20,9 +21,11 @@ Content tree (every CONTAINER is SEPARATE: its items are read one by one, not as
             the Image Library (SCOORD, TID 1410)
           Width, Height of the box in mm, Diameter = model's size_mm (TID 300), only when
             the image has a pixel spacing
-          TEXT reported label, location, density, boundary (and size when not measured)
+          TEXT reported label, location, density, boundary (and size when not measured),
+            change since the prior (comparison reports)
       CONTAINS CONTAINER Qualitative Evaluations (TID 1500 row 12), in reading order:
-        TEXT Impression; TEXT Finding "n. label (location, size, density, boundary)" per
+        TEXT Impression; TEXT Comparison (what was compared, or why no prior was);
+        TEXT Finding "n. label (location, size, density, boundary)" per
         finding; TEXT Narrative Summary; TEXT Recommendation; CODE urgency;
         TEXT test model notice (test models only); TEXT "Outside the validated scope:
         <reason>" (out-of-scope studies only); TEXT AI disclaimer
@@ -32,7 +35,8 @@ Content tree (every CONTAINER is SEPARATE: its items are read one by one, not as
 Document level: same study as the sources, own series (derived UIDs, output_common),
 Preliminary Flag PRELIMINARY, Verification Flag UNVERIFIED, Completion Flag COMPLETE only
 when the model answer parsed, Specific Character Set ISO_IR 192, evidence in the Current
-Requested Procedure Evidence Sequence, previous version in the Predecessor Documents Sequence
+Requested Procedure Evidence Sequence (the prior study's images in the Pertinent Other Evidence
+Sequence, PS3.3 C.17.2.3), previous version in the Predecessor Documents Sequence
 (PS3.3 C.17.2). Patient and study attributes are copied from the first source image after
 vr_limits.fitted_copy: values that break their VR are cut to fit, missing type 2 attributes
 are written empty, so a source without Patient ID still gets its SR.
@@ -124,14 +128,16 @@ def build_sr(
     predecessor: SrReference | None = None,
     *,
     node: NodeIdentity = DEFAULT_NODE,
+    priors: Sequence[Dataset] = (),
 ) -> hd.sr.ComprehensiveSR:
     """The Comprehensive SR of ``report`` (see the module docstring for its content).
 
     ``sources`` are the images the report was made from (headers suffice), at least one of the
     report's study; every finding region must refer to one of them. ``predecessor`` is the SR
-    of the previous version of this study's report, if any.
+    of the previous version of this study's report, if any. ``priors``: the images of the
+    prior study the report was compared with (``report.prior``), cited as evidence.
     """
-    images = SourceImages(sources, report.study_instance_uid)
+    images = SourceImages([*sources, *priors], report.study_instance_uid)
     node = node.fitted()
     when, utc_offset = content_datetime(report.created_at, images.primary)
     sr = hd.sr.ComprehensiveSR(
@@ -359,6 +365,7 @@ def _finding_texts(finding: Finding, measured_size: bool) -> list[hd.sr.TextCont
             (fc.REPORTED_DENSITY, finding.density),
             (fc.REPORTED_BOUNDARY, finding.boundary),
             (fc.REPORTED_SIZE_TEXT, size_text),
+            (fc.REPORTED_CHANGE, finding.change.value if finding.change else None),
         ]
     )
 
@@ -371,6 +378,7 @@ def _report_evaluations(report: ReportDocument) -> hd.sr.ContainerContentItem:
     content = report.content
     items: list[hd.sr.ContentItem] = [
         *_texts([(fc.IMPRESSION, content.impression)]),
+        *_texts([(fc.COMPARISON, comparison_text(report))]),
         *_texts([(fc.FINDING, finding_line(n, f)) for n, f in enumerate(content.findings, 1)]),
         *_texts([(fc.NARRATIVE, content.narrative), (fc.RECOMMENDATION, content.recommendation)]),
     ]
@@ -391,7 +399,17 @@ def finding_line(number: int, finding: Finding) -> str:
     size = f"{finding.size_mm:g} mm" if finding.size_mm is not None else None
     details = [d for d in (finding.location, size, finding.density, finding.boundary) if d]
     suffix = f" ({', '.join(details)})" if details else ""
-    return f"{number}. {finding.label}{suffix}"
+    change = f" [{finding.change.value} since prior]" if finding.change else ""
+    return f"{number}. {finding.label}{suffix}{change}"
+
+
+def comparison_text(report: ReportDocument) -> str | None:
+    """What the report was compared with (and the model's sentence on it), or why no prior
+    was; None when priors are not in use."""
+    if report.prior is None:
+        return None
+    statement = report.prior.statement(report.content.language)
+    return f"{statement}\n{report.content.comparison}" if report.content.comparison else statement
 
 
 def _warning_items(report: ReportDocument) -> list[hd.sr.TextContentItem]:

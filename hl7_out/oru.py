@@ -9,7 +9,8 @@ Message layout::
     ORC                         §4.5.1   RE, order numbers, ORC-7.6 priority
     OBR                         §7.4.1   procedure, times, status P or C, priority
     NTE...                      §2.15.10 what the result is: test-model banner, scope notice
-                                         (out of scope only), AI disclaimer, model identity
+                                         (out of scope only), AI disclaimer, model identity,
+                                         the comparison with the prior
     [TQ1]                       §4.5.4   TQ1-9 priority, when one is known
     OBX (one OBSERVATION group  §7.4.2   TX, one report line each, LOINC section code,
          per report line)...             OBX-11 P or C
@@ -449,6 +450,11 @@ def _note_texts(report: ReportDocument) -> list[str]:
         f"dtype: {model.dtype}; quantization: {model.quantization}; "
         f"generated: {report.created_at.isoformat()}"
     )
+    if report.prior is not None:  # [priors]: what was compared, or why no prior was
+        comparison = report.prior.statement(report.content.language)
+        if report.content.comparison:
+            comparison += " " + " ".join(report.content.comparison.split())
+        notes.append(comparison)
     return notes
 
 
@@ -505,7 +511,8 @@ def finding_text(finding: Finding) -> str:
         if part and part.strip()
     ]
     label = finding.label.strip()
-    return f"{label} ({', '.join(details)})" if details else label
+    text = f"{label} ({', '.join(details)})" if details else label
+    return f"{text} [{finding.change.value} since prior]" if finding.change else text
 
 
 def _text_lines(text: str) -> list[str]:

@@ -384,7 +384,9 @@ def report_as_model_turn(content: ReportContent) -> str:
             item["box_2d"] = [round(v) for v in finding.box_2d]
         findings.append(item)
     summary: dict[str, object] = {"findings": findings}
-    for key in ("impression", "recommendation"):
+    # A comparison report's findings carry their change; "comparison" names the prior's date,
+    # so a follow-up question can ask about the comparison.
+    for key in ("comparison", "impression", "recommendation"):
         if value := getattr(content, key):
             summary[key] = value
     if content.urgency is not None:

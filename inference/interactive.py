@@ -23,17 +23,13 @@ upload, unknown anchor, conversation already appended) fails with ``invalid_inpu
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -60,28 +56,30 @@ from inference.engine import (
     EngineUnavailable,
     GenerationRequest,
     GenerationResult,
-    GenerationSettings,
     OutOfMemory,
 )
-from inference.parsing import parse_report, strip_thinking
-from inference.preprocess import (
-    PreprocessError,
-    SquareGeometry,
-    attach_regions,
-    pad_to_square,
-    prepare_study,
+from inference.parsing import strip_thinking
+from inference.predict import (
+    PredictSource,
+    UnusableImage,
+    answer_language,
+    dicom_source,
+    disclaimer,
+    picture_source,
+    predict_request,
+    predict_result,
+    template_language,
 )
+from inference.preprocess import PreprocessError, prepare_study
 from inference.prompts import PromptLibrary
 from storage.conversations import current_anchors
 from storage.db import Database
 from storage.doorbell import API_DOORBELL, ring
 from storage.interactive import (
     Anchor,
-    Box,
     ClaimedRequest,
     ErrorCode,
     Measurement,
-    PredictResult,
     TurnResult,
     claim_next,
     complete,
@@ -102,18 +100,11 @@ from storage.models import (
     StudyVersion,
     utcnow,
 )
-from storage.report_schema import (
-    AI_DISCLAIMER,
-    FOLLOW_UP_DISCLAIMER,
-    TEST_MODEL_BANNER,
-    ModelIdentity,
-    ReportContent,
-)
+from storage.report_schema import ModelIdentity, ReportContent
 
 log = logging.getLogger("medgemma_node.interactive")
 
 STUDY_CACHE_SIZE = 4  # studies kept rendered: a conversation's turns reuse its images
-MAX_UPLOAD_PIXELS = 100_000_000  # larger PNG/JPEG uploads are refused (decompression bombs)
 ABANDONED_CHECK_S = 30.0
 NODE_MEASURED = "Measured by the node from the image header between AI-generated regions."
 
@@ -128,10 +119,8 @@ class RequestRefused(InferenceError):
 
 @dataclass
 class PredictPlan:
-    images: list[Image.Image]
-    geometries: list[SquareGeometry]
+    source: PredictSource
     language: str
-    image_info: dict[str, Any]
 
 
 @dataclass
@@ -170,14 +159,6 @@ class LaneItem:
     @property
     def conversation_id(self) -> int | None:
         return self.plan.context.id if isinstance(self.plan, TurnPlan) else None
-
-
-def disclaimer(is_test_model: bool, follow_up: bool) -> str:
-    parts = [TEST_MODEL_BANNER + "."] if is_test_model else []
-    parts.append(AI_DISCLAIMER)
-    if follow_up:
-        parts.append(FOLLOW_UP_DISCLAIMER)
-    return " ".join(parts)
 
 
 class InteractiveLane:
@@ -366,23 +347,23 @@ class InteractiveLane:
     # -- predict ----------------------------------------------------------------------------
 
     def _prepare_predict(self, request: ClaimedRequest) -> LaneItem:
+        """inference/predict.py: the same path as the `predict` command."""
         payload = request.payload
         path = self.data_dir / str(payload.get("upload_path", ""))
         kind = str(payload.get("upload_kind"))
-        if kind == "dicom":
-            images, geometries, default_question = self._dicom_upload(path)
-        else:
-            images, geometries = self._picture_upload(path)
-            default_question = self.prompts.question("OT", "", "", self.model_settings.language)
-        question = str(payload.get("question") or "").strip() or default_question
-        generation = GenerationRequest(
-            images=images,
-            prompt=question,
-            settings=GenerationSettings(max_new_tokens=self._max_new_tokens(payload)),
-        )
-        image_info = {"kind": kind, "width": geometries[0].columns, "height": geometries[0].rows}
-        language = question_language(question, self.model_settings.language)
-        return LaneItem(request, generation, PredictPlan(images, geometries, language, image_info))
+        asked, default = payload.get("language"), self.model_settings.language
+        template = template_language(asked, default)
+        try:
+            if kind == "dicom":
+                source = dicom_source(path, self.prompts, template)
+            else:
+                source = picture_source(path.read_bytes(), kind, self.prompts, template)
+        except (UnusableImage, OSError) as exc:  # OSError: the kept upload cannot be read
+            raise RequestRefused(str(exc), ErrorCode.INVALID_INPUT) from exc
+        question = str(payload.get("question") or "")
+        generation, question = predict_request(source, question, self._max_new_tokens(payload))
+        plan = PredictPlan(source, answer_language(asked, question, default))
+        return LaneItem(request, generation, plan)
 
     def _finish_predict(
         self,
@@ -392,67 +373,9 @@ class InteractiveLane:
         identity: ModelIdentity,
     ) -> None:
         assert result is not None
-        parsed = parse_report(result.text, plan.language, image_count=len(plan.images)).content
-        content = attach_regions(parsed, plan.geometries)
-        boxes = [
-            Box(
-                label=finding.label,
-                box=[finding.region.x0, finding.region.y0, finding.region.x1, finding.region.y1],
-                image_sop_uid=finding.region.sop_instance_uid or None,
-            )
-            for finding in content.findings
-            if finding.region is not None
-        ]
-        predict = PredictResult(
-            answer=content.narrative or content.impression or _clean_text(result.text),
-            findings=content.findings,
-            boxes=boxes,
-            image=plan.image_info,
-            parse_status=content.parse_status.value,
-            model=identity,
-            disclaimer=disclaimer(identity.is_test_model, follow_up=False),
-            timings=self._timings(item, result),
-        )
+        timings = self._timings(item, result)
+        predict = predict_result(result.text, plan.source, plan.language, identity, timings)
         complete(self.db, item.claimed.id, predict.model_dump(mode="json"))
-
-    def _dicom_upload(self, path: Path) -> tuple[list[Image.Image], list[SquareGeometry], str]:
-        """Same preprocessing as a received study; its first image; its template question."""
-        try:
-            prepared = prepare_study([path])
-        except PreprocessError as exc:
-            raise RequestRefused(
-                f"the DICOM file cannot be used: {exc}", ErrorCode.INVALID_INPUT
-            ) from exc
-        question = self.prompts.question(
-            prepared.modality, prepared.body_part, "", self.model_settings.language
-        )
-        return prepared.images[:1], prepared.geometries[:1], question
-
-    def _picture_upload(self, path: Path) -> tuple[list[Image.Image], list[SquareGeometry]]:
-        """A PNG/JPEG as RGB, padded to a square like a radiograph (preprocess.pad_to_square)."""
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(path.read_bytes())) as opened:
-                    if opened.width * opened.height > MAX_UPLOAD_PIXELS:
-                        raise RequestRefused(
-                            f"the image has more than {MAX_UPLOAD_PIXELS} pixels",
-                            ErrorCode.INVALID_INPUT,
-                        )
-                    pixels = np.asarray(opened.convert("RGB"))
-        except (
-            OSError,
-            ValueError,
-            UnidentifiedImageError,
-            Image.DecompressionBombError,
-            Image.DecompressionBombWarning,
-        ) as exc:
-            raise RequestRefused(
-                f"the upload is not a readable PNG or JPEG image ({type(exc).__name__})",
-                ErrorCode.INVALID_INPUT,
-            ) from exc
-        geometry = SquareGeometry.for_image("", pixels.shape[0], pixels.shape[1])
-        return [pad_to_square(pixels, geometry)], [geometry]
 
     # -- conversation turns -------------------------------------------------------------------
 

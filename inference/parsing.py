@@ -19,7 +19,9 @@ finding or a label. Field by field:
 * ``image_index`` must be an integer within the images sent; otherwise the box is removed
   (it cannot be placed) and the index set to 0, with a note;
 * ``urgency`` outside routine/urgent/critical (or their Chinese terms) becomes None;
-* ``size_mm`` takes a number, or the largest number in a string with an mm/cm unit.
+* ``size_mm`` takes a number, or the largest number in a string with an mm/cm unit;
+* ``change`` (comparison reports) outside new/stable/larger/smaller/resolved (or their Chinese
+  terms) becomes None; ``comparison`` is the model's sentence on the prior.
 
 Text is cleaned where it becomes report content (``storage.report_schema.clean_model_text``:
 no replacement, control or format characters, LF line breaks, bounded lengths), before any
@@ -42,6 +44,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from storage.report_schema import (
+    Change,
     Finding,
     ParseStatus,
     ReportContent,
@@ -260,6 +263,32 @@ def _urgency(value: Any, notes: list[str]) -> Urgency | None:
     return None
 
 
+CHANGE_WORDS = {
+    **{change.value: change for change in Change},
+    "新发": Change.NEW,
+    "新出现": Change.NEW,
+    "稳定": Change.STABLE,
+    "无变化": Change.STABLE,
+    "增大": Change.LARGER,
+    "缩小": Change.SMALLER,
+    "消失": Change.RESOLVED,
+    "吸收": Change.RESOLVED,
+    "unchanged": Change.STABLE,
+    "increased": Change.LARGER,
+    "decreased": Change.SMALLER,
+}
+
+
+def _change(value: Any, position: int, notes: list[str]) -> Change | None:
+    if value is None:
+        return None
+    word = value.strip().lower() if isinstance(value, str) else ""
+    if word in CHANGE_WORDS:
+        return CHANGE_WORDS[word]
+    notes.append(f"finding {position}: change {value!r} is not new/stable/larger/smaller/resolved")
+    return None
+
+
 def _image_index(raw: Any, position: int, image_count: int | None, notes: list[str]) -> int | None:
     """The image index, or None when it is unusable (the caller then drops the box)."""
     if raw is None:
@@ -297,6 +326,7 @@ def _finding(item: Any, position: int, image_count: int | None, notes: list[str]
             location=_phrase(item.get("location")),
             density=_phrase(item.get("density")),
             boundary=_phrase(item.get("boundary")),
+            change=_change(item.get("change"), position, notes),
         )
     except ValidationError as exc:
         notes.append(f"finding {position}: {exc.error_count()} invalid values: dropped")
@@ -349,6 +379,7 @@ def _structured(
         recommendation=_text(shape.get("recommendation")) or "",
         urgency=_urgency(shape.get("urgency"), notes),
         narrative=narrative,
+        comparison=_text(shape.get("comparison")) or "",
     )
     return ParsedOutput(content, notes)
 

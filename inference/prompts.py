@@ -11,6 +11,7 @@ templates in ``ModelSettings.prompts_dir`` without code changes. One file is one
     modality = ["CR", "DX"]        # (0008,0060) Modality, a string or a list
     body_part = ["CHEST"]          # (0018,0015) Body Part Examined
     calling_ae = ["ER_CR01"]       # the sending AE title
+    comparison = true              # a comparison template: used only with a prior ([priors])
 
     [scope]               # optional: the studies this question was validated for
     name = "chest radiograph"
@@ -18,6 +19,10 @@ templates in ``ModelSettings.prompts_dir`` without code changes. One file is one
     body_part = ["CHEST"]
     keywords = ["chest", "胸"]     # a description naming the region, English or Chinese
     view_position = ["PA", "AP"]
+
+Comparison templates are asked when the node found the patient's prior study: the model gets
+the prior image first, then the current images, and ``{prior_date}`` in the text becomes the
+prior's date (YYYY-MM-DD). Other templates are asked when there is no prior.
 
 Selection: among the templates whose keys all match, the most specific wins — a calling AE
 counts 4, a body part 2, a modality 1. At equal rank a site template beats a shipped one, and
@@ -64,6 +69,7 @@ class _MatchKeys(BaseModel):
     modality: list[str] = Field(default_factory=list)
     body_part: list[str] = Field(default_factory=list)
     calling_ae: list[str] = Field(default_factory=list)
+    comparison: bool = False
 
     @field_validator("modality", "body_part", "calling_ae", mode="before")
     @classmethod
@@ -127,6 +133,7 @@ class PromptTemplate:
     body_parts: frozenset[str]
     calling_aes: frozenset[str]
     from_site: bool = False
+    comparison: bool = False
     scope: ScopeRule | None = None  # the studies its question was validated for
 
     @property
@@ -188,6 +195,7 @@ def load_template(path: Path, from_site: bool = False) -> PromptTemplate:
         body_parts=frozenset(b.upper() for b in parsed.match.body_part),
         calling_aes=frozenset(parsed.match.calling_ae),
         from_site=from_site,
+        comparison=parsed.match.comparison,
         scope=parsed.scope.rule() if parsed.scope is not None else None,
     )
 
@@ -223,13 +231,21 @@ class PromptLibrary:
         return [t.scope for t in self.templates if t.scope is not None]
 
     def candidates(
-        self, modality: str, body_part: str, calling_ae: str, in_scope: bool = True
+        self,
+        modality: str,
+        body_part: str,
+        calling_ae: str,
+        comparison: bool = False,
+        in_scope: bool = True,
     ) -> list[PromptTemplate]:
-        """Matching templates, best first; out of scope, only those that declare no scope."""
+        """Matching templates (comparison templates only when ``comparison``), best first;
+        out of scope, only those that declare no scope."""
         matching: Iterable[PromptTemplate] = (
             t
             for t in self.templates
-            if t.matches(modality, body_part, calling_ae) and (in_scope or t.scope is None)
+            if t.comparison == comparison
+            and t.matches(modality, body_part, calling_ae)
+            and (in_scope or t.scope is None)
         )
         return sorted(matching, key=lambda t: (-t.rank, not t.from_site, t.name))
 
@@ -239,15 +255,18 @@ class PromptLibrary:
         body_part: str = "",
         calling_ae: str = "",
         language: str = "en",
+        comparison: bool = False,
         in_scope: bool = True,
     ) -> Prompt:
         """The most specific template for the study; raise when none matches (no default).
         ``in_scope`` False: a study outside the validated scope gets the generic question."""
-        found = self.candidates(modality, body_part, calling_ae, in_scope)
+        found = self.candidates(modality, body_part, calling_ae, comparison, in_scope)
         if not found:
+            kind = "comparison " if comparison else ""
             raise PromptTemplateError(
-                f"no prompt template matches modality={modality!r} body_part={body_part!r} "
-                f"calling_ae={calling_ae!r}; add a default.toml without [match] keys"
+                f"no {kind}prompt template matches modality={modality!r} "
+                f"body_part={body_part!r} calling_ae={calling_ae!r}; add a default.toml without "
+                "[match] keys" + (" but comparison = true" if comparison else "")
             )
         best = found[0]
         text, used_language = best.text(language)

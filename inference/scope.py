@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 
 from core.errors import InferenceError
-from storage.report_schema import Scope
+from storage.report_schema import ScopeVerdict
 
 _DESCRIPTIONS = (
     "StudyDescription",
@@ -81,14 +81,14 @@ class StudyHeader:
         )
 
 
-def decide_scope(header: StudyHeader, rules: Iterable[ScopeRule]) -> Scope:
+def decide_scope(header: StudyHeader, rules: Iterable[ScopeRule]) -> ScopeVerdict:
     """In scope when a rule accepts the header (or there is no rule); else the first rule's
     reason for refusing it."""
     reasons = [(rule, refusal(rule, header)) for rule in rules]
     if not reasons or any(reason is None for _, reason in reasons):
-        return Scope(in_scope=True)
+        return ScopeVerdict(in_scope=True)
     rule, reason = reasons[0]
-    return Scope(in_scope=False, reason=f"not a {rule.name}: {reason}")
+    return ScopeVerdict(in_scope=False, reason=f"not a {rule.name}: {reason}")
 
 
 def refusal(rule: ScopeRule, header: StudyHeader) -> str | None:

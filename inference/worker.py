@@ -17,6 +17,11 @@ Priority lane: before each batch (and when the API rings the doorbell while idle
 answers waiting questions and predict requests first (inference/interactive.py); without a
 model they fail at once with the message status shows.
 
+Priors ([priors], issue 17): with a PriorFinder the worker asks for each job's prior while it
+loads the job (bounded by the finder's limit; the jobs of a batch search at the same time),
+shows the model the prior image first and asks the comparison question
+(inference/comparison.py); the report's prior link says what was compared, or why not.
+
 Pipelining: when the engine can build its inputs ahead (inference.engine.PreparingEngine) and
 more jobs are due, one background thread claims batch N+1, preprocesses it and runs
 engine.prepare while batch N generates; batch N+1 then starts with engine.generate_prepared.
@@ -32,6 +37,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,14 @@ from config.settings import NodeSettings
 from core.errors import InferenceError
 from core.loop import LoopThread
 from core.redaction import error_text
+from inference.comparison import (
+    PriorInput,
+    comparison_question,
+    current_query,
+    load_prior,
+    rebase_findings,
+    without_prior,
+)
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
@@ -60,7 +74,7 @@ from inference.interactive import InteractiveLane
 from inference.parsing import parse_report
 from inference.prefetch import Prefetcher
 from inference.preprocess import PreparedStudy, PreprocessError, attach_regions, prepare_study
-from inference.prompts import PromptLibrary
+from inference.prompts import Prompt, PromptLibrary, PromptTemplateError
 from inference.scope import StudyHeader, StudyOutOfScope, decide_scope
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
@@ -76,7 +90,8 @@ from storage.jobs import (
     skip_job,
 )
 from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
-from storage.report_schema import Scope
+from storage.priors import PriorFinder, link_prior
+from storage.report_schema import ScopeVerdict
 from storage.reports import latest_report_id
 
 log = logging.getLogger(__name__)
@@ -99,7 +114,12 @@ class PreparedJob:
     question: str
     language: str  # the template's: a site template with English only answers in English
     preprocess_seconds: float = 0.0
-    scope: Scope | None = None  # decided from the header (inference/scope.py)
+    scope: ScopeVerdict | None = None  # decided from the header (inference/scope.py)
+    prior: PriorInput | None = None  # set when [priors] is enabled
+
+    @property
+    def prior_images(self) -> list[Any]:
+        return self.prior.images if self.prior is not None and self.prior.compared else []
 
 
 @dataclass
@@ -132,6 +152,7 @@ class InferenceWorker:
         engine_provider: EngineProvider,
         on_report: ReportHook | None = None,
         owner: str | None = None,
+        prior_finder: PriorFinder | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
@@ -139,6 +160,7 @@ class InferenceWorker:
         self.data_dir = settings.storage.data_dir
         self.engine_provider = engine_provider
         self.on_report = on_report
+        self.prior_finder = prior_finder
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.prompts = PromptLibrary.load(settings.model.prompts_dir)
         self.retry = job_retry_policy(settings.model.max_attempts, settings.model.retry_backoff_s)
@@ -240,8 +262,14 @@ class InferenceWorker:
 
     def _claim_and_load(self) -> ClaimedBatch:
         job_ids = self._claim_batch()
-        jobs = [job for job in (self._prepare(job_id) for job_id in job_ids) if job]
-        return ClaimedBatch(job_ids, jobs)
+        if self.prior_finder is not None and len(job_ids) > 1:
+            # Prior searches wait on PACS: the batch's jobs search side by side, so no study
+            # waits longer than the finder's limit for its neighbours' priors.
+            with ThreadPoolExecutor(len(job_ids), thread_name_prefix="prior") as pool:
+                loaded = list(pool.map(self._prepare, job_ids))
+        else:
+            loaded = [self._prepare(job_id) for job_id in job_ids]
+        return ClaimedBatch(job_ids, [job for job in loaded if job])
 
     def _prefetch_next(self, engine: Engine) -> None:
         """Start building the next batch in the background, when the engine can and more jobs
@@ -286,7 +314,7 @@ class InferenceWorker:
             self._fail(job_id, exc)
             return None
 
-    def _scope(self, paths: list[Path]) -> Scope | None:
+    def _scope(self, paths: list[Path]) -> ScopeVerdict | None:
         """The study's scope from its first instance's header; None when it cannot be read
         (preprocessing then says why the study cannot be used). Raises StudyOutOfScope with
         the reason when the study is outside it and ``[scope] out_of_scope = "skip"``."""
@@ -315,22 +343,57 @@ class InferenceWorker:
         except PreprocessError as exc:
             raise PermanentJobError(str(exc)) from exc
         preprocess_seconds = time.perf_counter() - started
-        prompt = self.prompts.select(
-            prepared.modality,
-            prepared.body_part,
-            calling_ae,
-            self.model_settings.language,
-            in_scope=scope is None or scope.in_scope,
-        )
+        prior = self._prior(paths, study_uid, prepared) if self.prior_finder else None
+        in_scope = scope is None or scope.in_scope
+        prompt, prior = self._question(prepared, calling_ae, prior, in_scope)
+        question = prompt.text
+        if prior is not None and prior.compared:
+            question = comparison_question(prompt.text, prior.comparison)
         return PreparedJob(
             **job_ids,
             study_uid=study_uid,
             prepared=prepared,
-            question=prompt.text,
+            question=question,
             language=prompt.language,
             preprocess_seconds=preprocess_seconds,
             scope=scope,
+            prior=prior,
         )
+
+    def _prior(self, paths: list[Path], study_uid: str, prepared: PreparedStudy) -> PriorInput:
+        assert self.prior_finder is not None
+        query = current_query(paths, study_uid, prepared.modality, prepared.body_part)
+        prior = load_prior(self.prior_finder, query, self.data_dir)
+        log.info("study %s: %s", study_uid, prior.comparison.statement())
+        return prior
+
+    def _question(
+        self,
+        prepared: PreparedStudy,
+        calling_ae: str,
+        prior: PriorInput | None,
+        in_scope: bool = True,
+    ) -> tuple[Prompt, PriorInput | None]:
+        """The comparison template when there is a prior (and one matches), else the usual;
+        outside the validated scope, only templates that declare no scope."""
+        language = self.model_settings.language
+        if prior is not None and prior.compared:
+            try:
+                prompt = self.prompts.select(
+                    prepared.modality,
+                    prepared.body_part,
+                    calling_ae,
+                    language,
+                    comparison=True,
+                    in_scope=in_scope,
+                )
+                return prompt, prior
+            except PromptTemplateError:
+                prior = without_prior(prior, "no comparison question template matches the study")
+        prompt = self.prompts.select(
+            prepared.modality, prepared.body_part, calling_ae, language, in_scope=in_scope
+        )
+        return prompt, prior
 
     def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> int:
         """Run the batch and store or fail each job; return how many went back to the queue
@@ -419,16 +482,23 @@ class InferenceWorker:
 
     def _request(self, job: PreparedJob) -> GenerationRequest:
         return GenerationRequest(
-            images=job.prepared.images,
+            images=[*job.prior_images, *job.prepared.images],  # prior first, then current
             prompt=job.question,
             settings=GenerationSettings(max_new_tokens=self.model_settings.max_new_tokens),
         )
 
     def _store(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> None:
-        parsed = parse_report(result.text, job.language, image_count=len(job.prepared.images))
+        prior_count = len(job.prior_images)
+        image_count = prior_count + len(job.prepared.images)
+        parsed = parse_report(result.text, job.language, image_count=image_count)
         for note in parsed.notes:
             log.info("study %s: %s", job.study_uid, note)
-        content = attach_regions(parsed.content, job.prepared.geometries)
+        rebased, removed = rebase_findings(parsed.content, prior_count)
+        if removed:
+            log.info("study %s: %d boxes on the prior image removed", job.study_uid, removed)
+        content = attach_regions(rebased, job.prepared.geometries)
+        if job.scope is not None:  # the node's verdict, carried in the content (ReportContent)
+            content = content.model_copy(update={"scope": job.scope})
         with self.db.session() as session:
             # Done together with its report and outbox rows: one commit, or none of them.
             if not complete_job(session, job.job_id, self.owner):
@@ -456,7 +526,6 @@ class InferenceWorker:
                     "new_tokens": result.new_tokens,
                     "preprocess_seconds": round(job.preprocess_seconds, 4),
                     "source_sop_instance_uids": job.prepared.sop_instance_uids,
-                    **({"scope": job.scope.model_dump()} if job.scope is not None else {}),
                 },
                 is_test_model=identity.is_test_model,
                 created_at=utcnow(),
@@ -464,6 +533,8 @@ class InferenceWorker:
             )
             session.add(report)
             session.flush()
+            if job.prior is not None:
+                link_prior(session, report.id, job.prior.comparison)
             if self.on_report is not None:
                 started = time.perf_counter()
                 self.on_report(session, report)

@@ -26,6 +26,7 @@ from dicom_node.scu import AssociationFailed, FileToSend, echo, inspect_file, it
 from dicom_node.statuses import describe_status
 from inference.prompts import PromptTemplateError, check_templates
 from medgemma_node.logs import setup_logging
+from medgemma_node.predict_run import AnswerLanguage
 from medgemma_node.runtime import read_runtime_state
 from medgemma_node.service import (
     Node,
@@ -252,6 +253,56 @@ def send(
         errors.print(f"  {escape(str(path))}: {escape(reason)}")
     if summary.failed or summary.skipped:
         raise typer.Exit(1)
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders of DICOM, PNG, JPEG")],
+    question: Annotated[
+        list[str], typer.Option("--question", "-q", help="A question (repeatable)")
+    ] = [],  # noqa: B006 - typer copies list defaults per call
+    questions_file: Annotated[
+        Path | None, typer.Option(help="More questions, one a line ('#' comments)")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL results (resumed)")] = Path(
+        "results.jsonl"
+    ),
+    language: Annotated[
+        AnswerLanguage | None, typer.Option(help="Default: the question's, else model.language")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Default: interactive.max_new_tokens")
+    ] = None,
+    config: ConfigOption = None,
+    api: Annotated[
+        str | None, typer.Option(help="A running node's API URL: its priority lane answers")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="MEDGEMMA_NODE_TOKEN", help="Bearer token for --api")
+    ] = None,
+) -> None:
+    """Ask questions about files and folders of images: one JSON line per (file, question)."""
+    from medgemma_node.predict import PredictOptions, PredictRunError, predict_files, read_questions
+
+    settings = settings_or_exit(config)
+    try:
+        questions = read_questions(question, questions_file)
+    except OSError as exc:
+        errors.print(f"[red]cannot read {escape(str(questions_file))}: {exc.strerror}[/red]")
+        raise typer.Exit(2) from exc
+    if not questions:
+        errors.print("[red]no question: give --question TEXT or --questions-file FILE[/red]")
+        raise typer.Exit(2)
+    if api is None:
+        templates_or_exit(settings)
+    lang = language.value if language is not None else None
+    options = PredictOptions(paths, questions, out, lang, max_new_tokens, api, token)
+    try:
+        status = predict_files(settings, options, errors)
+    except PredictRunError as exc:
+        errors.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1) from exc
+    raise typer.Exit(status)
 
 
 def _inspect_all(paths: list[Path]) -> list[FileToSend]:

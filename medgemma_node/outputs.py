@@ -50,6 +50,7 @@ from storage.files import write_durably
 from storage.installation import ensure_installation_id
 from storage.models import OutboxItem, OutboxStatus, Report, ReportObject, Study
 from storage.outbox import idempotency_key
+from storage.priors import prior_image_paths
 from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, ReportDocument
 from storage.reports import predecessor_sr_path, report_document, source_instance_paths
 
@@ -100,7 +101,7 @@ class ReportOutputs:
         sources = self._sources(session, report, document)
         directory = self.data_dir / "reports" / str(report.id)
         predecessor = previous_sr(session, document, self.data_dir)
-        records = self._build_dicom(document, sources, predecessor, directory)
+        records = self._build_dicom(session, document, sources, predecessor, directory)
         records += self._planned_pdf(document, study, directory)
         objects = [self._object_row(session, report, record) for record in records]
         json_path = self._write_json(document, study, records, predecessor, directory)
@@ -123,15 +124,25 @@ class ReportOutputs:
 
     def _build_dicom(
         self,
+        session: Session,
         document: ReportDocument,
         sources: list[Dataset],
         predecessor: SrReference | None,
         directory: Path,
     ) -> list[OutputRecord]:
-        sr = build_sr(document, sources, predecessor, node=self.node)
+        priors = self._prior_images(session, document)
+        sr = build_sr(document, sources, predecessor, node=self.node, priors=priors)
         has_regions = any(f.region is not None for f in document.content.findings)
         gsps = build_gsps(document, sources, node=self.node) if has_regions else []
         return write_datasets([sr, *gsps], directory)
+
+    def _prior_images(self, session: Session, document: ReportDocument) -> list[Dataset]:
+        """Headers of the prior images the report was compared with: the SR's evidence."""
+        prior = document.prior
+        if prior is None or not prior.compared:
+            return []
+        paths = prior_image_paths(session, prior.sop_instance_uids)
+        return [dcmread(self.data_dir / path, stop_before_pixels=True) for path in paths]
 
     def _planned_pdf(
         self, document: ReportDocument, study: Study, directory: Path
@@ -175,7 +186,7 @@ class ReportOutputs:
             "notice": document_notice(document),
             "supersedes": superseded_json(document, predecessor),
             # Absent for reports made before the scope check.
-            "scope": document.scope.model_dump() if document.scope is not None else None,
+            "scope": scope.model_dump() if (scope := document.content.scope) is not None else None,
             "report": document.model_dump(mode="json"),
             "study": {"modality": study.modality, "calling_ae": study.calling_ae},
             "objects": [

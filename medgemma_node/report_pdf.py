@@ -91,9 +91,7 @@ class ReportPdfFiles:
             sources if sources is not None else self._sources(stored),
             institution=self.settings.identity.institution_name,
             supersedes=self._superseded(stored),
-            out_of_scope_reason=(
-                scope.reason if (scope := stored.document.scope) and not scope.in_scope else None
-            ),
+            out_of_scope_reason=stored.document.content.out_of_scope_reason,
         )
         pdf = self.renderer.render(request)
         write_durably(path, pdf)

@@ -78,6 +78,7 @@ class RuntimeState:
     model: dict[str, Any] = field(default_factory=dict)
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     api: dict[str, Any] = field(default_factory=dict)
+    priors: dict[str, Any] = field(default_factory=dict)  # [priors]: searches, last error
 
 
 def open_database(settings: NodeSettings) -> Database:
@@ -270,15 +271,41 @@ def sender_registry(
     )
 
 
-def delivery_worker(settings: NodeSettings, db: Database, **options: object) -> DeliveryWorker:
-    """The node's delivery worker: every destination's lane with its sender."""
-    pdfs = None
-    if any(d.enabled and d.wants_pdf for d in settings.destinations):
-        # WeasyPrint and the SR/PDF builders load only when PDFs are wanted.
-        from medgemma_node.report_pdf import ReportPdfFiles
+class SharedReportPdfs:
+    """The serving process' one ReportPdfFiles, made on first use: the delivery lanes and the
+    REST API (``?format=pdf``) build each report's PDF once, under one lock. WeasyPrint and
+    the PDF builders load only when a PDF is first wanted."""
 
-        pdfs = ReportPdfFiles(settings, db)
-    senders = sender_registry(db, settings.storage.data_dir, settings.dicom.ae_title, pdfs)
+    def __init__(self, settings: NodeSettings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self._files: ReportPdfFiles | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def files(self) -> ReportPdfFiles:
+        with self._lock:
+            if self._files is None:
+                from medgemma_node.report_pdf import ReportPdfFiles
+
+                self._files = ReportPdfFiles(self.settings, self.db)
+            return self._files
+
+    def ensure_pdf(self, report_id: int) -> bytes:
+        return self.files.ensure_pdf(report_id)
+
+
+def delivery_worker(
+    settings: NodeSettings,
+    db: Database,
+    pdfs: SharedReportPdfs | None = None,
+    **options: object,
+) -> DeliveryWorker:
+    """The node's delivery worker: every destination's lane with its sender."""
+    files = None
+    if any(d.enabled and d.wants_pdf for d in settings.destinations):
+        files = (pdfs or SharedReportPdfs(settings, db)).files
+    senders = sender_registry(db, settings.storage.data_dir, settings.dicom.ae_title, files)
     return DeliveryWorker.from_settings(settings, db, senders, **options)
 
 
@@ -289,15 +316,20 @@ def start_serving(node: Node, config_path: Path | None) -> None:
     assert db is not None
     data_dir = node.data_dir.resolve()
     node.add_part("inference", ChildProcess("inference worker", worker_argv(config_path, data_dir)))
-    deliveries = delivery_worker(node.settings, db)
+    pdfs = SharedReportPdfs(node.settings, db)
+    deliveries = delivery_worker(node.settings, db, pdfs)
     node.add_part("delivery", deliveries)
     node.add_part(
         "delivery-doorbell", DoorbellRelay(node.data_dir, DELIVERY_DOORBELL, deliveries.wake)
     )
     if node.settings.api.enabled:
         from api.server import ApiServer  # FastAPI loads only when the API is served
+        from medgemma_node.outputs import ReportOutputs
 
-        api = ApiServer(node.settings, db)
+        # Appending a conversation writes a report version (SR, ORU, outbox) in this process.
+        api = ApiServer(
+            node.settings, db, on_report=ReportOutputs(node.settings), report_pdf=pdfs.ensure_pdf
+        )
         node.state_providers.append(lambda state: state.api.update(api.state))
         node.add_part("api", api)
     metrics = node.settings.metrics
@@ -319,7 +351,15 @@ def start_worker(node: Node) -> None:
 
     db = node.db or node.prepare()
     provider = EngineProvider(node.settings)
-    worker = InferenceWorker(db, node.settings, provider, ReportOutputs(node.settings))
+    finder = None
+    if node.settings.priors.enabled:
+        from dicom_node.priors import PacsPriorFinder
+
+        finder = PacsPriorFinder(node.settings, db)
+        node.state_providers.append(lambda state: state.priors.update(finder.state))
+    worker = InferenceWorker(
+        db, node.settings, provider, ReportOutputs(node.settings), prior_finder=finder
+    )
     # Before start(): the first status file already says what the model is doing.
     node.state_providers.append(lambda state: _model_state(state, provider, worker))
     node.start()

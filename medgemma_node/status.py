@@ -3,6 +3,7 @@
 SCP          C-ECHO to the node itself on its configured/actual port
 processes    <data>/run/*.json written by `serve` and each inference worker
 model        loaded (id, device, test model or not) or why not (missing weights)
+priors       [priors]: the PACS, studies compared, the last prior-query error
 database     studies, instances, jobs by status, outbox by destination and status with the
              newest error of each destination
 disk         free space against the C-STORE watermark
@@ -144,8 +145,23 @@ def _model_rows(table: Table, report: dict[str, Any]) -> None:
         error = model.get("worker", {}).get("last_error")
         if error:
             table.add_row("  worker error", f"[red]{error}[/red]")
+        priors = worker_state.get("priors") or {}
+        if priors:
+            table.add_row("priors", priors_text(priors))
     if not report["workers"]:
         table.add_row("model", "[yellow]no inference worker running[/yellow]")
+
+
+def priors_text(priors: dict[str, Any]) -> str:
+    """[priors] of one worker: the PACS, how many searches found a prior, the last error."""
+    text = (
+        f"{priors.get('pacs', '?')} by C-{str(priors.get('mode', '?')).upper()}: "
+        f"{priors.get('compared', 0)} of {priors.get('searches', 0)} studies compared"
+    )
+    error = priors.get("last_error")
+    if error:
+        text += f"  [red]last error {priors.get('last_error_at', '')}: {error}[/red]"
+    return text
 
 
 def _model_text(model: dict[str, Any]) -> str:

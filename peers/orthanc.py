@@ -144,6 +144,17 @@ class OrthancServer:
         response.raise_for_status()
         return response.json()
 
+    def upload(self, path: Path) -> str:
+        """Store a DICOM file through the REST API (POST /instances); its Orthanc id."""
+        response = self._http.post("/instances", content=path.read_bytes())
+        response.raise_for_status()
+        return str(response.json()["ID"])
+
+    @property
+    def pid(self) -> int | None:
+        """The Orthanc process this object started (to pause it in a test), if running."""
+        return self.proc.pid if self.running and self.proc is not None else None
+
     def instance_ids(self) -> list[str]:
         return list(self.get("/instances"))
 
@@ -152,6 +163,12 @@ class OrthancServer:
 
     def study(self, orthanc_id: str) -> dict[str, Any]:
         return dict(self.get(f"/studies/{orthanc_id}"))
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        """The stored DICOM file, as Orthanc keeps it."""
+        response = self._http.get(f"/instances/{orthanc_id}/file")
+        response.raise_for_status()
+        return response.content
 
     def sop_instance_uids(self) -> list[str]:
         """SOP Instance UIDs of everything stored (one entry per stored instance)."""

@@ -298,8 +298,6 @@ def _appended_report(base: Report, turns: list[ConversationTurn], conversation_i
             "source_sop_instance_uids": base.timings_json.get("source_sop_instance_uids", []),
             "conversation_id": conversation_id,
             "turns": len(turns),
-            # The study's scope decision stays with every version of its report.
-            **({"scope": base.timings_json["scope"]} if "scope" in base.timings_json else {}),
         },
         is_test_model=is_test,
         supersedes_report_id=base.id,

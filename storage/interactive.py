@@ -36,7 +36,8 @@ request fails at once with the how-to-provide-weights message), ``release``, ``f
 (requests whose worker died).
 
 Payloads (``InteractiveRequest.payload``):
-    predict            {"upload_path", "upload_kind", "question", "max_new_tokens"}
+    predict            {"upload_path", "upload_kind", "question", "max_new_tokens",
+                        "language" (None: the question's, else [model] language)}
     conversation_turn  {"conversation_id", "question", "anchor_id", "max_new_tokens"}
 """
 
@@ -229,6 +230,7 @@ def submit_predict(
     question: str,
     *,
     max_new_tokens: int,
+    language: str | None = None,
     requested_by: str = "",
     max_queued: int,
 ) -> int:
@@ -245,6 +247,7 @@ def submit_predict(
         "upload_kind": kind,
         "question": question,
         "max_new_tokens": max_new_tokens,
+        "language": language,
     }
     try:
         return submit(

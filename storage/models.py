@@ -11,6 +11,8 @@ Tables:
     audit_events
     installation   (one row: this installation's random id)
     users                        (REST API accounts; only a hash of each token)
+    prior_studies ─< prior_instances   (the prior store: earlier studies fetched from PACS)
+    reports ─ prior_links              (what each report was compared with, or why not)
 
 Schema changes go through Alembic (storage/migrations); ``serve`` upgrades a fresh database.
 """
@@ -389,3 +391,52 @@ class User(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+
+
+class PriorStudy(Base):
+    """An earlier study of a patient fetched from PACS for comparison (migration 0006).
+
+    Its instances live in the prior store (``<data>/priors/``, ``prior_instances``), apart
+    from received studies: a prior never starts a job of its own. ``requested_at`` is set
+    before a C-MOVE so the SCP knows the study's instances are priors.
+    """
+
+    __tablename__ = "prior_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True, index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    requested_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class PriorInstance(Base):
+    """One image of a prior study, on disk under ``<data>/priors/``."""
+
+    __tablename__ = "prior_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prior_study_id: Mapped[int] = mapped_column(ForeignKey("prior_studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(Text)  # relative to the data directory
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class PriorLink(Base):
+    """What one report was compared with (``status`` "compared"), or why it was made without
+    a prior ("none"); ``detail`` is a storage.report_schema.PriorComparison."""
+
+    __tablename__ = "prior_links"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), unique=True)
+    status: Mapped[str] = mapped_column(String(16))
+    prior_study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)

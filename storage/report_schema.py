@@ -90,6 +90,16 @@ class ParseStatus(StrEnum):
     EMPTY = "empty"  # the model produced no text
 
 
+class Change(StrEnum):
+    """How a finding changed since the prior study (comparison reports only)."""
+
+    NEW = "new"
+    STABLE = "stable"
+    LARGER = "larger"
+    SMALLER = "smaller"
+    RESOLVED = "resolved"
+
+
 class PixelRegion(BaseModel):
     """A box on one source image, in pixel coordinates (column = x, row = y), 0-based."""
 
@@ -112,8 +122,11 @@ class Finding(BaseModel):
     box_2d: list[float] | None = Field(
         default=None, description="[y0, x0, y1, x1], 0..1000 of the padded model input"
     )
-    image_index: int = Field(default=0, description="Which image of the request the box is on")
+    image_index: int = Field(default=0, description="Which image of the report's study it is on")
     region: PixelRegion | None = None
+    change: Change | None = Field(
+        default=None, description="Change since the prior study, when one was compared"
+    )
 
     @field_validator("label")
     @classmethod
@@ -136,8 +149,23 @@ class FollowUp(BaseModel):
     answered_by: str = "model"  # "model", or "node" for a measurement from the pixel spacing
 
 
+class ScopeVerdict(BaseModel):
+    """Whether the study is within the model's validated scope, decided from its header
+    (issue 12; the JSON report's ``"scope": {"in_scope": false, "reason": "..."}``)."""
+
+    in_scope: bool = True
+    reason: str = ""
+
+    @field_validator("reason")
+    @classmethod
+    def _clean_reason(cls, value: str) -> str:
+        return clean_model_text(value)
+
+
 class ReportContent(BaseModel):
-    """The parsed answer. ``findings`` empty and ``narrative`` set is a valid, normal result."""
+    """The parsed answer. ``findings`` empty and ``narrative`` set is a valid, normal result.
+    ``scope``: set by the node, not the model; carried by a report appended to from a
+    conversation, as it is about the same study."""
 
     parse_status: ParseStatus
     language: str = "en"
@@ -147,8 +175,18 @@ class ReportContent(BaseModel):
     urgency: Urgency | None = None
     narrative: str = ""
     follow_up: list[FollowUp] = Field(default_factory=list)
+    # The model's own sentence on the comparison with the prior (comparison reports only).
+    comparison: str = ""
+    scope: ScopeVerdict | None = None
 
-    @field_validator("impression", "recommendation", "narrative")
+    @property
+    def out_of_scope_reason(self) -> str | None:
+        """What every output says when the study is outside the validated scope, else None."""
+        if self.scope is None or self.scope.in_scope:
+            return None
+        return self.scope.reason or "outside the validated scope"
+
+    @field_validator("impression", "recommendation", "narrative", "comparison")
     @classmethod
     def _clean_texts(cls, value: str) -> str:
         return clean_model_text(value)
@@ -175,17 +213,45 @@ class ModelIdentity(BaseModel):
         return f"{prefix}{self.model_id} ({self.revision})"
 
 
-class Scope(BaseModel):
-    """Whether the study is inside the scope the question was validated for (inference/scope.py)
-    and, when it is not, why: every output of an out-of-scope report says so."""
+class PriorComparison(BaseModel):
+    """What a report was compared with, or why it was made without a prior ([priors]).
 
-    in_scope: bool = True
+    ``study_date`` is the prior's Study Date as DICOM writes it (YYYYMMDD); ``source`` how its
+    images came: "get" or "move" from PACS, "stored" when the node already had them.
+    """
+
+    compared: bool
+    study_instance_uid: str | None = None
+    study_date: str | None = None
+    modality: str = ""
+    body_part: str = ""
+    sop_instance_uids: list[str] = Field(default_factory=list)
+    source: str = ""
     reason: str = ""
+    seconds: float = 0.0
 
     @property
-    def notice(self) -> str | None:
-        """``Outside the validated scope: <reason>`` for an out-of-scope study, else None."""
-        return None if self.in_scope else f"{OUT_OF_SCOPE_NOTICE}: {self.reason}"
+    def display_date(self) -> str:
+        date = self.study_date or ""
+        return f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else date or "unknown"
+
+    def statement(self, language: str = "en") -> str:
+        """One line for every output: what was compared, or that no prior was."""
+        if self.compared:
+            what = ", ".join(
+                p
+                for p in (
+                    " ".join(filter(None, (self.modality, self.body_part))),
+                    f"Study Instance UID {self.study_instance_uid}",
+                )
+                if p
+            )
+            if language == "zh":
+                return f"与 {self.display_date} 的既往检查（{what}）对比。"
+            return f"Compared with the prior study of {self.display_date} ({what})."
+        if language == "zh":
+            return f"未与既往检查对比：{self.reason}"
+        return f"No prior study compared: {self.reason}"
 
 
 class ReportDocument(BaseModel):
@@ -202,12 +268,14 @@ class ReportDocument(BaseModel):
     # The report this version replaces (a report appended to from a conversation): its SR
     # lists the previous SR as Predecessor Document, its ORU is a correction.
     supersedes_report_id: int | None = None
-    # Decided from the header before the model ran; None for reports made before the check.
-    scope: Scope | None = None
+    # Set when [priors] is enabled: the prior compared with, or why there was none.
+    prior: PriorComparison | None = None
 
     @property
     def scope_notice(self) -> str | None:
-        return self.scope.notice if self.scope is not None else None
+        """``Outside the validated scope: <reason>`` when the study is outside it, else None."""
+        reason = self.content.out_of_scope_reason
+        return f"{OUT_OF_SCOPE_NOTICE}: {reason}" if reason else None
 
     @field_validator("question")
     @classmethod

@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from storage.db import Database
 from storage.models import Instance, Report, ReportObject, Study, StudyVersion
-from storage.report_schema import ModelIdentity, ReportContent, ReportDocument, Scope
+from storage.priors import prior_comparison
+from storage.report_schema import ModelIdentity, PriorComparison, ReportContent, ReportDocument
 
 
 def report_document(session: Session, report: Report) -> ReportDocument:
@@ -38,7 +39,7 @@ def report_document(session: Session, report: Report) -> ReportDocument:
         question=report.question,
         source_sop_instance_uids=list(report.timings_json.get("source_sop_instance_uids", [])),
         supersedes_report_id=report.supersedes_report_id,
-        scope=Scope.model_validate(scope) if (scope := report.timings_json.get("scope")) else None,
+        prior=_prior_of(session, report),
     )
 
 
@@ -48,6 +49,20 @@ def latest_report_id(session: Session, study_id: int) -> int | None:
     return session.scalar(
         select(Report.id).where(Report.study_id == study_id).order_by(Report.id.desc()).limit(1)
     )
+
+
+def _prior_of(session: Session, report: Report) -> PriorComparison | None:
+    """The report's own prior link; a report appended to from a conversation keeps the
+    comparison of the report it supersedes."""
+    seen: set[int] = set()
+    current: Report | None = report
+    while current is not None and current.id not in seen:
+        seen.add(current.id)
+        found = prior_comparison(session, current.id)
+        if found is not None or current.supersedes_report_id is None:
+            return found
+        current = session.get(Report, current.supersedes_report_id)
+    return None
 
 
 def source_instance_paths(session: Session, study_version_id: int) -> list[str]:

@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from api.server import ApiServer
 from config.settings import NodeSettings
 from peers.net import wait_for
+from storage.conversations import ReportHook
 from storage.db import Database
 from storage.ingest import ReceivedInstance, close_quiet_study, record_instance
 from storage.models import Job, JobStatus, OutboxItem, OutboxStatus, Report, Study, UserRole
@@ -52,14 +53,19 @@ def api_settings(data_dir: Path, **api: Any) -> NodeSettings:
 
 @contextmanager
 def running_api(
-    settings: NodeSettings, prepare: Callable[[ApiServer], None] | None = None
+    settings: NodeSettings,
+    prepare: Callable[[ApiServer], None] | None = None,
+    on_report: ReportHook | None = None,
+    report_pdf: Callable[[int], bytes] | None = None,
 ) -> Iterator[RunningApi]:
     """The API alone (no SCP, no worker) in this process, as `serve` runs it: uvicorn in a
-    thread on a real socket. ``prepare`` may change the server before it starts."""
+    thread on a real socket. ``prepare`` may change the server before it starts; ``on_report``
+    is what `serve` passes for appended reports (medgemma_node.outputs.ReportOutputs);
+    ``report_pdf`` serves ?format=pdf."""
     db = Database(settings.database_url)
     db.upgrade()
     tokens = {role: create_user(db, f"{role.value}-user", role) for role in UserRole}
-    server = ApiServer(settings, db)
+    server = ApiServer(settings, db, on_report, report_pdf)
     if prepare is not None:
         prepare(server)
     server.start()

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.deps import Context, DbSession, Viewer
+from api.deps import ApiContext, Context, DbSession, Viewer
 from api.images import (
     Box,
     RenderError,
@@ -37,6 +37,9 @@ from api.schemas import (
     VersionOut,
 )
 from api.worklist import StudyFilters, list_studies, study_row, summary
+from core.errors import ConfigError, NodeError
+from delivery.preparing_sender import PayloadInputMissing
+from storage.files import uid_component
 from storage.models import (
     Instance,
     Job,
@@ -46,6 +49,7 @@ from storage.models import (
     Study,
     StudyVersion,
 )
+from storage.priors import prior_comparison
 from storage.report_schema import (
     AI_DISCLAIMER,
     TEST_MODEL_BANNER,
@@ -268,10 +272,17 @@ def _report_or_404(session: Session, study_uid: str, report_id: int) -> Report:
 @router.get(
     "/{study_uid}/reports/{report_id}",
     response_model=ReportOut,
-    summary="One report as JSON, or its DICOM SR file with ?format=sr",
+    summary="One report as JSON, its DICOM SR file (?format=sr) or its PDF (?format=pdf)",
     responses={
-        200: {"content": {"application/dicom": {}}, "description": "JSON, or the SR file"},
-        404: {"description": "No such study or report, or the report has no SR"},
+        200: {
+            "content": {"application/dicom": {}, "application/pdf": {}},
+            "description": "JSON, the SR file, or the PDF report",
+        },
+        404: {
+            "description": "No such study or report, the report has no SR, "
+            "or the images its PDF shows are gone"
+        },
+        503: {"description": "PDF reports cannot be made here (a font is not installed)"},
     },
 )
 def report_detail(
@@ -281,12 +292,15 @@ def report_detail(
     study_uid: StudyUID,
     report_id: ReportId,
     format: Annotated[
-        Literal["json", "sr"], Query(description="json (default) or sr (application/dicom)")
+        Literal["json", "sr", "pdf"],
+        Query(description="json (default), sr (application/dicom) or pdf (application/pdf)"),
     ] = "json",
 ) -> ReportOut | Response:
     report = _report_or_404(session, study_uid, report_id)
     if format == "sr":
         return _sr_file(context.data_dir, report)
+    if format == "pdf":
+        return _pdf_file(context, study_uid, report.id)
     summary_fields = _report_summary(session, report).model_dump()
     model = ModelIdentity.model_validate(report.model_json)
     disclaimer = (f"{TEST_MODEL_BANNER}. " if report.is_test_model else "") + AI_DISCLAIMER
@@ -300,6 +314,7 @@ def report_detail(
         model=model,
         timings=report.timings_json or {},
         disclaimer=disclaimer,
+        prior=prior_comparison(session, report.id),
     )
 
 
@@ -312,6 +327,32 @@ def _sr_file(data_dir: FilePath, report: Report) -> FileResponse:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"the SR of report {report.id} is gone")
     return FileResponse(
         path, media_type="application/dicom", filename=f"{sr.sop_instance_uid}.dcm"
+    )
+
+
+def _pdf_file(context: ApiContext, study_uid: str, report_id: int) -> Response:
+    """The report's PDF (issue 14), the same file the destinations get: built from the stored
+    report and its source images on first request, then read back."""
+    if context.report_pdf is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "PDF reports are not served here")
+    try:
+        pdf = context.report_pdf(report_id)
+    except PayloadInputMissing as exc:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"the PDF of report {report_id} cannot be made: {exc}"
+        ) from exc
+    except ConfigError as exc:  # the font of the report's language is not installed
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+    except NodeError as exc:
+        raise HTTPException(
+            status.HTTP_500_INTERNAL_SERVER_ERROR, f"the PDF of report {report_id} failed: {exc}"
+        ) from exc
+    # The name a file destination gives it (delivery/file_sender.py, write_pdf).
+    name = f"{uid_component(study_uid)}_{report_id}_report.pdf"
+    return Response(
+        pdf,
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 

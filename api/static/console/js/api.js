@@ -96,6 +96,21 @@ export async function postJson(path, body = {}, options = {}) {
   return (await request(path, { ...options, method: "POST", json: body })).json();
 }
 
+/**
+ * POST a question and return its answer. The node waits for the model up to a bounded time
+ * and otherwise answers 202 with the Location of the answer (GET /api/answers/{id}); that is
+ * followed, each GET waiting up to ``waitS`` seconds, until it is answered or fails.
+ */
+export async function postForAnswer(path, body, { waitS = 30, signal } = {}) {
+  let response = await request(`${path}?wait=${waitS}`, { method: "POST", json: body, signal });
+  while (response.status === 202) {
+    const pending = await response.json();
+    const location = response.headers.get("Location") || pending.location;
+    response = await request(`${location.replace(/^\/api/, "")}?wait=${waitS}`, { signal });
+  }
+  return response.json();
+}
+
 export async function objectUrl(path, options) {
   const blob = await (await request(path, options)).blob();
   return URL.createObjectURL(blob);

@@ -2,12 +2,13 @@
 //
 // API (REST API issue): POST /api/studies/{uid}/conversations -> {id};
 // POST /api/conversations/{id}/messages {question, anchor_id?} -> {answer, findings,
-// anchors: [{id, label, box: [x0, y0, x1, y1], image_sop_uid}], disclaimer, ...};
+// anchors: [{id, label, box: [x0, y0, x1, y1], image_sop_uid}], disclaimer, ...}, or 202
+// while the model has not answered: followed to GET /api/answers/{request_id} (api.js);
 // GET /api/conversations/{id} -> every turn with its anchors;
 // POST /api/conversations/{id}/append (radiologist) -> the new report version.
 // The conversation id is kept per study in this tab, so coming back shows it again.
 
-import { ApiError, getJson, postJson } from "./api.js";
+import { ApiError, getJson, postForAnswer, postJson } from "./api.js";
 import { h, replace } from "./dom.js";
 import { label, unlabel } from "./i18n.js";
 import { canAsk, describe, toast } from "./ui.js";
@@ -282,11 +283,11 @@ export class ConversationPanel {
     if (!this.conversation || this.conversation.state !== "open") await this.start();
     const body = this.about ? { question, anchor_id: this.about } : { question };
     try {
-      return await postJson(`/conversations/${this.conversation.id}/messages`, body);
+      return await postForAnswer(`/conversations/${this.conversation.id}/messages`, body);
     } catch (error) {
       if (!(error instanceof ApiError && error.status === 409)) throw error;
       await this.start(); // appended or closed elsewhere: a new conversation
-      return postJson(`/conversations/${this.conversation.id}/messages`, body);
+      return postForAnswer(`/conversations/${this.conversation.id}/messages`, body);
     }
   }
 
