@@ -85,7 +85,15 @@ def audit_event(scope: Scope, status_code: int) -> AuditEvent:
         **(state.get("audit_detail") or {}),
     }
     uid = str(study_uid)[:64] if study_uid else None
-    return AuditEvent(kind=AUDIT_KIND, study_instance_uid=uid, detail=detail)
+    client = scope.get("client") or ("", 0)
+    return AuditEvent(
+        kind=AUDIT_KIND,
+        study_instance_uid=uid,
+        detail=detail,
+        actor=user.name if user else "",
+        address=str(client[0] or "")[:64],
+        outcome="success" if status_code < 400 else "failure",
+    )
 
 
 class BodyLimitMiddleware:

@@ -27,6 +27,7 @@ class StudyStatus(StrEnum):
     DELIVERED = "delivered"  # every delivery of the report was sent
     FAILED = "failed"  # the job failed for good, or a delivery was given up (dead)
     OUT_OF_SCOPE = "out_of_scope"  # skipped: outside the model's validated scope
+    CANCELLED = "cancelled"  # its job was cancelled (`jobs cancel`, or MPPS DISCONTINUED)
 
 
 class Health(BaseModel):

@@ -6,6 +6,7 @@ report's deliveries:
 
     receiving     instances arrived that no version covers yet (the quiet period runs)
     out_of_scope  the job was skipped as outside the validated scope
+    cancelled     the job was cancelled (by an operator, or its MPPS was DISCONTINUED)
     failed        the job failed for good
     reporting     the job is running
     waiting       the job is queued but not due: a failed attempt waits for its retry
@@ -118,6 +119,7 @@ def status_rows() -> Select[Any]:
         (Study.has_unversioned.is_(True), StudyStatus.RECEIVING.value),
         (Job.id.is_(None), StudyStatus.RECEIVING.value),
         (Job.status == SKIPPED_JOB_STATUS, StudyStatus.OUT_OF_SCOPE.value),
+        (Job.status == JobStatus.CANCELLED.value, StudyStatus.CANCELLED.value),
         (Job.status == JobStatus.FAILED.value, StudyStatus.FAILED.value),
         (Job.status == JobStatus.RUNNING.value, StudyStatus.REPORTING.value),
         (
@@ -222,14 +224,10 @@ def study_row(session: Session, study_uid: str) -> StudyRow | None:
 
 def _with_counts(session: Session, study: Study, status: str) -> StudyRow:
     series = session.execute(
-        select(func.count(Series.id), func.max(Series.body_part)).where(
-            Series.study_id == study.id
-        )
+        select(func.count(Series.id), func.max(Series.body_part)).where(Series.study_id == study.id)
     ).one()
     instances = session.execute(
-        select(func.count(Instance.id), func.min(Instance.id)).where(
-            Instance.study_id == study.id
-        )
+        select(func.count(Instance.id), func.min(Instance.id)).where(Instance.study_id == study.id)
     ).one()
     first_path = (
         session.scalar(select(Instance.path).where(Instance.id == instances[1]))

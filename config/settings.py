@@ -31,6 +31,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from config.ops_settings import AuditSettings, RetentionSettings
 from core.errors import ConfigError  # raised here; importable from here as before
 from core.retry import RetryPolicy
 
@@ -108,6 +109,9 @@ class DicomSettings(Section):
     # PS3.8 §9.3.4: associations addressed to another called AE title are rejected
     # (rejected-permanent, service-user, called-AE-title-not-recognized).
     require_called_aet: bool = True
+    # Modality Performed Procedure Step SCP (PS3.4 F.7) on the same AE: a COMPLETED step whose
+    # images have all arrived completes its study at once (dicom_node/mpps.py).
+    mpps: bool = True
     accepted_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_SOP_CLASSES))
     ignored_sop_classes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_IGNORED_SOP_CLASSES)
@@ -235,11 +239,24 @@ class ModelSettings(Section):
     # its doorbell (storage/doorbell.py) the moment it queues one.
     poll_interval_s: float = Field(default=0.5, gt=0)
     fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
+    # Processes beside the inference worker (README "GPU sizing"): DICOM reading and rendering,
+    # and storing reports with their SR/GSPS/ORU/JSON. None: a quarter of the CPU cores, at most
+    # 4 each (none below 4 cores); 0: in the worker's own threads (the GPU then waits while
+    # outputs are built).
+    render_processes: int | None = Field(default=None, ge=0)
+    output_processes: int | None = Field(default=None, ge=0)
     # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
     # weights); True writes and loads the tiny random demo model, loudly marked as a test model.
     demo_model_if_missing: bool = False
     weights_check_interval_s: float = Field(default=60.0, gt=0)
     openai: OpenAIServerSettings = Field(default_factory=OpenAIServerSettings)
+
+    def processes(self) -> tuple[int, int]:
+        """(render, output) processes, ``None`` settings resolved for this machine."""
+        auto = min(4, (os.cpu_count() or 1) // 4)
+        render = auto if self.render_processes is None else self.render_processes
+        output = auto if self.output_processes is None else self.output_processes
+        return render, output
 
     @model_validator(mode="after")
     def _engine_needs_its_settings(self) -> ModelSettings:
@@ -487,6 +504,8 @@ class NodeSettings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> NodeSettings:
@@ -495,6 +514,11 @@ class NodeSettings(BaseSettings):
         if duplicates:
             raise ValueError(f"destination names must be unique; repeated: {duplicates}")
         return self
+
+    @property
+    def free_space_target_mb(self) -> int:
+        """Retention prunes settled studies down to this free space (0: twice the watermark)."""
+        return self.retention.free_space_target_mb or 2 * self.storage.min_free_disk_mb
 
     @property
     def database_url(self) -> str:

@@ -2,7 +2,9 @@
 
 DICOM has no "study complete" message that modalities reliably send (Storage Commitment,
 PS3.4 Annex J, says nothing about completeness), so the node waits for a quiet period per
-modality and calling AE (config: [completion]).
+modality and calling AE (config: [completion]). Modalities that send Modality Performed
+Procedure Steps (dicom_node/mpps.py) can say so: a COMPLETED step whose instances have all
+arrived completes the study at once.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ class CompletionScheduler:
         db: Database,
         settings: CompletionSettings,
         on_jobs: Callable[[list[int]], None] | None = None,
+        *,
+        use_mpps: bool = False,
     ) -> None:
         self.db = db
         self.settings = settings
+        self.use_mpps = use_mpps
         self.on_jobs = on_jobs  # e.g. ring the inference worker's doorbell
         self.next_due_s: float | None = None
         # A failed tick (e.g. the database is away) is retried at the next poll.
@@ -53,8 +58,14 @@ class CompletionScheduler:
     def stop(self) -> None:
         self.loop.stop(timeout_s=10)
 
+    def wake(self) -> None:
+        """Look now (an MPPS step completed, or an instance of such a study arrived)."""
+        self.loop.wake()
+
     def tick(self) -> list[int]:
-        completion = close_and_schedule(self.db, self.settings.quiet_seconds)
+        completion = close_and_schedule(
+            self.db, self.settings.quiet_seconds, use_mpps=self.use_mpps
+        )
         job_ids, self.next_due_s = completion.job_ids, completion.next_due_s
         for job_id in job_ids:
             log.info("study complete: job %d queued", job_id)

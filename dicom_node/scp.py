@@ -26,10 +26,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import socket
-import ssl
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +46,12 @@ from pynetdicom import AE, Association, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import NodeSettings
 from config.tls import server_ssl_context
 from core.errors import DicomError
+from dicom_node.association_audit import AssociationAudit
+from dicom_node.listener import NodeAssociationServer
 from dicom_node.priors import PriorIntake
 from dicom_node.statuses import describe_rejection
 from storage.db import Database, DatabaseUnavailable
@@ -146,8 +146,14 @@ class StorageSCP:
         self.counters = ScpCounters()
         self.accepted_sop_classes = set(settings.dicom.accepted_sop_classes)
         self.ignored_sop_classes = set(settings.dicom.ignored_sop_classes)
-        self.server: ThreadedAssociationServer | None = None
+        self.server: NodeAssociationServer | None = None
         self.on_instance_stored: list[Any] = []  # callables(ReceivedInstance) for metrics
+        self.association_audit = AssociationAudit(db)
+        # Frees disk below the watermark before refusing (retention; returns studies pruned).
+        self.make_room: Callable[[], int] | None = None
+        self._room_lock = threading.Lock()
+        # More services on the same listener (dicom_node/mpps.py): (SOP class, handlers).
+        self.extra_services: list[tuple[str, list[tuple[Any, Any]]]] = []
         # [priors] mode "move": the images the node asked PACS for go to the prior store.
         self.prior_intake = PriorIntake(settings, db) if settings.priors.enabled else None
 
@@ -163,6 +169,8 @@ class StorageSCP:
         if dicom.allowed_calling_aets:
             ae.require_calling_aet = list(dicom.allowed_calling_aets)
         ae.add_supported_context(Verification)
+        for sop_class, _handlers in self.extra_services:
+            ae.add_supported_context(sop_class)
         syntaxes = accepted_transfer_syntaxes()
         for sop_class in sorted(self.accepted_sop_classes | self.ignored_sop_classes):
             ae.add_supported_context(sop_class, syntaxes)
@@ -184,6 +192,8 @@ class StorageSCP:
             (evt.EVT_REJECTED, _log_rejected),
             (evt.EVT_ACSE_RECV, _note_abort_source),
             (evt.EVT_ABORTED, _log_aborted),
+            *self.association_audit.handlers(),
+            *(handler for _sop_class, extra in self.extra_services for handler in extra),
         ]
         _quieten_pdu_errors()
         ae = self.build_ae()
@@ -226,6 +236,12 @@ class StorageSCP:
     # -- C-STORE ---------------------------------------------------------------------------
 
     def _handle_store(self, event: evt.Event) -> int | Dataset:
+        response = self._store_response(event)
+        ok = isinstance(response, int) and response == STATUS_SUCCESS
+        self.association_audit.count(event.assoc, "stored" if ok else "failed")
+        return response
+
+    def _store_response(self, event: evt.Event) -> int | Dataset:
         try:
             status = self._store(event)
         except StoreRejected as rejected:
@@ -271,6 +287,13 @@ class StorageSCP:
 
     def _check_disk(self) -> None:
         free = free_disk_mb(self.data_dir)
+        if free < self.settings.storage.min_free_disk_mb and self.make_room is not None:
+            # 0xA700 only when nothing can be pruned: settled studies go first (one
+            # association at a time prunes; the others wait for it, then measure again).
+            with self._room_lock:
+                if free_disk_mb(self.data_dir) < self.settings.storage.min_free_disk_mb:
+                    self.make_room()
+            free = free_disk_mb(self.data_dir)
         if free < self.settings.storage.min_free_disk_mb:
             raise StoreRejected(
                 STATUS_OUT_OF_RESOURCES,
@@ -551,69 +574,3 @@ def _quieten_pdu_errors() -> None:
     dul_logger = logging.getLogger("pynetdicom.dul")
     if not any(isinstance(f, _OurConnectionsPduErrors) for f in dul_logger.filters):
         dul_logger.addFilter(_OurConnectionsPduErrors())
-
-
-# -- TLS ---------------------------------------------------------------------------------------
-
-# OpenSSL reason codes of refused handshakes, in words for the log.
-TLS_REFUSALS = {
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
-    "CERTIFICATE_VERIFY_FAILED": "the client certificate is not from a trusted CA",
-    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust our certificate",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected our certificate",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client rejected our certificate",
-    "WRONG_VERSION_NUMBER": "not TLS (plain DICOM to the TLS port?)",
-    "HTTP_REQUEST": "not TLS (an HTTP request)",
-    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions below 1.2",
-    "NO_SHARED_CIPHER": "no cipher suite in common",
-    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection during the handshake",
-}
-
-
-class NodeAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded listener with the TLS handshake moved off the accept loop.
-
-    pynetdicom shakes hands in ``get_request``, in the one thread that accepts connections and
-    on a blocking socket: one client that connects and sends nothing stops every other
-    association, and a refused handshake leaves no trace. Here the handshake runs in the
-    connection's thread, bounded by the ACSE timeout, and a refusal is logged.
-    """
-
-    handshake_timeout_s: float = 30.0
-    # pynetdicom leaves accepted sockets blocking: a peer that stops in the middle of a PDU
-    # would hold its upper layer thread in recv() for ever, out of reach of every timer. With
-    # this timeout such a read fails and the connection is closed (pynetdicom's Evt17).
-    read_timeout_s: float | None = 60.0
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        return client, address
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context is not None:
-            request = self._handshake(self.ssl_context, request, client_address)
-            if request is None:
-                return
-        request.settimeout(self.read_timeout_s)
-        super().process_request_thread(request, client_address)
-
-    def _handshake(
-        self, context: ssl.SSLContext, client: socket.socket, address: tuple[str, int]
-    ) -> ssl.SSLSocket | None:
-        peer = f"{address[0]}:{address[1]}"
-        client.settimeout(self.handshake_timeout_s)
-        try:
-            secured = context.wrap_socket(client, server_side=True)
-        except TimeoutError:
-            reason = f"no handshake within dicom.acse_timeout_s ({self.handshake_timeout_s} s)"
-        except ssl.SSLError as exc:
-            code = str(exc.reason or type(exc).__name__)
-            reason = f"{TLS_REFUSALS.get(code, 'handshake failed')} ({code})"
-        except OSError as exc:
-            reason = f"connection lost during the handshake ({type(exc).__name__})"
-        else:
-            return secured
-        log.warning("TLS handshake from %s refused: %s", peer, reason)
-        client.close()
-        return None

@@ -101,6 +101,7 @@ class GenerationResult:
     # Who produced this answer, when the answer itself says more than ``Engine.identity`` (an
     # inference server names its model and fingerprint in each response); None: the engine's.
     identity: ModelIdentity | None = None
+    prepare_seconds: float = 0.0  # the part of ``seconds`` its inputs took to build (prepare)
 
 
 class OutOfMemory(InferenceError, RuntimeError):

@@ -487,7 +487,10 @@ class TransformersEngine:
         except torch.cuda.OutOfMemoryError as exc:
             raise self._out_of_memory(len(batch.requests)) from exc
         seconds = batch.seconds + time.perf_counter() - started
-        return self._results(batch.requests, inputs["attention_mask"], output, seconds)
+        results = self._results(batch.requests, inputs["attention_mask"], output, seconds)
+        for result in results:
+            result.prepare_seconds = batch.seconds
+        return results
 
     def _results(
         self,

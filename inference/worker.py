@@ -27,6 +27,13 @@ more jobs are due, one background thread claims batch N+1, preprocesses it and r
 engine.prepare while batch N generates; batch N+1 then starts with engine.generate_prepared.
 A lone study is not held up: with nothing else due it goes straight through. A batch built
 ahead and never run (stop()) goes back to the queue with its attempt not counted.
+
+Processes (``render_processes``, ``store_processes``; `serve` sets them from [model]): DICOM
+reading and rendering (inference/render_pool.py) and the storing of each answer with its
+outputs (inference/report_store.py: SR, GSPS, ORU, JSON, outbox rows, one commit) run in
+processes of their own, so neither holds the interpreter lock the decode loop needs nor makes
+the GPU wait between batches. The next batch generates while the last one's reports are
+stored; its jobs stay leased until their commit, and stop() waits for those commits.
 """
 
 from __future__ import annotations
@@ -37,13 +44,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
-from sqlalchemy.orm import Session
 
 from config.settings import NodeSettings
 from core.errors import InferenceError
@@ -54,7 +58,6 @@ from inference.comparison import (
     comparison_question,
     current_query,
     load_prior,
-    rebase_findings,
     without_prior,
 )
 from inference.engine import (
@@ -67,21 +70,27 @@ from inference.engine import (
     GenerationResult,
     GenerationSettings,
     OutOfMemory,
-    PreparedBatch,
     PreparingEngine,
 )
 from inference.interactive import InteractiveLane
-from inference.parsing import parse_report
 from inference.prefetch import Prefetcher
-from inference.preprocess import PreparedStudy, PreprocessError, attach_regions, prepare_study
+from inference.preprocess import PreparedStudy, PreprocessError, prepare_study
 from inference.prompts import Prompt, PromptLibrary, PromptTemplateError
+from inference.render_pool import RenderPool
+from inference.report_store import ReportHook, StoreOutcome, StorePool, StoreTask, store_report
 from inference.scope import StudyHeader, StudyOutOfScope, decide_scope
+from inference.worker_jobs import (
+    ClaimedBatch,
+    JobSource,
+    PermanentJobError,
+    PreparedJob,
+    WorkerStats,
+)
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.jobs import (
     NO_RETRY,
     claim_jobs,
-    complete_job,
     extend_lease,
     fail_job,
     has_due_jobs,
@@ -89,57 +98,13 @@ from storage.jobs import (
     release_jobs,
     skip_job,
 )
-from storage.models import Job, JobStatus, Report, Study, StudyVersion, utcnow
-from storage.priors import PriorFinder, link_prior
+from storage.models import Job, JobStatus, Study, StudyVersion
+from storage.priors import PriorFinder
 from storage.report_schema import ScopeVerdict
-from storage.reports import latest_report_id
 
 log = logging.getLogger(__name__)
 
-ReportHook = Callable[[Session, Report], None]
 EngineProvider = Callable[[], Engine | None]
-
-
-class PermanentJobError(InferenceError):
-    """Retrying cannot help (the study has no usable image); the job fails at once."""
-
-
-@dataclass
-class PreparedJob:
-    job_id: int
-    study_id: int
-    study_version_id: int
-    study_uid: str
-    prepared: PreparedStudy
-    question: str
-    language: str  # the template's: a site template with English only answers in English
-    preprocess_seconds: float = 0.0
-    scope: ScopeVerdict | None = None  # decided from the header (inference/scope.py)
-    prior: PriorInput | None = None  # set when [priors] is enabled
-
-    @property
-    def prior_images(self) -> list[Any]:
-        return self.prior.images if self.prior is not None and self.prior.compared else []
-
-
-@dataclass
-class ClaimedBatch:
-    """Claimed job ids, the jobs whose studies loaded, and the engine's inputs when built ahead."""
-
-    job_ids: list[int]
-    jobs: list[PreparedJob]
-    inputs: PreparedBatch | None = None
-
-
-@dataclass
-class WorkerStats:
-    batches: int = 0
-    jobs_done: int = 0
-    jobs_failed: int = 0
-    last_batch_seconds: float = 0.0
-    last_batch_size: int = 0
-    inference_seconds_total: float = 0.0
-    recent: list[dict[str, Any]] = field(default_factory=list)
 
 
 class InferenceWorker:
@@ -153,6 +118,10 @@ class InferenceWorker:
         on_report: ReportHook | None = None,
         owner: str | None = None,
         prior_finder: PriorFinder | None = None,
+        *,
+        render_processes: int = 0,
+        store_processes: int = 0,
+        process_setup: Callable[[], None] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
@@ -184,6 +153,13 @@ class InferenceWorker:
         self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
+        # Off the generating process's interpreter lock (0: in this process's threads):
+        # DICOM reading and rendering, and the reports with their outputs (report_store.py).
+        self.render_processes = render_processes
+        self.store_processes = store_processes
+        self.process_setup = process_setup
+        self._render_pool: RenderPool | None = None
+        self._store_pool: StorePool | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -194,15 +170,49 @@ class InferenceWorker:
     def start(self) -> None:
         self.doorbell = Doorbell(self.data_dir, WORKER_DOORBELL)
         self.lane.recover()
+        self.start_pools()
         self.loop.start()
+
+    def start_pools(self) -> None:
+        """The render and store processes, started now; until they run (a few seconds of
+        imports) the worker renders and stores in its own threads, so no study waits."""
+        if self.render_processes > 0 and self._render_pool is None:
+            self._render_pool = RenderPool(self.render_processes)
+            self._render_pool.warm_up()
+        if self.store_processes > 0 and self._store_pool is None:
+            self._store_pool = StorePool(
+                self.store_processes,
+                self.db.url,
+                self.data_dir,
+                self.on_report,
+                self.process_setup,
+            )
+            self._store_pool.warm_up()
+
+    @property
+    def pools_ready(self) -> bool:
+        """The render and store processes (those configured) have all started."""
+        pools = (self._render_pool, self._store_pool)
+        return all(pool.ready for pool in pools if pool is not None)
 
     def stop(self) -> None:
         if self.loop.stop(timeout_s=60):
             # The loop released its batch built ahead on the way out; this covers run_once
             # driven without the thread. While a late batch still runs, the loop does it.
             self._release_prefetched()
+        self.close_pools()
         if self.doorbell is not None:
             self.doorbell.close()
+
+    def close_pools(self) -> None:
+        """Wait for the reports still being stored (each commits or fails its job), then end
+        the processes."""
+        if self._store_pool is not None:
+            self._store_pool.close()
+            self._store_pool = None
+        if self._render_pool is not None:
+            self._render_pool.close()
+            self._render_pool = None
 
     def _run_step(self) -> float | None:
         """One batch; straight on to the next while there was work, else wait (interval)."""
@@ -262,14 +272,58 @@ class InferenceWorker:
 
     def _claim_and_load(self) -> ClaimedBatch:
         job_ids = self._claim_batch()
+        pool = self._render_pool
+        if pool is not None and pool.ready:  # until its processes have started: in threads
+            return ClaimedBatch(job_ids, self._render_in_pool(pool, job_ids))
         if self.prior_finder is not None and len(job_ids) > 1:
             # Prior searches wait on PACS: the batch's jobs search side by side, so no study
             # waits longer than the finder's limit for its neighbours' priors.
-            with ThreadPoolExecutor(len(job_ids), thread_name_prefix="prior") as pool:
-                loaded = list(pool.map(self._prepare, job_ids))
+            with ThreadPoolExecutor(len(job_ids), thread_name_prefix="prior") as threads:
+                loaded = list(threads.map(self._prepare, job_ids))
         else:
             loaded = [self._prepare(job_id) for job_id in job_ids]
         return ClaimedBatch(job_ids, [job for job in loaded if job])
+
+    def _render_in_pool(self, pool: RenderPool, job_ids: list[int]) -> list[PreparedJob]:
+        """Read and render the batch's studies in the render processes, all at once."""
+        sources: list[JobSource] = []
+        for job_id in job_ids:
+            try:
+                sources.append(self._job_source(job_id))
+            except Exception as exc:
+                self._fail(job_id, exc)
+        futures = [(source, pool.submit(source.paths)) for source in sources]
+        rendered: list[tuple[JobSource, PreparedStudy, float]] = []
+        for source, future in futures:
+            try:
+                prepared, seconds = future.result()
+                rendered.append((source, prepared, seconds))
+            except PreprocessError as exc:
+                self._fail(source.job_id, PermanentJobError(str(exc)))
+            except Exception as exc:  # a process that died fails the job: it is retried
+                self._fail(source.job_id, exc)
+        return self._with_questions(rendered)
+
+    def _with_questions(
+        self, rendered: list[tuple[JobSource, PreparedStudy, float]]
+    ) -> list[PreparedJob]:
+        """Each rendered study with its question (and prior: searched side by side, as in
+        ``_claim_and_load``)."""
+
+        def question_for(item: tuple[JobSource, PreparedStudy, float]) -> PreparedJob | None:
+            source, prepared, seconds = item
+            try:
+                return self._prepared_job(source, prepared, seconds)
+            except Exception as exc:
+                self._fail(source.job_id, exc)
+                return None
+
+        if self.prior_finder is not None and len(rendered) > 1:
+            with ThreadPoolExecutor(len(rendered), thread_name_prefix="prior") as threads:
+                jobs = list(threads.map(question_for, rendered))
+        else:
+            jobs = [question_for(item) for item in rendered]
+        return [job for job in jobs if job]
 
     def _prefetch_next(self, engine: Engine) -> None:
         """Start building the next batch in the background, when the engine can and more jobs
@@ -306,13 +360,55 @@ class InferenceWorker:
     def _prepare(self, job_id: int) -> PreparedJob | None:
         try:
             return self._load_job(job_id)
-        except StudyOutOfScope as exc:
-            if skip_job(self.db, job_id, self.owner, str(exc)):
-                log.info("job %d skipped: outside the validated scope: %s", job_id, exc)
-            return None
         except Exception as exc:
             self._fail(job_id, exc)
             return None
+
+    def _load_job(self, job_id: int) -> PreparedJob:
+        source = self._job_source(job_id)
+        started = time.perf_counter()
+        try:
+            prepared = prepare_study(source.paths)
+        except PreprocessError as exc:
+            raise PermanentJobError(str(exc)) from exc
+        return self._prepared_job(source, prepared, time.perf_counter() - started)
+
+    def _job_source(self, job_id: int) -> JobSource:
+        with self.db.session() as session:
+            job = session.get_one(Job, job_id)
+            version = session.get_one(StudyVersion, job.study_version_id)
+            study = session.get_one(Study, version.study_id)
+            return JobSource(
+                job_id=job.id,
+                study_id=study.id,
+                study_version_id=version.id,
+                study_uid=study.study_instance_uid,
+                calling_ae=study.calling_ae,
+                paths=[self.data_dir / instance.path for instance in version.instances],
+            )
+
+    def _prepared_job(
+        self, source: JobSource, prepared: PreparedStudy, preprocess_seconds: float
+    ) -> PreparedJob:
+        scope = self._scope(source.paths) if source.paths else None
+        prior = self._prior(source.paths, source.study_uid, prepared) if self.prior_finder else None
+        in_scope = scope is None or scope.in_scope
+        prompt, prior = self._question(prepared, source.calling_ae, prior, in_scope)
+        question = prompt.text
+        if prior is not None and prior.compared:
+            question = comparison_question(prompt.text, prior.comparison)
+        return PreparedJob(
+            job_id=source.job_id,
+            study_id=source.study_id,
+            study_version_id=source.study_version_id,
+            study_uid=source.study_uid,
+            prepared=prepared,
+            question=question,
+            language=prompt.language,
+            preprocess_seconds=preprocess_seconds,
+            prior=prior,
+            scope=scope,
+        )
 
     def _scope(self, paths: list[Path]) -> ScopeVerdict | None:
         """The study's scope from its first instance's header; None when it cannot be read
@@ -326,39 +422,6 @@ class InferenceWorker:
         if not scope.in_scope and self.settings.scope.out_of_scope == "skip":
             raise StudyOutOfScope(scope.reason)
         return scope
-
-    def _load_job(self, job_id: int) -> PreparedJob:
-        with self.db.session() as session:
-            job = session.get_one(Job, job_id)
-            version = session.get_one(StudyVersion, job.study_version_id)
-            study = session.get_one(Study, version.study_id)
-            paths = [self.data_dir / instance.path for instance in version.instances]
-            calling_ae = study.calling_ae
-            job_ids = {"job_id": job.id, "study_id": study.id, "study_version_id": version.id}
-            study_uid = study.study_instance_uid
-        scope = self._scope(paths) if paths else None
-        started = time.perf_counter()
-        try:
-            prepared = prepare_study(paths)
-        except PreprocessError as exc:
-            raise PermanentJobError(str(exc)) from exc
-        preprocess_seconds = time.perf_counter() - started
-        prior = self._prior(paths, study_uid, prepared) if self.prior_finder else None
-        in_scope = scope is None or scope.in_scope
-        prompt, prior = self._question(prepared, calling_ae, prior, in_scope)
-        question = prompt.text
-        if prior is not None and prior.compared:
-            question = comparison_question(prompt.text, prior.comparison)
-        return PreparedJob(
-            **job_ids,
-            study_uid=study_uid,
-            prepared=prepared,
-            question=question,
-            language=prompt.language,
-            preprocess_seconds=preprocess_seconds,
-            scope=scope,
-            prior=prior,
-        )
 
     def _prior(self, paths: list[Path], study_uid: str, prepared: PreparedStudy) -> PriorInput:
         assert self.prior_finder is not None
@@ -399,6 +462,9 @@ class InferenceWorker:
         """Run the batch and store or fail each job; return how many went back to the queue
         unrun (the engine's backend was out of reach)."""
         jobs = batch.jobs
+        if self._store_pool is not None:
+            # Answers wait for their outputs at most two batches deep (their jobs stay leased).
+            self._store_pool.wait_below(2 * self.model_settings.max_batch)
         extend_lease(
             self.db, [job.job_id for job in jobs], self.owner, self.model_settings.lease_seconds
         )
@@ -431,10 +497,21 @@ class InferenceWorker:
         return len(lost)
 
     def _store_or_fail(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> None:
+        """Store the answer: in the store pool when there is one (the next batch does not wait
+        for the outputs), else here."""
         try:
-            self._store(engine, job, result)
+            task = self._store_task(engine, job, result)
+            pool = self._store_pool
+            if pool is not None and pool.ready:  # until its processes run: in this thread
+                pool.submit(self.owner, task, self._stored)
+                return
+            outcome = store_report(self.db, self.owner, task, self.on_report)
         except Exception as exc:
             self._fail(job.job_id, exc)
+            return
+        if outcome is StoreOutcome.STORED:
+            with self._stats_lock:
+                self.stats.jobs_done += 1
 
     def _engine_lost(self, exc: EngineUnavailable, jobs: list[PreparedJob]) -> None:
         """The backend cannot be reached: nothing ran, so the jobs (and a batch built ahead)
@@ -487,71 +564,45 @@ class InferenceWorker:
             settings=GenerationSettings(max_new_tokens=self.model_settings.max_new_tokens),
         )
 
-    def _store(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> None:
-        prior_count = len(job.prior_images)
-        image_count = prior_count + len(job.prepared.images)
-        parsed = parse_report(result.text, job.language, image_count=image_count)
-        for note in parsed.notes:
-            log.info("study %s: %s", job.study_uid, note)
-        rebased, removed = rebase_findings(parsed.content, prior_count)
-        if removed:
-            log.info("study %s: %d boxes on the prior image removed", job.study_uid, removed)
-        content = attach_regions(rebased, job.prepared.geometries)
-        if job.scope is not None:  # the node's verdict, carried in the content (ReportContent)
-            content = content.model_copy(update={"scope": job.scope})
-        with self.db.session() as session:
-            # Done together with its report and outbox rows: one commit, or none of them.
-            if not complete_job(session, job.job_id, self.owner):
-                log.warning("job %d lost its lease while running; result dropped", job.job_id)
-                return
-            identity = result.identity or engine.identity
-            # A new version of a reported study replaces that report: its ORU says C
-            # (correction) and its SR names the earlier SR as Predecessor Document.
-            superseded = latest_report_id(session, job.study_id)
-            report = Report(
-                job_id=job.job_id,
-                study_id=job.study_id,
-                study_version_id=job.study_version_id,
-                language=content.language,
-                parse_status=content.parse_status,
-                urgency=content.urgency,
-                question=job.question,
-                raw_text=result.text,
-                content_json=content.model_dump(mode="json"),
-                model_json=identity.model_dump(mode="json"),
-                timings_json={
-                    "batch_seconds": round(result.seconds, 4),
-                    "batch_size": result.batch_size,
-                    "prompt_tokens": result.prompt_tokens,
-                    "new_tokens": result.new_tokens,
-                    "preprocess_seconds": round(job.preprocess_seconds, 4),
-                    "source_sop_instance_uids": job.prepared.sop_instance_uids,
-                },
-                is_test_model=identity.is_test_model,
-                created_at=utcnow(),
-                supersedes_report_id=superseded,
-            )
-            session.add(report)
-            session.flush()
-            if job.prior is not None:
-                link_prior(session, report.id, job.prior.comparison)
-            if self.on_report is not None:
-                started = time.perf_counter()
-                self.on_report(session, report)
-                report.timings_json = {
-                    **report.timings_json,
-                    "outputs_seconds": round(time.perf_counter() - started, 4),
-                }
-        self.stats.jobs_done += 1
-        log.info(
-            "study %s: report stored (%s, %d findings, urgency %s)",
-            job.study_uid,
-            content.parse_status,
-            len(content.findings),
-            content.urgency or "-",
+    def _store_task(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> StoreTask:
+        return StoreTask(
+            job_id=job.job_id,
+            study_id=job.study_id,
+            study_version_id=job.study_version_id,
+            study_uid=job.study_uid,
+            question=job.question,
+            language=job.language,
+            sop_instance_uids=job.prepared.sop_instance_uids,
+            geometries=job.prepared.geometries,
+            preprocess_seconds=job.preprocess_seconds,
+            text=result.text,
+            identity=result.identity or engine.identity,
+            batch_seconds=result.seconds,
+            prepare_seconds=result.prepare_seconds,
+            batch_size=result.batch_size,
+            prompt_tokens=result.prompt_tokens,
+            new_tokens=result.new_tokens,
+            prior_images=len(job.prior_images),
+            prior_comparison=job.prior.comparison if job.prior is not None else None,
+            scope=job.scope,
         )
 
+    def _stored(self, task: StoreTask, future: Future[StoreOutcome]) -> None:
+        """A store run in the pool ended (in a thread of the pool): count it or fail the job."""
+        try:
+            outcome = future.result()
+        except Exception as exc:  # the build failed, or its process died (BrokenProcessPool)
+            self._fail(task.job_id, exc)
+            return
+        if outcome is StoreOutcome.STORED:
+            with self._stats_lock:
+                self.stats.jobs_done += 1
+
     def _fail(self, job_id: int, exc: BaseException) -> None:
+        if isinstance(exc, StudyOutOfScope):  # [scope] out_of_scope = "skip": not a failure
+            if skip_job(self.db, job_id, self.owner, str(exc)):
+                log.info("job %d skipped: outside the validated scope: %s", job_id, exc)
+            return
         permanent = isinstance(exc, PermanentJobError | EngineRequestRejected)
         policy = NO_RETRY if permanent else self.retry
         retry_after = exc.retry_after_s if isinstance(exc, EngineRequestFailed) else None

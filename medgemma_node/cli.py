@@ -7,25 +7,34 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from pydicom.errors import InvalidDicomError
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from config.settings import ConfigError, DicomSettings, NodeSettings, StorageSettings, load_settings
+from config.settings import NodeSettings
+from core.version import node_version
 from delivery.worker import DeliveryWorker
 from dicom_node.scu import AssociationFailed, FileToSend, echo, inspect_file, iter_files, send_files
 from dicom_node.statuses import describe_status
 from inference.prompts import PromptTemplateError, check_templates
+from medgemma_node import audit_cli, jobs_cli, ops_cli
+from medgemma_node.cli_common import (
+    ConfigOption,
+    DataDirOption,
+    console,
+    errors,
+    opened_database,
+    settings_or_exit,
+)
 from medgemma_node.logs import setup_logging
+from medgemma_node.pidfile import AlreadyRunning, write_pid_file
 from medgemma_node.predict_run import AnswerLanguage
 from medgemma_node.runtime import read_runtime_state
 from medgemma_node.service import (
@@ -49,45 +58,26 @@ outbox_app = typer.Typer(
 app.add_typer(outbox_app, name="outbox")
 api_app = typer.Typer(help="REST API users and their bearer tokens.", no_args_is_help=True)
 app.add_typer(api_app, name="api")
-
-console = Console()
-# Errors are read by people and by scripts: never wrapped at the terminal width.
-errors = Console(stderr=True, soft_wrap=True)
-
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML settings file (see node.example.toml)")
-]
-DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Override storage.data_dir")]
+app.add_typer(jobs_cli.app, name="jobs")
+app.add_typer(audit_cli.app, name="audit")
 
 
-@contextmanager
-def opened_database(settings: NodeSettings) -> Iterator[Database]:
-    """The node's database (schema upgraded if needed), disposed of afterwards."""
-    db = open_database(settings)
-    try:
-        yield db
-    finally:
-        db.dispose()
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"medgemma-node {node_version()}\n")
+        raise typer.Exit()
 
 
-def settings_or_exit(
-    config: Path | None, *, port: int | None = None, data_dir: Path | None = None
-) -> NodeSettings:
-    """Load settings; command-line overrides beat the environment and the file."""
-    try:
-        settings = load_settings(config)
-        if port is not None:
-            settings.dicom = DicomSettings.model_validate(
-                {**settings.dicom.model_dump(), "port": port}
-            )
-        if data_dir is not None:
-            settings.storage = StorageSettings.model_validate(
-                {**settings.storage.model_dump(), "data_dir": data_dir}
-            )
-    except (ConfigError, ValueError) as exc:
-        errors.print(f"[red]configuration error[/red]\n{escape(str(exc))}")
-        raise typer.Exit(2) from exc
-    return settings
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """DICOM node that runs MedGemma on received studies."""
 
 
 def templates_or_exit(settings: NodeSettings) -> None:
@@ -124,7 +114,7 @@ def serve(
     settings = settings_or_exit(config, port=port, data_dir=data_dir)
     templates_or_exit(settings)
     pdf_fonts_or_exit(settings)
-    _run_node(Node(settings), lambda node: start_serving(node, config))
+    _run_node(Node(settings), lambda node: start_serving(node, config), pid_file=True)
 
 
 @app.command()
@@ -135,8 +125,15 @@ def worker(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     _run_node(Node(settings, with_scp=False), start_worker)
 
 
-def _run_node(node: Node, start: Callable[[Node], None]) -> None:
+def _run_node(node: Node, start: Callable[[Node], None], *, pid_file: bool = False) -> None:
     node.prepare()
+    if pid_file:
+        # Before the parts start: `stop` can end a node that is still starting.
+        try:
+            node.pid_file = write_pid_file(node.data_dir)
+        except AlreadyRunning as exc:
+            errors.print(f"[red]cannot start:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from exc
     try:
         start(node)
     except OSError as exc:
@@ -575,6 +572,8 @@ def api_revoke_user(
         raise typer.Exit(1)
     console.print(f"user {escape(name)} revoked")
 
+
+ops_cli.register(app)  # stop, prune, self-check: listed after the commands above
 
 if __name__ == "__main__":
     app()

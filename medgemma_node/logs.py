@@ -27,7 +27,8 @@ from pynetdicom.fsm import InvalidEventError
 
 from core.redaction import scrub_traceback, scrub_values
 
-FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# The pid tells the serving process from its inference worker child (both write this file).
+FORMAT = "%(asctime)s [%(process)d] %(levelname)-7s %(name)s: %(message)s"
 NOISY_LIBRARIES = ("pynetdicom", "pydicom", "highdicom", "hl7apy", "transformers", "httpx")
 # Loggers whose messages may quote data set or message values: the DICOM and HL7 libraries and
 # captured Python warnings (pydicom warns and logs each invalid value).

@@ -46,6 +46,7 @@ from dicom_node.output_common import (
 )
 from dicom_node.sr import SrReference, build_sr
 from hl7_out.oru import OruBuildError, OruHeader, build_oru, hl7_control_id
+from storage import audit
 from storage.files import write_durably
 from storage.installation import ensure_installation_id
 from storage.models import OutboxItem, OutboxStatus, Report, ReportObject, Study
@@ -109,6 +110,17 @@ class ReportOutputs:
         for destination in self.settings.destinations:
             if destination.enabled and destination.routes(study.modality, study.calling_ae):
                 self._queue_or_dead_letter(built, destination)
+        session.add(
+            audit.event(
+                "report.created",
+                study_uid=study.study_instance_uid,
+                report_id=report.id,
+                job_id=report.job_id,
+                supersedes_report_id=report.supersedes_report_id,
+                objects=[record.kind for record in records],
+                test_model=report.is_test_model,
+            )
+        )
 
     # -- building -------------------------------------------------------------------------
 

@@ -12,8 +12,9 @@ answer, findings, boxes (pixels of that file), image, model identity, timings an
 or file, question and the error (a file that is not a readable DICOM, PNG or JPEG image, a
 failed request). A failure is recorded and the run goes on.
 
-The file is written a line at a time, flushed and fsynced with Ctrl-C held off, so an
-interrupted run leaves whole lines; a rerun with the same ``--out`` skips the pairs answered
+The file is written a line at a time, flushed and fsynced; Ctrl-C stops the run after the
+batch being answered is written (a second Ctrl-C at once), so an interrupted run leaves whole
+lines; a rerun with the same ``--out`` skips the pairs answered
 already and tries the failed ones again (their new line follows the old one: the last line of
 a pair is its outcome). A line cut short by a crash is dropped when the file is reopened.
 """
@@ -24,8 +25,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -149,27 +149,40 @@ class ResultsFile:
             self._stream.close()
 
     def write(self, record: Record) -> None:
-        """One whole line, on disk before the next: Ctrl-C waits until it is written."""
+        """One whole line, on disk before the next (Ctrl-C is taken between pairs: see
+        ``_StopOnInterrupt``, so it never lands inside a write)."""
         assert self._stream is not None, "use ResultsFile as a context manager"
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-        with _interrupts_held():
-            self._stream.write(line)
-            self._stream.flush()
-            os.fsync(self._stream.fileno())
+        self._stream.write(line)
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
 
 
-@contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """SIGINT is delivered after the block, so a line is never half written."""
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    except (AttributeError, ValueError):  # no signal masks here: write as it is
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+class _StopOnInterrupt:
+    """The first Ctrl-C (SIGINT) asks the run to stop after the pairs being answered are
+    written; a second one stops at once (KeyboardInterrupt). A handler that only sets a flag
+    is used rather than blocking the signal around each write: a process-wide SIGINT may be
+    taken by any thread, and a mask set in one thread does not hold it off."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnInterrupt:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        except ValueError:  # not the main thread: Ctrl-C cannot reach this run anyway
+            self._previous = None
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_interrupt(self, _signum: int, _frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 # --------------------------------------------------------------------------- the run
@@ -199,20 +212,28 @@ def run_pairs(
 ) -> RunSummary:
     """Answer ``pairs`` in batches, writing each record as soon as it is known."""
     summary = RunSummary()
-    try:
-        for start in range(0, len(pairs), answerer.batch_size):
-            batch = pairs[start : start + answerer.batch_size]
-            for pair, record in zip(batch, answerer.answer(batch), strict=True):
-                results.write(record)
-                if "error" in record:
-                    summary.failed += 1
-                    summary.errors.setdefault(str(pair.file), str(record["error"]))
-                else:
-                    summary.answered += 1
-                on_pair(pair)
-    except KeyboardInterrupt:
-        summary.interrupted = True
+    with _StopOnInterrupt() as interrupt:
+        try:
+            for start in range(0, len(pairs), answerer.batch_size):
+                batch = pairs[start : start + answerer.batch_size]
+                for pair, record in zip(batch, answerer.answer(batch), strict=True):
+                    results.write(record)
+                    _count(summary, pair, record)
+                    on_pair(pair)
+                if interrupt.requested:
+                    break
+        except KeyboardInterrupt:
+            pass
+        summary.interrupted = interrupt.requested
     return summary
+
+
+def _count(summary: RunSummary, pair: Pair, record: Record) -> None:
+    if "error" in record:
+        summary.failed += 1
+        summary.errors.setdefault(str(pair.file), str(record["error"]))
+    else:
+        summary.answered += 1
 
 
 def elapsed_s(started: float) -> float:

@@ -20,9 +20,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from config.ops_settings import settings_fingerprint
 from config.settings import (
     DicomDestination,
     FileDestination,
@@ -31,19 +33,25 @@ from config.settings import (
     NodeSettings,
 )
 from core.loop import LoopThread
+from core.version import node_version
 from delivery.file_sender import FileSender
 from delivery.http_sender import HttpSender
 from delivery.preparing_sender import PreparingSender
 from delivery.senders import SenderRegistry
 from delivery.worker import DeliveryWorker
 from dicom_node.completion import CompletionScheduler
+from dicom_node.mpps import MPPS_SOP_CLASS, MppsService
 from dicom_node.scp import ScpCounters, StorageSCP
 from dicom_node.sender import DicomSender
 from hl7_out.sender import HL7OruSender
+from medgemma_node.audit_forwarder import AuditForwarder
 from medgemma_node.logs import setup_logging
 from medgemma_node.metrics import MetricSources, start_metrics_server
+from medgemma_node.pidfile import remove_pid_file
+from medgemma_node.retention_part import Pruner, RetentionLoop
 from medgemma_node.runtime import STATUS_FILE
 from medgemma_node.supervisor import ChildProcess
+from storage import audit
 from storage.db import Database
 from storage.delivery_types import Sender
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
@@ -108,6 +116,7 @@ class Node:
         self.db: Database | None = None
         self.scp: StorageSCP | None = None
         self.metrics_server: Any = None
+        self.pid_file: Path | None = None  # `serve` only (medgemma_node/pidfile.py)
 
     def prepare(self) -> Database:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -122,20 +131,26 @@ class Node:
         db = self.db or self.prepare()
         salt = load_or_create_salt(self.data_dir, self.settings.storage.phi_hash_salt)
         self._check_identity(db)
+        self._audit("node.start", config_fingerprint=settings_fingerprint(self.settings))
         if self.with_scp:
             report = recover(db, self.data_dir, salt)
             log.info("start-up check: %s", report)
+            data_dir = self.data_dir
+            scheduler = CompletionScheduler(
+                db,
+                self.settings.completion,
+                on_jobs=lambda _ids: ring(data_dir, WORKER_DOORBELL),
+                use_mpps=self.settings.dicom.mpps,
+            )
             self.scp = StorageSCP(self.settings, db, salt)
+            if self.settings.dicom.mpps:
+                self._add_mpps(self.scp, scheduler)
             self.scp.start()
             self.state.scp = {
                 "ae_title": self.settings.dicom.ae_title,
                 "address": self.settings.dicom.bind_address,
                 "port": self.scp.port,
             }
-            data_dir = self.data_dir
-            scheduler = CompletionScheduler(
-                db, self.settings.completion, on_jobs=lambda _ids: ring(data_dir, WORKER_DOORBELL)
-            )
             self.add_part("completion", scheduler)
         self.write_state()
 
@@ -149,6 +164,35 @@ class Node:
                 "no [identity] uid_root configured: minting 2.25 UUID-derived UIDs (PS3.5 B.2); "
                 "set your organisation's UID root to have UIDs under it"
             )
+
+    @staticmethod
+    def _add_mpps(scp: StorageSCP, scheduler: CompletionScheduler) -> None:
+        """The MPPS SCP on the same AE; a completed step wakes the completion scheduler."""
+        mpps = MppsService(scp.db, scp.association_audit, on_completed=scheduler.wake)
+        mpps.load()
+        scp.extra_services.append((MPPS_SOP_CLASS, mpps.handlers()))
+        scp.on_instance_stored.append(lambda item: mpps.instance_stored(item.study_uid))
+
+    @property
+    def role(self) -> str:
+        return "serve" if self.with_scp else "worker"
+
+    def _audit(self, kind: str, **detail: object) -> None:
+        """node.start / node.stop: which process, its version and pid (storage/audit.py)."""
+        if self.db is None:
+            return
+        try:
+            audit.record(
+                self.db,
+                kind,
+                actor=self.role,
+                address=self.state.host,
+                version=node_version(),
+                pid=self.state.pid,
+                **detail,
+            )
+        except Exception as exc:  # never keeps the node from starting or stopping
+            log.error("audit row %s not written (%s)", kind, type(exc).__name__)
 
     def scp_counters(self) -> ScpCounters | None:
         return self.scp.counters if self.scp is not None else None
@@ -189,8 +233,11 @@ class Node:
             part.stop()
             log.info("%s stopped", name)
         (self.data_dir / self.status_file).unlink(missing_ok=True)
+        self._audit("node.stop")
         if self.db is not None:
             self.db.dispose()
+        if self.pid_file is not None:
+            remove_pid_file(self.pid_file)
         log.info("stopped")
 
 
@@ -332,6 +379,14 @@ def start_serving(node: Node, config_path: Path | None) -> None:
         )
         node.state_providers.append(lambda state: state.api.update(api.state))
         node.add_part("api", api)
+    if node.settings.retention.enabled:
+        pruner = Pruner(node.settings, db)
+        if node.scp is not None:
+            node.scp.make_room = pruner.make_room
+        node.add_part("retention", RetentionLoop(pruner, node.settings.retention.check_interval_s))
+    if node.settings.audit.syslog.enabled:
+        syslog = node.settings.audit.syslog
+        node.add_part("audit-forwarder", AuditForwarder(db, syslog, node.data_dir))
     metrics = node.settings.metrics
     if metrics.enabled:
         node.metrics_server = start_metrics_server(
@@ -357,8 +412,22 @@ def start_worker(node: Node) -> None:
 
         finder = PacsPriorFinder(node.settings, db)
         node.state_providers.append(lambda state: state.priors.update(finder.state))
+    render, output = node.settings.model.processes()
+    logging_settings = node.settings.logging
     worker = InferenceWorker(
-        db, node.settings, provider, ReportOutputs(node.settings), prior_finder=finder
+        db,
+        node.settings,
+        provider,
+        ReportOutputs(node.settings),
+        prior_finder=finder,
+        render_processes=render,
+        store_processes=output,
+        # Each process logs as this one does (level, file, PHI filter).
+        process_setup=partial(
+            setup_logging,
+            logging_settings.level,
+            logging_settings.file or node.data_dir / "logs" / "node.log",
+        ),
     )
     # Before start(): the first status file already says what the model is doing.
     node.state_providers.append(lambda state: _model_state(state, provider, worker))

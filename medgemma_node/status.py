@@ -7,6 +7,8 @@ priors       [priors]: the PACS, studies compared, the last prior-query error
 database     studies, instances, jobs by status, outbox by destination and status with the
              newest error of each destination
 disk         free space against the C-STORE watermark
+receiving    studies still in their quiet period: instances, seconds left
+retention    what pruning would delete now (by age, or for space), and the free-space target
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from sqlalchemy import func, select
 
 from config.settings import NodeSettings
 from dicom_node.scu import AssociationFailed, echo
+from medgemma_node.retention_part import Pruner
 from medgemma_node.runtime import read_runtime_state, read_worker_states
 from storage.db import Database
 from storage.files import free_disk_mb
 from storage.installation import ensure_installation_id
-from storage.models import Instance, Job, OutboxItem, OutboxStatus, Study
+from storage.models import Instance, Job, OutboxItem, OutboxStatus, Study, utcnow
 
 STATUS_CALLING_AE = "MEDGEMMA_STATUS"
 
@@ -38,6 +41,28 @@ def collect_status(settings: NodeSettings) -> dict[str, Any]:
         "database": database_status(settings),
         "disk_free_mb": round(free_disk_mb(data_dir), 1),
         "disk_watermark_mb": settings.storage.min_free_disk_mb,
+        "retention": retention_status(settings),
+    }
+
+
+def retention_status(settings: NodeSettings) -> dict[str, Any]:
+    """What `prune` would delete now (never deletes anything itself)."""
+    try:
+        db = Database(settings.database_url)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        actions = Pruner(settings, db).plan() if db.is_current() else []
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        db.dispose()
+    return {
+        "enabled": settings.retention.enabled,
+        "free_space_target_mb": settings.free_space_target_mb,
+        "prunable_studies": len(actions),
+        "prunable_mb": round(sum(a.bytes for a in actions) / (1024 * 1024), 1),
+        "prunable": [a.as_dict() for a in actions[:20]],
     }
 
 
@@ -75,11 +100,46 @@ def database_status(settings: NodeSettings) -> dict[str, Any]:
                 "instances": session.scalar(select(func.count()).select_from(Instance)),
                 "jobs": jobs,
                 "outbox": _outbox_status(session),
+                "receiving": receiving_studies(session, settings),
             }
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         db.dispose()
+
+
+def receiving_studies(session: Any, settings: NodeSettings) -> list[dict[str, Any]]:
+    """Studies with instances that no version covers yet: the quiet period still runs (or has
+    just ended and the completion scheduler has not looked yet)."""
+    rows = session.execute(
+        select(
+            Study.study_instance_uid,
+            Study.modality,
+            Study.calling_ae,
+            Study.last_received_at,
+            func.count(Instance.id),
+        )
+        .join(Instance, Instance.study_id == Study.id)
+        .where(Study.has_unversioned.is_(True))
+        .group_by(Study.id)
+        .order_by(Study.last_received_at)
+    ).all()
+    now = utcnow()
+    studies = []
+    for uid, modality, calling_ae, last_received, count in rows:
+        quiet = settings.completion.quiet_seconds(modality, calling_ae)
+        studies.append(
+            {
+                "study_instance_uid": uid,
+                "modality": modality,
+                "calling_ae": calling_ae,
+                "instances": count,
+                "last_received_at": last_received.isoformat(),
+                "quiet_period_s": quiet,
+                "remaining_s": round(max(quiet - (now - last_received).total_seconds(), 0.0), 1),
+            }
+        )
+    return studies
 
 
 def _outbox_status(session: Any) -> dict[str, dict[str, Any]]:
@@ -113,7 +173,23 @@ def print_status(report: dict[str, Any], console: Console) -> None:
     _database_rows(table, report["database"])
     free, watermark = report["disk_free_mb"], report["disk_watermark_mb"]
     table.add_row("disk free", f"{free:.0f} MB (watermark {watermark} MB)")
+    _retention_rows(table, report.get("retention", {}))
     console.print(table)
+
+
+def _retention_rows(table: Table, retention: dict[str, Any]) -> None:
+    if "error" in retention:
+        table.add_row("retention", f"[red]{retention['error']}[/red]")
+        return
+    if not retention:
+        return
+    state = "on" if retention["enabled"] else "[yellow]off[/yellow]"
+    table.add_row(
+        "retention",
+        f"{state}; prunable now: {retention['prunable_studies']} studies, "
+        f"{retention['prunable_mb']:.1f} MB (free-space target "
+        f"{retention['free_space_target_mb']} MB)",
+    )
 
 
 def _scp_rows(table: Table, report: dict[str, Any]) -> None:
@@ -189,6 +265,13 @@ def _database_rows(table: Table, database: dict[str, Any]) -> None:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(entry["counts"].items()))
         error = f"  [red]last error: {entry['last_error']}[/red]" if entry["last_error"] else ""
         table.add_row(f"outbox {destination}", counts + error)
+    for study in database.get("receiving", []):
+        table.add_row(
+            "receiving",
+            f"{study['study_instance_uid']} {study['modality']} from {study['calling_ae']}: "
+            f"{study['instances']} instance(s), {study['remaining_s']:.0f} s of "
+            f"{study['quiet_period_s']:.0f} s quiet period left",
+        )
 
 
 def redact_url(url: str) -> str:

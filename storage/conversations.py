@@ -36,6 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import StorageError
+from storage import audit
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, ring
 from storage.interactive import Anchor, Measurement, submit
@@ -165,6 +166,15 @@ def start_conversation(db: Database, study_uid: str, created_by: str = "") -> Co
         )
         session.add(conversation)
         session.flush()
+        session.add(
+            audit.event(
+                "conversation.started",
+                study_uid=study_uid,
+                actor=created_by,
+                conversation_id=conversation.id,
+                report_id=conversation.report_id,
+            )
+        )
         return _view(session, conversation)
 
 
@@ -190,14 +200,16 @@ def ask(
     if anchor_id is not None and not ANCHOR_ID.match(anchor_id):
         raise ValueError(f"anchor_id {anchor_id!r} is not of the form A1, A2, ...")
     with db.session() as session:
-        _require_open(_conversation(session, conversation_id))
+        conversation = _conversation(session, conversation_id)
+        _require_open(conversation)
+        study_uid = session.get_one(Study, conversation.study_id).study_instance_uid
     payload = {
         "conversation_id": conversation_id,
         "question": question.strip(),
         "anchor_id": anchor_id,
         "max_new_tokens": max_new_tokens,
     }
-    return submit(
+    request_id = submit(
         db,
         InteractiveKind.CONVERSATION_TURN,
         payload,
@@ -205,6 +217,17 @@ def ask(
         max_queued=max_queued,
         data_dir=data_dir,
     )
+    # The question's text stays out of the trail: it may name the patient.
+    audit.record(
+        db,
+        "conversation.asked",
+        study_uid=study_uid,
+        actor=asked_by,
+        conversation_id=conversation_id,
+        request_id=request_id,
+        anchor_id=anchor_id,
+    )
+    return request_id
 
 
 def append_conversation(
@@ -234,6 +257,7 @@ def append_conversation(
         session.add(
             AuditEvent(
                 kind="report_appended",
+                actor=appended_by,
                 study_instance_uid=session.get_one(Study, base.study_id).study_instance_uid,
                 detail={
                     "conversation_id": conversation.id,

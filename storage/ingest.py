@@ -30,6 +30,7 @@ from storage.models import (
     StudyVersion,
     utcnow,
 )
+from storage.mpps import Verdict, verdict
 
 
 @dataclass(frozen=True)
@@ -168,30 +169,56 @@ class CompletionRound:
     next_due_s: float | None  # seconds until the next open study becomes quiet, if any
 
 
-def close_and_schedule(db: Database, quiet_seconds: QuietPeriod) -> CompletionRound:
-    """close_quiet_studies, also saying when to look again (so the scheduler need not poll)."""
+def close_and_schedule(
+    db: Database, quiet_seconds: QuietPeriod, *, use_mpps: bool = False
+) -> CompletionRound:
+    """close_quiet_studies, also saying when to look again (so the scheduler need not poll).
+
+    ``use_mpps``: a study whose performed procedure steps say it is complete does not wait
+    for its quiet period; one whose steps were all discontinued is not processed
+    (storage/mpps.py).
+    """
     with db.session() as session:
         candidates = session.execute(
-            select(Study.id, Study.modality, Study.calling_ae, Study.last_received_at).where(
-                Study.has_unversioned.is_(True)
-            )
+            select(
+                Study.id,
+                Study.study_instance_uid,
+                Study.modality,
+                Study.calling_ae,
+                Study.last_received_at,
+            ).where(Study.has_unversioned.is_(True))
         ).all()
     now = utcnow()
     job_ids: list[int] = []
     waits: list[float] = []
-    for study_id, modality, calling_ae, last_received in candidates:
+    for study_id, study_uid, modality, calling_ae, last_received in candidates:
         remaining = quiet_seconds(modality, calling_ae) - (now - last_received).total_seconds()
-        if remaining > 0:
+        step = Verdict.QUIET_PERIOD
+        if use_mpps:
+            with db.session() as session:
+                step = verdict(session, study_id, study_uid)
+        if remaining > 0 and step != Verdict.COMPLETE:
             waits.append(remaining)
             continue
-        job_id = close_quiet_study(db, study_id, last_received)
-        if job_id is not None:
+        cancel = "MPPS DISCONTINUED: not processed" if step == Verdict.DISCONTINUED else None
+        job_id = close_quiet_study(
+            db, study_id, last_received, cancelled_reason=cancel, completed_by=step.value
+        )
+        if job_id is not None and cancel is None:
             job_ids.append(job_id)
     return CompletionRound(job_ids, min(waits) if waits else None)
 
 
-def close_quiet_study(db: Database, study_id: int, seen_last_received: datetime) -> int | None:
-    """Record a version covering every instance of the study, and queue its job.
+def close_quiet_study(
+    db: Database,
+    study_id: int,
+    seen_last_received: datetime,
+    *,
+    cancelled_reason: str | None = None,
+    completed_by: str = "quiet_period",
+) -> int | None:
+    """Record a version covering every instance of the study, and queue its job (or, with
+    ``cancelled_reason``, record it cancelled: the worker never runs it).
 
     The guarded UPDATE is the claim: if an instance arrived since we looked, last_received_at
     moved and nothing happens now; the study is picked up again after its next quiet period.
@@ -208,7 +235,10 @@ def close_quiet_study(db: Database, study_id: int, seen_last_received: datetime)
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             return None
-        instances = session.scalars(select(Instance).where(Instance.study_id == study_id)).all()
+        # Instances whose files retention deleted are no longer part of the study's versions.
+        instances = session.scalars(
+            select(Instance).where(Instance.study_id == study_id, Instance.pruned_at.is_(None))
+        ).all()
         number = (
             session.scalar(
                 select(func.max(StudyVersion.version_number)).where(
@@ -221,6 +251,12 @@ def close_quiet_study(db: Database, study_id: int, seen_last_received: datetime)
         session.add(version)
         session.flush()
         job = Job(study_version_id=version.id, status=JobStatus.QUEUED)
+        if cancelled_reason is not None:
+            job.status, job.last_error, job.finished_at = (
+                JobStatus.CANCELLED,
+                cancelled_reason,
+                utcnow(),
+            )
         session.add(job)
         session.flush()
         study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
@@ -228,7 +264,13 @@ def close_quiet_study(db: Database, study_id: int, seen_last_received: datetime)
             AuditEvent(
                 kind="study.version_created",
                 study_instance_uid=study_uid,
-                detail={"version": number, "instances": len(instances), "job_id": job.id},
+                detail={
+                    "version": number,
+                    "instances": len(instances),
+                    "job_id": job.id,
+                    "job_status": job.status,
+                    "completed_by": completed_by,
+                },
             )
         )
         return job.id

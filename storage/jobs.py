@@ -4,6 +4,8 @@ A job's status changes only here:
     queued --claim_jobs--> running --complete_job--> done
                                    --fail_job-----> queued (backoff) | failed
                                    --release_jobs / requeue_expired_leases--> queued
+    queued | failed --cancel_job--> cancelled --retry_job--> queued
+Every change is an audit row (``job.<new state>``) in the same transaction.
 
 PostgreSQL: several workers claim safely with SELECT … FOR UPDATE SKIP LOCKED.
 SQLite: one worker process; its single writer lock serialises claims.
@@ -14,12 +16,14 @@ from __future__ import annotations
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.redaction import error_text, scrub_traceback
 from core.retry import RetryPolicy
+from storage import audit
 from storage.db import Database
 from storage.models import Job, JobStatus, Study, StudyVersion, utcnow
 
@@ -53,7 +57,41 @@ def claim_jobs(db: Database, owner: str, limit: int, lease_seconds: float) -> li
             job.lease_owner = owner
             job.lease_expires_at = now + timedelta(seconds=lease_seconds)
             job.attempts += 1
+        _audit(session, jobs, "job.claimed", owner, attempts=None)
         return [job.id for job in jobs]
+
+
+def _study_uids(session: Session, job_ids: list[int]) -> dict[int, str]:
+    rows = session.execute(
+        select(Job.id, Study.study_instance_uid)
+        .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+        .join(Study, Study.id == StudyVersion.study_id)
+        .where(Job.id.in_(job_ids))
+    ).all()
+    return {int(job_id): str(uid) for job_id, uid in rows}
+
+
+def _audit(session: Session, jobs: list[Job], kind: str, actor: str, **detail: object) -> None:
+    """One ``job.*`` audit row per job (its id, attempts, error; never patient data)."""
+    if not jobs:
+        return
+    uids = _study_uids(session, [job.id for job in jobs])
+    extra: dict[str, Any] = {key: value for key, value in detail.items() if value is not None}
+    audit.record_many(
+        session,
+        (
+            audit.event(
+                kind,
+                study_uid=uids.get(job.id),
+                actor=actor,
+                outcome=audit.FAILURE if kind == "job.failed" else audit.SUCCESS,
+                job_id=job.id,
+                attempts=job.attempts,
+                **extra,
+            )
+            for job in jobs
+        ),
+    )
 
 
 def has_due_jobs(db: Database) -> bool:
@@ -79,12 +117,15 @@ def extend_lease(db: Database, job_ids: list[int], owner: str, lease_seconds: fl
 def release_jobs(db: Database, job_ids: list[int], owner: str) -> None:
     """Give leased jobs back untouched (e.g. the batch was split after running out of memory)."""
     with db.session() as session:
+        released: list[Job] = []
         for job in session.scalars(select(Job).where(Job.id.in_(job_ids))):
             if job.lease_owner == owner and job.status == JobStatus.RUNNING:
                 job.status = JobStatus.QUEUED
                 job.lease_owner = None
                 job.lease_expires_at = None
                 job.attempts = max(job.attempts - 1, 0)
+                released.append(job)
+        _audit(session, released, "job.released", owner)
 
 
 def complete_job(session: Session, job_id: int, owner: str) -> bool:
@@ -99,6 +140,7 @@ def complete_job(session: Session, job_id: int, owner: str) -> bool:
     job.lease_owner = None
     job.lease_expires_at = None
     job.last_error = None
+    _audit(session, [job], "job.done", owner)
     return True
 
 
@@ -146,6 +188,8 @@ def fail_job(
         else:
             job.status = JobStatus.QUEUED
             job.available_at = retry_at
+        state = "job.failed" if retry_at is None else "job.retry_scheduled"
+        _audit(session, [job], state, "", error=job.last_error[:500])
         return job.status
 
 
@@ -158,12 +202,19 @@ def requeue_expired_leases(db: Database, *, all_running: bool = False) -> int:
     now = utcnow()
     expired = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
     with db.session() as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.status == JobStatus.RUNNING, *(() if all_running else (expired,)))
-            .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None)
+        jobs = list(
+            session.scalars(
+                select(Job)
+                .where(Job.status == JobStatus.RUNNING, *(() if all_running else (expired,)))
+                .with_for_update()
+            )
         )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+        for job in jobs:
+            job.status = JobStatus.QUEUED
+            job.lease_owner = None
+            job.lease_expires_at = None
+        _audit(session, jobs, "job.requeued", "", reason="lease expired")
+        return len(jobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +249,8 @@ def list_jobs(
     return [JobRow(job, uid, number) for job, uid, number in rows], total
 
 
-def retry_job(db: Database, job_id: int) -> tuple[str, str] | None:
-    """Queue a failed (or waiting) job again, due now, with its attempts reset.
+def retry_job(db: Database, job_id: int, actor: str = "") -> tuple[str, str] | None:
+    """Queue a failed, cancelled (or waiting) job again, due now, with its attempts reset.
 
     Returns the status it had and its study UID, or None when there is no such job. Running
     and done jobs are left as they are (a done study gets a new version when it changes).
@@ -216,9 +267,27 @@ def retry_job(db: Database, job_id: int) -> tuple[str, str] | None:
             return None
         job, study_uid = row
         before = str(job.status)  # other states (e.g. skipped) are reported, not changed
-        if before in (JobStatus.FAILED, JobStatus.QUEUED):
+        if before in (JobStatus.FAILED, JobStatus.QUEUED, JobStatus.CANCELLED):
             job.status = JobStatus.QUEUED
             job.attempts = 0
             job.available_at = utcnow()
             job.finished_at = None
+            _audit(session, [job], "job.retried", actor, previous=before)
         return before, study_uid
+
+
+def cancel_job(db: Database, job_id: int, actor: str = "", reason: str = "") -> str | None:
+    """Set a queued (or waiting) or failed job aside for good: the worker never runs it, and
+    retention may prune its study. Returns the status it had, None when there is no such job.
+    A running job is left to finish (the worker holds it); done jobs stay done."""
+    with db.session() as session:
+        job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+        if job is None:
+            return None
+        before = str(job.status)
+        if before in (JobStatus.QUEUED, JobStatus.FAILED):
+            job.status = JobStatus.CANCELLED
+            job.finished_at = utcnow()
+            job.last_error = reason or f"cancelled by {actor or 'an operator'}"
+            _audit(session, [job], "job.cancelled", actor, previous=before, reason=reason)
+        return before

@@ -8,7 +8,8 @@ Tables:
                              reports ─ reports  (supersedes_report_id: a report appended to)
     studies ─< conversations ─< conversation_turns  (follow-up questions anchored to regions)
     interactive_requests   (the worker's priority lane: predict and conversation turns)
-    audit_events
+    audit_events   (the audit trail: storage/audit.py)
+    mpps           (Modality Performed Procedure Steps received by N-CREATE / N-SET)
     installation   (one row: this installation's random id)
     users                        (REST API accounts; only a hash of each token)
     prior_studies ─< prior_instances   (the prior store: earlier studies fetched from PACS)
@@ -86,6 +87,9 @@ class JobStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"  # outside the validated scope with [scope] out_of_scope = "skip"
+    # Set aside by an operator (`jobs cancel`) or because the modality discontinued the
+    # procedure step (MPPS DISCONTINUED): never run unless retried.
+    CANCELLED = "cancelled"
 
 
 class InteractiveKind(StrEnum):
@@ -125,6 +129,8 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     # True while instances exist that no study version covers yet (the scheduler's work list).
     has_unversioned: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    # When retention last deleted files of this study (migration 0007).
+    pruned_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
     versions: Mapped[list[StudyVersion]] = relationship(
@@ -167,6 +173,8 @@ class Instance(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     received_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    # Its file was deleted by retention (migration 0007): no later version covers it.
+    pruned_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -233,6 +241,8 @@ class Report(Base):
     supersedes_report_id: Mapped[int | None] = mapped_column(
         ForeignKey("reports.id"), nullable=True, index=True
     )
+    # Its files under <data>/reports/<id>/ were deleted by retention (the row stays).
+    outputs_pruned_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
     objects: Mapped[list[ReportObject]] = relationship(back_populates="report")
 
@@ -297,13 +307,41 @@ class Installation(Base):
 
 
 class AuditEvent(Base):
+    """One audited event (storage/audit.py lists the kinds). ``actor``: the API user, calling
+    AE title or process; ``address``: the peer's network address; ``outcome``: "success",
+    "failure" or "rejected" (columns of migration 0007)."""
+
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
-    kind: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(64), index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    address: Mapped[str] = mapped_column(String(64), default="")
+    outcome: Mapped[str] = mapped_column(String(16), default="success")
+
+
+class PerformedProcedureStep(Base):
+    """A Modality Performed Procedure Step (PS3.4 Annex F.7) as last created or set.
+
+    ``sop_instance_uids``: the instances the step says it made (Performed Series Sequence >
+    Referenced Image / Non-Image Composite SOP Instance Sequences); ``study_instance_uid``:
+    from the (first item of the) Scheduled Step Attributes Sequence. A COMPLETED step whose
+    instances have all arrived completes its study at once.
+    """
+
+    __tablename__ = "mpps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    status: Mapped[str] = mapped_column(String(16))  # IN PROGRESS | COMPLETED | DISCONTINUED
+    study_instance_uid: Mapped[str] = mapped_column(UID, default="", index=True)
+    sop_instance_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
 
 
 class InteractiveRequest(Base):

@@ -20,12 +20,22 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from storage import audit
 from storage.db import Database
-from storage.models import OutboxItem, OutboxStatus, Report, ReportObject, Study, utcnow
+from storage.models import (
+    AuditEvent,
+    OutboxItem,
+    OutboxStatus,
+    Report,
+    ReportObject,
+    Study,
+    utcnow,
+)
 
 LEASE_TOKEN_LENGTH = 128
 
@@ -188,6 +198,38 @@ def finish(db: Database, sent: Sequence[ClaimedItem], failures: Sequence[Failure
                 .values(_failure_values(failure))
                 .execution_options(synchronize_session=False)
             )
+        audit.record_many(session, _delivery_events(sent, failures))
+
+
+def _delivery_events(sent: Sequence[ClaimedItem], failures: Sequence[Failure]) -> list[AuditEvent]:
+    """One audit row per attempt: delivery.sent, delivery.failed (retried) or delivery.dead."""
+
+    def row(item: ClaimedItem, kind: str, outcome: str, **extra: Any) -> AuditEvent:
+        return audit.event(
+            kind,
+            study_uid=item.study_instance_uid,
+            actor=item.destination,
+            outcome=outcome,
+            outbox_id=item.id,
+            report_id=item.report_id,
+            destination_kind=item.kind,
+            message_id=item.message_id,
+            attempt=item.attempts,
+            **extra,
+        )
+
+    rows = [row(item, "delivery.sent", audit.SUCCESS) for item in sent]
+    for failure in failures:
+        dead = failure.next_attempt_at is None
+        rows.append(
+            row(
+                failure.item,
+                "delivery.dead" if dead else "delivery.failed",
+                audit.FAILURE,
+                reason=failure.reason[:500],
+            )
+        )
+    return rows
 
 
 def _failure_values(failure: Failure) -> dict[str, object]:

@@ -39,14 +39,14 @@ def jobs(
     responses={404: {"description": "No such job"}, 409: {"description": "Running or done"}},
 )
 def retry_job_endpoint(
-    request: Request, context: Context, _user: Admin, job_id: ItemId
+    request: Request, context: Context, user: Admin, job_id: ItemId
 ) -> RetryResult:
-    found = retry_job(context.db, job_id)
+    found = retry_job(context.db, job_id, actor=user.name)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
     before, study_uid = found
     audit_study(request, study_uid, job_id=job_id)
-    if before not in (JobStatus.FAILED, JobStatus.QUEUED):
+    if before not in (JobStatus.FAILED, JobStatus.QUEUED, JobStatus.CANCELLED):
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is {before}; left as it is")
     ring(context.data_dir, WORKER_DOORBELL)
     return RetryResult(id=job_id, previous_status=before, status=JobStatus.QUEUED)

@@ -15,6 +15,7 @@ export const STATUSES = [
   "delivered",
   "failed",
   "out_of_scope",
+  "cancelled",
 ];
 const MODALITIES = ["CR", "DX", "CT", "MR", "MG", "US", "XA", "RF", "NM", "PT", "OT"];
 const PAGE_SIZE = 50;

@@ -1,0 +1,76 @@
+"""The SCP's listening socket: pynetdicom's threaded server with the TLS handshake (PS3.15
+B.9) moved into each connection's thread, bounded, and every refusal logged."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from typing import Any
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+log = logging.getLogger("dicom_node.scp")  # the SCP's log lines, as before the split
+
+# OpenSSL reason codes of refused handshakes, in words for the log.
+TLS_REFUSALS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
+    "CERTIFICATE_VERIFY_FAILED": "the client certificate is not from a trusted CA",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust our certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected our certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client rejected our certificate",
+    "WRONG_VERSION_NUMBER": "not TLS (plain DICOM to the TLS port?)",
+    "HTTP_REQUEST": "not TLS (an HTTP request)",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions below 1.2",
+    "NO_SHARED_CIPHER": "no cipher suite in common",
+    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection during the handshake",
+}
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded listener with the TLS handshake moved off the accept loop.
+
+    pynetdicom shakes hands in ``get_request``, in the one thread that accepts connections and
+    on a blocking socket: one client that connects and sends nothing stops every other
+    association, and a refused handshake leaves no trace. Here the handshake runs in the
+    connection's thread, bounded by the ACSE timeout, and a refusal is logged.
+    """
+
+    handshake_timeout_s: float = 30.0
+    # pynetdicom leaves accepted sockets blocking: a peer that stops in the middle of a PDU
+    # would hold its upper layer thread in recv() for ever, out of reach of every timer. With
+    # this timeout such a read fails and the connection is closed (pynetdicom's Evt17).
+    read_timeout_s: float | None = 60.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            request = self._handshake(self.ssl_context, request, client_address)
+            if request is None:
+                return
+        request.settimeout(self.read_timeout_s)
+        super().process_request_thread(request, client_address)
+
+    def _handshake(
+        self, context: ssl.SSLContext, client: socket.socket, address: tuple[str, int]
+    ) -> ssl.SSLSocket | None:
+        peer = f"{address[0]}:{address[1]}"
+        client.settimeout(self.handshake_timeout_s)
+        try:
+            secured = context.wrap_socket(client, server_side=True)
+        except TimeoutError:
+            reason = f"no handshake within dicom.acse_timeout_s ({self.handshake_timeout_s} s)"
+        except ssl.SSLError as exc:
+            code = str(exc.reason or type(exc).__name__)
+            reason = f"{TLS_REFUSALS.get(code, 'handshake failed')} ({code})"
+        except OSError as exc:
+            reason = f"connection lost during the handshake ({type(exc).__name__})"
+        else:
+            return secured
+        log.warning("TLS handshake from %s refused: %s", peer, reason)
+        client.close()
+        return None

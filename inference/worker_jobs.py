@@ -1,0 +1,69 @@
+"""What the inference worker (inference/worker.py) holds about the jobs it runs: where a
+claimed job's images are, the study prepared with its question (and prior), a claimed batch,
+and the counters status shows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import InferenceError
+from inference.comparison import PriorInput
+from inference.engine import PreparedBatch
+from inference.preprocess import PreparedStudy
+from storage.report_schema import ScopeVerdict
+
+
+class PermanentJobError(InferenceError):
+    """Retrying cannot help (the study has no usable image); the job fails at once."""
+
+
+@dataclass(frozen=True)
+class JobSource:
+    """What the database says about a claimed job: where its images are, who sent them."""
+
+    job_id: int
+    study_id: int
+    study_version_id: int
+    study_uid: str
+    calling_ae: str
+    paths: list[Path]
+
+
+@dataclass
+class PreparedJob:
+    job_id: int
+    study_id: int
+    study_version_id: int
+    study_uid: str
+    prepared: PreparedStudy
+    question: str
+    language: str  # the template's: a site template with English only answers in English
+    preprocess_seconds: float = 0.0
+    prior: PriorInput | None = None  # set when [priors] is enabled
+    scope: ScopeVerdict | None = None  # decided from the header (inference/scope.py)
+
+    @property
+    def prior_images(self) -> list[Any]:
+        return self.prior.images if self.prior is not None and self.prior.compared else []
+
+
+@dataclass
+class ClaimedBatch:
+    """Claimed job ids, the jobs whose studies loaded, and the engine's inputs when built ahead."""
+
+    job_ids: list[int]
+    jobs: list[PreparedJob]
+    inputs: PreparedBatch | None = None
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    last_batch_seconds: float = 0.0
+    last_batch_size: int = 0
+    inference_seconds_total: float = 0.0
+    recent: list[dict[str, Any]] = field(default_factory=list)

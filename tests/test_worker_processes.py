@@ -1,0 +1,114 @@
+"""The inference worker with its render and store processes (inference/render_pool.py,
+inference/report_store.py), on a real database (SQLite and PostgreSQL) and real files.
+
+The scripted engine (a test double for MedGemma) answers; reading and rendering the DICOM
+files and storing each report with its SR, GSPS, ORU, JSON and outbox rows happen in spawned
+processes, as `serve` runs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from config.settings import FileDestination
+from inference.report_store import StoreOutcome, StoreTask, store_report
+from inference.scripted_engine import ScriptedEngine
+from inference.worker import InferenceWorker
+from medgemma_node.outputs import ReportOutputs
+from peers.net import wait_for
+from storage.db import Database
+from storage.files import uid_component
+from storage.ingest import close_quiet_studies
+from storage.models import Job, JobStatus, OutboxItem, Report, ReportObject
+from storage.report_schema import ModelIdentity
+from tests.test_worker import CHEST_ANSWER, ingest_copy, make_settings
+
+
+def test_reports_and_outputs_are_stored_by_the_processes(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    settings = make_settings(tmp_path, db.url, max_batch=4)
+    settings.destinations = [
+        FileDestination(name="files", kind="file", directory=tmp_path / "delivered")
+    ]
+    data_dir = settings.storage.data_dir
+    good = ingest_copy(db, data_dir, rg1_unci, tmp_path / "in")
+    bad = ingest_copy(db, data_dir, rg1_unci, tmp_path / "in")
+    for path in data_dir.glob(f"instances/{uid_component(bad)}/**/*.dcm"):
+        dataset = pydicom.dcmread(path)
+        del dataset.PixelData
+        dataset.save_as(path)
+    close_quiet_studies(db, lambda _modality, _ae: 0.0)
+    engine = ScriptedEngine(texts=[CHEST_ANSWER])
+    worker = InferenceWorker(
+        db,
+        settings,
+        lambda: engine,
+        ReportOutputs(settings),
+        render_processes=1,
+        store_processes=1,
+    )
+    worker.start_pools()
+    try:
+        wait_for(lambda: worker.pools_ready, 120, message="render and store processes")
+        assert worker.run_once() == 2
+    finally:
+        worker.close_pools()  # waits for the report being stored
+    with db.session() as session:
+        jobs = {
+            job.study_version.study.study_instance_uid: job for job in session.scalars(select(Job))
+        }
+        report = session.scalars(select(Report)).one()
+        kinds = sorted(obj.kind for obj in session.scalars(select(ReportObject)))
+        outbox = session.scalars(select(OutboxItem)).all()
+        statuses = {uid: (job.status, job.attempts, job.last_error) for uid, job in jobs.items()}
+    assert statuses[good][0] == JobStatus.DONE
+    status, attempts, error = statuses[bad]
+    # The render process's PreprocessError fails the job at once, as in the worker's thread.
+    assert status == JobStatus.FAILED and attempts == 1 and "pixel" in (error or "").lower()
+    assert report.parse_status == "ok" and report.content_json["findings"][0]["region"]
+    assert report.timings_json["preprocess_seconds"] > 0
+    assert "outputs_seconds" in report.timings_json and "prepare_seconds" in report.timings_json
+    assert kinds == ["gsps", "sr"]
+    assert [(row.destination, row.payload_path.endswith("report.json")) for row in outbox] == [
+        ("files", True)
+    ]
+    assert worker.stats.jobs_done == 1 and worker.stats.jobs_failed == 1
+
+
+def test_an_answer_whose_lease_was_lost_stores_nothing(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    settings = make_settings(tmp_path, db.url)
+    ingest_copy(db, settings.storage.data_dir, rg1_unci, tmp_path / "in")
+    [job_id] = close_quiet_studies(db, lambda _modality, _ae: 0.0)
+    with db.session() as session:
+        job = session.get_one(Job, job_id)
+        job.status, job.lease_owner = JobStatus.RUNNING, "another-worker"
+        study_version_id, study_id = job.study_version_id, job.study_version.study_id
+    task = StoreTask(
+        job_id=job_id,
+        study_id=study_id,
+        study_version_id=study_version_id,
+        study_uid="1.2.3",
+        question="q",
+        language="en",
+        sop_instance_uids=[],
+        geometries=[],
+        preprocess_seconds=0.0,
+        text=CHEST_ANSWER,
+        identity=ModelIdentity(model_id="scripted", is_test_model=True),
+        batch_seconds=1.0,
+        prepare_seconds=0.5,
+        batch_size=1,
+        prompt_tokens=10,
+        new_tokens=10,
+    )
+    outcome = store_report(db, "this-worker", task, ReportOutputs(settings))
+    assert outcome is StoreOutcome.LEASE_LOST
+    with db.session() as session:
+        assert session.scalars(select(Report)).all() == []
+        assert session.get_one(Job, job_id).status == JobStatus.RUNNING
