@@ -9,12 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-
-class _Section(BaseModel):
-    model_config = {"extra": "forbid"}
+from config.section import Section
 
 
-class RetentionSettings(_Section):
+class RetentionSettings(Section):
     """What the node keeps, and for how long, once a study's results have been delivered.
 
     A study is *settled* when no job of it is queued, running or failed, none of its
@@ -35,7 +33,7 @@ class RetentionSettings(_Section):
     check_interval_s: float = Field(default=300.0, gt=0)
 
 
-class SyslogSettings(_Section):
+class SyslogSettings(Section):
     """Forwarding of the audit trail as DICOM audit messages (PS3.15 A.5, the IHE ATNA
     format) over syslog (RFC 5424; UDP RFC 5426, TCP RFC 6587 octet counting, TLS RFC 5425)."""
 
@@ -63,7 +61,7 @@ class SyslogSettings(_Section):
         return self
 
 
-class AuditSettings(_Section):
+class AuditSettings(Section):
     syslog: SyslogSettings = Field(default_factory=SyslogSettings)
 
 

@@ -14,9 +14,8 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,7 +23,9 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from config.openai_settings import OpenAIServerSettings
 from config.ops_settings import AuditSettings, RetentionSettings
+from config.section import Section
 from core.errors import ConfigError  # raised here; importable from here as before
 from core.retry import RetryPolicy
 from core.validation import error_key
@@ -64,12 +65,6 @@ def _check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
-
-
-class Section(BaseModel):
-    """A settings table: a misspelt key is an error, not a silently ignored line."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class TLSSettings(Section):
@@ -160,54 +155,6 @@ class StorageSettings(Section):
     database_url: str | None = None  # default: sqlite:///<data_dir>/node.db
     min_free_disk_mb: int = Field(default=1024, ge=0)
     phi_hash_salt: str = ""  # empty: a random salt kept in <data_dir>/.phi_salt
-
-
-class OpenAIServerSettings(Section):
-    """``[model.openai]``: the inference server of ``engine = "openai"``.
-
-    Any server with the OpenAI chat completions API that serves Gemma 3 with images (vLLM,
-    SGLang, TGI). The API key is never written here: it is read from ``api_key_file`` or from
-    the environment variable named by ``api_key_env``.
-    """
-
-    base_url: str | None = None  # e.g. "https://gpu-pool.example.org:8000/v1"
-    model: str | None = None  # the served model name; None: the one model the server lists
-    api_key_file: Path | None = None
-    api_key_env: str | None = None
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    # Between bytes of the answer: the server answers once the whole report is generated.
-    read_timeout_s: float = Field(default=300.0, gt=0)
-    # Requests this node keeps in flight (batching is the server's job).
-    max_concurrent_requests: int = Field(default=8, ge=1)
-    # Images larger than the model's input are shrunk to it here (area interpolation, as
-    # Google's DICOM handler does) rather than by the server: a quarter of the bytes to send.
-    # 896: MedGemma's input side; 0: send them as preprocessed.
-    max_image_side: int = Field(default=896, ge=0)
-    ca_file: Path | None = None  # verify the server against this CA (default: system CAs)
-    cert_file: Path | None = None  # client certificate, with key_file
-    key_file: Path | None = None
-    # While the server cannot be reached, jobs stay queued and it is tried again this often.
-    check_interval_s: float = Field(default=10.0, gt=0)
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} is not an http(s) URL")
-        if parts.username or parts.password:
-            raise ValueError("credentials do not belong in the URL: use api_key_file/api_key_env")
-        return value.rstrip("/")
-
-    @model_validator(mode="after")
-    def _one_key_source_and_whole_cert(self) -> OpenAIServerSettings:
-        if self.api_key_file is not None and self.api_key_env is not None:
-            raise ValueError("set api_key_file or api_key_env, not both")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("a client certificate needs both cert_file and key_file")
-        return self
 
 
 class ModelSettings(Section):
@@ -375,6 +322,10 @@ class HL7Destination(DestinationBase):
     receiving_facility: str = Field(default="HOSPITAL", min_length=1, max_length=20)
     processing_id: Literal["P", "T", "D"] = "P"
     placer_from: Literal["accession", "study_uid"] = "accession"
+    # PID-3 only from Patient ID (0010,0020) or Other Patient IDs (0010,1002): a study with
+    # neither is not sent here (dead letter with the reason) instead of being sent with its
+    # accession number as the identifier (hl7_out/pid.py).
+    require_patient_id: bool = False
     connect_timeout_s: float = Field(default=10.0, gt=0)
     ack_timeout_s: float = Field(default=30.0, gt=0)
     tls: TLSSettings = Field(default_factory=TLSSettings)
@@ -430,6 +381,14 @@ class IdentitySettings(Section):
         return value
 
 
+class ScopeSettings(Section):
+    """Studies outside the scope their question was validated for (inference/scope.py):
+    "flag" reports them with the generic question and says so in every output; "skip" makes
+    no report and ends the job as skipped with the reason."""
+
+    out_of_scope: Literal["flag", "skip"] = "flag"
+
+
 class DeliverySettings(Section):
     # How often each destination's lane looks for due rows (retries, rows written on other
     # hosts); a worker on this host rings the delivery doorbell as soon as it writes rows.
@@ -479,6 +438,7 @@ class NodeSettings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     destinations: list[Destination] = Field(default_factory=list)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    scope: ScopeSettings = Field(default_factory=ScopeSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     interactive: InteractiveSettings = Field(default_factory=InteractiveSettings)
     priors: PriorsSettings = Field(default_factory=PriorsSettings)

@@ -18,6 +18,7 @@ wrapped where they enter the node (``raise SomeNodeError(...) from exc``).
     │   ├── ModelLoadError         (RuntimeError) weights missing or unloadable
     │   ├── OutOfMemory            (RuntimeError) the device ran out of memory
     │   ├── PermanentJobError      retrying cannot help
+    │   ├── StudyOutOfScope        outside the validated scope, skipped by setting
     │   ├── EngineUnavailable      the inference server cannot be reached or used: jobs wait
     │   ├── EngineRequestFailed    one request to it failed; retried (its Retry-After at least)
     │   │   └── EngineRequestRejected  it refused the request itself: retrying cannot help

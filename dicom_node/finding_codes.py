@@ -13,7 +13,7 @@ Sequence (PS3.3 C.12.1.1.2, SOP Common Module):
     designator  ``99MEDGEMMA`` (the "99" prefix marks a private scheme, PS3.16 Section 8.2)
     name        "medgemma-node private codes"
 
-    Concept names (constant codes below): URGENCY, DISCLAIMER, TESTMODEL, MODELID, DEVICE,
+    Concept names (constant codes below): URGENCY, DISCLAIMER, TESTMODEL, SCOPE, MODELID, DEVICE,
     GENERATED, QUESTION, PARSESTAT, LABEL, LOCATION, DENSITY, BOUNDARY, SIZETEXT, BOXEXTENT,
     MODELSIZE, PROCESSING, COMPARISON, CHANGE.
     Urgency values: ROUTINE, URGENT, CRITICAL (the node's triage scale, storage.Urgency).
@@ -48,6 +48,7 @@ def _private(value: str, meaning: str) -> Code:
 URGENCY = _private("URGENCY", "AI triage urgency")
 DISCLAIMER = _private("DISCLAIMER", "AI output disclaimer")
 TEST_MODEL_NOTICE = _private("TESTMODEL", "Test model notice")
+OUT_OF_SCOPE = _private("SCOPE", "Outside the validated scope")
 MODEL_IDENTITY = _private("MODELID", "AI model identity")
 PROCESSING_DEVICE = _private("DEVICE", "AI processing device")
 GENERATED_AT = _private("GENERATED", "AI result generation time")

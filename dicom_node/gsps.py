@@ -134,7 +134,7 @@ def _presentation_state(
         _finding_annotation(report, image, layer, group, numbered, node)
         for group, numbered in zip(groups, findings, strict=True)
     ]
-    annotations.append(_notice_annotation(report.model, image, layer))
+    annotations.append(_notice_annotation(report, image, layer))
     state = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[image],
         series_instance_uid=gsps_series_uid(node, report),
@@ -243,10 +243,14 @@ def label_box(box: PixelBox, image: Dataset, characters: int) -> tuple[float, fl
 
 
 def _notice_annotation(
-    model: ModelIdentity, image: Dataset, layer: hd.pr.GraphicLayer
+    report: ReportDocument, image: Dataset, layer: hd.pr.GraphicLayer
 ) -> hd.pr.GraphicAnnotation:
+    """Test banner, disclaimer and, for a study outside the validated scope, the scope notice."""
+    texts = warning_texts(report.model)
+    if report.scope_notice:
+        texts.append(report.scope_notice)
     notice = hd.pr.TextObject(
-        text_value=free_text(" | ".join(warning_texts(model)))[:_MAX_TEXT],
+        text_value=free_text(" | ".join(texts))[:_MAX_TEXT],
         units=_DISPLAY,
         bounding_box=_NOTICE_BOX,
         text_justification=hd.pr.TextJustificationValues.LEFT,

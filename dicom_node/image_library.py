@@ -99,9 +99,7 @@ def _projection_descriptors(image: Dataset) -> list[hd.sr.ContentItem | None]:
     if len(orientation) == 2 and all(orientation):
         items += [
             hd.sr.TextContentItem(codes.DCM.PatientOrientationRow, orientation[0], _ACQUISITION),
-            hd.sr.TextContentItem(
-                codes.DCM.PatientOrientationColumn, orientation[1], _ACQUISITION
-            ),
+            hd.sr.TextContentItem(codes.DCM.PatientOrientationColumn, orientation[1], _ACQUISITION),
         ]
     if spacing is not None:
         row_mm, column_mm = spacing

@@ -27,7 +27,8 @@ Content tree (every CONTAINER is SEPARATE: its items are read one by one, not as
         TEXT Impression; TEXT Comparison (what was compared, or why no prior was);
         TEXT Finding "n. label (location, size, density, boundary)" per
         finding; TEXT Narrative Summary; TEXT Recommendation; CODE urgency;
-        TEXT test model notice (test models only); TEXT AI disclaimer
+        TEXT test model notice (test models only); TEXT "Outside the validated scope:
+        <reason>" (out-of-scope studies only); TEXT AI disclaimer
       CONTAINS CONTAINER AI processing details (99MEDGEMMA, extension of TID 1500):
         TEXT question, parse status, model identity, processing device, generation time
 
@@ -389,7 +390,7 @@ def _report_evaluations(report: ReportDocument) -> hd.sr.ContainerContentItem:
                 relationship_type=_CONTAINS,
             )
         )
-    items += _warning_items(report.model)
+    items += _warning_items(report)
     return _container(fc.QUALITATIVE_EVALUATIONS, items)
 
 
@@ -411,9 +412,16 @@ def comparison_text(report: ReportDocument) -> str | None:
     return f"{statement}\n{report.content.comparison}" if report.content.comparison else statement
 
 
-def _warning_items(model: ModelIdentity) -> list[hd.sr.TextContentItem]:
-    banner = TEST_MODEL_BANNER if model.is_test_model else None
-    return _texts([(fc.TEST_MODEL_NOTICE, banner), (fc.DISCLAIMER, AI_DISCLAIMER)])
+def _warning_items(report: ReportDocument) -> list[hd.sr.TextContentItem]:
+    """Test model banner, scope notice (a study outside the validated scope), disclaimer."""
+    banner = TEST_MODEL_BANNER if report.model.is_test_model else None
+    return _texts(
+        [
+            (fc.TEST_MODEL_NOTICE, banner),
+            (fc.OUT_OF_SCOPE, report.scope_notice),
+            (fc.DISCLAIMER, AI_DISCLAIMER),
+        ]
+    )
 
 
 def _processing_details(report: ReportDocument) -> hd.sr.ContainerContentItem:

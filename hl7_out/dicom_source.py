@@ -47,11 +47,21 @@ class PatientIssuer:
 
 
 @dataclass(frozen=True)
+class OtherPatientId:
+    """One item of Other Patient IDs Sequence (0010,1002), or a value of the retired Other
+    Patient IDs (0010,1000), which has no issuer."""
+
+    value: str
+    issuer: PatientIssuer
+
+
+@dataclass(frozen=True)
 class SourceStudy:
     """The source study's patient, order and procedure, cleaned of DICOM padding."""
 
     patient_id: str
     issuer: PatientIssuer
+    other_patient_ids: tuple[OtherPatientId, ...]
     # Patient Name (0010,0010) component groups: alphabetic, ideographic, phonetic; each group
     # holds the five PN components family, given, middle, prefix, suffix (PS3.5 §6.2.1).
     name_groups: tuple[tuple[str, ...], ...]
@@ -59,6 +69,7 @@ class SourceStudy:
     sex: str  # "M", "F", "O" or ""
     admission_id: str
     accession_number: str
+    accession_issuer: PatientIssuer  # Issuer of Accession Number Sequence (0008,0051)
     study_instance_uid: str
     procedure_code: CodedConcept | None
     procedure_text: str
@@ -71,11 +82,13 @@ def read_source_study(dataset: Dataset) -> SourceStudy:
     return SourceStudy(
         patient_id=_text(dataset, "PatientID"),
         issuer=_patient_issuer(dataset),
+        other_patient_ids=_other_patient_ids(dataset),
         name_groups=_name_groups(dataset.get("PatientName")),
         birth_date=_valid_date(_text(dataset, "PatientBirthDate")),
         sex=_text(dataset, "PatientSex").upper(),
         admission_id=_text(dataset, "AdmissionID"),
         accession_number=_text(dataset, "AccessionNumber"),
+        accession_issuer=_accession_issuer(dataset),
         study_instance_uid=_text(dataset, "StudyInstanceUID"),
         procedure_code=_procedure_code(dataset),
         procedure_text=_procedure_text(dataset),
@@ -106,6 +119,33 @@ def _patient_issuer(dataset: Dataset) -> PatientIssuer:
         local_id=_text(dataset, "IssuerOfPatientID"),
         universal_id=universal_id,
         universal_id_type=universal_id_type if universal_id else "",
+    )
+
+
+def _other_patient_ids(dataset: Dataset) -> tuple[OtherPatientId, ...]:
+    """PS3.3 C.7.1.1: the sequence's items with their issuers, then the retired values."""
+    found = [
+        OtherPatientId(_text(item, "PatientID"), _patient_issuer(item))
+        for item in dataset.get("OtherPatientIDsSequence") or []
+        if _text(item, "PatientID")
+    ]
+    retired = dataset.get("OtherPatientIDs")
+    values = [] if retired is None else [retired] if isinstance(retired, str) else list(retired)
+    found += [OtherPatientId(str(v).strip(), PatientIssuer()) for v in values if str(v).strip()]
+    return tuple(found)
+
+
+def _accession_issuer(dataset: Dataset) -> PatientIssuer:
+    """Issuer of Accession Number Sequence (0008,0051): an HL7 v2 HD (PS3.3 Table 10-17)."""
+    items = dataset.get("IssuerOfAccessionNumberSequence")
+    if not items:
+        return PatientIssuer()
+    item = items[0]
+    universal_id = _text(item, "UniversalEntityID")
+    return PatientIssuer(
+        local_id=_text(item, "LocalNamespaceEntityID"),
+        universal_id=universal_id,
+        universal_id_type=_text(item, "UniversalEntityIDType") if universal_id else "",
     )
 
 

@@ -52,6 +52,18 @@ def escaped_length(text: str) -> int:
     return sum(3 if char in _ESCAPE_SEQUENCES else 1 for char in text)
 
 
+def fit_escaped(text: str, max_escaped_length: int) -> str:
+    """``escape_text`` of the longest start of ``text`` whose escaped form fits the limit:
+    a value cut to its field's length never ends in half an escape sequence."""
+    single_line = _CONTROL_CHARACTERS.sub(" ", text)
+    length = 0
+    for end, char in enumerate(single_line):
+        length += escaped_length(char)
+        if length > max_escaped_length:
+            return escape_text(single_line[:end])
+    return escape_text(single_line)
+
+
 def unescape_text(text: str) -> str:
     """Undo the §2.7.4 special character sequences (``\\E\\ \\F\\ \\S\\ \\T\\ \\R\\``).
 

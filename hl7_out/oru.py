@@ -3,20 +3,28 @@
 Message layout::
 
     MSH                         §2.15.9  header, MSH-18 UNICODE UTF-8
-    PID                         §3.4.2   from the DICOM Patient Module
+    PID                         §3.4.2   from the DICOM Patient Module (hl7_out.pid: PID-3
+                                         falls back to Other Patient IDs, the accession number)
     PV1                         §3.4.3   patient class U (unknown)
     ORC                         §4.5.1   RE, order numbers, ORC-7.6 priority
-    OBR                         §7.4.1   procedure, times, status P, priority
-    NTE...                      §2.15.10 what the result is: test-model banner, AI disclaimer,
-                                         model identity, the comparison with the prior
+    OBR                         §7.4.1   procedure, times, status P or C, priority
+    NTE...                      §2.15.10 what the result is: test-model banner, scope notice
+                                         (out of scope only), AI disclaimer, model identity,
+                                         the comparison with the prior
     [TQ1]                       §4.5.4   TQ1-9 priority, when one is known
     OBX (one OBSERVATION group  §7.4.2   TX, one report line each, LOINC section code,
-         per report line)...             OBX-11 P
+         per report line)...             OBX-11 P or C
 
 The message is built with hl7apy at STRICT validation, validated, and returned as ER7 text with
 every segment ended by CR (§2.5.1). Nothing in it depends on the clock: the same report, source,
 header, control id and message time always give the same characters, so a re-sent outbox row is
 byte-identical.
+
+Result status (OBR-25, HL7 table 0123; OBX-11, table 0085): P (preliminary: an AI result waits
+for a radiologist) for a study's first report, C (correction) for a report that supersedes an
+earlier one of the same study: a new study version (late instances) or a conversation
+appended to the report. Values from the source study are cut to their HL7 lengths; library
+error text, which can quote those values, never reaches an OruBuildError.
 
 ``OruHeader`` carries what the receiving side configures (MSH-3..6, MSH-11, where the order
 number comes from); an HL7 destination gives its own (``OruHeader.of(destination)``), the .hl7
@@ -32,7 +40,7 @@ from datetime import datetime
 from typing import Literal
 
 from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Field, Group, Message, Segment
+from hl7apy.core import Group, Message, Segment
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 from pydicom import Dataset
@@ -43,11 +51,20 @@ from hl7_out.dicom_source import CodedConcept, SourceStudy, read_source_study
 from hl7_out.encoding import (
     ENCODING_CHARACTERS,
     FIELD_SEPARATOR,
-    SUBCOMPONENT_SEPARATOR,
     escape_text,
     escaped_length,
+    fit_escaped,
     format_dtm,
     join_components,
+)
+from hl7_out.pid import (
+    MAX_NAMESPACE_ID_LENGTH,
+    MAX_ST_LENGTH,
+    PatientIdentifier,
+    fill_pid,
+    missing_identifier_reason,
+    patient_identifier,
+    usable_identifier,
 )
 from storage.report_schema import (
     AI_DISCLAIMER,
@@ -64,6 +81,7 @@ HL7_VERSION = "2.5"
 MESSAGE_TYPE = "ORU^R01^ORU_R01"
 CHARACTER_SET = "UNICODE UTF-8"  # HL7 table 0211
 RESULT_STATUS_PRELIMINARY = "P"  # HL7 table 0123 (OBR-25), table 0085 (OBX-11)
+RESULT_STATUS_CORRECTED = "C"  # same tables: a correction replacing an earlier result
 ORDER_CONTROL_RESULTS = "RE"  # HL7 table 0119: observations/performed service to follow
 PATIENT_CLASS_UNKNOWN = "U"  # HL7 table 0004
 SEGMENT_TERMINATOR = "\r"
@@ -73,8 +91,6 @@ MAX_CONTROL_ID_LENGTH = 20
 # hl7apy types OBX-5 ("varies") as ST and limits it to 199 characters at STRICT level, in
 # building and in parsing; longer report lines are carried over several OBX segments.
 MAX_OBX_TEXT_LENGTH = 199
-# HL7 v2.5 §2.A.36 HD-1 (IS) is at most 20 characters.
-MAX_NAMESPACE_ID_LENGTH = 20
 
 _CONTROL_ID = re.compile(r"^[\x21-\x7e]+$")
 
@@ -99,6 +115,8 @@ class OruHeader:
     receiving_facility: str = "HOSPITAL"
     processing_id: Literal["P", "T", "D"] = "P"
     placer_from: Literal["accession", "study_uid"] = "accession"
+    # PID-3 only from Patient ID or Other Patient IDs, never the accession number (hl7_out.pid).
+    require_patient_id: bool = False
 
     @classmethod
     def of(cls, destination: HL7Destination) -> OruHeader:
@@ -109,6 +127,7 @@ class OruHeader:
             receiving_facility=destination.receiving_facility,
             processing_id=destination.processing_id,
             placer_from=destination.placer_from,
+            require_patient_id=destination.require_patient_id,
         )
 
 
@@ -172,9 +191,6 @@ _DICOM_PRIORITIES = {
 _URGENCY_PRIORITIES = {Urgency.CRITICAL: PRIORITY_STAT, Urgency.URGENT: PRIORITY_ASAP}
 # HL7 table 0078 abnormal flags: A abnormal, AA very abnormal (critical).
 _URGENCY_ABNORMAL_FLAGS = {Urgency.URGENT: "A", Urgency.CRITICAL: "AA"}
-# HL7 table 0001 administrative sex; DICOM (0010,0040) uses M, F, O.
-_SEXES = {"M": "M", "F": "F", "O": "O"}
-_NAME_REPRESENTATIONS = ("A", "I", "P")  # HL7 table 0465, in DICOM PN group order
 _EMPTY_RESULT_TEXT = {
     "en": "The model produced no report text.",
     "zh": "模型未生成报告文本。",
@@ -194,21 +210,31 @@ def build_oru(
     ``control_id`` becomes MSH-10 and ``message_time`` MSH-7, both fixed per outbox row.
     Returns ER7 text, segments ended by CR; encode it as UTF-8 (MSH-18).
 
-    Raises OruBuildError when the inputs cannot make a valid message (no Patient ID, a control
-    id that is not 1-20 printable ASCII characters, settings values too long for their field).
+    Raises OruBuildError when the inputs cannot make a valid message (no identifier for PID-3,
+    a control id that is not 1-20 printable ASCII characters, settings values too long for
+    their field). Its text never quotes a value of the source study.
     """
     _check_control_id(control_id)
     study = read_source_study(source)
-    if not study.patient_id:
-        raise OruBuildError("the source has no Patient ID (0010,0020); PID-3 is required")
+    identifier = patient_identifier(study, header.require_patient_id)
+    if identifier is None:
+        raise OruBuildError(missing_identifier_reason(header.require_patient_id))
     try:
-        message = _assemble(report, study, header, control_id, message_time)
+        message = _assemble(report, study, identifier, header, control_id, message_time)
         message.validate()
         text = message.to_er7() + SEGMENT_TERMINATOR
         parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
     except HL7apyException as exc:
-        raise OruBuildError(f"ORU^R01 failed strict validation: {exc}") from exc
+        # hl7apy's text quotes the offending value (a patient's name, say): only its kind.
+        raise OruBuildError(f"ORU^R01 failed strict validation ({type(exc).__name__})") from None
     return text
+
+
+def result_status(report: ReportDocument) -> str:
+    """OBR-25 and OBX-11: C for a report superseding an earlier one of the study, else P."""
+    if report.supersedes_report_id is not None:
+        return RESULT_STATUS_CORRECTED
+    return RESULT_STATUS_PRELIMINARY
 
 
 def observation_lines(content: ReportContent) -> list[ObservationLine]:
@@ -282,6 +308,7 @@ def _check_control_id(control_id: str) -> None:
 def _assemble(
     report: ReportDocument,
     study: SourceStudy,
+    identifier: PatientIdentifier,
     header: OruHeader,
     control_id: str,
     message_time: datetime,
@@ -290,7 +317,7 @@ def _assemble(
     _fill_msh(message.msh, header, control_id, message_time)
     result = message.add_group("ORU_R01_PATIENT_RESULT")
     patient = result.add_group("ORU_R01_PATIENT")
-    _fill_pid(patient.add_segment("PID"), study)
+    fill_pid(patient.add_segment("PID"), study, identifier)
     _fill_pv1(patient.add_group("ORU_R01_VISIT").add_segment("PV1"), study)
     order = result.add_group("ORU_R01_ORDER_OBSERVATION")
     order_number = _order_number(report, study, header)
@@ -330,67 +357,13 @@ def _namespace_id(value: str, setting: str) -> str:
     return escaped
 
 
-def _fill_pid(pid: Segment, study: SourceStudy) -> None:
-    """HL7 v2.5 §3.4.2 PID: PID-3 CX with assigning authority, PID-5 XPN, PID-7, PID-8."""
-    pid.pid_1 = "1"
-    pid.pid_3 = join_components(escape_text(study.patient_id), "", "", _assigning_authority(study))
-    _set_repetitions(pid, "PID_5", _patient_names(study))
-    if study.birth_date:
-        pid.pid_7 = study.birth_date
-    pid.pid_8 = _SEXES.get(study.sex, "U")
-
-
-def _assigning_authority(study: SourceStudy) -> str:
-    """CX-4 (HD, §2.A.36) from Issuer of Patient ID and its qualifiers.
-
-    A local issuer longer than HD-1 allows goes into HD-2 with type L (HL7 table 0301,
-    locally defined) when the qualifiers give no universal id.
-    """
-    issuer = study.issuer
-    local_id = escape_text(issuer.local_id)
-    universal_id = escape_text(issuer.universal_id)
-    universal_type = escape_text(issuer.universal_id_type)
-    if len(local_id) > MAX_NAMESPACE_ID_LENGTH:
-        if not universal_id:
-            universal_id, universal_type = local_id, "L"
-        local_id = ""
-    return join_components(local_id, universal_id, universal_type, separator=SUBCOMPONENT_SEPARATOR)
-
-
-def _patient_names(study: SourceStudy) -> list[str]:
-    """PID-5 XPN repetitions (§2.A.88) from the DICOM PN component groups.
-
-    DICOM orders family^given^middle^prefix^suffix; XPN orders family^given^middle^suffix^
-    prefix. Ideographic and phonetic groups become further repetitions with XPN-8 I and P.
-    No name at all is sent as XPN-7 name type U (unspecified, HL7 table 0200).
-    """
-    groups = [
-        (code, group)
-        for code, group in zip(_NAME_REPRESENTATIONS, study.name_groups, strict=False)
-        if any(group)
-    ]
-    names = []
-    for code, group in groups:
-        family, given, middle, prefix, suffix = (escape_text(part) for part in group)
-        representation = code if len(groups) > 1 else ""
-        names.append(join_components(family, given, middle, suffix, prefix, "", "", representation))
-    return names or ["^^^^^^U"]
-
-
-def _set_repetitions(segment: Segment, field_name: str, values: list[str]) -> None:
-    for value in values:
-        field = Field(field_name, version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
-        field.value = value
-        segment.add(field)
-
-
 def _fill_pv1(pv1: Segment, study: SourceStudy) -> None:
     """HL7 v2.5 §3.4.3 PV1. PV1-2 is U: an imaging study does not say whether the patient is
     an inpatient, outpatient or emergency case, and a guessed class could misroute the result
     in the HIS. PV1-19 visit number from DICOM Admission ID (0038,0010) when present."""
     pv1.pv1_1 = "1"
     pv1.pv1_2 = PATIENT_CLASS_UNKNOWN
-    if study.admission_id:
+    if usable_identifier(study.admission_id):
         pv1.pv1_19 = escape_text(study.admission_id)
 
 
@@ -398,9 +371,10 @@ def _order_number(report: ReportDocument, study: SourceStudy, header: OruHeader)
     """Placer and filler order number (EI-1, §2.A.24) per ``placer_from``.
 
     ``accession`` uses the Accession Number (0008,0050) and falls back to the Study Instance
-    UID when the study has none; ``study_uid`` always uses the Study Instance UID.
+    UID when the study has none (or one that broke its DICOM VR); ``study_uid`` always uses the
+    Study Instance UID.
     """
-    if header.placer_from == "accession" and study.accession_number:
+    if header.placer_from == "accession" and usable_identifier(study.accession_number):
         return escape_text(study.accession_number)
     return escape_text(report.study_instance_uid or study.study_instance_uid)
 
@@ -426,7 +400,7 @@ def _fill_obr(
 
     OBR-4 procedure, OBR-5 and OBR-27.6 priority (both kept in v2.5 for backward
     compatibility, beside TQ1-9), OBR-7 when the images were made, OBR-22 when the result was
-    made, OBR-25 P (preliminary).
+    made, OBR-25 P (preliminary) or C (correction, ``result_status``).
     """
     obr.obr_1 = "1"
     obr.obr_2 = order_number
@@ -437,21 +411,23 @@ def _fill_obr(
     if study.observation_time:
         obr.obr_7 = study.observation_time
     obr.obr_22 = format_dtm(report.created_at)
-    obr.obr_25 = RESULT_STATUS_PRELIMINARY
+    obr.obr_25 = result_status(report)
     if priority:
         obr.obr_27 = _timing_quantity(priority)
 
 
 def _universal_service_id(study: SourceStudy) -> str:
-    """OBR-4 (CE, §2.A.8): the procedure code when the study has one, else its description."""
+    """OBR-4 (CE, §2.A.8): the procedure code when the study has one, else its description.
+    The text (CE-2) is cut to its length; a code value or scheme that broke its DICOM VR
+    (SH 16, longer than LO 64 here) is not used."""
     code: CodedConcept | None = study.procedure_code
-    if code is not None:
+    if code is not None and usable_identifier(code.value) and usable_identifier(code.scheme):
         return join_components(
             escape_text(code.value),
-            escape_text(code.meaning or study.procedure_text),
+            fit_escaped(code.meaning or study.procedure_text, MAX_ST_LENGTH),
             escape_text(code.scheme),
         )
-    return join_components("", escape_text(study.procedure_text or "Imaging study"))
+    return join_components("", fit_escaped(study.procedure_text or "Imaging study", MAX_ST_LENGTH))
 
 
 def _add_notes(order: Group, report: ReportDocument) -> None:
@@ -466,6 +442,8 @@ def _add_notes(order: Group, report: ReportDocument) -> None:
 def _note_texts(report: ReportDocument) -> list[str]:
     model = report.model
     notes = [TEST_MODEL_BANNER] if model.is_test_model else []
+    if report.scope_notice:
+        notes.append(report.scope_notice)  # "Outside the validated scope: <reason>"
     notes.append(AI_DISCLAIMER)
     notes.append(
         f"Model: {model.model_id}; revision: {model.revision}; device: {model.device}; "
@@ -491,9 +469,10 @@ def _add_observations(order: Group, report: ReportDocument) -> None:
     """One OBX (§7.4.2) per report line, each in its own OBSERVATION group.
 
     OBX-2 TX, OBX-3 the LOINC section, OBX-4 a sub-id unique in the message, OBX-5 the escaped
-    text, OBX-8 the abnormal flag for urgent (A) and critical (AA) results, OBX-11 P.
+    text, OBX-8 the abnormal flag for urgent (A) and critical (AA) results, OBX-11 P or C.
     """
     urgency = report.content.urgency
+    status = result_status(report)
     abnormal_flag = _URGENCY_ABNORMAL_FLAGS.get(urgency) if urgency else None
     pieces = [
         (line.section, piece)
@@ -509,7 +488,7 @@ def _add_observations(order: Group, report: ReportDocument) -> None:
         obx.obx_5 = escape_text(text)
         if abnormal_flag:
             obx.obx_8 = abnormal_flag
-        obx.obx_11 = RESULT_STATUS_PRELIMINARY
+        obx.obx_11 = status
 
 
 def _structured_lines(content: ReportContent) -> list[ObservationLine]:

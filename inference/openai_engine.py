@@ -112,9 +112,7 @@ def png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _user_content(
-    images: Sequence[Image.Image], text: str, max_side: int
-) -> list[dict[str, Any]]:
+def _user_content(images: Sequence[Image.Image], text: str, max_side: int) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = [
         {"type": "image_url", "image_url": {"url": png_data_url(fit_to_model(image, max_side))}}
         for image in images
@@ -315,9 +313,7 @@ def _revision(entry: dict[str, Any], info: dict[str, str]) -> str:
     return root if root and root != entry["id"] else "unknown"
 
 
-def server_identity(
-    base_url: str, entry: dict[str, Any], info: dict[str, str]
-) -> ModelIdentity:
+def server_identity(base_url: str, entry: dict[str, Any], info: dict[str, str]) -> ModelIdentity:
     model_id = str(entry["id"])
     server = {"base_url": base_url}
     for key in ("owned_by", "root", "created"):

@@ -39,6 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
 from core.errors import InferenceError
+from core.redaction import error_text
 from storage.report_schema import PixelRegion, ReportContent
 
 log = logging.getLogger(__name__)
@@ -466,7 +467,7 @@ def _add_image(
     try:
         pixels = render(ds, frame_index)
     except Exception as exc:  # any decoder failure: skip this image, keep the study going
-        study.skipped.append(f"{uid}: cannot render ({type(exc).__name__}: {exc})")
+        study.skipped.append(f"{uid}: cannot render ({error_text(exc)})")
         log.warning("skipping image %s: %s", uid, exc)
         return
     geometry = SquareGeometry.for_image(

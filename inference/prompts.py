@@ -13,6 +13,13 @@ templates in ``ModelSettings.prompts_dir`` without code changes. One file is one
     calling_ae = ["ER_CR01"]       # the sending AE title
     comparison = true              # a comparison template: used only with a prior ([priors])
 
+    [scope]               # optional: the studies this question was validated for
+    name = "chest radiograph"
+    modality = ["CR", "DX"]
+    body_part = ["CHEST"]
+    keywords = ["chest", "胸"]     # a description naming the region, English or Chinese
+    view_position = ["PA", "AP"]
+
 Comparison templates are asked when the node found the patient's prior study: the model gets
 the prior image first, then the current images, and ``{prior_date}`` in the text becomes the
 prior's date (YYYY-MM-DD). Other templates are asked when there is no prior.
@@ -21,6 +28,9 @@ Selection: among the templates whose keys all match, the most specific wins — 
 counts 4, a body part 2, a modality 1. At equal rank a site template beats a shipped one, and
 a site file with the same name as a shipped file replaces it. Remaining ties go to the file
 name that sorts first. ``default.toml`` (no keys) matches every study.
+
+``[scope]`` and the rule that reads it: inference/scope.py. A study outside every declared
+scope gets the most specific template that declares none (the generic question).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import config
 from config.settings import ModelSettings
 from core.errors import InferenceError
 from core.validation import format_validation_error
+from inference.scope import ScopeRule
 
 SHIPPED_PROMPTS_DIR = Path(config.__file__).resolve().parent / "prompts"  # package data
 LANGUAGES = ("en", "zh")
@@ -73,6 +84,26 @@ class _MatchKeys(BaseModel):
         return [v.strip() for v in values]
 
 
+class _ScopeKeys(_MatchKeys):
+    name: str = Field(default="validated study", min_length=1)
+    keywords: list[str] = Field(default_factory=list)
+    view_position: list[str] = Field(default_factory=list)
+
+    @field_validator("keywords", "view_position", mode="before")
+    @classmethod
+    def _listify_more(cls, value: str | list[str]) -> list[str]:
+        return _as_list(value)
+
+    def rule(self) -> ScopeRule:
+        return ScopeRule(
+            name=self.name.strip(),
+            modalities=frozenset(m.upper() for m in self.modality),
+            body_parts=frozenset(b.upper() for b in self.body_part),
+            keywords=tuple(k.strip().lower() for k in self.keywords if k.strip()),
+            view_positions=frozenset(v.strip().upper() for v in self.view_position),
+        )
+
+
 class _TemplateFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,6 +111,7 @@ class _TemplateFile(BaseModel):
     en: str | None = None
     zh: str | None = None
     match: _MatchKeys = Field(default_factory=_MatchKeys)
+    scope: _ScopeKeys | None = None
 
     @field_validator("en", "zh")
     @classmethod
@@ -102,6 +134,7 @@ class PromptTemplate:
     calling_aes: frozenset[str]
     from_site: bool = False
     comparison: bool = False
+    scope: ScopeRule | None = None  # the studies its question was validated for
 
     @property
     def rank(self) -> int:
@@ -163,6 +196,7 @@ def load_template(path: Path, from_site: bool = False) -> PromptTemplate:
         calling_aes=frozenset(parsed.match.calling_ae),
         from_site=from_site,
         comparison=parsed.match.comparison,
+        scope=parsed.scope.rule() if parsed.scope is not None else None,
     )
 
 
@@ -191,14 +225,27 @@ class PromptLibrary:
     def from_settings(cls, settings: ModelSettings) -> PromptLibrary:
         return cls(site_dir=settings.prompts_dir)
 
+    @property
+    def scope_rules(self) -> list[ScopeRule]:
+        """The declared validated scopes, in template-name order (inference/scope.py)."""
+        return [t.scope for t in self.templates if t.scope is not None]
+
     def candidates(
-        self, modality: str, body_part: str, calling_ae: str, comparison: bool = False
+        self,
+        modality: str,
+        body_part: str,
+        calling_ae: str,
+        comparison: bool = False,
+        in_scope: bool = True,
     ) -> list[PromptTemplate]:
-        """Matching templates (comparison templates only when ``comparison``), best first."""
+        """Matching templates (comparison templates only when ``comparison``), best first;
+        out of scope, only those that declare no scope."""
         matching: Iterable[PromptTemplate] = (
             t
             for t in self.templates
-            if t.comparison == comparison and t.matches(modality, body_part, calling_ae)
+            if t.comparison == comparison
+            and t.matches(modality, body_part, calling_ae)
+            and (in_scope or t.scope is None)
         )
         return sorted(matching, key=lambda t: (-t.rank, not t.from_site, t.name))
 
@@ -209,9 +256,11 @@ class PromptLibrary:
         calling_ae: str = "",
         language: str = "en",
         comparison: bool = False,
+        in_scope: bool = True,
     ) -> Prompt:
-        """The most specific template for the study; raise when none matches (no default)."""
-        found = self.candidates(modality, body_part, calling_ae, comparison)
+        """The most specific template for the study; raise when none matches (no default).
+        ``in_scope`` False: a study outside the validated scope gets the generic question."""
+        found = self.candidates(modality, body_part, calling_ae, comparison, in_scope)
         if not found:
             kind = "comparison " if comparison else ""
             raise PromptTemplateError(

@@ -36,7 +36,8 @@ from storage.doorbell import DELIVERY_DOORBELL, ring
 from storage.jobs import complete_job
 from storage.models import Report, utcnow
 from storage.priors import PriorComparison, link_prior
-from storage.report_schema import ModelIdentity
+from storage.report_schema import ModelIdentity, ScopeVerdict
+from storage.reports import latest_report_id
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class StoreTask:
     new_tokens: int
     prior_images: int = 0  # the prior's images came first in the request (inference/comparison.py)
     prior_comparison: PriorComparison | None = None  # what was compared, or why nothing was
+    scope: ScopeVerdict | None = None  # the node's verdict (inference/scope.py)
 
 
 class StoreOutcome(StrEnum):
@@ -84,11 +86,16 @@ def store_report(
     if removed:
         log.info("study %s: %d boxes on the prior image removed", task.study_uid, removed)
     content = attach_regions(rebased, task.geometries)
+    if task.scope is not None:  # carried in the content, as ReportContent.scope documents
+        content = content.model_copy(update={"scope": task.scope})
     with db.session() as session:
         # Done together with its report and outbox rows: one commit, or none of them.
         if not complete_job(session, task.job_id, owner):
             log.warning("job %d lost its lease while running; result dropped", task.job_id)
             return StoreOutcome.LEASE_LOST
+        # A new version of a reported study replaces that report: its ORU says C
+        # (correction) and its SR names the earlier SR as Predecessor Document.
+        superseded = latest_report_id(session, task.study_id)
         report = Report(
             job_id=task.job_id,
             study_id=task.study_id,
@@ -111,6 +118,7 @@ def store_report(
             },
             is_test_model=task.identity.is_test_model,
             created_at=utcnow(),
+            supersedes_report_id=superseded,
         )
         session.add(report)
         session.flush()

@@ -45,18 +45,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 from config.settings import NodeSettings
 from core.errors import InferenceError
 from core.loop import LoopThread
-from inference.comparison import (
-    PriorInput,
-    comparison_question,
-    current_query,
-    load_prior,
-    without_prior,
-)
+from core.redaction import error_text
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
@@ -70,11 +63,13 @@ from inference.engine import (
     PreparingEngine,
 )
 from inference.interactive import InteractiveLane
+from inference.job_questions import JobQuestions
 from inference.prefetch import Prefetcher
 from inference.preprocess import PreparedStudy, PreprocessError, prepare_study
-from inference.prompts import Prompt, PromptLibrary, PromptTemplateError
+from inference.prompts import PromptLibrary
 from inference.render_pool import RenderPool
 from inference.report_store import ReportHook, StoreOutcome, StorePool, StoreTask, store_report
+from inference.scope import StudyOutOfScope
 from inference.worker_jobs import (
     ClaimedBatch,
     JobSource,
@@ -92,6 +87,7 @@ from storage.jobs import (
     has_due_jobs,
     job_retry_policy,
     release_jobs,
+    skip_job,
 )
 from storage.models import Job, JobStatus, Study, StudyVersion
 from storage.priors import PriorFinder
@@ -126,6 +122,13 @@ class InferenceWorker:
         self.prior_finder = prior_finder
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.prompts = PromptLibrary.load(settings.model.prompts_dir)
+        self.questions = JobQuestions(
+            self.prompts,
+            settings.model.language,
+            settings.scope.out_of_scope,
+            prior_finder,
+            self.data_dir,
+        )
         self.retry = job_retry_policy(settings.model.max_attempts, settings.model.retry_backoff_s)
         self.engine: Engine | None = None
         self.stats = WorkerStats()
@@ -384,45 +387,7 @@ class InferenceWorker:
     def _prepared_job(
         self, source: JobSource, prepared: PreparedStudy, preprocess_seconds: float
     ) -> PreparedJob:
-        prior = self._prior(source.paths, source.study_uid, prepared) if self.prior_finder else None
-        prompt, prior = self._question(prepared, source.calling_ae, prior)
-        question = prompt.text
-        if prior is not None and prior.compared:
-            question = comparison_question(prompt.text, prior.comparison)
-        return PreparedJob(
-            job_id=source.job_id,
-            study_id=source.study_id,
-            study_version_id=source.study_version_id,
-            study_uid=source.study_uid,
-            prepared=prepared,
-            question=question,
-            language=prompt.language,
-            preprocess_seconds=preprocess_seconds,
-            prior=prior,
-        )
-
-    def _prior(self, paths: list[Path], study_uid: str, prepared: PreparedStudy) -> PriorInput:
-        assert self.prior_finder is not None
-        query = current_query(paths, study_uid, prepared.modality, prepared.body_part)
-        prior = load_prior(self.prior_finder, query, self.data_dir)
-        log.info("study %s: %s", study_uid, prior.comparison.statement())
-        return prior
-
-    def _question(
-        self, prepared: PreparedStudy, calling_ae: str, prior: PriorInput | None
-    ) -> tuple[Prompt, PriorInput | None]:
-        """The comparison template when there is a prior (and one matches), else the usual."""
-        language = self.model_settings.language
-        if prior is not None and prior.compared:
-            try:
-                prompt = self.prompts.select(
-                    prepared.modality, prepared.body_part, calling_ae, language, comparison=True
-                )
-                return prompt, prior
-            except PromptTemplateError:
-                prior = without_prior(prior, "no comparison question template matches the study")
-        prompt = self.prompts.select(prepared.modality, prepared.body_part, calling_ae, language)
-        return prompt, prior
+        return self.questions.prepared_job(source, prepared, preprocess_seconds)
 
     def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> int:
         """Run the batch and store or fail each job; return how many went back to the queue
@@ -550,6 +515,7 @@ class InferenceWorker:
             new_tokens=result.new_tokens,
             prior_images=len(job.prior_images),
             prior_comparison=job.prior.comparison if job.prior is not None else None,
+            scope=job.scope,
         )
 
     def _stored(self, task: StoreTask, future: Future[StoreOutcome]) -> None:
@@ -564,13 +530,17 @@ class InferenceWorker:
                 self.stats.jobs_done += 1
 
     def _fail(self, job_id: int, exc: BaseException) -> None:
+        if isinstance(exc, StudyOutOfScope):  # [scope] out_of_scope = "skip": not a failure
+            if skip_job(self.db, job_id, self.owner, str(exc)):
+                log.info("job %d skipped: outside the validated scope: %s", job_id, exc)
+            return
         permanent = isinstance(exc, PermanentJobError | EngineRequestRejected)
         policy = NO_RETRY if permanent else self.retry
         retry_after = exc.retry_after_s if isinstance(exc, EngineRequestFailed) else None
         status = fail_job(self.db, job_id, exc, policy, retry_after_s=retry_after)
         with self._stats_lock:
             self.stats.jobs_failed += status == JobStatus.FAILED
-        log.error("job %d: %s: %s (now %s)", job_id, type(exc).__name__, exc, status)
+        log.error("job %d: %s (now %s)", job_id, error_text(exc), status)
 
     def _record_batch_stats(self, size: int, seconds: float) -> None:
         self.stats.batches += 1

@@ -12,6 +12,7 @@ from core.errors import InferenceError
 from inference.comparison import PriorInput
 from inference.engine import PreparedBatch
 from inference.preprocess import PreparedStudy
+from storage.report_schema import ScopeVerdict
 
 
 class PermanentJobError(InferenceError):
@@ -41,6 +42,7 @@ class PreparedJob:
     language: str  # the template's: a site template with English only answers in English
     preprocess_seconds: float = 0.0
     prior: PriorInput | None = None  # set when [priors] is enabled
+    scope: ScopeVerdict | None = None  # decided from the header (inference/scope.py)
 
     @property
     def prior_images(self) -> list[Any]:

@@ -4,6 +4,11 @@ Patient name, ID and birth date never reach a log record in clear: the code logs
 and patients only as storage.phi.phi_hash(). pynetdicom's own debug output dumps whole data sets,
 so its loggers are held at WARNING whatever the node's level.
 
+Library records (pydicom, hl7apy, ... and Python warnings, which ``logging.captureWarnings``
+routes here instead of bare stderr) can quote the values they complain about: pydicom's
+``Invalid value for VR DA: '1931-02-17'``. Every handler scrubs their text, and the exception
+lines of any traceback, with core.redaction before it is written.
+
 An exception that ends a thread (the node's or a library's) goes to this log too, not as a bare
 traceback on stderr (``threading.excepthook``); its message is left out because library messages
 can quote data set values.
@@ -16,14 +21,21 @@ import logging.handlers
 import threading
 import traceback
 from pathlib import Path
+from types import TracebackType
 
 from pynetdicom.fsm import InvalidEventError
+
+from core.redaction import scrub_traceback, scrub_values
 
 # The pid tells the serving process from its inference worker child (both write this file).
 FORMAT = "%(asctime)s [%(process)d] %(levelname)-7s %(name)s: %(message)s"
 NOISY_LIBRARIES = ("pynetdicom", "pydicom", "highdicom", "hl7apy", "transformers", "httpx")
+# Loggers whose messages may quote data set or message values: the DICOM and HL7 libraries and
+# captured Python warnings (pydicom warns and logs each invalid value).
+LIBRARY_LOGGERS = ("pydicom", "pynetdicom", "highdicom", "hl7apy", "py.warnings")
 
 log = logging.getLogger("medgemma_node.threads")
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
 
 def setup_logging(level: str, log_file: Path | None) -> None:
@@ -32,15 +44,18 @@ def setup_logging(level: str, log_file: Path | None) -> None:
         root.removeHandler(handler)
     root.setLevel(level)
     stderr = logging.StreamHandler()
-    stderr.setFormatter(logging.Formatter(FORMAT))
+    stderr.setFormatter(ScrubbingFormatter(FORMAT))
+    stderr.addFilter(LibraryTextFilter())
     root.addHandler(stderr)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         rotating = logging.handlers.RotatingFileHandler(
             log_file, maxBytes=20 * 1024 * 1024, backupCount=5, encoding="utf-8"
         )
-        rotating.setFormatter(logging.Formatter(FORMAT))
+        rotating.setFormatter(ScrubbingFormatter(FORMAT))
+        rotating.addFilter(LibraryTextFilter())
         root.addHandler(rotating)
+    logging.captureWarnings(True)
     for name in NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     fsm_logger = logging.getLogger("pynetdicom.fsm")
@@ -62,6 +77,26 @@ def log_uncaught_thread_exception(args: threading.ExceptHookArgs) -> None:
         return
     frames = "".join(traceback.format_tb(args.exc_traceback)).rstrip()
     log.error("uncaught %s ended thread %s:\n%s", args.exc_type.__name__, thread, frames)
+
+
+class LibraryTextFilter(logging.Filter):
+    """On a handler: a library record's message with its quoted values withheld. (A filter on
+    a library's logger would miss records of its child loggers; a handler sees them all.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(
+            record.name == name or record.name.startswith(f"{name}.") for name in LIBRARY_LOGGERS
+        ):
+            record.msg = scrub_values(record.getMessage())
+            record.args = None
+        return True
+
+
+class ScrubbingFormatter(logging.Formatter):
+    """Tracebacks with their exception lines scrubbed; the frames stay."""
+
+    def formatException(self, ei: ExcInfo) -> str:
+        return scrub_traceback(super().formatException(ei))
 
 
 class _InvalidEventRecord(logging.Filter):

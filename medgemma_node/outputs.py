@@ -101,10 +101,11 @@ class ReportOutputs:
         study = session.get_one(Study, report.study_id)
         sources = self._sources(session, report, document)
         directory = self.data_dir / "reports" / str(report.id)
-        records = self._build_dicom(session, document, sources, directory)
+        predecessor = previous_sr(session, document, self.data_dir)
+        records = self._build_dicom(session, document, sources, predecessor, directory)
         records += self._planned_pdf(document, study, directory)
         objects = [self._object_row(session, report, record) for record in records]
-        json_path = self._write_json(document, study, records, directory)
+        json_path = self._write_json(document, study, records, predecessor, directory)
         built = BuiltReport(session, report, document, sources[0], objects, json_path)
         for destination in self.settings.destinations:
             if destination.enabled and destination.routes(study.modality, study.calling_ae):
@@ -134,9 +135,13 @@ class ReportOutputs:
         return used or datasets[:1]
 
     def _build_dicom(
-        self, session: Session, document: ReportDocument, sources: list[Dataset], directory: Path
+        self,
+        session: Session,
+        document: ReportDocument,
+        sources: list[Dataset],
+        predecessor: SrReference | None,
+        directory: Path,
     ) -> list[OutputRecord]:
-        predecessor = previous_sr(session, document, self.data_dir)
         priors = self._prior_images(session, document)
         sr = build_sr(document, sources, predecessor, node=self.node, priors=priors)
         has_regions = any(f.region is not None for f in document.content.findings)
@@ -186,10 +191,14 @@ class ReportOutputs:
         document: ReportDocument,
         study: Study,
         records: Sequence[OutputRecord],
+        predecessor: SrReference | None,
         directory: Path,
     ) -> Path:
         payload: dict[str, Any] = {
             "notice": document_notice(document),
+            "supersedes": superseded_json(document, predecessor),
+            # Absent for reports made before the scope check.
+            "scope": scope.model_dump() if (scope := document.content.scope) is not None else None,
             "report": document.model_dump(mode="json"),
             "study": {"modality": study.modality, "calling_ae": study.calling_ae},
             "objects": [
@@ -301,10 +310,24 @@ def build_failure_reason(exc: BaseException) -> str:
     return f"payload not built: {type(exc).__name__} (details withheld: may quote patient data)"
 
 
+def superseded_json(
+    document: ReportDocument, predecessor: SrReference | None
+) -> dict[str, Any] | None:
+    """The report this one replaces (its ORU says C, correction) and that report's SR, which
+    the new SR names in its Predecessor Documents Sequence; None for a study's first report."""
+    if document.supersedes_report_id is None:
+        return None
+    return {
+        "report_id": document.supersedes_report_id,
+        "sr_sop_instance_uid": predecessor.sop_instance_uid if predecessor else None,
+    }
+
+
 def document_notice(document: ReportDocument) -> str:
-    return (
-        f"{TEST_MODEL_BANNER}. {AI_DISCLAIMER}" if document.model.is_test_model else AI_DISCLAIMER
-    )
+    """The JSON report's notice: test model banner, the scope notice, the AI disclaimer."""
+    banner = TEST_MODEL_BANNER if document.model.is_test_model else None
+    parts = [banner, document.scope_notice, AI_DISCLAIMER]
+    return ". ".join(part.rstrip(".") for part in parts if part) + "."
 
 
 def previous_sr(session: Session, document: ReportDocument, data_dir: Path) -> SrReference | None:

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.redaction import error_text, scrub_traceback
 from core.retry import RetryPolicy
 from storage import audit
 from storage.db import Database
@@ -143,6 +144,22 @@ def complete_job(session: Session, job_id: int, owner: str) -> bool:
     return True
 
 
+def skip_job(db: Database, job_id: int, owner: str, reason: str) -> bool:
+    """End ``owner``'s running job as skipped (no report) with ``reason`` in its error column:
+    the study is outside the validated scope (inference/scope.py). False when the job is no
+    longer this owner's."""
+    with db.session() as session:
+        job = session.get_one(Job, job_id)
+        if job.lease_owner != owner or job.status != JobStatus.RUNNING:
+            return False
+        job.status = JobStatus.SKIPPED
+        job.finished_at = utcnow()
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.last_error = reason[:2000]
+        return True
+
+
 def fail_job(
     db: Database,
     job_id: int,
@@ -156,8 +173,9 @@ def fail_job(
     """
     with db.session() as session:
         job = session.get_one(Job, job_id)
-        job.last_error = f"{type(error).__name__}: {error}"[:2000]
-        job.last_traceback = "".join(traceback.format_exception(error))[-20000:]
+        # Library messages can quote data set values (a patient's name): scrubbed (core.redaction).
+        job.last_error = error_text(error)[:2000]
+        job.last_traceback = scrub_traceback("".join(traceback.format_exception(error)))[-20000:]
         job.lease_owner = None
         job.lease_expires_at = None
         now = utcnow()

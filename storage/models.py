@@ -86,6 +86,7 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    SKIPPED = "skipped"  # outside the validated scope with [scope] out_of_scope = "skip"
     # Set aside by an operator (`jobs cancel`) or because the modality discontinued the
     # procedure step (MPPS DISCONTINUED): never run unless retried.
     CANCELLED = "cancelled"

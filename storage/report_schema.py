@@ -271,6 +271,12 @@ class ReportDocument(BaseModel):
     # Set when [priors] is enabled: the prior compared with, or why there was none.
     prior: PriorComparison | None = None
 
+    @property
+    def scope_notice(self) -> str | None:
+        """``Outside the validated scope: <reason>`` when the study is outside it, else None."""
+        reason = self.content.out_of_scope_reason
+        return f"{OUT_OF_SCOPE_NOTICE}: {reason}" if reason else None
+
     @field_validator("question")
     @classmethod
     def _clean_question(cls, value: str) -> str:
@@ -278,6 +284,7 @@ class ReportDocument(BaseModel):
 
 
 TEST_MODEL_BANNER = "TEST MODEL – NOT FOR CLINICAL USE"
+OUT_OF_SCOPE_NOTICE = "Outside the validated scope"
 AI_DISCLAIMER = "AI-generated, preliminary, not verified — must be reviewed by a physician."
 # The model card: MedGemma was not evaluated for multi-turn use (docs/architecture.md,
 # "Model facts").

@@ -3,6 +3,7 @@
     document = report_document(session, report)        # the Report row as a ReportDocument
     paths = source_instance_paths(session, report.study_version_id)
     path = predecessor_sr_path(session, study_uid, report_id)
+    superseded = latest_report_id(session, study_id)     # before a new report of the study
     stored = stored_report(db, report_id)              # delivery side: a PDF built on demand
 
 ``predecessor_sr_path`` finds the SR of the newest earlier report of the same study: the
@@ -39,6 +40,14 @@ def report_document(session: Session, report: Report) -> ReportDocument:
         source_sop_instance_uids=list(report.timings_json.get("source_sop_instance_uids", [])),
         supersedes_report_id=report.supersedes_report_id,
         prior=_prior_of(session, report),
+    )
+
+
+def latest_report_id(session: Session, study_id: int) -> int | None:
+    """The study's newest report: the one a new report of the study supersedes (a new study
+    version after late instances, a re-run), or None for the study's first."""
+    return session.scalar(
+        select(Report.id).where(Report.study_id == study_id).order_by(Report.id.desc()).limit(1)
     )
 
 

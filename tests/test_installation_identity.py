@@ -17,6 +17,7 @@ from config.settings import FileDestination, NodeSettings
 from inference.scripted_engine import ScriptedEngine
 from inference.worker import InferenceWorker
 from medgemma_node.outputs import ReportOutputs
+from medgemma_node.service import Node
 from medgemma_node.status import database_status
 from peers.dicom_files import copy_with_new_uids
 from storage.db import Database
@@ -125,6 +126,26 @@ def test_a_new_database_over_an_existing_data_directory_keeps_its_id(tmp_path: P
     db.dispose()
 
 
+@pytest.mark.parametrize("uid_root", [None, "1.2.826.0.1.3680043.10.1234."])
+def test_start_warns_when_no_uid_root_is_configured(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, uid_root: str | None
+) -> None:
+    settings, db = _installation(tmp_path, "site")
+    settings.identity = settings.identity.model_copy(update={"uid_root": uid_root})
+    node = Node(settings, with_scp=False)
+    node.db = db
+    with caplog.at_level(logging.INFO, logger="medgemma_node.service"):
+        node.start()
+        node.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    installation = (settings.storage.data_dir / INSTALLATION_FILE).read_text().strip()
+    assert f"installation id {installation}" in caplog.text
+    if uid_root is None:
+        assert any("no [identity] uid_root configured" in w and "2.25" in w for w in warnings)
+    else:
+        assert not any("uid_root" in w for w in warnings)
+
+
 def test_a_study_without_patient_id_fails_only_the_hl7_delivery(
     tmp_path: Path, rg1_unci: Path
 ) -> None:
@@ -133,7 +154,8 @@ def test_a_study_without_patient_id_fails_only_the_hl7_delivery(
     settings, db = _installation(tmp_path, "site")
     study = copy_with_new_uids(rg1_unci, tmp_path / "study.dcm")
     dataset = pydicom.dcmread(study)
-    del dataset.PatientID
+    del dataset.PatientID, dataset.OtherPatientIDs  # no identifier for PID-3 at all
+    dataset.AccessionNumber = ""
     dataset.save_as(study)
     ingest_file(db, settings.storage.data_dir, study)
     close_studies(db, lambda _modality, _ae: 0.0)

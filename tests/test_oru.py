@@ -488,6 +488,7 @@ def test_invalid_inputs_raise(source: Dataset, destination: HL7Destination) -> N
     with pytest.raises(OruBuildError, match="sending_application"):
         build(report, source, too_long)
     del source.PatientID
+    del source.AccessionNumber, source.OtherPatientIDs  # no PID-3 at all (test_oru_field.py)
     with pytest.raises(OruBuildError, match="Patient ID"):
         build(report, source, destination)
 
