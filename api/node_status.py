@@ -192,4 +192,3 @@ def _parts(runtime: dict[str, Any] | None) -> list[PartStatus]:
         PartStatus(name=str(name), last_error=(part or {}).get("last_error"))
         for name, part in sorted(parts.items())
     ]
-

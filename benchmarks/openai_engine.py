@@ -171,9 +171,7 @@ def run_case(case: str, model: ModelSettings, studies: int, double: OpenAIDouble
     )
 
 
-def openai_model(
-    base_url: str, concurrency: int, max_batch: int, new_tokens: int
-) -> ModelSettings:
+def openai_model(base_url: str, concurrency: int, max_batch: int, new_tokens: int) -> ModelSettings:
     server = OpenAIServerSettings(base_url=base_url, max_concurrent_requests=concurrency)
     return ModelSettings(
         engine="openai",
@@ -199,9 +197,7 @@ def main() -> None:
         with OpenAIDouble() as double:
             double.decode_images = False
             double.responder = lambda _record, d=delay: Reply(text=ANSWER, delay_s=d)
-            model = openai_model(
-                double.base_url, args.concurrency, args.max_batch, args.new_tokens
-            )
+            model = openai_model(double.base_url, args.concurrency, args.max_batch, args.new_tokens)
             case = f"openai, server {delay:g} s/study"
             results.append(run_case(case, model, args.studies, double))
             if double.schema_errors:

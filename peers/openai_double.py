@@ -344,9 +344,7 @@ def _handler(double: OpenAIDouble) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             pass  # quiet: tests read the records, not a log
 
-        def _send_json(
-            self, status: int, data: Any, headers: dict[str, str] | None = None
-        ) -> None:
+        def _send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
             self._send_bytes(status, json.dumps(data).encode(), "application/json", headers)
 
         def _send_bytes(

@@ -12,5 +12,6 @@ done
 [ -f /usr/share/java/pixelmed.jar ] || {
   echo "missing /usr/share/java/pixelmed.jar: apt-get install libpixelmed-java" >&2; exit 2; }
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/pytest -q -p no:cacheprovider "$@"

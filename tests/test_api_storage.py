@@ -128,7 +128,10 @@ def page(
     arguments = {"statuses": [], "modality": None, "since": None, "until": None, "text": None}
     with db.session() as session:
         rows, total = list_studies(
-            session, StudyFilters(**{**arguments, **filters}), limit, offset  # type: ignore[arg-type]
+            session,
+            StudyFilters(**{**arguments, **filters}),
+            limit,
+            offset,  # type: ignore[arg-type]
         )
     return [row.study.study_instance_uid for row in rows], total
 

@@ -362,7 +362,6 @@ def test_cli_send_prints_the_status_meaning(node: NodeProcess, tmp_path: Path) -
     assert "failed 1" in result.stdout
     expected = describe_status(0xA900, "pixel data 1000 bytes, image needs 32768")
     assert expected == (
-        "0xA900 Error: Data Set does not match SOP Class "
-        "(pixel data 1000 bytes, image needs 32768)"
+        "0xA900 Error: Data Set does not match SOP Class (pixel data 1000 bytes, image needs 32768)"
     )
     assert expected in result.stderr.replace("\n", "")

@@ -118,9 +118,7 @@ def test_refused_handshake_is_logged_with_peer_and_reason(
     assert trusted_echo(node, certificates).returncode == 0
 
 
-def test_a_silent_client_blocks_nobody_and_is_closed(
-    node: NodeProcess, certificates: Path
-) -> None:
+def test_a_silent_client_blocks_nobody_and_is_closed(node: NodeProcess, certificates: Path) -> None:
     with socket.create_connection(("127.0.0.1", node.port)) as silent:
         port = silent.getsockname()[1]
         # While it says nothing, others still get through (the handshake is not done on the

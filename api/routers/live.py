@@ -1,9 +1,9 @@
 """What the console keeps up to date: the node's status page and a stream of change events.
 
-    GET /api/status   queue, model, destinations and their last errors, disk (api/node_status)
-    GET /api/events   server-sent events: ``change`` with a token whenever the worklist or a
-                      study could look different (api/changes); comments keep it open; the
-                      stream ends after STREAM_LIFETIME_S so the token is checked again
+GET /api/status   queue, model, destinations and their last errors, disk (api/node_status)
+GET /api/events   server-sent events: ``change`` with a token whenever the worklist or a
+                  study could look different (api/changes); comments keep it open; the
+                  stream ends after STREAM_LIFETIME_S so the token is checked again
 """
 
 from __future__ import annotations

@@ -325,9 +325,7 @@ def _sr_file(data_dir: FilePath, report: Report) -> FileResponse:
     path = data_dir / sr.path
     if not path.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"the SR of report {report.id} is gone")
-    return FileResponse(
-        path, media_type="application/dicom", filename=f"{sr.sop_instance_uid}.dcm"
-    )
+    return FileResponse(path, media_type="application/dicom", filename=f"{sr.sop_instance_uid}.dcm")
 
 
 def _pdf_file(context: ApiContext, study_uid: str, report_id: int) -> Response:
@@ -389,9 +387,7 @@ def instance_image(
 ) -> Response:
     study = _study_or_404(session, study_uid)
     instance = session.scalar(
-        select(Instance).where(
-            Instance.sop_instance_uid == sop_uid, Instance.study_id == study.id
-        )
+        select(Instance).where(Instance.sop_instance_uid == sop_uid, Instance.study_id == study.id)
     )
     if instance is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no instance {sop_uid} in this study")
@@ -427,4 +423,3 @@ def _overlay_boxes(
         and finding.region.sop_instance_uid == sop_uid
         and (finding.region.frame_number or 1) == frame
     ]
-
