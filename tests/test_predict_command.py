@@ -155,18 +155,8 @@ def test_ctrl_c_leaves_whole_lines(tmp_path: Path, folder: Path, demo_weights: P
 # --------------------------------------------------------------------------- through the API
 
 
-def api_offers_predict() -> bool:
-    from api.app import create_app
-    from config.settings import NodeSettings
-
-    app = create_app(NodeSettings(), None)  # type: ignore[arg-type]  # its contract only
-    return "/api/predict" in app.openapi()["paths"]
-
-
 @pytest.fixture
 def node(tmp_path: Path, demo_weights: Path) -> Iterator[NodeProcess]:
-    if not api_offers_predict():
-        pytest.skip("this node's API has no POST /api/predict yet (issue 13)")
     sections = {
         "model": {"model_path": str(demo_weights), "max_new_tokens": 8, "fast_path": False},
         "interactive": {"max_new_tokens": 6},
