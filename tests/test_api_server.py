@@ -10,7 +10,6 @@ import re
 import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -34,6 +33,7 @@ from peers.net import free_port, wait_for
 from peers.node_process import NodeProcess
 from storage.models import Report, UserRole
 from tests.api_support import RunningApi, add_report, api_settings, complete, receive, running_api
+from tests.tls_support import self_signed_certificate
 
 
 @pytest.fixture
@@ -203,21 +203,10 @@ def test_an_unexpected_error_is_a_500_and_the_server_keeps_serving(api: RunningA
 # --------------------------------------------------------------------------- TLS
 
 
-def _certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "api.pem", directory / "api.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return cert, key
-
-
 def test_https_when_tls_is_configured(tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.fail("openssl is needed to make the test certificate")
-    cert, key = _certificate(tmp_path)
+    cert, key = self_signed_certificate(tmp_path, "api")
     tls = {"enabled": True, "cert_file": str(cert), "key_file": str(key)}
     settings = api_settings(tmp_path / "data", tls=tls)
     with running_api(settings) as api:

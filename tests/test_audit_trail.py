@@ -9,7 +9,6 @@ import io
 import json
 import shutil
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from tests.api_support import receive
 from tests.audit_listener import SyslogListener, check_audit_message, parse_rfc5424
 from tests.delivery_rows import make_report, queue
 from tests.nodecheck import store_with_pynetdicom
+from tests.tls_support import self_signed_certificate
 
 
 def audit_rows(db: Database, kind: str) -> list[AuditEvent]:
@@ -153,17 +153,6 @@ def test_audit_export_as_csv_and_json(sqlite_db: Database, tmp_path: Path) -> No
 # -- forwarding ---------------------------------------------------------------------------
 
 
-def _certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "collector.pem", directory / "collector.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return cert, key
-
-
 @pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
 def test_forwarded_as_dicom_audit_messages_over_syslog(
     sqlite_db: Database, tmp_path: Path, transport: str
@@ -173,7 +162,7 @@ def test_forwarded_as_dicom_audit_messages_over_syslog(
     if transport == "tls":
         if shutil.which("openssl") is None:
             pytest.skip("openssl is needed to make test certificates")
-        cert, key = _certificate(tmp_path)
+        cert, key = self_signed_certificate(tmp_path, "collector")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(str(cert), str(key))
         extra["ca_file"] = cert

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from storage.report_schema import (
     ReportDocument,
     Urgency,
 )
+from tests.tls_support import self_signed_certificate
 
 ACK_TIMEOUT_S = 0.5
 CONTROL_ID = "MG000101"
@@ -294,23 +294,12 @@ def test_real_world_ack_variants_are_read() -> None:
     assert parse_ack(latin1).reason == "AE: Fehler: Größe"
 
 
-def _make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make test certificates")
     directory = tmp_path_factory.mktemp("tls")
-    return {name: _make_certificate(directory, name) for name in ("his", "node", "stranger")}
+    return {name: self_signed_certificate(directory, name) for name in ("his", "node", "stranger")}
 
 
 def _server_context(certificates: dict[str, tuple[Path, Path]]) -> ssl.SSLContext:

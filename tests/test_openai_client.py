@@ -13,7 +13,6 @@ import io
 import json
 import shutil
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from peers.node_process import NodeProcess, run_cli
 from peers.openai_double import OpenAIDouble, Reply
 from tests.openai_support import SERVED, engine_for, request, solid
 from tests.test_worker import CHEST_ANSWER
+from tests.tls_support import self_signed_certificate
 
 
 @pytest.fixture
@@ -154,23 +154,12 @@ def test_settings_refuse_credentials_in_the_url_and_two_key_sources() -> None:
 # --------------------------------------------------------------------------- TLS
 
 
-def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    return cert, key
-
-
 def test_mutual_tls_with_a_site_ca_and_a_client_certificate(tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make test certificates")
-    server_cert, server_key = _certificate(tmp_path, "server")
-    node_cert, node_key = _certificate(tmp_path, "node")
-    stranger_cert, _ = _certificate(tmp_path, "stranger")
+    server_cert, server_key = self_signed_certificate(tmp_path, "server")
+    node_cert, node_key = self_signed_certificate(tmp_path, "node")
+    stranger_cert, _ = self_signed_certificate(tmp_path, "stranger")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(server_cert, server_key)
     context.verify_mode = ssl.CERT_REQUIRED
