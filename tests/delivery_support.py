@@ -3,12 +3,16 @@ retries, short polls, and the peers' destinations on loopback."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from config.settings import DicomDestination, HL7Destination, HttpDestination, RetrySettings
 from delivery.worker import DeliveryWorker
 from medgemma_node.service import sender_registry
+from peers.mllp_listener import MLLPListener, ReplyMode
 from peers.orthanc import OrthancServer
 from storage.db import Database
 
@@ -64,3 +68,25 @@ def http_destination(url: str) -> HttpDestination:
         timeout_s=2.0,
         retry=FAST_RETRY,
     )
+
+
+# The fixtures both delivery test modules use (imported there by these names).
+
+
+@pytest.fixture(name="data_dir")
+def data_dir_fixture(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(name="orthanc")
+def orthanc_fixture(tmp_path: Path) -> Iterator[OrthancServer]:
+    with OrthancServer(tmp_path / "orthanc") as server:
+        yield server
+
+
+@pytest.fixture(name="listener")
+def listener_fixture() -> Iterator[MLLPListener]:
+    with MLLPListener(ReplyMode.AA) as started:
+        yield started

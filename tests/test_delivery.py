@@ -31,33 +31,16 @@ from peers.orthanc import OrthancServer
 from storage.db import Database
 from storage.models import OutboxItem, OutboxStatus, utcnow
 from tests.delivery_rows import all_in, make_report, outbox_rows, queue
-from tests.delivery_support import (
+from tests.delivery_support import (  # the fixtures: data directory, Orthanc, MLLP listener
     FAST_RETRY,
+    data_dir_fixture,  # noqa: F401
     his_destination,
     http_destination,
+    listener_fixture,  # noqa: F401
     make_worker,
+    orthanc_fixture,  # noqa: F401
     pacs_destination,
 )
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
-    with OrthancServer(tmp_path / "orthanc") as server:
-        yield server
-
-
-@pytest.fixture
-def listener() -> Iterator[MLLPListener]:
-    with MLLPListener(ReplyMode.AA) as started:
-        yield started
-
 
 # ---------------------------------------------------------------------------------------------
 # DICOM
