@@ -12,7 +12,9 @@ the report as its first answer, the anchors, the question and a crop: two images
 In the same run:
     idle     K questions on an idle node;
     backlog  N studies are queued, and K questions are asked one after another while the
-             worker reports them (only answers that arrived before the backlog was done count).
+             worker reports them (only answers that arrived before the backlog was done count);
+             on CUDA the worker answers them between decode steps of the running study batch,
+             on the priority generator ``attach_fast_path`` attaches (inference/lane_steps.py).
 
 Latency = client wall time from ``ask`` to the stored answer (``queued_s``: waiting for the
 running batch; ``generate_s``: the engine). The answer is limited to ``--new-tokens``; random
@@ -293,7 +295,7 @@ def measure_under_backlog(
     queued_at = time.perf_counter()
     close_quiet_studies(db, lambda _m, _a: 0.0)
     wait_until(lambda: jobs_running(db) > 0, args.timeout, "the backlog to start")
-    samples = []
+    samples: list[Sample] = []
     while len(samples) < args.questions:
         sample = ask_once(db, settings, study_uid, bell, args.timeout)
         if sample.backlog_left == 0:

@@ -213,12 +213,14 @@ class InteractiveSettings(Section):
 
     The API queues them (storage/interactive.py; how many may wait is its own setting, passed
     to ``submit`` as ``max_queued``); the worker answers them before its next batch of studies
-    (inference/interactive.py).
+    (inference/interactive.py), and on the CUDA fast path between decode steps of the running
+    batch (inference/lane_steps.py).
     """
 
     max_batch: int = Field(default=4, ge=1)  # requests the worker runs as one engine batch
-    # Rounds of up to max_batch requests served before the next study batch: questions come
-    # first, yet a steady stream of them cannot starve the study queue.
+    # Rounds of up to max_batch requests served before the next study batch, and at most as
+    # many inside a running one: questions come first, yet a steady stream of them cannot
+    # starve the study queue.
     max_rounds_between_batches: int = Field(default=4, ge=1)
     max_new_tokens: int = Field(default=384, ge=1)  # default answer length (capped by model's)
     wait_timeout_s: float = Field(default=120.0, gt=0)  # how long a caller waits for an answer

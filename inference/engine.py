@@ -12,6 +12,11 @@ build the next batch's inputs on the CPU while the device generates the current 
     PreparingEngine.prepare(requests) -> PreparedBatch
     PreparingEngine.generate_prepared(batch) -> results  (== generate(requests))
 
+An engine that decodes step by step in this process may call back between decode steps
+(``SteppingEngine``), so the worker can answer a waiting question inside a running batch:
+
+    SteppingEngine.set_step_hook(hook | None)   hook() may call generate (re-entrant)
+
 Implementations:
     inference.transformers_engine.TransformersEngine  real MedGemma / tiny demo model
     inference.openai_engine.OpenAIEngine               an OpenAI-compatible inference server
@@ -30,6 +35,7 @@ Failures an engine reports (besides OutOfMemory), and what the worker does with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -171,4 +177,19 @@ class PreparingEngine(Engine, Protocol):
 
     def generate_prepared(self, batch: PreparedBatch) -> list[GenerationResult]:
         """Run a prepared batch. Raises OutOfMemory when the batch does not fit."""
+        ...
+
+
+@runtime_checkable
+class SteppingEngine(Engine, Protocol):
+    """An engine that calls a hook between decode steps of a running batch.
+
+    The hook runs in the generating thread every few steps; a ``generate`` it makes runs to
+    the end before the batch goes on, without disturbing the batch's results, and does not
+    call the hook itself. Engines without decode steps of their own (an inference server, the
+    scripted double) are not SteppingEngines: their callers serve between batches.
+    """
+
+    def set_step_hook(self, hook: Callable[[], None] | None) -> None:
+        """Call ``hook`` between decode steps from now on (None: stop calling)."""
         ...

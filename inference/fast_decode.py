@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +158,8 @@ class FastGreedyGenerator:
         self._bias = torch.zeros(self.shape.vocab_size, dtype=torch.float32, device=self.device)
         self._eos = torch.full((_MAX_EOS_IDS,), -1, dtype=torch.long, device=self.device)
         self._pad = torch.zeros((), dtype=torch.long, device=self.device)
+        self._between_steps: Callable[[], None] | None = None  # set for one generate call
+        self._busy = False
 
     def _compute_dtype(self, first: torch.Tensor) -> torch.dtype:
         # bitsandbytes stores packed uint8 weights; the embedding keeps the compute dtype.
@@ -201,9 +203,32 @@ class FastGreedyGenerator:
         eos_token_ids: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         force_new_tokens: bool = False,
+        between_steps: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """New tokens [batch, n] (CPU). ``force_new_tokens`` never lets EOS win, as
-        ``min_new_tokens=max_new_tokens`` does in ``generate``: exactly max_new_tokens each."""
+        ``min_new_tokens=max_new_tokens`` does in ``generate``: exactly max_new_tokens each.
+
+        ``between_steps`` runs in this thread every ``check_every`` decode steps, after the stop
+        test (where the loop syncs with the device). It may generate on another generator (its
+        own buffers), never on this one: the running batch's KV is in this one's buffers."""
+        if self._busy:
+            raise RuntimeError("generate called again while this generator's batch runs")
+        self._busy, self._between_steps = True, between_steps
+        try:
+            return self._generate(
+                inputs, max_new_tokens, eos_token_ids, pad_token_id, force_new_tokens
+            )
+        finally:
+            self._busy, self._between_steps = False, None
+
+    def _generate(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        max_new_tokens: int,
+        eos_token_ids: int | Sequence[int] | None,
+        pad_token_id: int | None,
+        force_new_tokens: bool,
+    ) -> torch.Tensor:
         eos = _as_id_list(eos_token_ids if eos_token_ids is not None else self._default_eos())
         pad = pad_token_id if pad_token_id is not None else self._default_pad(eos)
         batch = {k: self._to_device(v) for k, v in inputs.items() if torch.is_tensor(v)}
@@ -345,12 +370,15 @@ class FastGreedyGenerator:
     def _decode(self, state: _DecodeState, rows: int, max_new_tokens: int, check: bool) -> int:
         """Replay the step until max_new_tokens, or until every real row has stopped. The stop
         test syncs with the GPU, so it runs every ``check_every`` tokens; the extra tokens a
-        finished batch makes meanwhile are pad and get trimmed."""
+        finished batch makes meanwhile are pad and get trimmed. ``between_steps`` (generate)
+        runs at the same points, after the stop test."""
         produced = 1
         while produced < max_new_tokens:
             due = (produced - 1) % self.check_every == 0
             if check and due and bool(state.done[:rows].all()):
                 break
+            if due and self._between_steps is not None:
+                self._between_steps()
             self._run_step(state)
             produced += 1
         return produced

@@ -1,12 +1,13 @@
 """The inference worker's priority lane: predict requests and conversation turns.
 
 The worker (inference/worker.py) calls ``InteractiveLane.serve(engine)`` before it runs each
-batch of studies, and when the API rings its doorbell while it is idle; so a question waits
-at most for the batch that is generating when it arrives, never for the study queue. Each
-round claims up to ``interactive.max_batch`` requests (storage/interactive.py, with a lease)
-and runs them through the same engine as studies, as one batch; at most
-``interactive.max_rounds_between_batches`` rounds run before the next study batch, so a
-steady stream of questions cannot starve the studies.
+batch of studies, and when the API rings its doorbell while it is idle; on the CUDA fast path
+also between decode steps of the running batch (inference/lane_steps.py, one round at a
+time), so a question does not wait for that batch to end either. Each round claims up to
+``interactive.max_batch`` requests (storage/interactive.py, with a lease) and runs them
+through the same engine as studies, as one batch; at most
+``interactive.max_rounds_between_batches`` rounds run before the next study batch (and as
+many inside it), so a steady stream of questions cannot starve the studies.
 
     predict            the upload (DICOM: the same preprocessing as received studies; PNG/JPEG
                        as RGB, padded to a square) + the question (default: the template of
@@ -195,11 +196,13 @@ class InteractiveLane:
             ring(self.data_dir, API_DOORBELL)
         return refused
 
-    def serve(self, engine: Engine) -> int:
-        """Answer waiting requests, in rounds of up to max_batch; return how many finished."""
+    def serve(self, engine: Engine, max_rounds: int | None = None) -> int:
+        """Answer waiting requests, in rounds of up to max_batch (at most ``max_rounds``,
+        default max_rounds_between_batches); return how many finished."""
         self._check_abandoned()
         finished = 0
-        for _ in range(self.settings.max_rounds_between_batches):
+        rounds = self.settings.max_rounds_between_batches if max_rounds is None else max_rounds
+        for _ in range(rounds):
             if not has_queued(self.db):
                 break
             claimed = claim_next(

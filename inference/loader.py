@@ -148,6 +148,11 @@ def attach_fast_path(engine: TransformersEngine, settings: NodeSettings) -> None
     Warmed up at load with the default chest question on a blank 896 px image, so the first
     study is not slow: every batch bucket's graph is captured for that prompt length and the
     configured token budget.
+
+    A second, small generator (its own KV arena, up to [interactive] max_batch rows) answers
+    the questions the worker serves between decode steps of a running batch. Its graphs are
+    captured for the whole buffer length: a follow-up with the report, anchors and a crop has
+    a far longer prompt than the study question, and a capture then would hold the batch up.
     """
     if not engine.wants_fast_path:
         return
@@ -156,14 +161,17 @@ def attach_fast_path(engine: TransformersEngine, settings: NodeSettings) -> None
     model = settings.model
     sample = engine.sample_inputs(PromptLibrary.load(model.prompts_dir).question("CR", "CHEST"))
     prompt_len = int(sample["input_ids"].shape[1])
+    total_len = max(FAST_PATH_MIN_LENGTH, prompt_len + model.max_new_tokens + 64)
     generator = FastGreedyGenerator(
-        engine.model,
-        max_batch=model.max_batch,
-        max_total_len=max(FAST_PATH_MIN_LENGTH, prompt_len + model.max_new_tokens + 64),
+        engine.model, max_batch=model.max_batch, max_total_len=total_len
     )
     started = time.monotonic()
     generator.warm_up(prompt_len, model.max_new_tokens, sample_inputs=sample)
-    engine.attach_fast_generator(generator)
+    priority = FastGreedyGenerator(
+        engine.model, max_batch=settings.interactive.max_batch, max_total_len=total_len
+    )
+    priority.warm_up(prompt_len, total_len - prompt_len + 1, sample_inputs=sample)
+    engine.attach_fast_generator(generator, priority=priority)
     log.info("CUDA fast path ready (graphs captured in %.1f s)", time.monotonic() - started)
 
 

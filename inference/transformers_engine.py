@@ -18,6 +18,13 @@ makes the cut identical to stopping there).
 (the model, then text decoding) split ``generate`` in two, so the inference worker can build
 batch N+1 in a second thread while batch N generates. On CUDA the copy runs on a stream of its
 own and the generating stream waits for it on the device, not in Python.
+
+Questions between decode steps (issue 13): ``set_step_hook(hook)`` makes a batch on the fast
+path call ``hook`` every few decode steps (``FastGreedyGenerator.generate(between_steps=)``);
+the inference worker answers waiting questions there. A ``generate`` made from inside the hook
+(same thread) must not touch the running batch's static buffers, which hold its KV: it runs on
+the second, small priority generator (``attach_fast_generator(..., priority=)``, sized by
+[interactive]), or on plain ``model.generate`` when there is none, and never calls the hook.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -69,7 +76,15 @@ class FastGenerator(Protocol):
     their end-of-sequence token.
     """
 
-    def generate(self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor: ...
+    def generate(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        max_new_tokens: int,
+        *,
+        between_steps: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """``between_steps``: called every few decode steps (see the module docstring)."""
+        ...
 
 
 # --------------------------------------------------------------------------- weights
@@ -253,6 +268,10 @@ class TransformersEngine:
         # with attach_fast_generator(); while it is None, _generate_ids uses model.generate.
         self.wants_fast_path = settings.fast_path and self.device.type == "cuda"
         self._fast_generator: FastGenerator | None = None
+        # For a generate made inside the step hook, while the batch holds _fast_generator.
+        self._priority_generator: FastGenerator | None = None
+        self._step_hook: Callable[[], None] | None = None
+        self._in_step_hook = False
         # A fast tokenizer is not safe to share between threads (each call reconfigures its
         # padding in place: "RuntimeError: Already borrowed"), and prepare runs in a second
         # thread while this one decodes text: every other thread gets a copy of the processor.
@@ -318,9 +337,29 @@ class TransformersEngine:
         vocab = self.processor.tokenizer.get_vocab()
         return {vocab[token]: token for token in THINKING_TOKENS if token in vocab}
 
-    def attach_fast_generator(self, generator: FastGenerator | None) -> None:
-        """Use ``generator`` instead of ``model.generate`` (None goes back to the plain path)."""
+    def attach_fast_generator(
+        self, generator: FastGenerator | None, priority: FastGenerator | None = None
+    ) -> None:
+        """Use ``generator`` instead of ``model.generate`` (None goes back to the plain path);
+        ``priority`` (own buffers) runs what the step hook generates while a batch runs."""
         self._fast_generator = generator
+        self._priority_generator = priority
+
+    def set_step_hook(self, hook: Callable[[], None] | None) -> None:
+        """Call ``hook`` every few decode steps of each batch on the fast path (None: stop).
+
+        It runs in the generating thread and may call ``generate`` (served by the priority
+        generator); an exception from it ends the batch, so it should catch its own."""
+        self._step_hook = hook
+
+    def _between_steps(self) -> None:
+        if self._step_hook is None or self._in_step_hook:
+            return
+        self._in_step_hook = True
+        try:
+            self._step_hook()
+        finally:
+            self._in_step_hook = False
 
     def _processor(self) -> Any:
         """This thread's processor: the loaded one in the thread that loaded it, else a copy."""
@@ -413,10 +452,16 @@ class TransformersEngine:
         """The new ids of every row, [batch, <= max_new_tokens].
 
         CUDA fast path hook: with a FastGenerator attached (attach_fast_generator) the decode
-        runs there; otherwise plain greedy ``model.generate``.
+        runs there, calling the step hook between steps; otherwise plain greedy
+        ``model.generate``. Called from inside the step hook: the priority generator, else
+        ``model.generate`` (the batch's generator is in use).
         """
-        if self._fast_generator is not None:
-            return self._fast_generator.generate(inputs, max_new_tokens)
+        if self._in_step_hook:
+            if self._priority_generator is not None:
+                return self._priority_generator.generate(inputs, max_new_tokens)
+        elif self._fast_generator is not None:
+            hook = self._between_steps if self._step_hook is not None else None
+            return self._fast_generator.generate(inputs, max_new_tokens, between_steps=hook)
         output: torch.Tensor = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False
         )

@@ -15,7 +15,9 @@ server refused the request itself (EngineRequestRejected), failed at once.
 
 Priority lane: before each batch (and when the API rings the doorbell while idle) the worker
 answers waiting questions and predict requests first (inference/interactive.py); without a
-model they fail at once with the message status shows.
+model they fail at once with the message status shows. While a batch generates on an engine
+that steps (the transformers engine on the CUDA fast path) they are also answered between its
+decode steps, without waiting for the batch to end (inference/lane_steps.py).
 
 Priors ([priors], issue 17): with a PriorFinder the worker asks for each job's prior while it
 loads the job (bounded by the finder's limit; the jobs of a batch search at the same time),
@@ -64,6 +66,7 @@ from inference.engine import (
 )
 from inference.interactive import InteractiveLane
 from inference.job_questions import JobQuestions
+from inference.lane_steps import LaneBetweenSteps
 from inference.prefetch import Prefetcher
 from inference.preprocess import PreparedStudy, PreprocessError, prepare_study
 from inference.prompts import PromptLibrary
@@ -150,6 +153,12 @@ class InferenceWorker:
         self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
+        self.lane_steps = LaneBetweenSteps(
+            self.lane,
+            settings.interactive.max_rounds_between_batches,
+            self.poll_interval_s,
+            self.stop_event,
+        )
         # Off the generating process's interpreter lock (0: in this process's threads):
         # DICOM reading and rendering, and the reports with their outputs (report_store.py).
         self.render_processes = render_processes
@@ -259,6 +268,7 @@ class InferenceWorker:
         if batch.jobs:
             self._prefetch_next(engine)
             given_back = self._run_batch(engine, batch)
+            answered += self.lane_steps.answered  # questions answered inside the batch
             ring(self.data_dir, DELIVERY_DOORBELL)  # its outbox rows are committed
         return answered + len(batch.job_ids) - given_back
 
@@ -402,7 +412,8 @@ class InferenceWorker:
         started = time.monotonic()
         outcomes: list[GenerationResult] | list[GenerationResult | InferenceError]
         try:
-            outcomes = self._generate(engine, batch)
+            with self.lane_steps.during(engine, self.doorbell):
+                outcomes = self._generate(engine, batch)
         except EngineUnavailable as exc:
             self._engine_lost(exc, jobs)
             return len(jobs)

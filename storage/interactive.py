@@ -2,7 +2,8 @@
 
 The model never runs in the API process. The API queues a request here, rings the worker's
 doorbell, and waits (bounded) for the worker to store the answer; the worker takes queued
-requests before its next batch of studies (inference/interactive.py).
+requests before its next batch of studies, or between decode steps of the running one
+(inference/interactive.py, inference/lane_steps.py).
 
 Interface for the HTTP layer (every function takes the node's ``storage.db.Database``)::
 
@@ -337,7 +338,8 @@ def wait_for_result(
 
 
 def has_queued(db: Database) -> bool:
-    """Whether any request waits (one indexed lookup, no lock): checked between batches."""
+    """Whether any request waits (one indexed lookup, no lock): checked between batches, and
+    inside a batch when the doorbell rang."""
     with db.session() as session:
         query = select(InteractiveRequest.id).where(InteractiveRequest.status == JobStatus.QUEUED)
         return session.scalar(query.limit(1)) is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +186,13 @@ def test_fast_generator_hook_replaces_generate(
     scripted = [vocab["O"], vocab["K"], vocab["<end_of_turn>"], vocab["<pad>"]]
 
     class Fixed:
-        def generate(self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
+        def generate(
+            self,
+            inputs: Mapping[str, torch.Tensor],
+            max_new_tokens: int,
+            *,
+            between_steps: Callable[[], None] | None = None,
+        ) -> torch.Tensor:
             rows = inputs["input_ids"].shape[0]
             return torch.tensor([scripted] * rows)
 

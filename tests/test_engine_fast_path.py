@@ -7,12 +7,15 @@ checks the wiring and that it gives the same tokens as the plain `model.generate
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import torch
 from PIL import Image
 
 from config.settings import load_settings
 from inference.demo_model import write_demo_model
 from inference.engine import GenerationRequest, GenerationSettings
+from inference.fast_decode import FastGreedyGenerator
 from inference.loader import attach_fast_path
 from inference.transformers_engine import TransformersEngine
 
@@ -37,3 +40,66 @@ def test_fast_path_attached_by_the_loader_gives_the_plain_tokens(tmp_path: Path)
     fast = [result.text for result in engine.generate(requests)]
     assert fast == plain
     assert all(text for text in plain), "the tiny model must produce some text"
+
+
+def test_generate_from_the_step_hook_runs_on_the_priority_generator(tmp_path: Path) -> None:
+    write_demo_model(tmp_path / "demo")
+    settings = load_settings()
+    settings.model = settings.model.model_copy(update={"max_batch": 2, "max_new_tokens": 16})
+    engine = TransformersEngine(settings.model, weights_dir=tmp_path / "demo")
+    studies = [study_request(30, "Describe the chest radiograph.", 16)]
+    question = study_request(200, "Any nodule?", 10)
+    plain_studies = [r.text for r in engine.generate(studies)]
+    plain_answer = engine.generate([question])[0].text
+    engine.wants_fast_path = True  # what a CUDA device sets
+    attach_fast_path(engine, settings)
+    batch_gen, priority = engine._fast_generator, engine._priority_generator
+    assert isinstance(batch_gen, FastGreedyGenerator)
+    assert isinstance(priority, FastGreedyGenerator)
+    assert priority.max_batch == settings.interactive.max_batch
+    used: list[str] = []
+    record_calls(batch_gen, "batch", used)
+    record_calls(priority, "priority", used)
+    answers: list[str] = []
+
+    def hook() -> None:  # what the worker does: answer a waiting question, once
+        if not answers:
+            answers.extend(r.text for r in engine.generate([question]))
+
+    engine.set_step_hook(hook)
+    try:
+        interrupted = [r.text for r in engine.generate(studies)]
+    finally:
+        engine.set_step_hook(None)
+    assert used == ["batch", "priority"]
+    assert interrupted == plain_studies and answers == [plain_answer]
+    assert all(plain_studies) and plain_answer, "the tiny model must produce some text"
+
+    # Without a priority generator the question goes through plain model.generate.
+    engine.attach_fast_generator(batch_gen, priority=None)
+    answers.clear()
+    engine.set_step_hook(hook)
+    try:
+        assert [r.text for r in engine.generate(studies)] == plain_studies
+    finally:
+        engine.set_step_hook(None)
+    assert answers == [plain_answer] and used == ["batch", "priority", "batch"]
+
+
+def study_request(shade: int, prompt: str, new_tokens: int) -> GenerationRequest:
+    return GenerationRequest(
+        images=[Image.new("RGB", (64, 48), color=(shade, shade, shade))],
+        prompt=prompt,
+        settings=GenerationSettings(max_new_tokens=new_tokens),
+    )
+
+
+def record_calls(generator: FastGreedyGenerator, name: str, used: list[str]) -> None:
+    """A spy: notes ``name`` in ``used`` at each generate, then runs the real one."""
+    original = generator.generate
+
+    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
+        used.append(name)
+        return original(*args, **kwargs)
+
+    generator.generate = recording  # type: ignore[method-assign]

@@ -176,3 +176,35 @@ def test_cuda_graph_replay_matches_generate(model: Any, processor: Any, use_trit
 
     assert all(state.graph is not None for state in gen._states.values())
     assert torch.equal(fast, plain(cuda_model, inputs, 32, min_new_tokens=32))
+
+
+def test_between_steps_hook_may_generate_on_a_second_generator(model: Any, processor: Any) -> None:
+    # The worker's use: a long study batch calls back between decode steps, and a question is
+    # answered there on a generator with its own buffers; the batch's tokens must not change.
+    inputs = study_inputs(processor, QUESTIONS)
+    question = text_inputs(1, 14, pads=[0])
+    batch_gen = FastGreedyGenerator(model, max_batch=4, max_total_len=256)
+    priority = FastGreedyGenerator(model, max_batch=2, max_total_len=256)
+    alone = batch_gen.generate(inputs, max_new_tokens=30, force_new_tokens=True)
+    answers: list[torch.Tensor] = []
+    calls = 0
+
+    def between_steps() -> None:
+        nonlocal calls
+        calls += 1
+        if calls in (2, 17):
+            answers.append(priority.generate(question, max_new_tokens=10))
+        if calls == 3:  # its own buffers hold the running batch: refused, batch unharmed
+            with pytest.raises(RuntimeError, match="while this generator's batch runs"):
+                batch_gen.generate(question, max_new_tokens=4)
+
+    interrupted = batch_gen.generate(
+        inputs, max_new_tokens=30, force_new_tokens=True, between_steps=between_steps
+    )
+
+    assert calls == 29  # on CPU check_every is 1: before every step after the first token
+    assert torch.equal(interrupted, alone)
+    expected = plain(model, question, 10)
+    assert len(answers) == 2 and all(torch.equal(a, expected) for a in answers)
+    again = batch_gen.generate(inputs, max_new_tokens=30, force_new_tokens=True)
+    assert torch.equal(again, alone) and calls == 29, "the hook is for one call only"

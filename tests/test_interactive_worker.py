@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from sqlalchemy import func, select
 
 from inference.demo_model import write_demo_model
 from inference.engine import GenerationRequest, GenerationResult
-from inference.loader import EngineProvider
+from inference.loader import EngineProvider, attach_fast_path
 from inference.scripted_engine import ScriptedEngine
 from inference.transformers_engine import TransformersEngine, missing_weights_message
 from inference.worker import InferenceWorker
@@ -194,3 +195,50 @@ def test_without_weights_questions_fail_at_once_saying_how_to_provide_them(
     assert outcome.error == missing_weights_message(settings.model)
     assert str(tmp_path / "no-weights") in outcome.error and "model_path" in outcome.error
     assert json.dumps(provider.state["message"]) == json.dumps(outcome.error), "same as status"
+
+
+def test_question_is_answered_between_decode_steps_of_the_running_batch(
+    tmp_path: Path, db: Database, rg1_unci: Path, demo_engine: TransformersEngine
+) -> None:
+    # The tiny model on the fast path as the loader attaches it on CUDA (eager on the CPU),
+    # with its priority generator. The one stand-in is a spy around the step hook the worker
+    # sets: the first time the running batch calls back it queues the question as the API
+    # does, then runs the worker's hook; after each call it notes both statuses.
+    settings = make_settings(tmp_path, db.url, max_batch=2, max_new_tokens=24, device="cpu")
+    data_dir = settings.storage.data_dir
+    [job_id] = queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 1)
+    engine = TransformersEngine(settings.model, weights_dir=demo_engine.weights_dir)
+    engine.wants_fast_path = True  # what a CUDA device sets
+    attach_fast_path(engine, settings)
+    worker = InferenceWorker(db, settings, lambda: engine)
+    request_ids: list[int] = []
+    seen: list[tuple[str, str]] = []  # (question, study job) after each call of the hook
+    set_step_hook = engine.set_step_hook
+
+    def spy(hook: Callable[[], None] | None) -> None:
+        def queue_then_serve() -> None:
+            assert hook is not None
+            if not request_ids:
+                request_ids.append(
+                    submit_predict(
+                        db, data_dir, png_bytes(64, 48), QUESTION, max_new_tokens=6, max_queued=4
+                    )
+                )
+            hook()
+            seen.append((get_outcome(db, request_ids[0]).status, job_status(db, job_id)))
+
+        set_step_hook(None if hook is None else queue_then_serve)
+
+    engine.set_step_hook = spy  # type: ignore[method-assign]
+    assert worker.run_once() == 2, "the study and the question answered inside its batch"
+    assert seen[0] == (JobStatus.DONE, JobStatus.RUNNING), "answered while the batch ran"
+    assert len(seen) > 1, "the batch went on decoding after the answer"
+    assert job_status(db, job_id) == JobStatus.DONE
+    result = get_outcome(db, request_ids[0]).result
+    assert result is not None and 0 < result["timings"]["new_tokens"] <= 6
+    assert engine._step_hook is None, "the hook is set only while a batch generates"
+
+
+def job_status(db: Database, job_id: int) -> str:
+    with db.session() as session:
+        return str(session.get_one(Job, job_id).status)
