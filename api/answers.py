@@ -22,6 +22,7 @@ otherwise re-read the row every ``[interactive] poll_interval_s``.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -119,9 +120,16 @@ def queue_full_response(exc: QueueFull) -> JSONResponse:
     )
 
 
-def answer_responses(answer: type[BaseModel], extra: dict[int, str]) -> dict[int | str, Any]:
+# A predict request names no conversation: it cannot fail as gone or appended meanwhile.
+PREDICT_ERRORS = tuple(c for c in ErrorCode if c not in (ErrorCode.NOT_FOUND, ErrorCode.CONFLICT))
+
+
+def answer_responses(
+    answer: type[BaseModel], extra: dict[int, str], codes: Iterable[ErrorCode] = tuple(ErrorCode)
+) -> dict[int | str, Any]:
     """The OpenAPI ``responses`` of an endpoint that answers through the worker; ``extra``:
-    the endpoint's own error statuses and what they mean."""
+    the endpoint's own error statuses and what they mean; ``codes``: the worker failures it
+    can answer with."""
     responses: dict[int | str, Any] = {
         200: {"model": answer, "description": "The answer"},
         202: {
@@ -131,7 +139,7 @@ def answer_responses(answer: type[BaseModel], extra: dict[int, str]) -> dict[int
         },
         429: {"description": "Too many questions are queued; `Retry-After` says when to ask"},
     }
-    for code in ErrorCode:
+    for code in codes:
         meaning = f"error_code `{code.value}`: {ERROR_MEANING[code]}"
         known = responses.get(ERROR_STATUS[code])
         described = f"{known['description']}; or {meaning}" if known else meaning

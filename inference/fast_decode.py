@@ -12,6 +12,11 @@ some 1,500 small kernels a token (README, "GPU sizing"; benchmarks/RESULTS.md). 
 * one decode step — embedding, every layer, lm_head, argmax, EOS bookkeeping — runs on those
   buffers with fixed shapes and is captured once per (rows, length) in a ``torch.cuda.CUDAGraph``
   that is replayed for each token;
+* long prompts (CT and MR studies: up to 85 images, ~22,300 tokens) decode in a second arena
+  (inference/fast_buffers.py) sized on demand within ``long_kv_tokens`` KV columns, their
+  lengths rounded to ``long_len_step``; a batch runs in as many rows at a time as that holds,
+  and its prompt is prefilled in passes of at most ``prefill_tokens`` tokens (whole rows, each
+  with its own images), so activations and the vision tower's batch stay bounded;
 * the small operations between the matrix products (RMSNorm, residual add, qk-norm + RoPE +
   KV write, decode attention, GeGLU) are a ``StepOps`` (inference/step_ops.py): on CUDA with
   Triton, ``TritonStepOps`` (inference/triton_ops.py) runs them as fused kernels
@@ -32,12 +37,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from inference.fast_buffers import DecodeState, KVArena, batch_rows, image_offsets
 from inference.step_ops import HFModule, StepOps, TextShape, TorchStepOps
 
 log = logging.getLogger(__name__)
@@ -72,24 +77,6 @@ def _language_model(model: HFModule) -> HFModule:
     if language_model is None or not all(hasattr(language_model, n) for n in needed):
         raise TypeError(f"{type(model).__name__} is not a Gemma 3 image-text model")
     return language_model
-
-
-@dataclass
-class _DecodeState:
-    """Static buffers of one (rows, length) shape; the graph reads and writes only these."""
-
-    rows: int
-    length: int
-    keys: list[torch.Tensor]  # per layer [rows, kv_heads, length, head_dim], views of the arena
-    values: list[torch.Tensor]
-    tokens: torch.Tensor  # [rows] the token each row feeds in next
-    positions: torch.Tensor  # [rows] its RoPE position (left padding not counted)
-    starts: torch.Tensor  # [rows] first KV column the row may attend to (its left padding)
-    column: torch.Tensor  # [1] KV column the next token is written to
-    step: torch.Tensor  # [1] index of the next output token
-    done: torch.Tensor  # [rows] the row has emitted an EOS
-    out: torch.Tensor  # [rows, length] generated tokens, pad after EOS
-    graph: torch.cuda.CUDAGraph | None = None
 
 
 def _step_ops(shape: TextShape, *, use_triton: bool, gelu_tanh: bool) -> StepOps:
@@ -130,6 +117,9 @@ class FastGreedyGenerator:
         max_total_len: int = 2048,
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         len_step: int = 256,
+        long_kv_tokens: int = 0,
+        long_len_step: int = 4096,
+        prefill_tokens: int = 65536,
         use_cuda_graphs: bool | None = None,
         use_triton: bool | None = None,
         check_every: int = 8,
@@ -149,10 +139,21 @@ class FastGreedyGenerator:
         self.max_batch = max_batch
         self.max_total_len = max_total_len
         self.len_step = len_step
+        # Long prompts (CT/MR): rows x KV columns a long batch may hold at a time, 0 for none
+        # (they then go to model.generate); their lengths round up to long_len_step so a few
+        # graphs serve every slice count.
+        self.long_kv_tokens = long_kv_tokens
+        self.long_len_step = long_len_step
+        # Prompt tokens one prefill pass may hold: bounds the activations (and the vision
+        # tower's batch) of long prompts; a batch of radiographs stays one pass.
+        self.prefill_tokens = prefill_tokens
+        config = model.config
+        self._image_token_id = getattr(config, "image_token_id", None)
+        self._tokens_per_image = int(getattr(config, "mm_tokens_per_image", 0) or 0)
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.check_every = max(1, check_every if on_cuda else 1)
-        self._arena_k, self._arena_v = self._allocate_arena()
-        self._states: dict[tuple[int, int], _DecodeState] = {}
+        self._short = self._arena(max_batch * max_total_len)
+        self._long: KVArena | None = None  # allocated by the first long prompt
         self._min_length = 0  # set by warm_up: shorter requests reuse the warm graphs
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._bias = torch.zeros(self.shape.vocab_size, dtype=torch.float32, device=self.device)
@@ -164,16 +165,21 @@ class FastGreedyGenerator:
         embed = self.lm.embed_tokens.weight
         return embed.dtype if embed.dtype.is_floating_point else first.dtype
 
-    def _allocate_arena(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """One flat K and V buffer per layer; every (rows, length) shape is a view of it."""
+    def _arena(self, columns: int) -> KVArena:
         s = self.shape
-        size = self.max_batch * s.num_kv_heads * self.max_total_len * s.head_dim
-        keys = [self._zeros(size) for _ in range(s.num_layers)]
-        values = [self._zeros(size) for _ in range(s.num_layers)]
-        return keys, values
+        return KVArena.allocate(
+            columns,
+            layers=s.num_layers,
+            column_elements=s.num_kv_heads * s.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
-    def _zeros(self, size: int) -> torch.Tensor:
-        return torch.zeros(size, dtype=self.dtype, device=self.device)
+    @property
+    def _states(self) -> dict[tuple[int, int], DecodeState]:
+        """Every decode state built so far, short and long."""
+        long_states = self._long.states if self._long is not None else {}
+        return {**self._short.states, **long_states}
 
     # ----------------------------------------------------------------- public API
 
@@ -215,10 +221,13 @@ class FastGreedyGenerator:
         if not self._fits(batch, max_new_tokens):
             return self._fallback(batch, max_new_tokens, eos, pad, force_new_tokens)
         self._set_stopping(eos, pad, force_new_tokens)
-        parts = [
-            self._generate_rows(self._slice(batch, start), max_new_tokens, eos, force_new_tokens)
-            for start in range(0, input_ids.shape[0], self.max_batch)
-        ]
+        rows, prompt_len = input_ids.shape
+        per_pass = self._rows_per_pass(prompt_len + max_new_tokens - 1)
+        offsets = self._offsets(batch)
+        parts = []
+        for start in range(0, rows, per_pass):
+            chunk = batch_rows(batch, offsets, start, min(start + per_pass, rows))
+            parts.append(self._generate_rows(chunk, max_new_tokens, eos, force_new_tokens))
         return _concat_padded(parts, pad)
 
     # ----------------------------------------------------------------- generation
@@ -239,23 +248,38 @@ class FastGreedyGenerator:
             return tensor.to(self.device, self.dtype)
         return tensor.to(self.device)
 
-    def _slice(self, batch: dict[str, torch.Tensor], start: int) -> dict[str, torch.Tensor]:
-        """Rows ``start..start+max_batch`` (``_fits`` made sure image rows follow text rows)."""
-        if batch["input_ids"].shape[0] <= self.max_batch:
-            return batch
-        return {k: v[start : start + self.max_batch] for k, v in batch.items()}
+    def _offsets(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        offsets = image_offsets(batch, self._image_token_id, self._tokens_per_image)
+        if offsets is None:
+            raise ValueError("the batch's images cannot be assigned to its rows")
+        return offsets
+
+    def _rows_per_pass(self, needed: int) -> int:
+        """Rows decoded together for prompts needing ``needed`` KV columns: max_batch in the
+        short arena; for long prompts the largest bucket the long-prompt budget holds (0: none)."""
+        if needed <= self.max_total_len:
+            return self.max_batch
+        fit = min(self.max_batch, self.long_kv_tokens // _round_up(needed, self.long_len_step))
+        return max((b for b in self.buckets if b <= fit), default=0)
+
+    def _length(self, needed: int) -> int:
+        """KV columns of the state for ``needed`` columns: warm lengths for short prompts."""
+        if needed <= self.max_total_len:
+            length = max(_round_up(needed, self.len_step), self._min_length)
+            return min(length, self.max_total_len)
+        return _round_up(needed, self.long_len_step)
 
     def _fits(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> bool:
         """Static buffers cover the request, padding is on the left (as ``generate`` needs),
-        and a batch over max_batch can be cut into chunks (one image per row)."""
+        and every row's images can be told apart (for cutting the batch into passes)."""
         mask = batch["attention_mask"]
-        rows, prompt_len = mask.shape
+        prompt_len = mask.shape[1]
         counts = mask.sum(-1, keepdim=True)
         cols = torch.arange(prompt_len, device=mask.device)
         left_padded = bool(torch.equal(mask.bool(), cols[None, :] >= prompt_len - counts))
-        pixels = batch.get("pixel_values")
-        splittable = rows <= self.max_batch or pixels is None or pixels.shape[0] == rows
-        return prompt_len + max_new_tokens - 1 <= self.max_total_len and left_padded and splittable
+        known_images = image_offsets(batch, self._image_token_id, self._tokens_per_image)
+        rows = self._rows_per_pass(prompt_len + max_new_tokens - 1)
+        return left_padded and known_images is not None and rows > 0
 
     def _fallback(
         self,
@@ -303,31 +327,49 @@ class FastGreedyGenerator:
     def _generate_rows(
         self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos: list[int], force: bool
     ) -> torch.Tensor:
-        first, cache = self._prefill(batch)
         mask = batch["attention_mask"]
         rows, prompt_len = mask.shape
         if max_new_tokens == 1:
-            return _trim(first[:, None].cpu(), eos)
+            return _trim(self._prefill_passes(batch, None)[:, None].cpu(), eos)
         bucket = next(b for b in self.buckets if b >= rows)
-        needed = _round_up(prompt_len + max_new_tokens - 1, self.len_step)
-        length = min(max(needed, self._min_length), self.max_total_len)
-        state = self._state(bucket, length)
-        self._load(state, cache, mask, first)
-        del cache  # the prompt's KV now lives in the static buffers
+        state = self._state(bucket, self._length(prompt_len + max_new_tokens - 1))
+        first = self._prefill_passes(batch, state)
+        self._load_inputs(state, mask, first)
         produced = self._decode(state, rows, max_new_tokens, check=not force)
         # A copy: the buffer is reused by the next chunk (and .cpu() is a no-op on CPU).
         return _trim(state.out[:rows, :produced].to("cpu", copy=True), eos)
 
-    def _load(
-        self, state: _DecodeState, cache: Any, mask: torch.Tensor, first: torch.Tensor
-    ) -> None:
-        """Prompt KV into columns [0, prompt_len); the first new token into the step inputs."""
-        rows, prompt_len = mask.shape
+    def _prefill_passes(
+        self, batch: dict[str, torch.Tensor], state: DecodeState | None
+    ) -> torch.Tensor:
+        """The prompt in passes of at most ``prefill_tokens`` tokens (whole rows); each pass's
+        KV goes into the state's rows at once, so only one pass's cache is alive at a time.
+        Returns every row's first new token."""
+        rows, prompt_len = batch["input_ids"].shape
+        per_pass = max(1, self.prefill_tokens // prompt_len)
+        offsets = self._offsets(batch)
+        firsts = []
+        for start in range(0, rows, per_pass):
+            stop = min(start + per_pass, rows)
+            first, cache = self._prefill(batch_rows(batch, offsets, start, stop))
+            if state is not None:
+                self._load_kv(state, cache, start, prompt_len)
+            del cache  # the prompt's KV now lives in the static buffers
+            firsts.append(first)
+        return torch.cat(firsts)
+
+    def _load_kv(self, state: DecodeState, cache: Any, row: int, prompt_len: int) -> None:
+        """A pass's prompt KV into columns [0, prompt_len) of the state's rows from ``row``."""
         for i, layer in enumerate(cache.layers):
             keys, values = layer.keys, layer.values
-            kept = keys.shape[2]  # sliding layers keep only the last window-1 columns
-            state.keys[i][:rows, :, prompt_len - kept : prompt_len].copy_(keys)
-            state.values[i][:rows, :, prompt_len - kept : prompt_len].copy_(values)
+            rows, kept = keys.shape[0], keys.shape[2]  # sliding layers keep window-1 columns
+            columns = slice(prompt_len - kept, prompt_len)
+            state.keys[i][row : row + rows, :, columns].copy_(keys)
+            state.values[i][row : row + rows, :, columns].copy_(values)
+
+    def _load_inputs(self, state: DecodeState, mask: torch.Tensor, first: torch.Tensor) -> None:
+        """The first new token, positions and stop flags into the step inputs."""
+        rows, prompt_len = mask.shape
         counts = mask.long().sum(-1)
         state.tokens.fill_(int(self._pad))
         state.tokens[:rows] = first
@@ -342,7 +384,7 @@ class FastGreedyGenerator:
         state.done[:rows] = (first[:, None] == self._eos[None, :]).any(-1)
         state.out[:rows, 0] = first
 
-    def _decode(self, state: _DecodeState, rows: int, max_new_tokens: int, check: bool) -> int:
+    def _decode(self, state: DecodeState, rows: int, max_new_tokens: int, check: bool) -> int:
         """Replay the step until max_new_tokens, or until every real row has stopped. The stop
         test syncs with the GPU, so it runs every ``check_every`` tokens; the extra tokens a
         finished batch makes meanwhile are pad and get trimmed."""
@@ -355,7 +397,7 @@ class FastGreedyGenerator:
             produced += 1
         return produced
 
-    def _run_step(self, state: _DecodeState) -> None:
+    def _run_step(self, state: DecodeState) -> None:
         if state.graph is not None:
             state.graph.replay()
         else:
@@ -363,31 +405,47 @@ class FastGreedyGenerator:
 
     # ----------------------------------------------------------------- the decode step
 
-    def _state(self, rows: int, length: int) -> _DecodeState:
+    def _state(self, rows: int, length: int) -> DecodeState:
         key = (rows, length)
-        if key not in self._states:
-            # Normal tensors even when called under the engine's inference_mode: the buffers
-            # are updated in place by every later call, whatever mode it runs in.
-            with torch.inference_mode(False), torch.no_grad():
-                state = self._new_state(rows, length)
+        # Normal tensors even when called under the engine's inference_mode: the buffers are
+        # updated in place by every later call, whatever mode it runs in.
+        with torch.inference_mode(False), torch.no_grad():
+            arena = self._arena_for(rows, length)
+            if key not in arena.states:
+                state = self._new_state(arena, rows, length)
                 if self.use_graphs:
                     state.graph = self._capture(state)
-            self._states[key] = state
-        return self._states[key]
+                arena.states[key] = state
+        return arena.states[key]
 
-    def _new_state(self, rows: int, length: int) -> _DecodeState:
-        s = self.shape
-        view = (rows, s.num_kv_heads, length, s.head_dim)
-        used = rows * s.num_kv_heads * length * s.head_dim
+    def _arena_for(self, rows: int, length: int) -> KVArena:
+        """The short arena, or the long one grown to hold ``rows x length`` columns (its
+        old states and graphs go: they point into the memory being replaced)."""
+        if length <= self.max_total_len:
+            return self._short
+        if self._long is None or not self._long.holds(rows, length):
+            columns = max(rows * length, self._long.columns if self._long is not None else 0)
+            self._long = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._long = self._arena(columns)
+            log.info(
+                "long-prompt KV buffers: %d columns (%.1f GiB)",
+                columns, self._long.bytes() / 2**30,
+            )  # fmt: skip
+        return self._long
+
+    def _new_state(self, arena: KVArena, rows: int, length: int) -> DecodeState:
+        keys, values = arena.views(rows, length, self.shape.num_kv_heads)
 
         def longs(*size: int) -> torch.Tensor:
             return torch.zeros(*size, dtype=torch.long, device=self.device)
 
-        return _DecodeState(
+        return DecodeState(
             rows=rows,
             length=length,
-            keys=[arena[:used].view(view) for arena in self._arena_k],
-            values=[arena[:used].view(view) for arena in self._arena_v],
+            keys=keys,
+            values=values,
             tokens=longs(rows),
             positions=longs(rows),
             starts=longs(rows),
@@ -397,7 +455,7 @@ class FastGreedyGenerator:
             out=longs(rows, length),
         )
 
-    def _capture(self, state: _DecodeState) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, state: DecodeState) -> torch.cuda.CUDAGraph | None:
         """Warm the step up on a side stream (Triton JIT, cuBLAS handles), then capture it."""
         try:
             side = torch.cuda.Stream()
@@ -414,7 +472,7 @@ class FastGreedyGenerator:
             log.warning("CUDA graph capture failed (%s); decoding without graphs", exc)
             return None
 
-    def _step(self, state: _DecodeState) -> None:
+    def _step(self, state: DecodeState) -> None:
         """One token for every row, reading and writing only the state's buffers."""
         hidden = self.lm.embed_tokens(state.tokens[:, None])
         positions = state.positions[:, None]
@@ -429,7 +487,7 @@ class FastGreedyGenerator:
 
     def _layer(
         self,
-        state: _DecodeState,
+        state: DecodeState,
         index: int,
         layer: HFModule,
         hidden: torch.Tensor,
@@ -452,7 +510,7 @@ class FastGreedyGenerator:
         m = self.ops.mlp(layer.mlp, x)
         return self.ops.add_norm(m, hidden, layer.post_feedforward_layernorm, following)
 
-    def _advance(self, state: _DecodeState, logits: torch.Tensor) -> None:
+    def _advance(self, state: DecodeState, logits: torch.Tensor) -> None:
         """generate's greedy step: float32 scores, argmax, pad once a row has stopped."""
         scores = logits.float() + self._bias
         nxt = torch.argmax(scores, dim=-1)

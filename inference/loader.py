@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.utils import logging as hf_logging
 
 from config.settings import NodeSettings
@@ -160,11 +161,28 @@ def attach_fast_path(engine: TransformersEngine, settings: NodeSettings) -> None
         engine.model,
         max_batch=model.max_batch,
         max_total_len=max(FAST_PATH_MIN_LENGTH, prompt_len + model.max_new_tokens + 64),
+        long_kv_tokens=long_prompt_kv_tokens(engine, model.long_prompt_kv_tokens),
     )
     started = time.monotonic()
     generator.warm_up(prompt_len, model.max_new_tokens, sample_inputs=sample)
     engine.attach_fast_generator(generator)
     log.info("CUDA fast path ready (graphs captured in %.1f s)", time.monotonic() - started)
+
+
+def long_prompt_kv_tokens(engine: TransformersEngine, configured: int | None) -> int:
+    """``model.long_prompt_kv_tokens``, or the KV columns a quarter of the GPU's memory holds
+    (every layer's K and V for one token of one row, in the model's dtype)."""
+    if configured is not None:
+        return configured
+    if engine.device.type != "cuda":
+        return 0
+    text = engine.model.config.get_text_config()
+    column_bytes = (
+        2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim
+        * torch.finfo(engine.dtype).bits // 8
+    )  # fmt: skip
+    total = torch.cuda.get_device_properties(engine.device).total_memory
+    return int(total // 4 // column_bytes)
 
 
 def scripted_engine(path: Path | None) -> ScriptedEngine:

@@ -220,14 +220,31 @@ def _demo_marker(weights_dir: Path) -> dict[str, Any] | None:
 
 @dataclass
 class DeviceInputs:
-    """The processor's tensors on the engine's device (PreparedBatch.inputs).
+    """The processor's tensors for one prompt group, on the engine's device.
 
-    ``ready``: recorded on the copy stream after the last copy (CUDA only); the generating
-    stream waits for it before it reads the tensors.
+    ``indices``: the group's requests, as positions in the batch. ``ready``: recorded on the
+    copy stream after the last copy (CUDA only); the generating stream waits for it before it
+    reads the tensors.
     """
 
     tensors: Any  # transformers BatchFeature
     ready: torch.cuda.Event | None = None
+    indices: list[int] | None = None
+
+
+def prompt_groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
+    """The batch's requests grouped by image count (1-2, 3-4, 5-8, ... images), in order.
+
+    One processor call pads every row to the longest prompt: a CT study of 85 slices
+    (~22,300 tokens) among radiographs (~700) would make every radiograph as long as the CT.
+    Each group runs as a batch of its own; one or two images (a radiograph, with its prior or
+    a zoomed crop) stay together, as their padding costs less than a second decode loop.
+    """
+    groups: dict[int, list[int]] = {}
+    for index, request in enumerate(requests):
+        images = max(1, len(request.all_images))
+        groups.setdefault(max(0, (images - 1).bit_length() - 1), []).append(index)
+    return list(groups.values())
 
 
 class TransformersEngine:
@@ -460,14 +477,16 @@ class TransformersEngine:
     def prepare(self, requests: list[GenerationRequest]) -> PreparedBatch:
         """The processor (CPU) and the copy to the device; safe in a second thread."""
         started = time.perf_counter()
-        inputs = None
-        if requests:
-            try:
-                with torch.inference_mode():
-                    inputs = self._device_inputs(requests)
-            except torch.cuda.OutOfMemoryError as exc:
-                raise self._out_of_memory(len(requests)) from exc
-        return PreparedBatch(list(requests), inputs, time.perf_counter() - started)
+        groups: list[DeviceInputs] = []
+        try:
+            with torch.inference_mode():
+                for indices in prompt_groups(requests):
+                    group = self._device_inputs([requests[i] for i in indices])
+                    group.indices = indices
+                    groups.append(group)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise self._out_of_memory(len(requests)) from exc
+        return PreparedBatch(list(requests), groups, time.perf_counter() - started)
 
     def generate_prepared(self, batch: PreparedBatch) -> list[GenerationResult]:
         """Generate and decode a batch from ``prepare``; raise OutOfMemory when it does not fit.
@@ -476,21 +495,35 @@ class TransformersEngine:
         """
         if not batch.requests:
             return []
-        if not isinstance(batch.inputs, DeviceInputs):
+        groups = batch.inputs
+        if not isinstance(groups, list) or not all(isinstance(g, DeviceInputs) for g in groups):
             raise TypeError("generate_prepared needs a batch from TransformersEngine.prepare")
         started = time.perf_counter()
-        limit = max(r.settings.max_new_tokens for r in batch.requests)
+        results: dict[int, GenerationResult] = {}
+        for group in groups:
+            results.update(self._generate_group(batch.requests, group))
+        seconds = batch.seconds + time.perf_counter() - started
+        ordered = [results[index] for index in range(len(batch.requests))]
+        for result in ordered:
+            result.seconds = seconds
+            result.prepare_seconds = batch.seconds
+        return ordered
+
+    def _generate_group(
+        self, requests: list[GenerationRequest], group: DeviceInputs
+    ) -> dict[int, GenerationResult]:
+        """One prompt group's results by position in the batch."""
+        indices = group.indices if group.indices is not None else list(range(len(requests)))
+        members = [requests[index] for index in indices]
+        limit = max(r.settings.max_new_tokens for r in members)
         try:
             with torch.inference_mode():
-                inputs = self._take_inputs(batch.inputs)
+                inputs = self._take_inputs(group)
                 output = self._generate_ids(inputs, limit)
         except torch.cuda.OutOfMemoryError as exc:
-            raise self._out_of_memory(len(batch.requests)) from exc
-        seconds = batch.seconds + time.perf_counter() - started
-        results = self._results(batch.requests, inputs["attention_mask"], output, seconds)
-        for result in results:
-            result.prepare_seconds = batch.seconds
-        return results
+            raise self._out_of_memory(len(requests)) from exc
+        results = self._results(members, inputs["attention_mask"], output, 0.0)
+        return dict(zip(indices, results, strict=True))
 
     def _results(
         self,

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from api.answers import ERROR_STATUS
+from api.answers import ERROR_STATUS, PREDICT_ERRORS
 from config.settings import NodeSettings
 from inference.engine import Engine
 from inference.loader import EngineProvider
@@ -258,11 +258,18 @@ def test_every_error_code_has_one_status_documented_in_the_openapi(api: RunningA
     assert set(ERROR_STATUS) == set(ErrorCode)
     with api.client() as anonymous:
         document = anonymous.get("/api/openapi.json").json()
-    for path in ("/api/predict", "/api/conversations/{conversation_id}/messages"):
+    endpoints = {
+        "/api/predict": set(PREDICT_ERRORS),
+        "/api/conversations/{conversation_id}/messages": set(ErrorCode),
+    }
+    for path, codes in endpoints.items():
         operation = document["paths"][path]["post"]
         for code, code_status in ERROR_STATUS.items():
-            assert f"`{code.value}`" in operation["responses"][str(code_status)]["description"]
-            assert f"{code.value} {code_status}" in operation["description"], (path, code)
+            documented = operation["responses"].get(str(code_status), {}).get("description", "")
+            assert (f"`{code.value}`" in documented) == (code in codes), (path, code)
+            assert (f"{code.value} {code_status}" in operation["description"]) == (code in codes)
         assert {"200", "202", "429"} <= set(operation["responses"])
+    # A predict request names no conversation: no 404 or 409 from it.
+    assert not {"404", "409"} & set(document["paths"]["/api/predict"]["post"]["responses"])
     predict_body = document["paths"]["/api/predict"]["post"]["requestBody"]["content"]
     assert set(predict_body) == {"multipart/form-data", "application/json"}

@@ -14,7 +14,7 @@ from config.settings import load_settings
 from inference.demo_model import write_demo_model
 from inference.engine import GenerationRequest, GenerationSettings
 from inference.loader import attach_fast_path
-from inference.transformers_engine import TransformersEngine
+from inference.transformers_engine import TransformersEngine, prompt_groups
 
 
 def test_fast_path_attached_by_the_loader_gives_the_plain_tokens(tmp_path: Path) -> None:
@@ -37,3 +37,43 @@ def test_fast_path_attached_by_the_loader_gives_the_plain_tokens(tmp_path: Path)
     fast = [result.text for result in engine.generate(requests)]
     assert fast == plain
     assert all(text for text in plain), "the tiny model must produce some text"
+
+
+def shaded(count: int, shade: int) -> list[Image.Image]:
+    return [Image.new("RGB", (64, 48), color=(shade + i, shade, shade)) for i in range(count)]
+
+
+def test_prompt_groups_keep_long_studies_apart_in_order() -> None:
+    counts = [1, 85, 2, 10, 1, 40, 12]
+    requests = [GenerationRequest(images=shaded(n, 0), prompt="Findings?") for n in counts]
+
+    assert prompt_groups(requests) == [[0, 2, 4], [1], [3, 6], [5]]
+
+
+def test_a_ct_study_among_radiographs_gets_the_tokens_it_gets_alone(tmp_path: Path) -> None:
+    write_demo_model(tmp_path / "demo")
+    settings = load_settings()
+    settings.model = settings.model.model_copy(update={"max_batch": 4, "max_new_tokens": 10})
+    engine = TransformersEngine(settings.model, weights_dir=tmp_path / "demo")
+    engine.wants_fast_path = True
+    attach_fast_path(engine, settings)
+    requests = [
+        GenerationRequest(
+            images=shaded(count, shade),
+            prompt=prompt,
+            settings=GenerationSettings(max_new_tokens=10),
+        )
+        for count, shade, prompt in (
+            (1, 30, "Describe the chest radiograph."),
+            (12, 90, "Describe the CT slices."),
+            (1, 200, "Any nodule?"),
+        )
+    ]
+
+    mixed = engine.generate(requests)
+    alone = [engine.generate([request])[0] for request in requests]
+
+    assert [r.text for r in mixed] == [r.text for r in alone]
+    assert [r.prompt_tokens for r in mixed] == [r.prompt_tokens for r in alone]
+    # The radiographs ran as one batch of two, the CT study apart (it padded nobody).
+    assert [r.batch_size for r in mixed] == [2, 1, 2]

@@ -133,23 +133,95 @@ def test_too_long_falls_back_to_generate(model: Any) -> None:
     assert not gen._states  # no static buffers were used
 
 
-def test_two_images_per_row_over_max_batch_falls_back(model: Any, processor: Any) -> None:
+def multi_image_inputs(processor: Any, images_per_row: list[int]) -> dict[str, torch.Tensor]:
+    """Left-padded rows of several random images each (a CT study's slices), one question."""
     rng = np.random.default_rng(3)
-    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
-    images = [
-        [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
-        for _ in range(3)
-    ]
-    inputs = dict(processor(text=[text] * 3, images=images, return_tensors="pt", padding=True))
+    texts, images = [], []
+    for count in images_per_row:
+        content = [{"type": "image"}] * count + [{"type": "text", "text": "Compare."}]
+        texts.append(
+            processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        )
+        images.append(
+            [
+                Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+                for _ in range(count)
+            ]
+        )
+    return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+
+
+def test_multi_image_rows_over_max_batch_run_in_passes(model: Any, processor: Any) -> None:
+    inputs = multi_image_inputs(processor, [2, 3, 1])
     gen = FastGreedyGenerator(model, max_batch=2, max_total_len=256)
 
     fast = gen.generate(inputs, max_new_tokens=12)
 
     assert torch.equal(fast, plain(model, inputs, 12))
-    assert not gen._states
+    assert sorted(gen._states) == [(1, 256), (2, 256)]
+
+
+def test_long_prompts_decode_in_the_long_arena(model: Any, processor: Any) -> None:
+    # Ten images a row: a prompt longer than the short arena's 64 columns.
+    small = copy.deepcopy(model)
+    small.config.text_config.sliding_window = 16
+    inputs = multi_image_inputs(processor, [10, 7])
+    prompt_len = inputs["input_ids"].shape[1]
+    assert prompt_len > 64
+    gen = FastGreedyGenerator(
+        small, max_batch=2, max_total_len=64, long_kv_tokens=4096, long_len_step=32
+    )
+
+    fast = gen.generate(inputs, max_new_tokens=20, force_new_tokens=True)
+
+    assert torch.equal(fast, plain(small, inputs, 20, min_new_tokens=20))
+    length = -(-(prompt_len + 19) // 32) * 32
+    assert list(gen._states) == [(2, length)]
+    assert gen._long is not None and gen._long.columns == 2 * length
+
+
+def test_long_prompt_budget_bounds_rows_and_prefill_passes(model: Any, processor: Any) -> None:
+    # The budget holds one long row at a time; each prefill pass holds one row.
+    inputs = multi_image_inputs(processor, [9, 9, 8])
+    prompt_len = inputs["input_ids"].shape[1]
+    length = -(-(prompt_len + 15) // 32) * 32
+    gen = FastGreedyGenerator(
+        model, max_batch=4, max_total_len=64, long_kv_tokens=length + 31, long_len_step=32,
+        prefill_tokens=prompt_len,
+    )  # fmt: skip
+
+    fast = gen.generate(inputs, max_new_tokens=16)
+
+    assert torch.equal(fast, plain(model, inputs, 16))
+    assert list(gen._states) == [(1, length)]
+
+
+def test_long_arena_grows_and_drops_the_states_it_replaces(model: Any, processor: Any) -> None:
+    gen = FastGreedyGenerator(
+        model, max_batch=2, max_total_len=64, long_kv_tokens=8192, long_len_step=32
+    )
+    one = multi_image_inputs(processor, [10])
+    two = multi_image_inputs(processor, [10, 10])
+
+    gen.generate(one, max_new_tokens=8)
+    first_columns = gen._long.columns if gen._long is not None else 0
+    fast = gen.generate(two, max_new_tokens=8)
+
+    assert torch.equal(fast, plain(model, two, 8))
+    assert gen._long is not None and gen._long.columns == 2 * first_columns
+    assert [rows for rows, _ in gen._states] == [2]  # the one-row state pointed at old memory
+
+
+def test_long_prompts_without_a_budget_fall_back(model: Any, processor: Any) -> None:
+    inputs = multi_image_inputs(processor, [10])
+    gen = FastGreedyGenerator(model, max_batch=2, max_total_len=64)
+
+    fast = gen.generate(inputs, max_new_tokens=8)
+
+    assert torch.equal(fast, plain(model, inputs, 8))
+    assert not gen._states and gen._long is None
 
 
 def test_warm_up_captures_every_bucket_once(model: Any, processor: Any) -> None:

@@ -29,7 +29,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from api.answers import answer_responses, outcome_response, queue_full_response
+from api.answers import (
+    PREDICT_ERRORS,
+    answer_responses,
+    outcome_response,
+    queue_full_response,
+)
 from api.deps import ApiContext, Context, Radiologist, Viewer, audit_study
 from storage.interactive import PredictResult, QueueFull, get_outcome, submit_predict, upload_kind
 from storage.models import InteractiveRequest, UserRole
@@ -185,6 +190,7 @@ Wait = Annotated[
             415: "Not a PNG, JPEG or DICOM file, or a body neither multipart nor JSON",
             422: "A question over [api] max_question_chars, a malformed data: URL or field",
         },
+        PREDICT_ERRORS,
     ),
 )
 async def predict(
@@ -195,9 +201,9 @@ async def predict(
     uploaded image ([x0, y0, x1, y1], (0, 0) top-left). Waits for the answer up to `wait`
     seconds, else 202 with the location of the answer.
 
-    HTTP status of each worker error_code: invalid_input 422, not_found 404, conflict 409,
-    model_unavailable 503 (the message says how to provide weights), worker_stopped 503,
-    internal 500. Too many questions queued ([api] max_queued_questions): 429 + Retry-After.
+    HTTP status of each worker error_code: invalid_input 422, model_unavailable 503 (the
+    message says how to provide weights), worker_stopped 503, internal 500. Too many questions
+    queued ([api] max_queued_questions): 429 + Retry-After.
     """
     data, fields = await _read_predict(request)
     check_question(context, fields.question)

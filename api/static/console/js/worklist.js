@@ -52,6 +52,7 @@ export function mountWorklist(container, context) {
   let loading = false;
   let again = false;
   let searchTimer = null;
+  let lastShown = "";
 
   const search = h("input", { type: "search", id: "wl-search", i18nPlaceholder: "wl.search", value: filters.q });
   const status = h(
@@ -190,6 +191,12 @@ export function mountWorklist(container, context) {
 
   function render(result) {
     const anyFilter = filters.q || filters.status || filters.modality || filters.since || filters.until;
+    // A change elsewhere (a delivery, another page's study) refreshes this page too: keep the
+    // rows when nothing they show moved, so a click or the keyboard focus on a row is not lost
+    // to a redraw under the pointer.
+    const shown = JSON.stringify([result, filters]);
+    if (shown === lastShown) return;
+    lastShown = shown;
     const items = filters.urgent ? result.items.filter((item) => URGENT.has(item.urgency)) : result.items;
     const hidden = result.items.length - items.length;
     replace(body, items.length ? items.map(row) : h("tr", { class: "empty" }, h("td", { colspan: 9, i18n: anyFilter || filters.urgent ? "wl.empty" : "wl.emptyAll" })));
