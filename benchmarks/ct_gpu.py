@@ -25,9 +25,11 @@ Sections, one table each (``--json-out`` writes them all, after each section):
    in batches of ``--max-batch`` as the worker claims them; beside a radiograph-only stream of
    the same count in the same run.
 
-Works whether or not the fast path covers long prompts (before that, a request over its static
-buffers decodes through ``model.generate`` inside the fast path: fast and plain then match).
-New tokens are not forced: the tables show the counts generated (``new tok``).
+Long prompts decode in the fast path's long-prompt buffers, within ``model.long_prompt_kv_tokens``
+KV columns (default: a quarter of the GPU's memory); ``--long-kv-tokens 0`` sends them to
+``model.generate`` inside the fast path, as before those buffers existed. Only the engine's
+public API is used. New tokens are not forced (the engine has no such option): the tables show
+the counts generated (``new tok``).
 
     python -m benchmarks.ct_gpu --json-out ct.json                     # everything, defaults
     python -m benchmarks.ct_gpu --skip-reference --runs 3 --json-out ct.json
@@ -67,7 +69,7 @@ from benchmarks.engine_gpu import (
 from benchmarks.medgemma_4b import CHEST_PROMPT_TOKENS, chest_question
 from config.settings import NodeSettings
 from inference.engine import GenerationRequest, GenerationSettings, OutOfMemory
-from inference.loader import attach_fast_path
+from inference.loader import attach_fast_path, long_prompt_kv_tokens
 from inference.preprocess import CT_WINDOWS_HU, MAX_CT_SLICES, sample_evenly
 from inference.prompts import PromptLibrary
 from inference.transformers_engine import FastGenerator, TransformersEngine
@@ -431,6 +433,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mix-studies", type=int, default=64)
     parser.add_argument("--ct-share", type=float, default=0.1)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--long-kv-tokens", type=int, help="model.long_prompt_kv_tokens")
     parser.add_argument("--new-tokens", type=int, help="default 256 (--tiny: 32)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized model (smoke test)")
     parser.add_argument("--json-out", type=Path)
@@ -453,6 +456,9 @@ def main() -> None:
         weights = Path(directory)
         write_s = write_weights(weights, args.tiny)
         settings = node_settings(weights, args.max_batch, args.new_tokens)
+        settings.model = settings.model.model_copy(
+            update={"long_prompt_kv_tokens": args.long_kv_tokens}
+        )
         engine = TransformersEngine(settings.model)
         engine.wants_fast_path = engine.wants_fast_path or args.tiny
         started = time.perf_counter()
@@ -467,12 +473,14 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "fast_path_attached": fast is not None,
+            "long_prompt_kv_tokens": long_prompt_kv_tokens(engine, args.long_kv_tokens),
         }
         print(
             f"{results['device']}; torch {results['torch']}, transformers "
             f"{results['transformers']}; {results['date']}\nweights written in {write_s:.1f} s; "
             f"fast path {'attached' if fast else 'NOT attached'} in "
-            f"{time.perf_counter() - started:.1f} s (max_batch {args.max_batch}); "
+            f"{time.perf_counter() - started:.1f} s (max_batch {args.max_batch}, long-prompt KV "
+            f"columns {results['long_prompt_kv_tokens']:,}); "
             f"{args.new_tokens} new tokens a study at most"
         )
         studies = StudyMaker(side, ct_question(settings), args.new_tokens)
