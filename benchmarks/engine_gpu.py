@@ -37,7 +37,7 @@ from benchmarks.medgemma_4b import (
     chest_question,
     model_config,
 )
-from config.settings import load_settings
+from config.settings import NodeSettings, load_settings
 from inference.engine import GenerationRequest, GenerationResult, GenerationSettings, PreparedBatch
 from inference.loader import attach_fast_path
 from inference.prefetch import Prefetcher
@@ -62,6 +62,15 @@ def write_weights(directory: Path, tiny: bool) -> float:
     return time.perf_counter() - started
 
 
+def node_settings(weights: Path, max_batch: int, new_tokens: int) -> NodeSettings:
+    """The node's default settings with the model in ``weights``, this batch and token budget."""
+    settings = load_settings()
+    settings.model = settings.model.model_copy(
+        update={"model_path": weights, "max_batch": max_batch, "max_new_tokens": new_tokens}
+    )
+    return settings
+
+
 def requests_for(batch: int, new_tokens: int, image_side: int) -> list[GenerationRequest]:
     question = chest_question()
     return [
@@ -80,11 +89,12 @@ def time_generate(
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    seconds, results = [], []
+    seconds, prepare, results = [], [], []
     for _ in range(runs):
         started = time.perf_counter()
         results = engine.generate(requests)
         seconds.append(time.perf_counter() - started)
+        prepare.append(results[0].prepare_seconds)
     latency = statistics.median(seconds)
     new_tokens = [result.new_tokens for result in results]
     peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
@@ -95,6 +105,8 @@ def time_generate(
         "tokens_per_s": sum(new_tokens) / latency,
         "new_tokens_min": min(new_tokens),
         "new_tokens_max": max(new_tokens),
+        "prompt_tokens": max(result.prompt_tokens for result in results),
+        "prepare_s": statistics.median(prepare),  # processor + copy to the device, in series
         "peak_gb": peak,
         "texts": [result.text for result in results],
     }
@@ -201,14 +213,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mg4b-") as directory:
         weights = Path(directory)
         write_s = write_weights(weights, args.tiny)
-        settings = load_settings()
-        settings.model = settings.model.model_copy(
-            update={
-                "model_path": weights,
-                "max_batch": max(batches),
-                "max_new_tokens": args.new_tokens,
-            }
-        )
+        settings = node_settings(weights, max(batches), args.new_tokens)
         started = time.perf_counter()
         engine = TransformersEngine(settings.model)
         load_s = time.perf_counter() - started
