@@ -46,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -157,8 +157,14 @@ class RecordingGenerator:
         self.inner = inner
         self.last = last
 
-    def generate(self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
-        ids = self.inner.generate(inputs, max_new_tokens)
+    def generate(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        max_new_tokens: int,
+        *,
+        between_steps: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        ids = self.inner.generate(inputs, max_new_tokens, between_steps=between_steps)
         self.last.ids = ids.cpu()
         return ids
 
@@ -168,9 +174,9 @@ def attach_as_at_start(engine: TransformersEngine, settings: NodeSettings) -> Fa
     attached: list[FastGenerator | None] = []
     attach = engine.attach_fast_generator
 
-    def keep(generator: FastGenerator | None) -> None:
+    def keep(generator: FastGenerator | None, priority: FastGenerator | None = None) -> None:
         attached.append(generator)
-        attach(generator)
+        attach(generator, priority)
 
     engine.attach_fast_generator = keep  # type: ignore[method-assign]
     try:
