@@ -4,8 +4,8 @@ the fast path, in one run.
 Where benchmarks/inference_gpu.py times the decode loops on prepared tensors, this times what
 the inference worker calls: the MedGemma-4B architecture with random weights is written to a
 local directory with its processor, loaded by ``TransformersEngine`` (AutoProcessor +
-AutoModelForImageTextToText, bf16, sdpa — the production loading code), the fast path attached
-and warmed up by ``inference.loader.attach_fast_path`` exactly as at node start, and
+AutoModelForImageTextToText, bf16, chunked sdpa — the production loading code), the fast path
+attached and warmed up by ``inference.loader.attach_fast_path`` exactly as at node start, and
 ``engine.generate(requests)`` timed from PIL images + question to decoded text.
 
 ``--sustained N`` then runs N batches of the largest size back to back twice: in series through

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from inference.demo_model import GEMMA3_CHAT_TEMPLATE, _build_tokenizer, _vocabulary
+from inference.prefill_attention import CHUNKED_SDPA
 
 VOCAB_4B = 262_208
 CHEST_PROMPT = Path(__file__).resolve().parents[1] / "config" / "prompts" / "chest_xray.toml"
@@ -93,9 +94,9 @@ def model_config(tiny: bool, image_size: int, mm_tokens: int) -> Gemma3Config:
 def build_model(config: Gemma3Config, device: torch.device) -> Gemma3ForConditionalGeneration:
     """Random weights created on the device in bf16, then put in eval mode."""
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(device):  # the attention the node loads on CUDA (TransformersEngine)
         model = Gemma3ForConditionalGeneration._from_config(
-            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+            config, dtype=torch.bfloat16, attn_implementation=CHUNKED_SDPA
         )
     with torch.no_grad():
         # Gemma 3 starts its projector at zero; random values make the image matter.

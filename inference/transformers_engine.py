@@ -52,6 +52,7 @@ from config.settings import ModelSettings
 from core.errors import InferenceError
 from inference.demo_model import DEMO_MODEL_MARKER
 from inference.engine import GenerationRequest, GenerationResult, OutOfMemory, PreparedBatch
+from inference.prefill_attention import CHUNKED_SDPA
 from storage.report_schema import ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,8 @@ class TransformersEngine:
     def _load_model(self, quantization: Any) -> Any:
         kwargs: dict[str, Any] = {
             "dtype": self.dtype,
-            "attn_implementation": "sdpa",
+            # Stock sdpa, except long prompts: chunks against the key columns their mask allows.
+            "attn_implementation": CHUNKED_SDPA,
             "local_files_only": True,
         }
         if quantization is not None:
