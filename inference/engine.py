@@ -35,7 +35,7 @@ Failures an engine reports (besides OutOfMemory), and what the worker does with 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -193,3 +193,18 @@ class SteppingEngine(Engine, Protocol):
     def set_step_hook(self, hook: Callable[[], None] | None) -> None:
         """Call ``hook`` between decode steps from now on (None: stop calling)."""
         ...
+
+
+def prompt_groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
+    """The batch's requests grouped by image count (1-2, 3-4, 5-8, ... images), in order.
+
+    One processor call pads every row to the longest prompt: a CT study of 85 slices
+    (~22,300 tokens) among radiographs (~700) would make every radiograph as long as the CT.
+    Each group runs as a batch of its own; one or two images (a radiograph, with its prior or
+    a zoomed crop) stay together, as their padding costs less than a second decode loop.
+    """
+    groups: dict[int, list[int]] = {}
+    for index, request in enumerate(requests):
+        images = max(1, len(request.all_images))
+        groups.setdefault(max(0, (images - 1).bit_length() - 1), []).append(index)
+    return list(groups.values())

@@ -106,7 +106,7 @@ def qk_rope_store_kernel(  # type: ignore[no-untyped-def]
 @triton.jit
 def attn_partial_kernel(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, start_ptr, col_ptr, m_ptr, l_ptr, acc_ptr,
-    stride_cb, stride_ch, scale, window, splits,
+    stride_cb, stride_ch, scale, window, splits, windowed,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -118,7 +118,10 @@ def attn_partial_kernel(  # type: ignore[no-untyped-def]
     start = tl.maximum(start, tl.where(window > 0, col - window + 1, 0))
     g = tl.arange(0, GP)  # the G query heads of this KV head, padded for tl.dot
     d = tl.arange(0, D)
-    n = split * BLOCK_N + tl.arange(0, BLOCK_N)
+    # ``windowed``: the programs cover only the blocks of the window, counted from the block
+    # holding its first column (a local layer of a long prompt reads 1,024 of ~23,000 columns).
+    first = tl.where(windowed != 0, tl.maximum(col - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+    n = first + split * BLOCK_N + tl.arange(0, BLOCK_N)
     heads = kh * G + g
     q_rows = q_ptr + (b * H + heads)[:, None] * D + d[None, :]
     q = tl.load(q_rows, mask=(g < G)[:, None], other=0.0)

@@ -108,6 +108,11 @@ class TritonStepOps(StepOps):
         keys, values = cache
         rows, length = keys.shape[0], keys.shape[2]
         splits = triton.cdiv(length, _ATTN_BLOCK)
+        # Gemma's local layers see only the last ``window`` columns: on long buffers, launch
+        # programs for the window's blocks alone (one more for a window that straddles them).
+        windowed = window > 0 and triton.cdiv(window, _ATTN_BLOCK) + 1 < splits
+        if windowed:
+            splits = triton.cdiv(window, _ATTN_BLOCK) + 1
         part_max = torch.empty(rows, s.num_heads, splits, dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty(
@@ -116,7 +121,7 @@ class TritonStepOps(StepOps):
         group = s.num_heads // s.num_kv_heads
         attn_partial_kernel[(rows, s.num_kv_heads, splits)](
             q, keys, values, starts, column, part_max, part_sum, part_acc,
-            keys.stride(0), keys.stride(1), s.scaling, window, splits,
+            keys.stride(0), keys.stride(1), s.scaling, window, splits, int(windowed),
             H=s.num_heads, G=group, GP=max(16, triton.next_power_of_2(group)), D=s.head_dim,
             BLOCK_N=_ATTN_BLOCK, PREC="ieee" if q.dtype == torch.float32 else None, num_warps=4,
         )  # fmt: skip

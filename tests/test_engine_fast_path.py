@@ -14,10 +14,10 @@ from PIL import Image
 
 from config.settings import load_settings
 from inference.demo_model import write_demo_model
-from inference.engine import GenerationRequest, GenerationSettings
+from inference.engine import GenerationRequest, GenerationSettings, prompt_groups
 from inference.fast_decode import FastGreedyGenerator
 from inference.loader import attach_fast_path
-from inference.transformers_engine import TransformersEngine, prompt_groups
+from inference.transformers_engine import TransformersEngine
 
 
 def test_fast_path_attached_by_the_loader_gives_the_plain_tokens(tmp_path: Path) -> None:

@@ -280,3 +280,24 @@ def test_between_steps_hook_may_generate_on_a_second_generator(model: Any, proce
     assert len(answers) == 2 and all(torch.equal(a, expected) for a in answers)
     again = batch_gen.generate(inputs, max_new_tokens=30, force_new_tokens=True)
     assert torch.equal(again, alone) and calls == 29, "the hook is for one call only"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HAS_TRITON, reason="needs Triton"))])  # fmt: skip
+def test_long_prompt_graphs_match_generate(model: Any, processor: Any, use_triton: bool) -> None:
+    # Forty images a row, a 64-column window: the local layers' decode attention reads only
+    # the window's blocks of a long buffer (Triton), the long arena's graphs replay.
+    cuda_model = copy.deepcopy(model).to("cuda")
+    cuda_model.config.text_config.sliding_window = 64
+    inputs = {k: v.to("cuda") for k, v in multi_image_inputs(processor, [40, 33]).items()}
+    gen = FastGreedyGenerator(
+        cuda_model, max_batch=2, max_total_len=64, long_kv_tokens=4096, long_len_step=64,
+        use_triton=use_triton,
+    )  # fmt: skip
+
+    fast = gen.generate(inputs, max_new_tokens=40, force_new_tokens=True)
+
+    assert gen._long is not None
+    assert all(state.graph is not None for state in gen._states.values())
+    assert torch.equal(fast, plain(cuda_model, inputs, 40, min_new_tokens=40))
