@@ -105,6 +105,12 @@ def _column_spans(mask: torch.Tensor, chunk: int) -> tuple[Span, ...]:
     return tuple(spans)
 
 
+def _version(mask: torch.Tensor) -> int:
+    """The mask's in-place write counter; inference tensors (the engine runs under
+    ``torch.inference_mode``) keep none, and cannot be written outside it."""
+    return 0 if mask.is_inference() else int(mask._version)
+
+
 def column_spans(mask: torch.Tensor, chunk: int) -> tuple[Span, ...]:
     """``_column_spans`` cached per live mask tensor (identity, version, shape, chunk)."""
     shape = tuple(mask.shape)
@@ -112,7 +118,7 @@ def column_spans(mask: torch.Tensor, chunk: int) -> tuple[Span, ...]:
         for entry in _cache:
             if (
                 entry.mask() is mask
-                and entry.version == mask._version
+                and entry.version == _version(mask)
                 and entry.shape == shape
                 and entry.chunk == chunk
             ):
@@ -121,7 +127,7 @@ def column_spans(mask: torch.Tensor, chunk: int) -> tuple[Span, ...]:
     with _cache_lock:
         # Entries whose mask is gone can never hit again; the oldest go first past the bound.
         _cache[:] = [entry for entry in _cache if entry.mask() is not None][-(_CACHE_SIZE - 1) :]
-        _cache.append(_Entry(weakref.ref(mask), mask._version, shape, chunk, spans))
+        _cache.append(_Entry(weakref.ref(mask), _version(mask), shape, chunk, spans))
     return spans
 
 

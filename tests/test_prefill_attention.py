@@ -85,6 +85,19 @@ def test_chunks_equal_stock_sdpa(name: str, small_chunks: int) -> None:
     assert torch.allclose(chunked, stock, atol=1e-6, rtol=1e-5)
 
 
+def test_inference_mode_tensors_chunk_like_the_others(small_chunks: int) -> None:
+    # The engine runs under torch.inference_mode: its masks keep no version counter.
+    query, key, value = qkv()
+    with torch.inference_mode():
+        mask = MASKS["sliding with blocks"][None, None].expand(2, 1, Q_LEN, Q_LEN).clone()
+        stock, _ = sdpa_attention_forward(MODULE, query, key, value, mask, scaling=0.3)
+        first, _ = chunked_sdpa_attention_forward(MODULE, query, key, value, mask, scaling=0.3)
+        again, _ = chunked_sdpa_attention_forward(MODULE, query, key, value, mask, scaling=0.3)
+
+    assert torch.allclose(first, stock, atol=1e-6, rtol=1e-5)
+    assert torch.equal(first, again)
+
+
 def test_spans_come_from_the_mask_rows(small_chunks: int) -> None:
     window = sliding(Q_LEN, 20)
     spans = prefill_attention.column_spans(window[None, None], small_chunks)
