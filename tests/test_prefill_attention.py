@@ -9,10 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -22,6 +20,7 @@ from inference.demo_model import write_demo_model
 from inference.fast_decode import FastGreedyGenerator
 from inference.prefill_attention import CHUNKED_SDPA, chunked_sdpa_attention_forward
 from inference.transformers_engine import TransformersEngine
+from tests.test_fast_decode import multi_image_inputs
 
 Q_LEN = 100  # not a multiple of the chunk: the last chunk is partial
 
@@ -195,18 +194,7 @@ def load(demo_dir: Path, implementation: str) -> Any:
 def study(demo_dir: Path, images_per_row: list[int]) -> dict[str, torch.Tensor]:
     processor = AutoProcessor.from_pretrained(demo_dir)
     processor.tokenizer.padding_side = "left"
-    rng = np.random.default_rng(5)
-    texts, images = [], []
-    for count in images_per_row:
-        content = [{"type": "image"}] * count + [{"type": "text", "text": "Compare."}]
-        texts.append(
-            processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-        )
-        pixels = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(count)]
-        images.append([Image.fromarray(p) for p in pixels])
-    return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+    return multi_image_inputs(processor, images_per_row)
 
 
 def test_demo_model_tokens_match_stock_sdpa(
