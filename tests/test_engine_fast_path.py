@@ -16,7 +16,7 @@ from config.settings import load_settings
 from inference.demo_model import write_demo_model
 from inference.engine import GenerationRequest, GenerationSettings, prompt_groups
 from inference.fast_decode import FastGreedyGenerator
-from inference.loader import attach_fast_path
+from inference.loader import PRIORITY_LONG_KV_TOKENS, attach_fast_path
 from inference.transformers_engine import TransformersEngine
 
 
@@ -143,3 +143,24 @@ def record_calls(generator: FastGreedyGenerator, name: str, used: list[str]) -> 
         return original(*args, **kwargs)
 
     generator.generate = recording  # type: ignore[method-assign]
+
+
+def test_the_priority_generator_can_take_one_long_question(tmp_path: Path) -> None:
+    # A question about a CT study asked during a batch: one row of long-prompt buffers of its
+    # own, never more than the site's budget (0 keeps long prompts off the fast path).
+    write_demo_model(tmp_path / "demo")
+    budgets = []
+    for configured in (100_000, 20_000, 0):
+        settings = load_settings()
+        settings.model = settings.model.model_copy(
+            update={"max_batch": 2, "max_new_tokens": 8, "long_prompt_kv_tokens": configured}
+        )
+        engine = TransformersEngine(settings.model, weights_dir=tmp_path / "demo")
+        engine.wants_fast_path = True
+        attach_fast_path(engine, settings)
+        batch_gen, priority = engine._fast_generator, engine._priority_generator
+        assert isinstance(batch_gen, FastGreedyGenerator)
+        assert isinstance(priority, FastGreedyGenerator)
+        budgets.append((batch_gen.long_kv_tokens, priority.long_kv_tokens))
+
+    assert budgets == [(100_000, PRIORITY_LONG_KV_TOKENS), (20_000, 20_000), (0, 0)]
