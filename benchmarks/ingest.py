@@ -1,7 +1,7 @@
 """Ingest throughput: the node's Storage SCP against DCMTK's storescp, in the same run.
 
-200 Secondary Capture instances of ~40 KB (new UIDs each) are sent in ONE association by DCMTK's
-storescu (TCP_NODELAY=1) to
+200 Secondary Capture instances of ~40 KB (new UIDs each; with --cr copies of the 7.2 MB chest CR
+RG1_UNCI, each a new study) are sent in ONE association by DCMTK's storescu (TCP_NODELAY=1) to
     (a) `medgemma-node serve` (full durability: file fsync + rename + directory fsync + committed
         row before each Success), default settings except data dir, port, quiet periods and
         metrics (off, so the run needs no fixed port), measured once its inference worker child
@@ -11,7 +11,7 @@ storescu (TCP_NODELAY=1) to
     (c) with --pynetdicom, pynetdicom's own storescp app (no fsync, no database).
 Each is measured `--rounds` times, alternating; median and best files/s and the ratio are printed.
 
-    .venv/bin/python -m benchmarks.ingest [--count 200] [--rounds 5] [--pynetdicom]
+    .venv/bin/python -m benchmarks.ingest [--count 200] [--rounds 5] [--pynetdicom] [--cr]
                                          [--database-url postgresql+psycopg://...]
 """
 
@@ -37,6 +37,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, func, select, text
 
+from peers.dicom_files import copy_with_new_uids, testdata
 from peers.net import free_port
 from storage.models import Instance
 
@@ -60,6 +61,13 @@ def make_instances(directory: Path, count: int) -> list[Path]:
         dataset.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def make_radiographs(directory: Path, count: int) -> list[Path]:
+    """``count`` copies of the chest CR RG1_UNCI (7.2 MB, explicit VR little endian), each a
+    new study: what a radiography room sends."""
+    source = testdata("RG1_UNCI.dcm")
+    return [copy_with_new_uids(source, directory / f"cr{n:04d}.dcm") for n in range(1, count + 1)]
 
 
 def secondary_capture(study: str, series: str, number: int, rng: np.random.Generator) -> Dataset:
@@ -267,10 +275,14 @@ def main() -> None:
     parser.add_argument(
         "--pynetdicom", action="store_true", help="also measure pynetdicom's storescp app"
     )
+    parser.add_argument(
+        "--cr", action="store_true", help="chest CRs of 7.2 MB (RG1_UNCI copies), not 40 KB SCs"
+    )
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     try:
-        files = make_instances(scratch / "instances", args.count)
+        make = make_radiographs if args.cr else make_instances
+        files = make(scratch / "instances", args.count)
         size_kb = sum(p.stat().st_size for p in files) / len(files) / 1024
         print(f"{len(files)} instances, {size_kb:.1f} KB each, one association per run")
         rates: dict[str, list[float]] = {"node": [], "storescp (DCMTK)": []}

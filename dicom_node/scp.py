@@ -53,6 +53,7 @@ from core.errors import DicomError
 from dicom_node.association_audit import AssociationAudit
 from dicom_node.listener import NodeAssociationServer
 from dicom_node.priors import PriorIntake
+from dicom_node.received import ParsedDataSet, chunks_size, parse_received, received_file
 from dicom_node.statuses import describe_rejection
 from storage.db import Database, DatabaseUnavailable
 from storage.files import free_disk_mb, instance_relpath, uid_component, write_durably
@@ -261,10 +262,11 @@ class StorageSCP:
 
     def _store(self, event: evt.Event) -> int:
         self._check_disk()
-        dataset = _decode_fully(event)
+        parsed = _decode_fully(event)
+        dataset = parsed.dataset
         request = event.request
         uids = _required_uids(dataset, request)
-        check_native_pixel_data(dataset, str(event.context.transfer_syntax))
+        check_native_pixel_data(dataset, str(event.context.transfer_syntax), parsed.pixel_bytes)
         calling_ae = _calling_ae(event.assoc)
         if uids.sop_class in self.ignored_sop_classes:
             return self._store_ignored(event, uids, calling_ae)
@@ -275,9 +277,10 @@ class StorageSCP:
             log.info("duplicate SOP %s from %s acknowledged", uids.sop_instance, calling_ae)
             return STATUS_SUCCESS
         relpath = instance_relpath(uids.study, uids.series, uids.sop_instance)
-        encoded = event.encoded_dataset()
-        write_durably(self.data_dir / relpath, encoded)
-        item = self._received(dataset, uids, event, relpath, len(encoded), calling_ae)
+        with received_file(event) as chunks:
+            write_durably(self.data_dir / relpath, chunks)
+            size = chunks_size(chunks)
+        item = self._received(dataset, uids, event, relpath, size, calling_ae)
         if record_instance(self.db, item):
             self.counters.add("stored")
             for callback in self.on_instance_stored:
@@ -344,16 +347,16 @@ class RequiredUIDs:
     sop_class: str
 
 
-def _decode_fully(event: evt.Event) -> Dataset:
+def _decode_fully(event: evt.Event) -> ParsedDataSet:
     """Parse every element (not the pixel data): garbage must fail now, not in the worker."""
     try:
-        dataset = event.dataset
-        _walk(dataset)
+        parsed = parse_received(event)
+        _walk(parsed.dataset)
     except Exception as exc:
         raise StoreRejected(
             STATUS_CANNOT_UNDERSTAND, f"data set does not parse ({type(exc).__name__})"
         ) from exc
-    return dataset
+    return parsed
 
 
 def _walk(dataset: Dataset) -> None:
@@ -393,14 +396,19 @@ def failure_response(status: int, reason: str) -> Dataset:
     return response
 
 
-def check_native_pixel_data(dataset: Dataset, transfer_syntax: str) -> None:
+def check_native_pixel_data(
+    dataset: Dataset, transfer_syntax: str, pixel_bytes: int | None = None
+) -> None:
     """PS3.5 §8.1.1 / PS3.3 C.7.6.3: native pixel data holds Rows × Columns × Samples per Pixel
     × Bits Allocated / 8 bytes per frame (1-bit data packed, YBR_FULL_422 two samples per pixel).
-    Shorter data cannot be shown or analysed: refuse it now rather than fail in the worker."""
-    if "PixelData" not in dataset or transfer_syntax not in UNCOMPRESSED_SYNTAXES:
+    Shorter data cannot be shown or analysed: refuse it now rather than fail in the worker.
+    ``pixel_bytes``: the Pixel Data length when the value was skipped (dicom_node/received.py)."""
+    if transfer_syntax not in UNCOMPRESSED_SYNTAXES:
+        return
+    if pixel_bytes is None and "PixelData" not in dataset:
         return
     needed = _native_pixel_bytes(dataset)
-    have = len(dataset["PixelData"].value or b"")
+    have = pixel_bytes if pixel_bytes is not None else len(dataset["PixelData"].value or b"")
     if have < needed:
         raise StoreRejected(
             STATUS_DATASET_MISMATCH, f"pixel data {have} bytes, image needs {needed}"

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 TEMP_MARK = ".part-"
@@ -50,20 +51,21 @@ def report_pdf_relpath(report_id: int) -> Path:
     return Path("reports") / str(report_id) / REPORT_PDF
 
 
-def write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes | memoryview | Sequence[bytes | memoryview]) -> None:
     """Write so that after return the file survives a crash or power loss.
 
     Temp name in the same directory → write → fsync file → rename → fsync directory. A crash
     before the rename leaves only a temp file, removed by remove_temp_files() at start.
+    ``data`` may be chunks, written one after the other (a received image is not joined into
+    one more copy first).
     """
+    chunks = [data] if isinstance(data, bytes | memoryview) else data
     created = _make_dirs(path.parent)
     temp = path.with_name(f"{TEMP_MARK}{uuid.uuid4().hex}-{path.name}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        for chunk in chunks:
+            _write_all(fd, chunk)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -73,6 +75,13 @@ def write_durably(path: Path, data: bytes) -> None:
     os.replace(temp, path)
     for directory in [path.parent, *created]:
         fsync_dir(directory)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    with memoryview(data) as view:
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
 
 
 def _make_dirs(directory: Path) -> list[Path]:
