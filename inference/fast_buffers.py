@@ -106,11 +106,15 @@ def image_offsets(
 
 def batch_rows(
     batch: dict[str, torch.Tensor], offsets: list[int], start: int, stop: int
-) -> dict[str, torch.Tensor]:
-    """Rows ``start..stop`` of a processor batch, with exactly those rows' images."""
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Rows ``start..stop`` of a processor batch, with exactly those rows' images, and the
+    offsets of those images within them."""
+    first_image = offsets[start]
+    rows_offsets = [offset - first_image for offset in offsets[start : stop + 1]]
     if start == 0 and stop == batch["input_ids"].shape[0]:
-        return batch
-    return {
-        key: value[offsets[start] : offsets[stop]] if key == "pixel_values" else value[start:stop]
+        return batch, rows_offsets
+    rows = {
+        key: value[first_image : offsets[stop]] if key == "pixel_values" else value[start:stop]
         for key, value in batch.items()
     }
+    return rows, rows_offsets

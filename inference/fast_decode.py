@@ -243,16 +243,20 @@ class FastGreedyGenerator:
             batch["attention_mask"] = torch.ones_like(input_ids)
         if max_new_tokens < 1:
             return torch.empty(input_ids.shape[0], 0, dtype=torch.long)
-        if not self._fits(batch, max_new_tokens):
+        # Rows are cut into passes with their own images (None: the rows cannot be told apart).
+        offsets = image_offsets(batch, self._image_token_id, self._tokens_per_image)
+        if offsets is None or not self._fits(batch, max_new_tokens):
             return self._fallback(batch, max_new_tokens, eos, pad, force_new_tokens)
         self._set_stopping(eos, pad, force_new_tokens)
         rows, prompt_len = input_ids.shape
         per_pass = self._rows_per_pass(prompt_len + max_new_tokens - 1)
-        offsets = self._offsets(batch)
         parts = []
         for start in range(0, rows, per_pass):
-            chunk = batch_rows(batch, offsets, start, min(start + per_pass, rows))
-            parts.append(self._generate_rows(chunk, max_new_tokens, eos, force_new_tokens))
+            stop = min(start + per_pass, rows)
+            chunk, chunk_offsets = batch_rows(batch, offsets, start, stop)
+            parts.append(
+                self._generate_rows(chunk, chunk_offsets, max_new_tokens, eos, force_new_tokens)
+            )
         return _concat_padded(parts, pad)
 
     # ----------------------------------------------------------------- generation
@@ -273,12 +277,6 @@ class FastGreedyGenerator:
             return tensor.to(self.device, self.dtype)
         return tensor.to(self.device)
 
-    def _offsets(self, batch: dict[str, torch.Tensor]) -> list[int]:
-        offsets = image_offsets(batch, self._image_token_id, self._tokens_per_image)
-        if offsets is None:
-            raise ValueError("the batch's images cannot be assigned to its rows")
-        return offsets
-
     def _rows_per_pass(self, needed: int) -> int:
         """Rows decoded together for prompts needing ``needed`` KV columns: max_batch in the
         short arena; for long prompts the largest bucket the long-prompt budget holds (0: none)."""
@@ -295,16 +293,14 @@ class FastGreedyGenerator:
         return _round_up(needed, self.long_len_step)
 
     def _fits(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> bool:
-        """Static buffers cover the request, padding is on the left (as ``generate`` needs),
-        and every row's images can be told apart (for cutting the batch into passes)."""
+        """Static buffers cover the request and padding is on the left (as ``generate`` needs)."""
         mask = batch["attention_mask"]
         prompt_len = mask.shape[1]
         counts = mask.sum(-1, keepdim=True)
         cols = torch.arange(prompt_len, device=mask.device)
         left_padded = bool(torch.equal(mask.bool(), cols[None, :] >= prompt_len - counts))
-        known_images = image_offsets(batch, self._image_token_id, self._tokens_per_image)
         rows = self._rows_per_pass(prompt_len + max_new_tokens - 1)
-        return left_padded and known_images is not None and rows > 0
+        return left_padded and rows > 0
 
     def _fallback(
         self,
@@ -350,33 +346,38 @@ class FastGreedyGenerator:
         return torch.argmax(scores, dim=-1), output.past_key_values
 
     def _generate_rows(
-        self, batch: dict[str, torch.Tensor], max_new_tokens: int, eos: list[int], force: bool
+        self,
+        batch: dict[str, torch.Tensor],
+        offsets: list[int],
+        max_new_tokens: int,
+        eos: list[int],
+        force: bool,
     ) -> torch.Tensor:
+        """One pass of rows; ``offsets``: each row's first image in its ``pixel_values``."""
         mask = batch["attention_mask"]
         rows, prompt_len = mask.shape
         if max_new_tokens == 1:
-            return _trim(self._prefill_passes(batch, None)[:, None].cpu(), eos)
+            return _trim(self._prefill_passes(batch, offsets, None)[:, None].cpu(), eos)
         bucket = next(b for b in self.buckets if b >= rows)
         state = self._state(bucket, self._length(prompt_len + max_new_tokens - 1))
-        first = self._prefill_passes(batch, state)
+        first = self._prefill_passes(batch, offsets, state)
         self._load_inputs(state, mask, first)
         produced = self._decode(state, rows, max_new_tokens, check=not force)
         # A copy: the buffer is reused by the next chunk (and .cpu() is a no-op on CPU).
         return _trim(state.out[:rows, :produced].to("cpu", copy=True), eos)
 
     def _prefill_passes(
-        self, batch: dict[str, torch.Tensor], state: DecodeState | None
+        self, batch: dict[str, torch.Tensor], offsets: list[int], state: DecodeState | None
     ) -> torch.Tensor:
         """The prompt in passes of at most ``prefill_tokens`` tokens (whole rows); each pass's
         KV goes into the state's rows at once, so only one pass's cache is alive at a time.
         Returns every row's first new token."""
         rows, prompt_len = batch["input_ids"].shape
         per_pass = max(1, self.prefill_tokens // prompt_len)
-        offsets = self._offsets(batch)
         firsts = []
         for start in range(0, rows, per_pass):
             stop = min(start + per_pass, rows)
-            first, cache = self._prefill(batch_rows(batch, offsets, start, stop))
+            first, cache = self._prefill(batch_rows(batch, offsets, start, stop)[0])
             if state is not None:
                 self._load_kv(state, cache, start, prompt_len)
             del cache  # the prompt's KV now lives in the static buffers
