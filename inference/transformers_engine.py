@@ -250,8 +250,8 @@ class DeviceInputs:
     """
 
     tensors: Any  # transformers BatchFeature
+    indices: list[int]
     ready: torch.cuda.Event | None = None
-    indices: list[int] | None = None
 
 
 class TransformersEngine:
@@ -438,10 +438,14 @@ class TransformersEngine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
 
-    def _device_inputs(self, requests: Sequence[GenerationRequest]) -> DeviceInputs:
+    def _device_inputs(
+        self, requests: Sequence[GenerationRequest], indices: list[int]
+    ) -> DeviceInputs:
+        """The group of ``requests`` at ``indices`` of the batch, on the device."""
+        group = [requests[index] for index in indices]
         if self.device.type != "cuda":
-            cpu_inputs = self._processor_inputs(requests)
-            return DeviceInputs(self._to_device(cpu_inputs, non_blocking=False))
+            cpu_inputs = self._processor_inputs(group)
+            return DeviceInputs(self._to_device(cpu_inputs, non_blocking=False), indices)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
         # A stream of its own: on the default stream the copy (and the image processing on
@@ -449,11 +453,11 @@ class TransformersEngine:
         # generating meanwhile. non_blocking is safe for pageable memory: the copy has read it
         # when the call returns.
         with torch.cuda.stream(self._copy_stream):
-            inputs = self._processor_inputs(requests, on_gpu=self._images_on_gpu())
+            inputs = self._processor_inputs(group, on_gpu=self._images_on_gpu())
             tensors = self._to_device(inputs, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self._copy_stream)
-        return DeviceInputs(tensors, ready)
+        return DeviceInputs(tensors, indices, ready)
 
     def _take_inputs(self, prepared: DeviceInputs) -> Any:
         """The tensors, once the generating stream has waited for their copy."""
@@ -526,13 +530,9 @@ class TransformersEngine:
     def prepare(self, requests: list[GenerationRequest]) -> PreparedBatch:
         """The processor (CPU) and the copy to the device; safe in a second thread."""
         started = time.perf_counter()
-        groups: list[DeviceInputs] = []
         try:
             with torch.inference_mode():
-                for indices in prompt_groups(requests):
-                    group = self._device_inputs([requests[i] for i in indices])
-                    group.indices = indices
-                    groups.append(group)
+                groups = [self._device_inputs(requests, g) for g in prompt_groups(requests)]
         except torch.cuda.OutOfMemoryError as exc:
             raise self._out_of_memory(len(requests)) from exc
         return PreparedBatch(list(requests), groups, time.perf_counter() - started)
@@ -562,8 +562,7 @@ class TransformersEngine:
         self, requests: list[GenerationRequest], group: DeviceInputs
     ) -> dict[int, GenerationResult]:
         """One prompt group's results by position in the batch."""
-        indices = group.indices if group.indices is not None else list(range(len(requests)))
-        members = [requests[index] for index in indices]
+        members = [requests[index] for index in group.indices]
         limit = max(r.settings.max_new_tokens for r in members)
         try:
             with torch.inference_mode():
@@ -572,7 +571,7 @@ class TransformersEngine:
         except torch.cuda.OutOfMemoryError as exc:
             raise self._out_of_memory(len(requests)) from exc
         results = self._results(members, inputs["attention_mask"], output, 0.0)
-        return dict(zip(indices, results, strict=True))
+        return dict(zip(group.indices, results, strict=True))
 
     def _results(
         self,
