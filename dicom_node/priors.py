@@ -45,6 +45,7 @@ from dicom_node.prior_query import (
     series_body_parts,
     study_query,
 )
+from dicom_node.received import chunks_size, received_file
 from storage.db import Database
 from storage.files import write_durably
 from storage.priors import (
@@ -279,7 +280,7 @@ class PacsPriorFinder:
         if not asked or not same_patient(dataset, query.patient_id, query.issuer_of_patient_id):
             log.warning("C-GET sent an image of another study or patient: refused")
             return STATUS_NOT_THIS_PATIENT
-        store_prior(self.db, self.data_dir, dataset, event.encoded_dataset())
+        store_prior(self.db, self.data_dir, dataset, event)
         return STATUS_STORED
 
 
@@ -289,12 +290,14 @@ def _transfer_syntaxes() -> list[str]:
     return [str(uid) for uid in accepted_transfer_syntaxes()]
 
 
-def store_prior(db: Database, data_dir: Path, dataset: Dataset, encoded: bytes) -> bool:
-    """Write a prior image durably into the prior store and record it."""
+def store_prior(db: Database, data_dir: Path, dataset: Dataset, event: evt.Event) -> bool:
+    """Write a received prior image durably into the prior store, as received, and record it."""
     study = str(dataset.StudyInstanceUID)
     relpath = prior_relpath(study, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
-    if not (data_dir / relpath).exists():
-        write_durably(data_dir / relpath, encoded)
+    with received_file(event) as chunks:
+        if not (data_dir / relpath).exists():
+            write_durably(data_dir / relpath, chunks)
+        size = chunks_size(chunks)
     return record_prior_instance(
         db,
         PriorInstanceRecord(
@@ -302,7 +305,7 @@ def store_prior(db: Database, data_dir: Path, dataset: Dataset, encoded: bytes) 
             sop_instance_uid=str(dataset.SOPInstanceUID),
             sop_class_uid=str(dataset.SOPClassUID),
             relpath=relpath.as_posix(),
-            size_bytes=len(encoded),
+            size_bytes=size,
             patient_id=str(dataset.get("PatientID", "") or "")[:64],
             issuer_of_patient_id=str(dataset.get("IssuerOfPatientID", "") or "")[:64],
             study_date=str(dataset.get("StudyDate", "") or "")[:8],
@@ -333,5 +336,5 @@ class PriorIntake:
         return calling_ae == self.pacs_aet and is_requested_prior(self.db, study_uid)
 
     def store(self, event: evt.Event, dataset: Dataset) -> int:
-        store_prior(self.db, self.data_dir, dataset, event.encoded_dataset())
+        store_prior(self.db, self.data_dir, dataset, event)
         return STATUS_STORED

@@ -308,7 +308,8 @@ class StorageSCP:
         """SR/GSPS echoed back by PACS: kept aside so nothing acknowledged is lost."""
         path = self.data_dir / "ignored" / f"{uid_component(uids.sop_instance)}.dcm"
         if not path.exists():
-            write_durably(path, event.encoded_dataset())
+            with received_file(event) as chunks:
+                write_durably(path, chunks)
         self.counters.add("ignored")
         log.info("SOP class %s from %s stored aside, not processed", uids.sop_class, calling_ae)
         return STATUS_SUCCESS

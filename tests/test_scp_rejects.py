@@ -26,8 +26,9 @@ from peers.dicom_files import testdata as bundled_file
 from peers.net import echo_ok, wait_for
 from peers.node_process import NodeProcess
 from storage.db import Database
+from storage.files import uid_component
 from tests.conftest import PG_ADMIN_URL
-from tests.nodecheck import instance_row, store_with_pynetdicom
+from tests.nodecheck import dataset_bytes, instance_row, store_with_pynetdicom
 
 pytestmark = pytest.mark.slow
 
@@ -237,3 +238,31 @@ def test_database_unavailable_is_a700(tmp_path: Path, pg_url: str) -> None:
         assert node.proc is not None and node.proc.poll() is None
     finally:
         node.terminate()
+
+
+def test_an_echoed_report_is_stored_aside_as_received(
+    node: NodeProcess, node_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Comprehensive SR sent back by PACS ([dicom] ignored_sop_classes): Success, no job,
+    # and the file under ignored/ holds the data set byte for byte as it crossed the wire.
+    report = Dataset()
+    report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    report.SOPInstanceUID = generate_uid()
+    report.StudyInstanceUID, report.SeriesInstanceUID = generate_uid(), generate_uid()
+    report.Modality = "SR"
+    report.PatientName = "Echo^Report"
+    report.file_meta = pydicom.dataset.FileMetaDataset()
+    report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID
+    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    report.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sent = tmp_path / "echoed-sr.dcm"
+    report.save_as(sent, enforce_file_format=True)
+    # Send the file's bytes as they are: pynetdicom would otherwise decode and re-encode it.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    assert store_with_pynetdicom(node.port, [sent], aet=MODALITY) == [0x0000]
+
+    aside = node.data_dir / "ignored" / f"{uid_component(report.SOPInstanceUID)}.dcm"
+    assert dataset_bytes(aside) == dataset_bytes(sent)
+    assert pydicom.dcmread(aside).file_meta.MediaStorageSOPInstanceUID == report.SOPInstanceUID
+    assert instance_row(node_db, report.SOPInstanceUID) is None
