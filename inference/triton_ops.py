@@ -25,6 +25,8 @@ from inference.triton_kernels import (
 )
 
 _ATTN_BLOCK = 64  # KV columns per decode-attention program
+# Splits the merge kernel reads at a time: the short buffers' 2,048 columns make 32 splits.
+_COMBINE_CHUNK = 32
 
 
 class TritonStepOps(StepOps):
@@ -128,7 +130,7 @@ class TritonStepOps(StepOps):
         out = torch.empty(rows, s.num_heads, s.head_dim, dtype=q.dtype, device=q.device)
         attn_combine_kernel[(rows, s.num_heads)](
             part_max, part_sum, part_acc, out, splits,
-            D=s.head_dim, SPLITS=triton.next_power_of_2(splits), num_warps=4,
+            D=s.head_dim, CHUNK=min(triton.next_power_of_2(splits), _COMBINE_CHUNK), num_warps=4,
         )  # fmt: skip
         return out.view(rows, 1, s.num_heads * s.head_dim)
 

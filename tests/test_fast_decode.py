@@ -301,3 +301,35 @@ def test_long_prompt_graphs_match_generate(model: Any, processor: Any, use_trito
     assert gen._long is not None
     assert all(state.graph is not None for state in gen._states.values())
     assert torch.equal(fast, plain(cuda_model, inputs, 40, min_new_tokens=40))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("window", [0, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_decode_attention_matches_sdpa_on_a_long_buffer(
+    window: int, dtype: torch.dtype
+) -> None:
+    # An 85-slice CT study's buffer: 24,576 columns make 384 splits of 64, which the merge
+    # kernel reads 32 at a time (inference/triton_kernels.py attn_combine_kernel).
+    from inference.step_ops import TextShape, TorchStepOps
+    from inference.triton_ops import TritonStepOps
+
+    shape = TextShape(
+        num_layers=1, num_heads=8, num_kv_heads=4, head_dim=256, sliding_window=1024,
+        layer_types=("full_attention",), scaling=256**-0.5, vocab_size=16,
+    )  # fmt: skip
+    generator = torch.Generator("cuda").manual_seed(0)
+
+    def random(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=generator, device="cuda").to(dtype)
+
+    rows, length = 2, 24_576
+    q, cache = random(rows, 8, 256), (random(rows, 4, length, 256), random(rows, 4, length, 256))
+    starts = torch.tensor([0, 130], device="cuda")
+    column = torch.tensor(22_701, device="cuda")
+
+    fused = TritonStepOps(shape, gelu_tanh=True).attention(q, cache, starts, column, window)
+    eager = TorchStepOps(shape).attention(q, cache, starts, column, window)
+
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, eager, atol=tolerance, rtol=tolerance)
