@@ -59,6 +59,7 @@ from inference.engine import (
     prompt_groups,
 )
 from inference.prefill_attention import CHUNKED_SDPA
+from inference.vision_tower import as_rgb, keep_vision_embeddings_row_major
 from storage.report_schema import ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ class TransformersEngine:
                     f"the model does not fit on {self.device}: {exc}; "
                     "try model.quantization = 'nf4'"
                 ) from exc
+        keep_vision_embeddings_row_major(model)
         return model.eval()
 
     def _identity(self, settings: ModelSettings) -> ModelIdentity:
@@ -416,7 +418,7 @@ class TransformersEngine:
         rescaled and normalised on the engine's device (the torchvision backend's ``device``):
         an 85-slice CT study took 0.9 s of CPU for its pixels alone."""
         texts = [self._chat_text(r) for r in requests]
-        images = [[image.convert("RGB") for image in r.all_images] for r in requests]
+        images = [[as_rgb(image) for image in r.all_images] for r in requests]
         extra = {"device": self.device} if on_gpu and any(images) else {}
         return self._processor()(
             text=texts,
