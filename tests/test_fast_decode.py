@@ -333,3 +333,15 @@ def test_triton_decode_attention_matches_sdpa_on_a_long_buffer(
 
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fused, eager, atol=tolerance, rtol=tolerance)
+
+
+def test_fused_projections_decode_the_tokens_of_generate(model: Any, processor: Any) -> None:
+    fused_model = copy.deepcopy(model)
+    inputs = study_inputs(processor, QUESTIONS)
+    gen = FastGreedyGenerator(fused_model, max_batch=4, max_total_len=256, fuse_projections=True)
+
+    fast = gen.generate(inputs, max_new_tokens=24)
+
+    assert all(weight is not None for weight in gen._qkv)
+    assert torch.equal(fast, plain(model, inputs, 24))
+    assert torch.equal(plain(fused_model, inputs, 24), plain(model, inputs, 24))
