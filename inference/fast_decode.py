@@ -51,12 +51,6 @@ log = logging.getLogger(__name__)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor so the graph never changes
-# Fuse each layer's q, k and v products on CUDA (inference/fused_qkv.py). The fused product sums
-# in another order than the three apart, so a bf16 output can round the other way: on the
-# random-weight 4B, 256 tokens stayed identical at 1, 10 and 85 images (benchmarks/RESULTS.md),
-# but a tiny random model, whose logits nearly tie, can part. Tests of exact identity on such a
-# model on CUDA turn it off.
-FUSE_PROJECTIONS = True
 
 
 def _text_shape(model: HFModule) -> TextShape:
@@ -146,7 +140,7 @@ class FastGreedyGenerator:
         self.ops = _step_ops(self.shape, use_triton=use_triton, gelu_tanh=gelu_tanh)
         # By default on CUDA: one product for q, k and v a layer (inference/fused_qkv.py); the
         # CPU keeps the modules (the decode step there is the eager reference).
-        fuse = on_cuda and FUSE_PROJECTIONS if fuse_projections is None else fuse_projections
+        fuse = on_cuda if fuse_projections is None else fuse_projections
         self._qkv = [fuse_qkv(layer.self_attn) if fuse else None for layer in self.lm.layers]
         self.max_batch = max_batch
         self.max_total_len = max_total_len

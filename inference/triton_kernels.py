@@ -144,31 +144,45 @@ def attn_partial_kernel(  # type: ignore[no-untyped-def]
 
 @triton.jit
 def attn_combine_kernel(  # type: ignore[no-untyped-def]
-    m_ptr, l_ptr, acc_ptr, out_ptr, splits, D: tl.constexpr, CHUNK: tl.constexpr
-):
-    """Merge a (row, head)'s split partials, CHUNK splits at a time: a global layer of a long
-    prompt has hundreds of splits, and one [splits x D] tile spilled registers (~90 us a call
-    at 448 splits on the H200). With ``splits <= CHUNK`` (every prompt of the short buffers)
-    each loop runs once and the arithmetic is that of a single tile."""
+    m_ptr, l_ptr, acc_ptr, out_ptr, splits, D: tl.constexpr, CHUNK: tl.constexpr,
+    LOOP: tl.constexpr,
+):  # fmt: skip
+    """Merge a (row, head)'s split partials. ``LOOP``: CHUNK splits at a time, for the hundreds
+    of splits of a global layer of a long prompt (one [splits x D] tile spilled registers:
+    ~90 us a call at 448 splits on the H200); otherwise (every prompt of the short buffers)
+    one tile of CHUNK >= splits."""
     row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     d = tl.arange(0, D)
     s = tl.arange(0, CHUNK)
-    total_max = tl.max(tl.load(m_ptr + row * splits + s, mask=s < splits, other=float("-inf")), 0)
-    for start in range(CHUNK, splits, CHUNK):
-        inside = start + s < splits
-        m = tl.load(m_ptr + row * splits + start + s, mask=inside, other=float("-inf"))
-        total_max = tl.maximum(total_max, tl.max(m, 0))
-    denom = tl.zeros((1,), dtype=tl.float32)
-    acc = tl.zeros((D,), dtype=tl.float32)
-    for start in range(0, splits, CHUNK):
-        part = row * splits + start + s
-        inside = start + s < splits
-        m = tl.load(m_ptr + part, mask=inside, other=float("-inf"))
+    if LOOP:
+        total_max = tl.max(tl.load(m_ptr + row * splits + s), 0)  # splits > CHUNK
+        for start in range(CHUNK, splits, CHUNK):
+            inside = start + s < splits
+            m = tl.load(m_ptr + row * splits + start + s, mask=inside, other=float("-inf"))
+            total_max = tl.maximum(total_max, tl.max(m, 0))
+        denom = tl.zeros((1,), dtype=tl.float32)
+        acc = tl.zeros((D,), dtype=tl.float32)
+        for start in range(0, splits, CHUNK):
+            part = row * splits + start + s
+            inside = start + s < splits
+            m = tl.load(m_ptr + part, mask=inside, other=float("-inf"))
+            w = tl.where(inside, tl.exp(m - total_max), 0.0)
+            denom += tl.sum(tl.load(l_ptr + part, mask=inside, other=0.0) * w, 0)
+            tile = tl.load(
+                acc_ptr + part[:, None] * D + d[None, :], mask=inside[:, None], other=0.0
+            )
+            acc += tl.sum(tile * w[:, None], 0)
+        out = acc / denom
+    else:
+        inside = s < splits
+        m = tl.load(m_ptr + row * splits + s, mask=inside, other=float("-inf"))
+        total_max = tl.max(m, 0)
         w = tl.where(inside, tl.exp(m - total_max), 0.0)
-        denom += tl.sum(tl.load(l_ptr + part, mask=inside, other=0.0) * w, 0)
-        tile = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
-        acc += tl.sum(tile * w[:, None], 0)
-    out = acc / denom
+        denom = tl.sum(tl.load(l_ptr + row * splits + s, mask=inside, other=0.0) * w, 0)
+        acc = tl.load(
+            acc_ptr + (row * splits + s)[:, None] * D + d[None, :], mask=inside[:, None], other=0.0
+        )
+        out = tl.sum(acc * w[:, None], 0) / denom
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
 
 

@@ -130,7 +130,8 @@ class TritonStepOps(StepOps):
         out = torch.empty(rows, s.num_heads, s.head_dim, dtype=q.dtype, device=q.device)
         attn_combine_kernel[(rows, s.num_heads)](
             part_max, part_sum, part_acc, out, splits,
-            D=s.head_dim, CHUNK=min(triton.next_power_of_2(splits), _COMBINE_CHUNK), num_warps=4,
+            D=s.head_dim, CHUNK=min(triton.next_power_of_2(splits), _COMBINE_CHUNK),
+            LOOP=splits > _COMBINE_CHUNK, num_warps=4,
         )  # fmt: skip
         return out.view(rows, 1, s.num_heads * s.head_dim)
 
