@@ -23,7 +23,8 @@ some 1,500 small kernels a token (README, "GPU sizing"; benchmarks/RESULTS.md). 
   (inference/triton_kernels.py) that round to the model dtype wherever eager PyTorch does;
   without CUDA (CI), ``TorchStepOps`` runs the same step eagerly with the model's own modules
   and ``scaled_dot_product_attention``. The matrix products stay the model's own modules
-  (so bitsandbytes NF4 layers work unchanged).
+  (so bitsandbytes NF4 layers work unchanged), except that on CUDA a layer's plain q, k and
+  v projections run as one product (inference/fused_qkv.py).
 
 The tokens equal ``model.generate(do_sample=False)`` for the same inputs: the same function,
 rounded to the model dtype at the same points; only the order of float32 reductions (norms,
