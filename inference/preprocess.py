@@ -39,6 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
 from core.errors import InferenceError
+from core.modalities import CROSS_SECTIONAL_MODALITIES
 from core.redaction import error_text
 from storage.report_schema import PixelRegion, ReportContent
 
@@ -53,7 +54,6 @@ PERCENTILE_WINDOW = (0.5, 99.5)
 # A slice counts as axial when its normal is within ~37 degrees of the patient's z axis, which
 # keeps gantry-tilted head CT (up to ~30 degrees) and rejects coronal/sagittal reformats.
 AXIAL_MIN_NORMAL_Z = 0.8
-CROSS_SECTIONAL_MODALITIES = ("CT", "MR")
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "HEART"})
 CHEST_DESCRIPTION_WORDS = ("CHEST", "THORAX", "CXR", "LUNG", "胸")
 # View Position (0018,5101), PS3.3 C.8.11.5: frontal projections first (PA before AP).

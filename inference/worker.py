@@ -361,7 +361,7 @@ class InferenceWorker:
         if job_ids and len(job_ids) < limit and self.model_settings.batch_wait_ms > 0:
             # A burst arrives over a few milliseconds: wait briefly to serve it as one batch.
             time.sleep(self.model_settings.batch_wait_ms / 1000)
-            job_ids += claim_jobs(self.db, self.owner, limit - len(job_ids), lease)
+            job_ids += claim_jobs(self.db, self.owner, limit - len(job_ids), lease, like=job_ids[0])
         return job_ids
 
     def _prepare(self, job_id: int) -> PreparedJob | None:

@@ -7,6 +7,10 @@ A job's status changes only here:
     queued | failed --cancel_job--> cancelled --retry_job--> queued
 Every change is an audit row (``job.<new state>``) in the same transaction.
 
+A batch holds studies of one kind: volumes (a CT or MR series: up to 85 slices a prompt) or
+projection images. A radiograph claimed with a CT study would wait for the CT study's whole
+prompt pass and decode (about 2.7 s on an H200 against 1.2 s for a batch of 8 radiographs).
+
 PostgreSQL: several workers claim safely with SELECT … FOR UPDATE SKIP LOCKED.
 SQLite: one worker process; its single writer lock serialises claims.
 """
@@ -15,17 +19,18 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.modalities import CROSS_SECTIONAL_MODALITIES
 from core.redaction import error_text, scrub_traceback
 from core.retry import RetryPolicy
 from storage import audit
 from storage.db import Database
-from storage.models import Job, JobStatus, Study, StudyVersion, utcnow
+from storage.models import Job, JobStatus, Series, Study, StudyVersion, utcnow
 
 # A job that cannot succeed however often it runs (e.g. a study without a usable image).
 NO_RETRY = RetryPolicy(max_attempts=1, initial_backoff_s=0.0)
@@ -39,18 +44,55 @@ def job_retry_policy(max_attempts: int, backoff_s: float) -> RetryPolicy:
     )
 
 
-def claim_jobs(db: Database, owner: str, limit: int, lease_seconds: float) -> list[int]:
-    """Lease up to ``limit`` due jobs to ``owner``; return their ids (oldest, highest first)."""
+def _is_volume() -> ColumnElement[bool]:
+    """The job's study has a CT or MR series (correlated to the query's ``StudyVersion``)."""
+    return exists().where(
+        Series.study_id == StudyVersion.study_id,
+        Series.modality.in_(CROSS_SECTIONAL_MODALITIES),
+    )
+
+
+def _claim_kind(session: Session, now: datetime, like: int | None) -> bool | None:
+    """Whether the batch claims volumes: job ``like``'s kind, else the first due job's; None
+    when there is no such job."""
+    query = (
+        select(_is_volume())
+        .select_from(Job)
+        .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+    )
+    if like is not None:
+        query = query.where(Job.id == like)
+    else:
+        query = query.where(*_due(now)).order_by(Job.priority.desc(), Job.id).limit(1)
+    kind = session.scalar(query)
+    return None if kind is None else bool(kind)
+
+
+def _due(now: datetime) -> tuple[ColumnElement[bool], ...]:
+    return (Job.status == JobStatus.QUEUED, Job.available_at <= now)
+
+
+def claim_jobs(
+    db: Database, owner: str, limit: int, lease_seconds: float, *, like: int | None = None
+) -> list[int]:
+    """Lease up to ``limit`` due jobs to ``owner``; return their ids (oldest, highest first).
+
+    All of one kind (volumes or not, see above): that of job ``like`` when given (a second
+    claim that fills the same batch), else that of the first due job."""
     now = utcnow()
     with db.session() as session:
+        volumes = _claim_kind(session, now, like)
+        if volumes is None:
+            return []
         query = (
             select(Job)
-            .where(Job.status == JobStatus.QUEUED, Job.available_at <= now)
+            .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+            .where(*_due(now), _is_volume() if volumes else ~_is_volume())
             .order_by(Job.priority.desc(), Job.id)
             .limit(limit)
         )
         if not db.is_sqlite:
-            query = query.with_for_update(skip_locked=True)
+            query = query.with_for_update(skip_locked=True, of=Job)
         jobs = list(session.scalars(query))
         for job in jobs:
             job.status = JobStatus.RUNNING

@@ -5,6 +5,7 @@ The database tests run on SQLite and on a throwaway PostgreSQL database (the ``d
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -85,6 +86,17 @@ def make_jobs(db: Database, how_many: int) -> list[int]:
         record_instance(db, received(f"{study}.9", study=study, series=f"{study}.1"))
     job_ids.extend(close_quiet_studies(db, at_once))
     assert len(job_ids) == how_many
+    return job_ids
+
+
+def make_jobs_of(db: Database, modalities: list[str]) -> list[int]:
+    """One single-series study per modality, closed in that order: one job each."""
+    job_ids: list[int] = []
+    for number, modality in enumerate(modalities):
+        study = f"{STUDY}.{number}"
+        instance = received(f"{study}.9", study=study, series=f"{study}.1")
+        record_instance(db, dataclasses.replace(instance, modality=modality))
+        job_ids.extend(close_quiet_studies(db, at_once))
     return job_ids
 
 
@@ -234,6 +246,27 @@ def test_claim_takes_higher_priority_first(db: Database) -> None:
     assert claim_jobs(db, "w", limit=1, lease_seconds=60) == [job_ids[2]]
 
 
+def claims_by_kind(db: Database) -> None:
+    cr1, ct, cr2, mr, cr3 = make_jobs_of(db, ["CR", "CT", "CR", "MR", "DX"])
+
+    # The first due job is a radiograph: the batch takes only projection images.
+    assert claim_jobs(db, "w", limit=8, lease_seconds=60) == [cr1, cr2, cr3]
+    assert claim_jobs(db, "w", limit=1, lease_seconds=60) == [ct]
+    # A second claim filling the same batch takes the first job's kind.
+    assert claim_jobs(db, "w", limit=8, lease_seconds=60, like=ct) == [mr]
+    assert claim_jobs(db, "w", limit=8, lease_seconds=60) == []
+
+
+def test_a_batch_holds_volumes_or_projection_images_not_both(db: Database) -> None:
+    claims_by_kind(db)
+
+
+def test_a_fill_claim_like_a_radiograph_skips_volumes(db: Database) -> None:
+    ct, cr = make_jobs_of(db, ["CT", "CR"])
+    assert claim_jobs(db, "w", limit=8, lease_seconds=60, like=cr) == [cr]
+    assert claim_jobs(db, "w", limit=8, lease_seconds=60) == [ct]
+
+
 def raise_inference_error() -> None:
     raise RuntimeError("model exploded")
 
@@ -365,6 +398,10 @@ def test_concurrent_claims_are_disjoint_on_postgresql(pg_db: Database) -> None:
     assert len(everything) == len(set(everything))
     assert sorted(everything) == sorted(job_ids[: len(everything)])
     assert len(everything) >= 16
+
+
+def test_a_batch_holds_one_kind_on_postgresql(pg_db: Database) -> None:
+    claims_by_kind(pg_db)
 
 
 def test_claim_skips_rows_locked_by_another_worker(pg_db: Database, pg_url: str) -> None:
