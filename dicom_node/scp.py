@@ -51,7 +51,7 @@ from config.settings import NodeSettings
 from config.tls import server_ssl_context
 from core.errors import DicomError
 from dicom_node.association_audit import AssociationAudit
-from dicom_node.listener import NodeAssociationServer
+from dicom_node.listener import NodeAssociationServer, read_exactly
 from dicom_node.priors import PriorIntake
 from dicom_node.received import ParsedDataSet, chunks_size, parse_received, received_file
 from dicom_node.statuses import describe_rejection
@@ -528,13 +528,16 @@ ABANDONED_STATES = frozenset({"Sta1", "Sta13"})
 
 
 def _prepare_connection(event: evt.Event) -> None:
-    """EVT_CONN_OPEN, before the association's threads start: name them after the peer and let
-    the state machine drop primitives that come after the association is gone."""
+    """EVT_CONN_OPEN, before the association's threads start: name them after the peer, let
+    the state machine drop primitives that come after the association is gone, and read PDUs
+    whole (dicom_node/listener.py read_exactly: pynetdicom's 4 KB reads cost CPU per image)."""
     host, port = getattr(event, "address", ("?", 0))[:2]  # set by pynetdicom for CONN_OPEN
     assoc = event.assoc
     assoc.name = f"{CONNECTION_THREAD_PREFIX} {host}:{port}"
     assoc.dul.name = f"{CONNECTION_THREAD_PREFIX} {host}:{port} (upper layer)"
     _drop_primitives_after_abort(assoc.dul)
+    if assoc.dul.socket is not None:
+        assoc.dul.socket.recv = read_exactly.__get__(assoc.dul.socket)  # type: ignore[method-assign]
 
 
 def _drop_primitives_after_abort(dul: DULServiceProvider) -> None:

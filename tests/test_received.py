@@ -8,7 +8,9 @@ tests/test_scp_robust.py.
 
 from __future__ import annotations
 
+import socket
 import struct
+import threading
 from io import BytesIO
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +23,7 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -29,8 +32,14 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import decode, encode_file_meta
 
+from dicom_node import listener
+from dicom_node.listener import read_exactly
 from dicom_node.received import parse_received, received_file
-from dicom_node.scp import STATUS_CANNOT_UNDERSTAND, StoreRejected, _decode_fully
+from dicom_node.scp import (
+    STATUS_CANNOT_UNDERSTAND,
+    StoreRejected,
+    _decode_fully,
+)
 
 ROWS, COLUMNS = 32, 24
 
@@ -82,7 +91,7 @@ def received_event(dataset: Dataset, syntax: str, stream: bytes | None = None) -
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    meta.TransferSyntaxUID = syntax
+    meta.TransferSyntaxUID = UID(syntax)
     return ReceivedEvent(stream, syntax, meta)
 
 
@@ -142,3 +151,44 @@ def test_the_file_is_the_preamble_meta_and_the_received_bytes(tmp_path: Any) -> 
     written.write_bytes(joined)
     assert dcmread(written) == dcmread(BytesIO(joined))
     event.request.DataSet.truncate(0)  # the view is released: the stream may change again
+
+
+def test_a_pdu_is_read_whole_however_the_peer_splits_it() -> None:
+    """The upper layer's socket reads (dicom_node/listener.py read_exactly): exactly the bytes
+    asked for, whatever bursts they arrive in; fewer only when the peer closes."""
+    sent = np.random.default_rng(3).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    ours, peer = socket.socketpair()
+    reader = SimpleNamespace(socket=ours)
+
+    def send_in_bursts() -> None:
+        for start in range(0, len(sent), 7_777):
+            peer.sendall(sent[start : start + 7_777])
+        peer.sendall(b"tail")
+        peer.close()
+
+    sender = threading.Thread(target=send_in_bursts)
+    sender.start()
+    try:
+        assert read_exactly(reader, 6) == bytearray(sent[:6])  # type: ignore[arg-type]
+        assert read_exactly(reader, len(sent) - 6) == bytearray(sent[6:])  # type: ignore[arg-type]
+        assert read_exactly(reader, 10) == bytearray(b"tail")  # type: ignore[arg-type]
+        assert read_exactly(reader, 10) == bytearray()  # type: ignore[arg-type]
+    finally:
+        sender.join()
+        ours.close()
+
+
+def test_an_announced_length_beyond_the_cap_is_read_as_it_arrives(
+    monkeypatch: Any,
+) -> None:
+    """A PDU header may announce up to 4 GiB: past WHOLE_READ_MAX_BYTES nothing is allocated
+    before the bytes come, and a peer that closes early gives back only what it sent."""
+    monkeypatch.setattr(listener, "WHOLE_READ_MAX_BYTES", 16)
+    ours, peer = socket.socketpair()
+    try:
+        peer.sendall(b"0123456789" * 5)
+        peer.close()
+        read = read_exactly(SimpleNamespace(socket=ours), 2**32 - 1)  # type: ignore[arg-type]
+        assert read == bytearray(b"0123456789" * 5)
+    finally:
+        ours.close()
