@@ -30,7 +30,7 @@ from storage.models import (
     StudyVersion,
     utcnow,
 )
-from storage.mpps import Verdict, verdict
+from storage.mpps import Verdict, studies_with_steps, verdict
 
 
 @dataclass(frozen=True)
@@ -188,13 +188,15 @@ def close_and_schedule(
                 Study.last_received_at,
             ).where(Study.has_unversioned.is_(True))
         ).all()
+        uids = [str(uid) for _, uid, *_ in candidates]
+        with_steps = studies_with_steps(session, uids) if use_mpps else set()
     now = utcnow()
     job_ids: list[int] = []
     waits: list[float] = []
     for study_id, study_uid, modality, calling_ae, last_received in candidates:
         remaining = quiet_seconds(modality, calling_ae) - (now - last_received).total_seconds()
         step = Verdict.QUIET_PERIOD
-        if use_mpps:
+        if study_uid in with_steps:
             with db.session() as session:
                 step = verdict(session, study_id, study_uid)
         if remaining > 0 and step != Verdict.COMPLETE:

@@ -127,6 +127,28 @@ class Verdict(StrEnum):
     DISCONTINUED = "discontinued"
 
 
+# Study UIDs asked about in one IN list (well under SQLite's bound on query parameters).
+_UIDS_PER_QUERY = 500
+
+
+def studies_with_steps(session: Session, study_uids: list[str]) -> set[str]:
+    """Which of ``study_uids`` have any performed procedure step: the only studies whose
+    ``verdict`` can be other than the quiet period. One query per 500 studies, where asking
+    each open study's verdict took a session and a query per study on every completion round
+    (about 1.7 ms of the SCP process's CPU per received image with 50-100 open studies)."""
+    found: set[str] = set()
+    for start in range(0, len(study_uids), _UIDS_PER_QUERY):
+        chunk = study_uids[start : start + _UIDS_PER_QUERY]
+        found.update(
+            session.scalars(
+                select(PerformedProcedureStep.study_instance_uid)
+                .where(PerformedProcedureStep.study_instance_uid.in_(chunk))
+                .distinct()
+            )
+        )
+    return found
+
+
 def verdict(session: Session, study_id: int, study_uid: str) -> Verdict:
     """What the study's steps say (see the module docstring)."""
     steps = session.execute(

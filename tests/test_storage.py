@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, select, text, update
+from sqlalchemy import create_engine, event, func, select, text, update
 
 from storage.db import Database
 from storage.files import (
@@ -36,7 +36,16 @@ from storage.jobs import (
     job_retry_policy,
     requeue_expired_leases,
 )
-from storage.models import Instance, Job, JobStatus, Series, Study, StudyVersion, utcnow
+from storage.models import (
+    Instance,
+    Job,
+    JobStatus,
+    PerformedProcedureStep,
+    Series,
+    Study,
+    StudyVersion,
+    utcnow,
+)
 
 STUDY = "1.2.826.0.1.3680043.8.498.100"
 SERIES = "1.2.826.0.1.3680043.8.498.100.1"
@@ -219,6 +228,41 @@ def test_duplicate_does_not_reopen_a_closed_study(db: Database) -> None:
     assert record_instance(db, received("1.2.3.1")) is False
     assert close_quiet_studies(db, at_once) == []
     assert count(db, StudyVersion) == 1
+
+
+def test_one_query_finds_the_open_studies_with_procedure_steps(db: Database) -> None:
+    for number in range(20):
+        study = f"{STUDY}.{number}"
+        record_instance(db, received(f"{study}.9", study=study, series=f"{study}.1"))
+    with db.session() as session:  # study 7's modality says it made its one image
+        session.add(
+            PerformedProcedureStep(
+                sop_instance_uid="1.2.9.7",
+                status="COMPLETED",
+                study_instance_uid=f"{STUDY}.7",
+                sop_instance_uids=[f"{STUDY}.7.9"],
+            )
+        )
+    step_queries: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if "FROM mpps" in statement:
+            step_queries.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", note)
+    try:
+        completion = close_and_schedule(db, never, use_mpps=True)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", note)
+
+    # Study 7 is complete at once; the 19 others wait for their quiet period. The steps were
+    # read once for all 20 open studies, then once for study 7's verdict.
+    assert len(completion.job_ids) == 1
+    assert completion.next_due_s is not None
+    assert len(step_queries) == 2
+    with db.session() as session:
+        closed = session.scalars(select(Study.study_instance_uid).where(~Study.has_unversioned))
+        assert list(closed) == [f"{STUDY}.7"]
 
 
 # -- the job queue ----------------------------------------------------------------------------
