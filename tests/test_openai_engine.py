@@ -378,6 +378,9 @@ def test_questions_fail_at_once_saying_the_server_is_down_or_busy(
 
     with OpenAIDouble(served_model=SERVED, port=port) as server:
         server.replies = [Reply(status=429, error="queue full")]
+        # The provider looks again every check interval: a question it takes before it has seen
+        # the server come back fails as unreachable (the case above), not as busy.
+        wait_for(lambda: provider() is not None, 10, interval=0.05, message="server not seen")
         busy = submit_predict(
             db, data_dir, png_upload(32, 32), "Q?", max_new_tokens=8, max_queued=4
         )
