@@ -139,11 +139,7 @@ def _audit(session: Session, jobs: list[Job], kind: str, actor: str, **detail: o
 def has_due_jobs(db: Database) -> bool:
     """Whether any queued job is due now (one indexed lookup, no lock taken)."""
     with db.session() as session:
-        query = (
-            select(Job.id)
-            .where(Job.status == JobStatus.QUEUED, Job.available_at <= utcnow())
-            .limit(1)
-        )
+        query = select(Job.id).where(*_due(utcnow())).limit(1)
         return session.scalar(query) is not None
 
 
