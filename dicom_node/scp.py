@@ -398,7 +398,7 @@ def failure_response(status: int, reason: str) -> Dataset:
 
 
 def check_native_pixel_data(
-    dataset: Dataset, transfer_syntax: str, pixel_bytes: int | None = None
+    dataset: Dataset, transfer_syntax: str, pixel_bytes: int | None
 ) -> None:
     """PS3.5 §8.1.1 / PS3.3 C.7.6.3: native pixel data holds Rows × Columns × Samples per Pixel
     × Bits Allocated / 8 bytes per frame (1-bit data packed, YBR_FULL_422 two samples per pixel).
