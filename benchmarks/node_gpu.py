@@ -259,6 +259,44 @@ def read_profile(database_url: str) -> dict[str, Any]:
         "delivery_s_p95": delivery[max(0, round(0.95 * len(delivery)) - 1)] if delivery else 0.0,
         "new_tokens_min": min((int(t["new_tokens"]) for t in timings), default=0),
         "new_tokens_max": max((int(t["new_tokens"]) for t in timings), default=0),
+        **read_timeline(database_url),
+    }
+
+
+def read_timeline(database_url: str) -> dict[str, Any]:
+    """When, from the first instance received, the last instance, job, report and delivery
+    happened, and each study's median wait per stage: where a run's tail goes."""
+    from sqlalchemy import func, select
+
+    from storage.db import Database
+    from storage.models import Instance, Job, OutboxItem, Report, Study, StudyVersion
+
+    db = Database(database_url)
+    try:
+        with db.session() as session:
+            first = session.scalar(select(func.min(Instance.received_at)))
+            lasts = {
+                "last_received": session.scalar(select(func.max(Instance.received_at))),
+                "last_job_created": session.scalar(select(func.max(Job.created_at))),
+                "last_report": session.scalar(select(func.max(Report.created_at))),
+                "last_sent": session.scalar(select(func.max(OutboxItem.sent_at))),
+            }
+            waits = session.execute(
+                select(Study.last_received_at, Job.created_at, Job.finished_at)
+                .join(StudyVersion, StudyVersion.study_id == Study.id)
+                .join(Job, Job.study_version_id == StudyVersion.id)
+            ).all()
+    finally:
+        db.dispose()
+    if first is None:
+        return {}
+    timeline = {f"{key}_s": (at - first).total_seconds() for key, at in lasts.items() if at}
+    completion = [(job - received).total_seconds() for received, job, _ in waits]
+    in_queue = [(done - job).total_seconds() for _, job, done in waits if done]
+    return {
+        **timeline,
+        "completion_wait_s_p50": statistics.median(completion) if completion else 0.0,
+        "job_to_report_s_p50": statistics.median(in_queue) if in_queue else 0.0,
     }
 
 
@@ -406,6 +444,16 @@ def print_row(row: dict[str, Any], header: bool) -> None:
         f"failures {row['store_failures']}, engine pipelined {engine['batches']} x "
         f"{engine['batch']} (all batches {engine['studies_per_hour']:,.0f}/h, prepare "
         f"{engine['prepare_s']:.3f} s)",
+        flush=True,
+    )
+    stages = ("last_received_s", "last_job_created_s", "last_report_s", "last_sent_s")
+    print(
+        "    from the first instance: "
+        + ", ".join(
+            f"{key[:-2].replace('_', ' ')} {row.get(key, float('nan')):.1f} s" for key in stages
+        )
+        + f"; per study p50: completion wait {row.get('completion_wait_s_p50', 0.0):.2f} s, "
+        f"job to report {row.get('job_to_report_s_p50', 0.0):.2f} s",
         flush=True,
     )
 
