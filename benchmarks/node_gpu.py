@@ -284,6 +284,10 @@ def read_timeline(database_url: str) -> dict[str, Any]:
                 "last_report": session.scalar(select(func.max(Report.created_at))),
                 "last_sent": session.scalar(select(func.max(OutboxItem.sent_at))),
             }
+            stamps = [
+                t.get("batch_stamps") or {}
+                for (t,) in session.execute(select(Report.timings_json)).all()
+            ]
             waits = session.execute(
                 select(Study.last_received_at, Job.created_at, Job.finished_at)
                 .join(StudyVersion, StudyVersion.study_id == Study.id)
@@ -294,13 +298,35 @@ def read_timeline(database_url: str) -> dict[str, Any]:
     if first is None:
         return {}
     timeline = {f"{key}_s": (at - first).total_seconds() for key, at in lasts.items() if at}
+    batches = batch_rows(stamps, first.timestamp())
     completion = [(job - received).total_seconds() for received, job, _ in waits]
     in_queue = [(done - job).total_seconds() for _, job, done in waits if done]
     return {
         **timeline,
         "completion_wait_s_p50": statistics.median(completion) if completion else 0.0,
         "job_to_report_s_p50": statistics.median(in_queue) if in_queue else 0.0,
+        "batch_rows": batches,
     }
+
+
+def batch_rows(stamps: list[dict[str, float]], first: float) -> list[dict[str, float]]:
+    """Each batch's stages from the reports' stamps (inference/worker_jobs.py ClaimedBatch),
+    in seconds from the first instance: when it was claimed, how long building it took (render,
+    questions, processor), how long the GPU stood idle before it, and its generation."""
+    unique = {tuple(sorted(s.items())): s for s in stamps if "generate_started" in s}
+    ordered = sorted(unique.values(), key=lambda s: s["generate_started"])
+    rows, previous_end = [], first
+    for stamp in ordered:
+        rows.append(
+            {
+                "claimed_s": stamp.get("claimed", first) - first,
+                "build_s": stamp.get("built", 0.0) - stamp.get("claimed", 0.0),
+                "idle_before_s": stamp["generate_started"] - previous_end,
+                "generate_s": stamp["generate_ended"] - stamp["generate_started"],
+            }
+        )
+        previous_end = stamp["generate_ended"]
+    return rows
 
 
 # -- the engine reference ---------------------------------------------------------------------
@@ -459,6 +485,18 @@ def print_row(row: dict[str, Any], header: bool) -> None:
         f"job to report {row.get('job_to_report_s_p50', 0.0):.2f} s",
         flush=True,
     )
+    batches = row.get("batch_rows") or []
+    print("    batches (s from the first instance): claimed / build / GPU idle before / generate")
+    for index in range(0, len(batches), 4):
+        print(
+            "     "
+            + " | ".join(
+                f"{b['claimed_s']:6.1f} {b['build_s']:5.2f} {b['idle_before_s']:5.2f} "
+                f"{b['generate_s']:5.2f}"
+                for b in batches[index : index + 4]
+            ),
+            flush=True,
+        )
 
 
 def main() -> None:

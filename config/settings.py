@@ -86,7 +86,8 @@ class DicomSettings(Section):
     bind_address: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     allowed_calling_aets: list[str] = Field(default_factory=list)
-    # Across all receiving processes: each takes an equal share (rounded up).
+    # Per receiving process: the kernel does not spread connections evenly, so a share of the
+    # limit would refuse associations while other processes stand idle.
     max_associations: int = Field(default=10, ge=1)
     # Processes that receive on the port (Linux SO_REUSEPORT: the kernel spreads new
     # associations over them), so that large images arriving on several associations use

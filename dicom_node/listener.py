@@ -4,7 +4,6 @@ B.9) moved into each connection's thread, bounded, and every refusal logged."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import ssl
@@ -102,11 +101,6 @@ def receive_processes(dicom: DicomSettings) -> int:
         return dicom.receive_processes
     cpus = os.cpu_count() or 1
     return max(1, min(MAX_AUTO_RECEIVE_PROCESSES, cpus // CPUS_PER_AUTO_RECEIVE_PROCESS))
-
-
-def associations_per_process(dicom: DicomSettings) -> int:
-    """Each receiving process's share of [dicom] max_associations, rounded up."""
-    return math.ceil(dicom.max_associations / receive_processes(dicom))
 
 
 def listener_class(dicom: DicomSettings) -> type[NodeAssociationServer]:

@@ -53,7 +53,6 @@ from core.errors import DicomError
 from dicom_node.association_audit import AssociationAudit
 from dicom_node.listener import (
     NodeAssociationServer,
-    associations_per_process,
     listener_class,
     read_exactly,
 )
@@ -152,7 +151,7 @@ class StorageSCP:
     def build_ae(self) -> AE:
         dicom = self.settings.dicom
         ae = AE(ae_title=dicom.ae_title)
-        ae.maximum_associations = associations_per_process(dicom)
+        ae.maximum_associations = dicom.max_associations
         ae.maximum_pdu_size = dicom.max_pdu
         ae.acse_timeout = dicom.acse_timeout_s
         ae.dimse_timeout = dicom.dimse_timeout_s

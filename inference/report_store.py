@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ class StoreTask:
     prior_images: int = 0  # the prior's images came first in the request (inference/comparison.py)
     prior_comparison: PriorComparison | None = None  # what was compared, or why nothing was
     scope: ScopeVerdict | None = None  # the node's verdict (inference/scope.py)
+    batch_stamps: dict[str, float] = field(default_factory=dict)  # ClaimedBatch.stamps
 
 
 class StoreOutcome(StrEnum):
@@ -115,6 +116,7 @@ def store_report(
                 "new_tokens": task.new_tokens,
                 "preprocess_seconds": round(task.preprocess_seconds, 4),
                 "source_sop_instance_uids": task.sop_instance_uids,
+                "batch_stamps": task.batch_stamps,
             },
             is_test_model=task.identity.is_test_model,
             created_at=utcnow(),

@@ -278,10 +278,14 @@ class InferenceWorker:
         return str(state.get("message") or "the model is not loaded")
 
     def _claim_and_load(self) -> ClaimedBatch:
+        claimed = time.time()
         job_ids = self._claim_batch()
         pool = self._render_pool
         if pool is not None and pool.ready:  # until its processes have started: in threads
-            return ClaimedBatch(job_ids, self._render_in_pool(pool, job_ids))
+            rendered = self._render_in_pool(pool, job_ids)
+            return ClaimedBatch(
+                job_ids, rendered, stamps={"claimed": claimed, "built": time.time()}
+            )
         if self.prior_finder is not None and len(job_ids) > 1:
             # Prior searches wait on PACS: the batch's jobs search side by side, so no study
             # waits longer than the finder's limit for its neighbours' priors.
@@ -289,7 +293,8 @@ class InferenceWorker:
                 loaded = list(threads.map(self._prepare, job_ids))
         else:
             loaded = [self._prepare(job_id) for job_id in job_ids]
-        return ClaimedBatch(job_ids, [job for job in loaded if job])
+        stamps = {"claimed": claimed, "built": time.time()}
+        return ClaimedBatch(job_ids, [job for job in loaded if job], stamps=stamps)
 
     def _render_in_pool(self, pool: RenderPool, job_ids: list[int]) -> list[PreparedJob]:
         """Read and render the batch's studies in the render processes, all at once."""
@@ -348,6 +353,7 @@ class InferenceWorker:
         if batch.jobs and not self.stop_event.is_set():
             try:
                 batch.inputs = engine.prepare([self._request(job) for job in batch.jobs])
+                batch.stamps["built"] = time.time()
             except Exception:
                 # Runs later as an unprepared batch: engine.generate meets the same error,
                 # and the usual handling (halving on OutOfMemory, failing the jobs) applies.
@@ -410,6 +416,7 @@ class InferenceWorker:
             self.db, [job.job_id for job in jobs], self.owner, self.model_settings.lease_seconds
         )
         started = time.monotonic()
+        batch.stamps["generate_started"] = time.time()
         outcomes: list[GenerationResult] | list[GenerationResult | InferenceError]
         try:
             with self.lane_steps.during(engine, self.doorbell):
@@ -424,6 +431,7 @@ class InferenceWorker:
                 self._fail(job.job_id, exc)
             return 0
         elapsed = time.monotonic() - started
+        batch.stamps["generate_ended"] = time.time()
         self._record_batch_stats(len(jobs), elapsed)
         lost: dict[int, EngineUnavailable] = {}
         for job, outcome in zip(jobs, outcomes, strict=True):
@@ -432,17 +440,19 @@ class InferenceWorker:
             elif isinstance(outcome, InferenceError):
                 self._fail(job.job_id, outcome)
             else:
-                self._store_or_fail(engine, job, outcome)
+                self._store_or_fail(engine, job, outcome, batch.stamps)
         if lost:
             first = next(iter(lost.values()))
             self._engine_lost(first, [job for job in jobs if job.job_id in lost])
         return len(lost)
 
-    def _store_or_fail(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> None:
+    def _store_or_fail(
+        self, engine: Engine, job: PreparedJob, result: GenerationResult, stamps: dict[str, float]
+    ) -> None:
         """Store the answer: in the store pool when there is one (the next batch does not wait
         for the outputs), else here."""
         try:
-            task = self._store_task(engine, job, result)
+            task = self._store_task(engine, job, result, stamps)
             pool = self._store_pool
             if pool is not None and pool.ready:  # until its processes run: in this thread
                 pool.submit(self.owner, task, self._stored)
@@ -506,7 +516,9 @@ class InferenceWorker:
             settings=GenerationSettings(max_new_tokens=self.model_settings.max_new_tokens),
         )
 
-    def _store_task(self, engine: Engine, job: PreparedJob, result: GenerationResult) -> StoreTask:
+    def _store_task(
+        self, engine: Engine, job: PreparedJob, result: GenerationResult, stamps: dict[str, float]
+    ) -> StoreTask:
         return StoreTask(
             job_id=job.job_id,
             study_id=job.study_id,
@@ -527,6 +539,7 @@ class InferenceWorker:
             prior_images=len(job.prior_images),
             prior_comparison=job.prior.comparison if job.prior is not None else None,
             scope=job.scope,
+            batch_stamps=dict(stamps),
         )
 
     def _stored(self, task: StoreTask, future: Future[StoreOutcome]) -> None:

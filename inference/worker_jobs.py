@@ -56,6 +56,10 @@ class ClaimedBatch:
     job_ids: list[int]
     jobs: list[PreparedJob]
     inputs: PreparedBatch | None = None
+    # Wall-clock times (time.time()) of the batch's stages, kept in each report's timings so
+    # that a run's gaps between batches can be told apart: claimed, built, generate_started,
+    # generate_ended.
+    stamps: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

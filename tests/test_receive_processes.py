@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from config.settings import DicomSettings
-from dicom_node.listener import associations_per_process, receive_processes
+from dicom_node.listener import receive_processes
 from peers.dicom_files import make_ct_study
 from peers.net import free_port, wait_for
 from peers.node_process import NodeProcess
@@ -35,11 +35,6 @@ def test_auto_is_one_receiver_per_four_cores_at_most_four(monkeypatch: pytest.Mo
         monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
         assert receive_processes(DicomSettings()) == expected
     assert receive_processes(DicomSettings(receive_processes=6)) == 6
-
-
-def test_max_associations_is_shared_out_rounded_up() -> None:
-    assert associations_per_process(DicomSettings(max_associations=10, receive_processes=3)) == 4
-    assert associations_per_process(DicomSettings(max_associations=10, receive_processes=1)) == 10
 
 
 def receiver_states(node: NodeProcess) -> dict[int, dict[str, Any]]:
@@ -88,7 +83,7 @@ def test_three_receivers_share_the_port_and_lose_nothing(tmp_path: Path) -> None
     metrics_port = free_port()
     sections = {
         "completion": FAST_COMPLETION,
-        "dicom": {"receive_processes": RECEIVERS, "max_associations": 12},
+        "dicom": {"receive_processes": RECEIVERS, "max_associations": 2},
         "metrics": {"enabled": True, "bind_address": "127.0.0.1", "port": metrics_port},
     }
     node = NodeProcess(tmp_path / "node", sections).start()
