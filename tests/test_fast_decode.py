@@ -164,22 +164,47 @@ def test_multi_image_rows_over_max_batch_run_in_passes(model: Any, processor: An
 
 
 def test_long_prompts_decode_in_the_long_arena(model: Any, processor: Any) -> None:
-    # Ten images a row: a prompt longer than the short arena's 64 columns.
+    # Ten images a row: a prompt longer than the short arena's 64 columns. The local layer
+    # keeps a ring of its 16-column window, which the prompt and the 40 new tokens wrap
+    # several times; the shorter row is left-padded by more than a window.
     small = copy.deepcopy(model)
     small.config.text_config.sliding_window = 16
     inputs = multi_image_inputs(processor, [10, 7])
     prompt_len = inputs["input_ids"].shape[1]
     assert prompt_len > 64
+    assert int(inputs["attention_mask"][1].eq(0).sum()) > 16
     gen = FastGreedyGenerator(
         small, max_batch=2, max_total_len=64, long_kv_tokens=4096, long_len_step=32
     )
 
-    fast = gen.generate(inputs, max_new_tokens=20, force_new_tokens=True)
+    fast = gen.generate(inputs, max_new_tokens=40, force_new_tokens=True)
 
-    assert torch.equal(fast, plain(small, inputs, 20, min_new_tokens=20))
-    length = -(-(prompt_len + 19) // 32) * 32
+    assert torch.equal(fast, plain(small, inputs, 40, min_new_tokens=40))
+    length = -(-(prompt_len + 39) // 32) * 32
     assert list(gen._states) == [(2, length)]
-    assert gen._long is not None and gen._long.columns == 2 * length
+    state = gen._states[(2, length)]
+    assert [k.shape[2] for k in state.keys] == [16, length]  # sliding, full
+    assert gen._long is not None and gen._long.sizes == [2 * 16, 2 * length]
+    assert gen._short.sizes == [2 * 64, 2 * 64]  # the short arena keeps full-length layers
+
+
+def test_the_long_budget_counts_the_rings(model: Any, processor: Any) -> None:
+    # A budget of length + 16 columns of both layers: one full-length row and a bit, or two
+    # rows whose local layer keeps a 16-column ring.
+    small = copy.deepcopy(model)
+    small.config.text_config.sliding_window = 16
+    inputs = multi_image_inputs(processor, [9, 8])
+    prompt_len = inputs["input_ids"].shape[1]
+    length = -(-(prompt_len + 11) // 32) * 32
+    gen = FastGreedyGenerator(
+        small, max_batch=2, max_total_len=64, long_kv_tokens=length + 16, long_len_step=32
+    )
+
+    fast = gen.generate(inputs, max_new_tokens=12, force_new_tokens=True)
+
+    assert torch.equal(fast, plain(small, inputs, 12, min_new_tokens=12))
+    assert list(gen._states) == [(2, length)]
+    assert gen._long is not None and gen._long.sizes == [2 * 16, 2 * length]
 
 
 def test_long_prompt_budget_bounds_rows_and_prefill_passes(model: Any, processor: Any) -> None:
@@ -206,11 +231,11 @@ def test_long_arena_grows_and_drops_the_states_it_replaces(model: Any, processor
     two = multi_image_inputs(processor, [10, 10])
 
     gen.generate(one, max_new_tokens=8)
-    first_columns = gen._long.columns if gen._long is not None else 0
+    first_sizes = gen._long.sizes if gen._long is not None else []
     fast = gen.generate(two, max_new_tokens=8)
 
     assert torch.equal(fast, plain(model, two, 8))
-    assert gen._long is not None and gen._long.columns == 2 * first_columns
+    assert gen._long is not None and gen._long.sizes == [2 * size for size in first_sizes]
     assert [rows for rows, _ in gen._states] == [2]  # the one-row state pointed at old memory
 
 
