@@ -4,12 +4,17 @@ On CPU (CI) the decode step runs eagerly on the same static buffers the CUDA gra
 so the bookkeeping — left padding, batch buckets, sliding-window columns, EOS and padding,
 forced length, batches over max_batch, the fallback — is checked against ``generate`` on the
 tiny demo model in float32, where both must agree token for token. The graph and Triton
-variants run only where CUDA is present.
+variants run only where CUDA is present; the long-arena test's Triton variant also runs on the
+CPU under Triton's interpreter:
+
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD:/path/to/triton python -m pytest tests/test_fast_decode.py \
+        -k long_prompts_decode_in_the_long_arena
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from inference.demo_model import write_demo_model
 from inference.fast_decode import HAS_TRITON, FastGreedyGenerator
 
+# Triton's CPU interpreter runs the Triton step on the CPU model (slow: about a minute a test).
+INTERPRETED_TRITON = pytest.mark.skipif(
+    not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"), reason="TRITON_INTERPRET=1"
+)
 QUESTIONS = ["Describe the chest X-ray.", "Any fracture?", "List the findings, then an impression."]
 
 
@@ -163,7 +172,10 @@ def test_multi_image_rows_over_max_batch_run_in_passes(model: Any, processor: An
     assert sorted(gen._states) == [(1, 256), (2, 256)]
 
 
-def test_long_prompts_decode_in_the_long_arena(model: Any, processor: Any) -> None:
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=INTERPRETED_TRITON)])
+def test_long_prompts_decode_in_the_long_arena(
+    model: Any, processor: Any, use_triton: bool
+) -> None:
     # Ten images a row: a prompt longer than the short arena's 64 columns. The local layer
     # keeps a ring of its 16-column window, which the prompt and the 40 new tokens wrap
     # several times; the shorter row is left-padded by more than a window.
@@ -174,8 +186,9 @@ def test_long_prompts_decode_in_the_long_arena(model: Any, processor: Any) -> No
     assert prompt_len > 64
     assert int(inputs["attention_mask"][1].eq(0).sum()) > 16
     gen = FastGreedyGenerator(
-        small, max_batch=2, max_total_len=64, long_kv_tokens=4096, long_len_step=32
-    )
+        small, max_batch=2, max_total_len=64, long_kv_tokens=4096, long_len_step=32,
+        use_triton=use_triton,
+    )  # fmt: skip
 
     fast = gen.generate(inputs, max_new_tokens=40, force_new_tokens=True)
 
