@@ -196,6 +196,11 @@ class FastGreedyGenerator:
         long_states = self._long.states if self._long is not None else {}
         return {**self._short.states, **long_states}
 
+    @property
+    def long_kv_bytes(self) -> int:
+        """Bytes the long-prompt KV buffers take now (0 before the first long prompt)."""
+        return self._long.bytes() if self._long is not None else 0
+
     # ----------------------------------------------------------------- public API
 
     @torch.no_grad()
