@@ -127,8 +127,10 @@ def attn_partial_kernel(  # type: ignore[no-untyped-def]
     q_rows = q_ptr + (b * H + heads)[:, None] * D + d[None, :]
     q = tl.load(q_rows, mask=(g < G)[:, None], other=0.0)
     # The column each slot holds (inference/step_ops.py): the slot itself up to ``col`` in a
-    # full-length cache (below 0 past it); in a ring the last column written there.
-    held = col - (col - n + columns) % columns
+    # full-length cache (below 0 past it); in a ring the last column written there. One
+    # modulo a program: ``top`` is the slot ``col`` went to, a slot past it is a lap behind.
+    top = col % columns
+    held = col - top + n - tl.where(n > top, columns, 0)
     valid = (n < columns) & (held >= start)  # masked-off slots are never read
     offs = b * stride_cb + kh * stride_ch + n[:, None] * D + d[None, :]
     k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
