@@ -52,8 +52,8 @@ class StepOps(Protocol):
     the token is written to and ``starts`` [rows] each row's first valid column.
 
     KV column c lives at slot c % columns. A full-length cache has more columns than any
-    column written to it, so that is slot c. A local layer of the long arena keeps a ring of at
-    least ``window`` columns (inference/fast_buffers.py): slot s then holds the last column
+    column written to it, so that is slot c. A local layer of the long arena keeps a ring of
+    its ``window`` columns (inference/fast_buffers.py): slot s then holds the last column
     written there, c' = column - ((column - s) mod columns), valid where c' >= starts[row] and
     c' > column - window. The same formula reads a full-length cache (a slot past ``column``
     maps below 0), so neither operation needs to be told which kind a layer has; keys are
