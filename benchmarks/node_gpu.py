@@ -131,10 +131,13 @@ def node_sections(args: argparse.Namespace, case: dict[str, Any], work: Path) ->
     for key in ("render_processes", "output_processes"):
         if case.get(key) is not None:
             model[key] = case[key]
+    receivers = (
+        {} if args.receive_processes is None else {"receive_processes": args.receive_processes}
+    )
     return {
         "completion": {"default_seconds": args.quiet, "rules": []},
         "model": model,
-        "dicom": {"max_associations": args.associations + 4},
+        "dicom": {"max_associations": args.associations + 4, **receivers},
         "logging": {"level": "WARNING"},
         "destinations": [
             {"name": "files", "kind": "file", "directory": str(work / "delivered")},
@@ -480,6 +483,12 @@ def main() -> None:
     parser.add_argument("--render-processes", type=int, default=None)
     parser.add_argument("--output-processes", type=int, default=None)
     parser.add_argument("--copy-processes", type=int, default=4)
+    parser.add_argument(
+        "--receive-processes",
+        type=int,
+        default=None,
+        help="[dicom] receive_processes (node default)",
+    )
     parser.add_argument("--source", default=None, help="the DICOM file (default: RG1_UNCI)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized model (development)")
     parser.add_argument("--load-timeout", type=float, default=300.0)

@@ -86,7 +86,12 @@ class DicomSettings(Section):
     bind_address: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     allowed_calling_aets: list[str] = Field(default_factory=list)
+    # Across all receiving processes: each takes an equal share (rounded up).
     max_associations: int = Field(default=10, ge=1)
+    # Processes that receive on the port (Linux SO_REUSEPORT: the kernel spreads new
+    # associations over them), so that large images arriving on several associations use
+    # several cores. 0 = one per 4 CPU cores, at most 4 (1 on a small workstation).
+    receive_processes: int = Field(default=0, ge=0, le=32)
     max_pdu: int = Field(default=262144, ge=0)
     # PS3.8 §9.1.5 ARTIM timer: a connection that sends no A-ASSOCIATE-RQ within this (or, with
     # TLS, does not finish its handshake) is closed; also bounds the wait for a release reply.

@@ -4,11 +4,15 @@ B.9) moved into each connection's thread, bounded, and every refusal logged."""
 from __future__ import annotations
 
 import logging
+import math
+import os
 import socket
 import ssl
 from typing import Any
 
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+
+from config.settings import DicomSettings
 
 log = logging.getLogger("dicom_node.scp")  # the SCP's log lines, as before the split
 
@@ -74,6 +78,41 @@ class NodeAssociationServer(ThreadedAssociationServer):
         log.warning("TLS handshake from %s refused: %s", peer, reason)
         client.close()
         return None
+
+
+class SharedPortAssociationServer(NodeAssociationServer):
+    """The listener of one of several receiving processes on the same port: SO_REUSEPORT
+    before bind, so the kernel hands each new connection to one of the processes. Only when
+    [dicom] receive_processes > 1: otherwise a second node started on the same port by mistake
+    must fail with "address in use", not share the connections."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+MAX_AUTO_RECEIVE_PROCESSES = 4
+CPUS_PER_AUTO_RECEIVE_PROCESS = 4
+
+
+def receive_processes(dicom: DicomSettings) -> int:
+    """How many processes receive on the port: the setting, or by the host's cores (0)."""
+    if dicom.receive_processes > 0:
+        return dicom.receive_processes
+    cpus = os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_RECEIVE_PROCESSES, cpus // CPUS_PER_AUTO_RECEIVE_PROCESS))
+
+
+def associations_per_process(dicom: DicomSettings) -> int:
+    """Each receiving process's share of [dicom] max_associations, rounded up."""
+    return math.ceil(dicom.max_associations / receive_processes(dicom))
+
+
+def listener_class(dicom: DicomSettings) -> type[NodeAssociationServer]:
+    if receive_processes(dicom) > 1:
+        return SharedPortAssociationServer
+    return NodeAssociationServer
 
 
 # Largest read given its whole buffer before any byte arrives. pynetdicom reads a PDU's length

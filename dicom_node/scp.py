@@ -29,7 +29,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,15 @@ from config.settings import NodeSettings
 from config.tls import server_ssl_context
 from core.errors import DicomError
 from dicom_node.association_audit import AssociationAudit
-from dicom_node.listener import NodeAssociationServer, read_exactly
+from dicom_node.listener import (
+    NodeAssociationServer,
+    associations_per_process,
+    listener_class,
+    read_exactly,
+)
 from dicom_node.priors import PriorIntake
 from dicom_node.received import ParsedDataSet, chunks_size, parse_received, received_file
+from dicom_node.scp_counters import ScpCounters
 from dicom_node.statuses import describe_rejection
 from storage.db import Database, DatabaseUnavailable
 from storage.files import free_disk_mb, instance_relpath, uid_component, write_durably
@@ -121,21 +127,6 @@ class StoreRejected(DicomError):
         self.status = status
 
 
-@dataclass
-class ScpCounters:
-    """Thread-safe counts for status and metrics."""
-
-    stored: int = 0
-    duplicates: int = 0
-    ignored: int = 0
-    failed: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, name: str) -> None:
-        with self.lock:
-            setattr(self, name, getattr(self, name) + 1)
-
-
 class StorageSCP:
     """The node's DICOM listener. ``start()`` returns once it listens; ``stop()`` shuts it."""
 
@@ -161,7 +152,7 @@ class StorageSCP:
     def build_ae(self) -> AE:
         dicom = self.settings.dicom
         ae = AE(ae_title=dicom.ae_title)
-        ae.maximum_associations = dicom.max_associations
+        ae.maximum_associations = associations_per_process(dicom)
         ae.maximum_pdu_size = dicom.max_pdu
         ae.acse_timeout = dicom.acse_timeout_s
         ae.dimse_timeout = dicom.dimse_timeout_s
@@ -202,7 +193,7 @@ class StorageSCP:
             (dicom.bind_address, dicom.port),
             evt_handlers=handlers,  # type: ignore[arg-type]
             ssl_context=server_ssl_context(dicom.tls),
-            server_class=NodeAssociationServer,
+            server_class=listener_class(dicom),
         )
         assert isinstance(server, NodeAssociationServer)
         server.handshake_timeout_s = dicom.acse_timeout_s

@@ -125,6 +125,18 @@ def worker(config: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     _run_node(Node(settings, with_scp=False), start_worker)
 
 
+@app.command(hidden=True)
+def receive(
+    index: Annotated[int, typer.Option(help="This receiver's number (serve is 0)")],
+    port: Annotated[int, typer.Option(help="serve's DICOM port")],
+    config: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """One more process receiving on serve's port; started and supervised by serve."""
+    settings = settings_or_exit(config, port=port, data_dir=data_dir)
+    _run_node(Node(settings, receiver=index), lambda node: node.start())
+
+
 def _run_node(node: Node, start: Callable[[Node], None], *, pid_file: bool = False) -> None:
     node.prepare()
     if pid_file:

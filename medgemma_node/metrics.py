@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from delivery.metrics import DeliveryCollector, DeliveryCounters
-from dicom_node.scp import ScpCounters
+from dicom_node.scp_counters import ScpCounters
 from medgemma_node.runtime import read_worker_states
 from storage.db import Database
 from storage.models import Job, JobStatus, OutboxItem

@@ -1,7 +1,8 @@
 """The serving process: wires the parts together and supervises them.
 
-    serve  = SCP + completion scheduler + inference worker + delivery worker + REST API
-    worker = inference worker only (a second GPU box on the same PostgreSQL)
+    serve   = SCP + completion scheduler + inference worker + delivery worker + REST API
+    worker  = inference worker only (a second GPU box on the same PostgreSQL)
+    receive = one more SCP on serve's port, supervised by serve ([dicom] receive_processes)
 
 Every part runs in its own thread; the model never runs in the SCP's association threads.
 The delivery worker gets its senders from ``sender_registry``: the one place that names the
@@ -40,8 +41,10 @@ from delivery.preparing_sender import PreparingSender
 from delivery.senders import SenderRegistry
 from delivery.worker import DeliveryWorker
 from dicom_node.completion import CompletionScheduler
+from dicom_node.listener import receive_processes
 from dicom_node.mpps import MPPS_SOP_CLASS, MppsService
-from dicom_node.scp import ScpCounters, StorageSCP
+from dicom_node.scp import StorageSCP
+from dicom_node.scp_counters import ScpCounters, sum_counters
 from dicom_node.sender import DicomSender
 from hl7_out.sender import HL7OruSender
 from medgemma_node.audit_forwarder import AuditForwarder
@@ -49,12 +52,23 @@ from medgemma_node.logs import setup_logging
 from medgemma_node.metrics import MetricSources, start_metrics_server
 from medgemma_node.pidfile import remove_pid_file
 from medgemma_node.retention_part import Pruner, RetentionLoop
-from medgemma_node.runtime import STATUS_FILE
+from medgemma_node.runtime import (
+    STATUS_FILE,
+    clear_receiver_states,
+    receiver_counters,
+    receiver_status_file,
+)
 from medgemma_node.supervisor import ChildProcess
 from storage import audit
 from storage.db import Database
 from storage.delivery_types import Sender
-from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
+from storage.doorbell import (
+    COMPLETION_DOORBELL,
+    DELIVERY_DOORBELL,
+    WORKER_DOORBELL,
+    Doorbell,
+    ring,
+)
 from storage.installation import ensure_installation_id
 from storage.phi import load_or_create_salt
 from storage.recovery import recover
@@ -100,12 +114,17 @@ def open_database(settings: NodeSettings) -> Database:
 class Node:
     """One serving process."""
 
-    def __init__(self, settings: NodeSettings, *, with_scp: bool = True) -> None:
+    def __init__(
+        self, settings: NodeSettings, *, with_scp: bool = True, receiver: int | None = None
+    ) -> None:
         self.settings = settings
         self.data_dir = settings.storage.data_dir
         self.with_scp = with_scp
+        self.receiver = receiver  # `receive`: this process's index among the receivers
         self.status_file = (
-            STATUS_FILE
+            receiver_status_file(receiver)
+            if receiver is not None
+            else STATUS_FILE
             if with_scp
             else Path("run") / f"worker-{socket.gethostname()}-{os.getpid()}.json"
         )
@@ -132,27 +151,43 @@ class Node:
         salt = load_or_create_salt(self.data_dir, self.settings.storage.phi_hash_salt)
         self._check_identity(db)
         self._audit("node.start", config_fingerprint=settings_fingerprint(self.settings))
-        if self.with_scp:
+        data_dir = self.data_dir
+        if self.receiver is not None:
+            # serve has recovered the data directory and runs the completion scheduler; a
+            # completed MPPS step here wakes it through its doorbell.
+            self._start_scp(db, salt, lambda: ring(data_dir, COMPLETION_DOORBELL))
+            if self.settings.retention.enabled:
+                self._scp().make_room = Pruner(self.settings, db).make_room
+        elif self.with_scp:
             report = recover(db, self.data_dir, salt)
             log.info("start-up check: %s", report)
-            data_dir = self.data_dir
             scheduler = CompletionScheduler(
                 db,
                 self.settings.completion,
                 on_jobs=lambda _ids: ring(data_dir, WORKER_DOORBELL),
                 use_mpps=self.settings.dicom.mpps,
             )
-            self.scp = StorageSCP(self.settings, db, salt)
-            if self.settings.dicom.mpps:
-                self._add_mpps(self.scp, scheduler)
-            self.scp.start()
-            self.state.scp = {
-                "ae_title": self.settings.dicom.ae_title,
-                "address": self.settings.dicom.bind_address,
-                "port": self.scp.port,
-            }
+            self._start_scp(db, salt, scheduler.wake)
             self.add_part("completion", scheduler)
         self.write_state()
+
+    def _start_scp(self, db: Database, salt: bytes, on_mpps_completed: Callable[[], None]) -> None:
+        scp = self.scp = StorageSCP(self.settings, db, salt)
+        if self.settings.dicom.mpps:
+            self._add_mpps(scp, on_mpps_completed)
+        scp.start()
+        self.state.scp = {
+            "ae_title": self.settings.dicom.ae_title,
+            "address": self.settings.dicom.bind_address,
+            "port": scp.port,
+        }
+        self.state_providers.append(
+            lambda state: state.scp.update(counters=scp.counters.snapshot())
+        )
+
+    def _scp(self) -> StorageSCP:
+        assert self.scp is not None
+        return self.scp
 
     def _check_identity(self, db: Database) -> None:
         """Create the installation id with the data directory (storage/installation.py)."""
@@ -166,15 +201,17 @@ class Node:
             )
 
     @staticmethod
-    def _add_mpps(scp: StorageSCP, scheduler: CompletionScheduler) -> None:
+    def _add_mpps(scp: StorageSCP, on_completed: Callable[[], None]) -> None:
         """The MPPS SCP on the same AE; a completed step wakes the completion scheduler."""
-        mpps = MppsService(scp.db, scp.association_audit, on_completed=scheduler.wake)
+        mpps = MppsService(scp.db, scp.association_audit, on_completed=on_completed)
         mpps.load()
         scp.extra_services.append((MPPS_SOP_CLASS, mpps.handlers()))
         scp.on_instance_stored.append(lambda item: mpps.instance_stored(item.study_uid))
 
     @property
     def role(self) -> str:
+        if self.receiver is not None:
+            return "receive"
         return "serve" if self.with_scp else "worker"
 
     def _audit(self, kind: str, **detail: object) -> None:
@@ -195,7 +232,12 @@ class Node:
             log.error("audit row %s not written (%s)", kind, type(exc).__name__)
 
     def scp_counters(self) -> ScpCounters | None:
-        return self.scp.counters if self.scp is not None else None
+        """This process's counts; in serve, with those the other receivers last wrote."""
+        if self.scp is None:
+            return None
+        if self.receiver is not None:
+            return self.scp.counters
+        return sum_counters([self.scp.counters.snapshot(), *receiver_counters(self.data_dir)])
 
     def add_part(self, name: str, part: Part) -> None:
         self.parts[name] = part
@@ -279,12 +321,12 @@ class DoorbellRelay:
             self.doorbell.close()
 
 
-def worker_argv(config_path: Path | None, data_dir: Path) -> list[str]:
-    """The command line of the inference worker child that `serve` supervises."""
-    argv = [sys.executable, "-m", "medgemma_node.cli", "worker", "--data-dir", str(data_dir)]
+def child_argv(command: str, config_path: Path | None, data_dir: Path, *options: str) -> list[str]:
+    """The command line of a child process that `serve` supervises (worker, receive)."""
+    argv = [sys.executable, "-m", "medgemma_node.cli", command, "--data-dir", str(data_dir)]
     if config_path is not None:
         argv += ["--config", str(config_path)]
-    return argv
+    return [*argv, *options]
 
 
 def sender_registry(
@@ -362,7 +404,10 @@ def start_serving(node: Node, config_path: Path | None) -> None:
     db = node.db
     assert db is not None
     data_dir = node.data_dir.resolve()
-    node.add_part("inference", ChildProcess("inference worker", worker_argv(config_path, data_dir)))
+    node.add_part(
+        "inference", ChildProcess("inference worker", child_argv("worker", config_path, data_dir))
+    )
+    start_receivers(node, config_path)
     pdfs = SharedReportPdfs(node.settings, db)
     deliveries = delivery_worker(node.settings, db, pdfs)
     node.add_part("delivery", deliveries)
@@ -394,6 +439,24 @@ def start_serving(node: Node, config_path: Path | None) -> None:
             metrics.port,
             MetricSources(db, node.data_dir, node.scp_counters, deliveries.counters),
         )
+
+
+def start_receivers(node: Node, config_path: Path | None) -> None:
+    """The other processes receiving on serve's port ([dicom] receive_processes), each a
+    supervised child; their completed MPPS steps ring the completion scheduler."""
+    data_dir = node.data_dir.resolve()
+    clear_receiver_states(data_dir)  # a receiver of an earlier run that was killed
+    scheduler = node.parts.get("completion")
+    if isinstance(scheduler, CompletionScheduler):
+        node.add_part(
+            "completion-doorbell", DoorbellRelay(node.data_dir, COMPLETION_DOORBELL, scheduler.wake)
+        )
+    port = node.scp.port if node.scp is not None else node.settings.dicom.port
+    for index in range(1, receive_processes(node.settings.dicom)):
+        argv = child_argv(
+            "receive", config_path, data_dir, "--index", str(index), "--port", str(port)
+        )
+        node.add_part(f"receiver-{index}", ChildProcess(f"DICOM receiver {index}", argv))
 
 
 def start_worker(node: Node) -> None:

@@ -9,6 +9,7 @@ for poll ticks:
     API                  --ring "worker"-->   inference worker   (a question was queued)
     inference worker     --ring "delivery"--> delivery worker    (outbox rows were written)
     inference worker     --ring "api"-->      API process        (a question was answered)
+    receiver (`receive`) --ring "completion"--> completion scheduler (an MPPS step completed)
 
 In the API process many request threads wait for their answers at once: ``SharedDoorbell``
 listens in one thread and wakes all of them; each re-reads its row.
@@ -29,6 +30,7 @@ _PREFIX = "\0medgemma-node"
 WORKER_DOORBELL = "worker"
 DELIVERY_DOORBELL = "delivery"
 API_DOORBELL = "api"
+COMPLETION_DOORBELL = "completion"
 
 
 def doorbell_address(data_dir: Path, name: str) -> str:

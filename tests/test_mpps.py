@@ -66,7 +66,7 @@ def start_node(tmp_path: Path, completion: dict[str, object]) -> RunningNode:
     db.upgrade()
     scheduler = CompletionScheduler(db, settings.completion, use_mpps=True)
     scp = StorageSCP(settings, db, b"salt")
-    Node._add_mpps(scp, scheduler)
+    Node._add_mpps(scp, scheduler.wake)
     scp.start()
     scheduler.start()
     images = make_ct_study(tmp_path / "ct", slices=2)
