@@ -531,10 +531,19 @@ def main() -> None:
         started = section_done(results, "single", started, args.json_out)
         results["throughput"] = run_throughput(engine, studies, args)
         print_throughput(results["throughput"])
+        results["long_kv_mb"] = long_kv_mb(fast)
         started = section_done(results, "throughput", started, args.json_out)
         results["mixed"] = run_mixed(engine, studies, args)
         print_mixed(results["mixed"], args.max_batch)
         section_done(results, "mixed", started, args.json_out)
+
+
+def long_kv_mb(fast: FastGenerator | None) -> float:
+    """MB the fast path's long-prompt KV buffers take now (printed): the widest CT batch so
+    far, its local layers keeping only their window (MedGemma-4B: 625 MB an 85-slice row)."""
+    mb = getattr(fast, "long_kv_bytes", 0) / 1e6
+    print(f"long-prompt KV buffers: {mb:,.1f} MB")
+    return float(mb)
 
 
 def section_done(results: Row, name: str, started: float, json_out: Path | None) -> float:

@@ -187,9 +187,11 @@ class ModelSettings(Section):
     poll_interval_s: float = Field(default=0.5, gt=0)
     fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
     # Long prompts on the fast path (CT/MR: up to 85 slices, ~22,300 tokens; README "GPU
-    # sizing"): the KV columns (rows x tokens) their buffers may take. None: a quarter of the
-    # GPU's memory (an H200: ~250,000, about ten 85-slice studies at once); 0: long prompts
-    # go to plain model.generate.
+    # sizing"): the memory their buffers may take, in KV columns (rows x tokens) of every
+    # layer. Local layers keep only their 1,024-token window there, so an 85-slice study takes
+    # ~4,500 of them, not 24,576. None: a quarter of the GPU's memory (an H200: ~250,000, the
+    # 8 studies of a full batch with room to spare); 0: long prompts go to plain
+    # model.generate.
     long_prompt_kv_tokens: int | None = Field(default=None, ge=0)
     # Processes beside the inference worker (README "GPU sizing"): DICOM reading and rendering,
     # and storing reports with their SR/GSPS/ORU/JSON. None: a quarter of the CPU cores, at most

@@ -3,13 +3,23 @@ processor batch.
 
 Two KV arenas back the decode states:
 
-* the short arena, ``max_batch x max_total_len`` columns, allocated at start: radiographs and
-  questions (one or two images, a few hundred prompt tokens) decode in it with the graphs
-  captured at warm-up;
+* the short arena, ``max_batch x max_total_len`` columns a layer, allocated at start:
+  radiographs and questions (one or two images, a few hundred prompt tokens) decode in it with
+  the graphs captured at warm-up;
 * the long arena, allocated the first time a prompt needs more than ``max_total_len`` columns
   (CT and MR studies: up to 85 images of 256 tokens, about 22,300 prompt tokens) and grown
   when a longer or wider batch comes; its size is bounded by the long-prompt token budget, so
   a batch of long prompts decodes in as many rows as the budget holds at a time.
+
+In the long arena, Gemma 3's local (sliding-window) layers keep a ring of ``sliding_window``
+columns a row instead of the whole length: they attend to the last 1,024 columns only, and
+column c goes to slot c % ring (inference/step_ops.py says how attention reads a ring). Only
+the global layers (one in six) keep every column. For MedGemma-4B in bf16 (34 layers, 5 of
+them global, 4 KV heads of 256: 4 KiB of K and V a column a layer), an 85-slice study's row of
+24,576 columns (22,300 prompt + 256 new tokens, rounded up to 4,096) takes
+5 x 24,576 + 29 x 1,024 layer columns, 0.62 GB, where every layer at full length took 3.4 GB.
+The short arena keeps full-length local layers: its lengths (a few hundred columns) are within
+the window anyway.
 
 A decode state is a ``(rows, length)`` view of one arena; its CUDA graph reads and writes only
 those addresses, so growing the long arena drops the states (and graphs) built on it.
@@ -17,6 +27,7 @@ those addresses, so growing the long arena drops the states (and graphs) built o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +39,9 @@ class DecodeState:
 
     rows: int
     length: int
-    keys: list[torch.Tensor]  # per layer [rows, kv_heads, length, head_dim], views of the arena
+    # Per layer [rows, kv_heads, columns, head_dim], views of the arena: ``length`` columns,
+    # or a ring of fewer (a local layer of the long arena; column c at slot c % columns).
+    keys: list[torch.Tensor]
     values: list[torch.Tensor]
     tokens: torch.Tensor  # [rows] the token each row feeds in next
     positions: torch.Tensor  # [rows] its RoPE position (left padding not counted)
@@ -40,11 +53,25 @@ class DecodeState:
     graph: torch.cuda.CUDAGraph | None = None
 
 
+def long_rings(layer_types: Sequence[str], window: int) -> tuple[int, ...]:
+    """Ring columns of each layer in the long arena: a local layer's window (all it reads), 0
+    (full length) for a global one."""
+    return tuple(window if t == "sliding_attention" and window > 0 else 0 for t in layer_types)
+
+
+def row_columns(rings: Sequence[int], length: int) -> list[int]:
+    """KV columns one row of ``length`` takes in each layer: ``length``, or at most the ring's
+    columns where the layer keeps a ring (``rings[i]`` > 0)."""
+    return [min(length, ring) if ring else length for ring in rings]
+
+
 @dataclass
 class KVArena:
-    """One flat K and one flat V buffer per layer, ``columns`` (rows x length) KV columns each."""
+    """One flat K and one flat V buffer per layer, ``sizes[i]`` KV columns in layer i; a layer
+    with ``rings[i]`` > 0 keeps only each row's last ``rings[i]`` columns (a ring)."""
 
-    columns: int
+    sizes: list[int]
+    rings: tuple[int, ...]
     column_elements: int  # kv_heads * head_dim
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -53,35 +80,70 @@ class KVArena:
     @classmethod
     def allocate(
         cls,
-        columns: int,
+        sizes: Sequence[int],
         *,
-        layers: int,
+        rings: Sequence[int],
         column_elements: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> KVArena:
-        def flat() -> torch.Tensor:
+        def flat(columns: int) -> torch.Tensor:
             return torch.zeros(columns * column_elements, dtype=dtype, device=device)
 
-        keys = [flat() for _ in range(layers)]
-        values = [flat() for _ in range(layers)]
-        return cls(columns, column_elements, keys, values)
+        keys = [flat(columns) for columns in sizes]
+        values = [flat(columns) for columns in sizes]
+        return cls(list(sizes), tuple(rings), column_elements, keys, values)
+
+    def needs(self, rows: int, length: int) -> list[int]:
+        """Columns of each layer a ``(rows, length)`` state takes."""
+        return [rows * columns for columns in row_columns(self.rings, length)]
 
     def holds(self, rows: int, length: int) -> bool:
-        return rows * length <= self.columns
+        return all(n <= size for n, size in zip(self.needs(rows, length), self.sizes, strict=True))
 
     def views(
         self, rows: int, length: int, kv_heads: int
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-layer [rows, kv_heads, length, head_dim] views of the first rows x length columns."""
-        used = rows * length * self.column_elements
-        shape = (rows, kv_heads, length, self.column_elements // kv_heads)
-        keys = [arena[:used].view(shape) for arena in self.keys]
-        values = [arena[:used].view(shape) for arena in self.values]
+        """Per-layer [rows, kv_heads, columns, head_dim] views of each layer's first columns."""
+        head_dim = self.column_elements // kv_heads
+        keys, values = [], []
+        for i, columns in enumerate(row_columns(self.rings, length)):
+            used = rows * columns * self.column_elements
+            shape = (rows, kv_heads, columns, head_dim)
+            keys.append(self.keys[i][:used].view(shape))
+            values.append(self.values[i][:used].view(shape))
         return keys, values
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def grown_sizes(
+    old: KVArena | None, rings: Sequence[int], rows: int, length: int, budget: int
+) -> list[int]:
+    """Layer sizes of an arena replacing ``old`` that holds ``rows x length``: each layer the
+    larger of its old and new sizes while their sum stays within ``budget`` layer columns (the
+    old states' shapes then fit as well), else just the new ones."""
+    sizes = [rows * columns for columns in row_columns(rings, length)]
+    if old is None:
+        return sizes
+    wider = [max(new, size) for new, size in zip(sizes, old.sizes, strict=True)]
+    return wider if sum(wider) <= budget else sizes
+
+
+def store_columns(cache: torch.Tensor, row: int, kv: torch.Tensor, end: int) -> None:
+    """Prompt KV ``kv`` [rows, kv_heads, n, head_dim], holding KV columns ``end - n`` to
+    ``end - 1``, into the cache's rows from ``row``: column c at slot c % the cache's columns,
+    so a ring keeps the last of them (a full-length cache: one copy to columns end-n..end-1)."""
+    columns = cache.shape[2]
+    kv = kv[:, :, -columns:]
+    n = kv.shape[2]
+    first = (end - n) % columns
+    head = min(n, columns - first)
+    target = cache[row : row + kv.shape[0]]
+    target[:, :, first : first + head].copy_(kv[:, :, :head])
+    if head < n:  # the ring wraps
+        target[:, :, : n - head].copy_(kv[:, :, head:])
 
 
 def image_offsets(

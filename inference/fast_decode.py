@@ -13,8 +13,10 @@ some 1,500 small kernels a token (README, "GPU sizing"; benchmarks/RESULTS.md). 
   buffers with fixed shapes and is captured once per (rows, length) in a ``torch.cuda.CUDAGraph``
   that is replayed for each token;
 * long prompts (CT and MR studies: up to 85 images, ~22,300 tokens) decode in a second arena
-  (inference/fast_buffers.py) sized on demand within ``long_kv_tokens`` KV columns, their
-  lengths rounded to ``long_len_step``; a batch runs in as many rows at a time as that holds,
+  (inference/fast_buffers.py) sized on demand within the memory of ``long_kv_tokens`` KV
+  columns, their lengths rounded to ``long_len_step``; its local layers keep only a ring of
+  ``sliding_window`` columns a row (0.62 GB an 85-slice study for the 4B model in bf16, where
+  full-length layers took 3.4 GB); a batch runs in as many rows at a time as that holds,
   and its prompt is prefilled in passes of at most ``prefill_tokens`` tokens (whole rows, each
   with its own images), so activations and the vision tower's batch stay bounded;
 * the small operations between the matrix products (RMSNorm, residual add, qk-norm + RoPE +
@@ -43,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from inference import fast_buffers
 from inference.fast_buffers import DecodeState, KVArena, batch_rows, image_offsets
 from inference.fused_qkv import fuse_qkv, project_qkv
 from inference.step_ops import HFModule, StepOps, TextShape, TorchStepOps
@@ -146,11 +149,14 @@ class FastGreedyGenerator:
         self.max_batch = max_batch
         self.max_total_len = max_total_len
         self.len_step = len_step
-        # Long prompts (CT/MR): rows x KV columns a long batch may hold at a time, 0 for none
-        # (they then go to model.generate); their lengths round up to long_len_step so a few
-        # graphs serve every slice count.
+        # Long prompts (CT/MR): the memory a long batch may take at a time, counted in KV
+        # columns (rows x tokens) of every layer, 0 for none (they then go to model.generate);
+        # their lengths round up to long_len_step so a few graphs serve every slice count.
         self.long_kv_tokens = long_kv_tokens
         self.long_len_step = long_len_step
+        self._long_rings = fast_buffers.long_rings(
+            self.shape.layer_types, self.shape.sliding_window
+        )
         # Prompt tokens one prefill pass may hold: bounds the activations (and the vision
         # tower's batch) of long prompts; a batch of radiographs stays one pass.
         self.prefill_tokens = prefill_tokens
@@ -159,7 +165,7 @@ class FastGreedyGenerator:
         self._tokens_per_image = int(getattr(config, "mm_tokens_per_image", 0) or 0)
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.check_every = max(1, check_every if on_cuda else 1)
-        self._short = self._arena(max_batch * max_total_len)
+        self._short = self._arena([max_batch * max_total_len] * self.shape.num_layers)
         self._long: KVArena | None = None  # allocated by the first long prompt
         self._min_length = 0  # set by warm_up: shorter requests reuse the warm graphs
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -174,11 +180,11 @@ class FastGreedyGenerator:
         embed = self.lm.embed_tokens.weight
         return embed.dtype if embed.dtype.is_floating_point else first.dtype
 
-    def _arena(self, columns: int) -> KVArena:
+    def _arena(self, sizes: list[int], rings: Sequence[int] = ()) -> KVArena:
         s = self.shape
         return KVArena.allocate(
-            columns,
-            layers=s.num_layers,
+            sizes,
+            rings=rings or (0,) * s.num_layers,
             column_elements=s.num_kv_heads * s.head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -189,6 +195,11 @@ class FastGreedyGenerator:
         """Every decode state built so far, short and long."""
         long_states = self._long.states if self._long is not None else {}
         return {**self._short.states, **long_states}
+
+    @property
+    def long_kv_bytes(self) -> int:
+        """Bytes the long-prompt KV buffers take now (0 before the first long prompt)."""
+        return self._long.bytes() if self._long is not None else 0
 
     # ----------------------------------------------------------------- public API
 
@@ -289,8 +300,14 @@ class FastGreedyGenerator:
         short arena; for long prompts the largest bucket the long-prompt budget holds (0: none)."""
         if needed <= self.max_total_len:
             return self.max_batch
-        fit = min(self.max_batch, self.long_kv_tokens // _round_up(needed, self.long_len_step))
+        length = _round_up(needed, self.long_len_step)
+        row = sum(fast_buffers.row_columns(self._long_rings, length))
+        fit = min(self.max_batch, self._long_budget() // row)
         return max((b for b in self.buckets if b <= fit), default=0)
+
+    def _long_budget(self) -> int:
+        """The long-prompt budget in layer columns (one layer's K and V of one token)."""
+        return self.long_kv_tokens * self.shape.num_layers
 
     def _length(self, needed: int) -> int:
         """KV columns of the state for ``needed`` columns: warm lengths for short prompts."""
@@ -392,13 +409,12 @@ class FastGreedyGenerator:
         return torch.cat(firsts)
 
     def _load_kv(self, state: DecodeState, cache: Any, row: int, prompt_len: int) -> None:
-        """A pass's prompt KV into columns [0, prompt_len) of the state's rows from ``row``."""
+        """A pass's prompt KV into columns [0, prompt_len) of the state's rows from ``row``:
+        what the cache kept of them (its local layers: the last window - 1, all a decode step
+        reads), a ring's at slot column % ring."""
         for i, layer in enumerate(cache.layers):
-            keys, values = layer.keys, layer.values
-            rows, kept = keys.shape[0], keys.shape[2]  # sliding layers keep window-1 columns
-            columns = slice(prompt_len - kept, prompt_len)
-            state.keys[i][row : row + rows, :, columns].copy_(keys)
-            state.values[i][row : row + rows, :, columns].copy_(values)
+            fast_buffers.store_columns(state.keys[i], row, layer.keys, prompt_len)
+            fast_buffers.store_columns(state.values[i], row, layer.values, prompt_len)
 
     def _load_inputs(self, state: DecodeState, mask: torch.Tensor, first: torch.Tensor) -> None:
         """The first new token, positions and stop flags into the step inputs."""
@@ -456,18 +472,22 @@ class FastGreedyGenerator:
 
     def _arena_for(self, rows: int, length: int) -> KVArena:
         """The short arena, or the long one grown to hold ``rows x length`` columns (its
-        old states and graphs go: they point into the memory being replaced)."""
+        old states and graphs go: they point into the memory being replaced). Grown, each layer
+        keeps the larger of its old and new sizes while their sum stays within the budget."""
         if length <= self.max_total_len:
             return self._short
         if self._long is None or not self._long.holds(rows, length):
-            columns = max(rows * length, self._long.columns if self._long is not None else 0)
-            self._long = None
+            old, self._long = self._long, None
+            sizes = fast_buffers.grown_sizes(
+                old, self._long_rings, rows, length, self._long_budget()
+            )
+            del old
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._long = self._arena(columns)
+            self._long = self._arena(sizes, self._long_rings)
             log.info(
-                "long-prompt KV buffers: %d columns (%.1f GiB)",
-                columns, self._long.bytes() / 2**30,
+                "long-prompt KV buffers: %d rows x %d columns (%.2f GiB)",
+                rows, length, self._long.bytes() / 2**30,
             )  # fmt: skip
         return self._long
 

@@ -154,9 +154,10 @@ def attach_fast_path(engine: TransformersEngine, settings: NodeSettings) -> None
     the questions the worker serves between decode steps of a running batch. Its graphs are
     captured for the whole buffer length: a follow-up with the report, anchors and a crop has
     a far longer prompt than the study question, and a capture then would hold the batch up.
-    Its long-prompt buffers hold one row of up to ``PRIORITY_LONG_KV_TOKENS`` columns (a
-    question about an 85-slice study with its report and a crop: about 24,000 tokens), allocated
-    the first time such a question comes during a batch (4.5 GB for the 4B model in bf16).
+    Its long-prompt buffers take at most the memory of ``PRIORITY_LONG_KV_TOKENS`` columns of
+    every layer (4.5 GB for the 4B model in bf16), allocated the first time a long question
+    comes during a batch: a question about an 85-slice study with its report and a crop (about
+    24,000 tokens) takes 0.7 GB of it, its local layers keeping only their window.
     """
     if not engine.wants_fast_path:
         return
@@ -183,14 +184,16 @@ def attach_fast_path(engine: TransformersEngine, settings: NodeSettings) -> None
     log.info("CUDA fast path ready (graphs captured in %.1f s)", time.monotonic() - started)
 
 
-# One row of the longest conversation turn: 85 slices, the report, anchors, a crop and the
-# answer, rounded up to the fast path's long-length step.
+# One row of the longest conversation turn (85 slices, the report, anchors, a crop and the
+# answer, rounded up to the fast path's long-length step) if every layer kept every column;
+# with the local layers' rings, the memory of this many columns holds several such rows.
 PRIORITY_LONG_KV_TOKENS = 32_768
 
 
 def long_prompt_kv_tokens(engine: TransformersEngine, configured: int | None) -> int:
     """``model.long_prompt_kv_tokens``, or the KV columns a quarter of the GPU's memory holds
-    (every layer's K and V for one token of one row, in the model's dtype)."""
+    (every layer's K and V for one token of one row, in the model's dtype): the budget's unit,
+    though the long buffers' local layers keep only their window (inference/fast_buffers.py)."""
     if configured is not None:
         return configured
     if engine.device.type != "cuda":

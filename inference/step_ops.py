@@ -48,8 +48,16 @@ class StepOps(Protocol):
     """The operations between the matrix products of one decode step (and the prompt pass).
 
     Shapes: ``q``/``k``/``v`` as the projections give them for one token a row; the cache is
-    ``(keys, values)``, each [rows, kv_heads, length, head_dim]; ``column`` [1] is the KV column
+    ``(keys, values)``, each [rows, kv_heads, columns, head_dim]; ``column`` [1] is the KV column
     the token is written to and ``starts`` [rows] each row's first valid column.
+
+    KV column c lives at slot c % columns. A full-length cache has more columns than any
+    column written to it, so that is slot c. A local layer of the long arena keeps a ring of
+    its ``window`` columns (inference/fast_buffers.py): slot s then holds the last column
+    written there, c' = column - ((column - s) mod columns), valid where c' >= starts[row] and
+    c' > column - window. The same formula reads a full-length cache (a slot past ``column``
+    maps below 0), so neither operation needs to be told which kind a layer has; keys are
+    stored after RoPE, so slot order changes only the order of the softmax's sums.
     """
 
     def norm(self, module: HFModule, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +78,8 @@ class StepOps(Protocol):
         cache: tuple[torch.Tensor, torch.Tensor],
         column: torch.Tensor,
     ) -> torch.Tensor:
-        """qk-norm and RoPE; K and V go into the cache at ``column``; returns q [rows, H, D]."""
+        """qk-norm and RoPE; K and V go into the cache at slot ``column`` % its columns;
+        returns q [rows, H, D]."""
         ...
 
     def attention(
@@ -82,7 +91,8 @@ class StepOps(Protocol):
         window: int,
     ) -> torch.Tensor:
         """One query per row over KV columns ``starts..column``, and only the last ``window``
-        of them when ``window`` > 0 (Gemma's local layers); returns [rows, 1, H*D]."""
+        of them when ``window`` > 0 (Gemma's local layers), wherever the cache's slots hold
+        them; returns [rows, 1, H*D]."""
         ...
 
     def mlp(self, module: HFModule, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +140,9 @@ class TorchStepOps(StepOps):
         k = attn.k_norm(k.view(rows, s.num_kv_heads, s.head_dim))
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        cache[0].index_copy_(2, column, k.unsqueeze(2))
-        cache[1].index_copy_(2, column, v.view(rows, s.num_kv_heads, 1, s.head_dim))
+        slot = column % cache[0].shape[2]  # on the device: the graph replays it
+        cache[0].index_copy_(2, slot, k.unsqueeze(2))
+        cache[1].index_copy_(2, slot, v.view(rows, s.num_kv_heads, 1, s.head_dim))
         return q
 
     def attention(
@@ -144,11 +155,13 @@ class TorchStepOps(StepOps):
     ) -> torch.Tensor:
         s = self.shape
         keys, values = cache
-        rows, length = keys.shape[0], keys.shape[2]
-        cols = torch.arange(length, device=keys.device)
-        valid = (cols[None, :] >= starts[:, None]) & (cols[None, :] <= column)
+        rows, columns = keys.shape[0], keys.shape[2]
+        slots = torch.arange(columns, device=keys.device)
+        # The KV column each slot holds (the protocol's formula; floor modulo, never negative).
+        held = column - (column - slots) % columns
+        valid = held[None, :] >= starts[:, None]
         if window > 0:
-            valid &= cols[None, :] > column - window
+            valid &= held[None, :] > column - window
         # Query heads grouped under their KV head (GQA without repeating K and V).
         grouped = q.view(rows, s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim)
         out = F.scaled_dot_product_attention(

@@ -81,13 +81,13 @@ def _norm_rope(src, w_ptr, cos_ptr, sin_ptr, eps, D: tl.constexpr):  # type: ign
 @triton.jit
 def qk_rope_store_kernel(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, col_ptr,
-    stride_cb, stride_ch, eps_q, eps_k,
+    stride_cb, stride_ch, columns, eps_q, eps_k,
     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     j = tl.program_id(1)
     offs = tl.arange(0, D)
-    col = tl.load(col_ptr)
+    col = tl.load(col_ptr) % columns  # the slot: a ring's columns wrap (inference/step_ops.py)
     cos_row = cos_ptr + b * D
     sin_row = sin_ptr + b * D
     if j < H:
@@ -106,7 +106,7 @@ def qk_rope_store_kernel(  # type: ignore[no-untyped-def]
 @triton.jit
 def attn_partial_kernel(  # type: ignore[no-untyped-def]
     q_ptr, k_ptr, v_ptr, start_ptr, col_ptr, m_ptr, l_ptr, acc_ptr,
-    stride_cb, stride_ch, scale, window, splits, windowed,
+    stride_cb, stride_ch, columns, scale, window, splits, windowed,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -119,13 +119,19 @@ def attn_partial_kernel(  # type: ignore[no-untyped-def]
     g = tl.arange(0, GP)  # the G query heads of this KV head, padded for tl.dot
     d = tl.arange(0, D)
     # ``windowed``: the programs cover only the blocks of the window, counted from the block
-    # holding its first column (a local layer of a long prompt reads 1,024 of ~23,000 columns).
+    # holding its first column (a local layer of a full-length cache reads 1,024 of ~23,000
+    # columns); never a ring, whose columns are its window.
     first = tl.where(windowed != 0, tl.maximum(col - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
-    n = first + split * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = first + split * BLOCK_N + tl.arange(0, BLOCK_N)  # slots
     heads = kh * G + g
     q_rows = q_ptr + (b * H + heads)[:, None] * D + d[None, :]
     q = tl.load(q_rows, mask=(g < G)[:, None], other=0.0)
-    valid = (n >= start) & (n <= col)  # masked-off columns are never read
+    # The column each slot holds (inference/step_ops.py): the slot itself up to ``col`` in a
+    # full-length cache (below 0 past it); in a ring the last column written there. One
+    # modulo a program: ``top`` is the slot ``col`` went to, a slot past it is a lap behind.
+    top = col % columns
+    held = col - top + n - tl.where(n > top, columns, 0)
+    valid = (n < columns) & (held >= start)  # masked-off slots are never read
     offs = b * stride_cb + kh * stride_ch + n[:, None] * D + d[None, :]
     k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
     v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)

@@ -88,7 +88,7 @@ class TritonStepOps(StepOps):
         qk_rope_store_kernel[grid](
             q, k, v, self._w1(attn.q_norm), self._w1(attn.k_norm),
             rope[0].contiguous(), rope[1].contiguous(), q_out, keys, values, column,
-            keys.stride(0), keys.stride(1), attn.q_norm.eps, attn.k_norm.eps,
+            keys.stride(0), keys.stride(1), keys.shape[2], attn.q_norm.eps, attn.k_norm.eps,
             H=s.num_heads, KVH=s.num_kv_heads, D=s.head_dim, num_warps=2,
         )  # fmt: skip
         return q_out
@@ -105,13 +105,18 @@ class TritonStepOps(StepOps):
         of 64 columns reads only the block's valid columns; a second kernel merges the blocks.
         Measured on the H100 against longer shares per program (a loop over blocks) and a
         program per query head on the CUDA cores: this shape was the fastest from 1 to 64
-        rows (2.2 TB/s of valid KV at 64 rows)."""
+        rows (2.2 TB/s of valid KV at 64 rows).
+
+        A ring (a local layer of the long arena, ``window`` columns a row) is read whole, its
+        validity per slot as the protocol says (inference/step_ops.py)."""
         s = self.shape
         keys, values = cache
-        rows, length = keys.shape[0], keys.shape[2]
-        splits = triton.cdiv(length, _ATTN_BLOCK)
-        # Gemma's local layers see only the last ``window`` columns: on long buffers, launch
-        # programs for the window's blocks alone (one more for a window that straddles them).
+        rows, columns = keys.shape[0], keys.shape[2]
+        splits = triton.cdiv(columns, _ATTN_BLOCK)
+        # Gemma's local layers see only the last ``window`` columns: on long full-length
+        # buffers, launch programs for the window's blocks alone (one more for a window that
+        # straddles them). A ring holds just its window, so it never takes this branch (whose
+        # blocks count from the window's first column, which a ring keeps at no fixed slot).
         windowed = window > 0 and triton.cdiv(window, _ATTN_BLOCK) + 1 < splits
         if windowed:
             splits = triton.cdiv(window, _ATTN_BLOCK) + 1
@@ -123,7 +128,7 @@ class TritonStepOps(StepOps):
         group = s.num_heads // s.num_kv_heads
         attn_partial_kernel[(rows, s.num_kv_heads, splits)](
             q, keys, values, starts, column, part_max, part_sum, part_acc,
-            keys.stride(0), keys.stride(1), s.scaling, window, splits, int(windowed),
+            keys.stride(0), keys.stride(1), columns, s.scaling, window, splits, int(windowed),
             H=s.num_heads, G=group, GP=max(16, triton.next_power_of_2(group)), D=s.head_dim,
             BLOCK_N=_ATTN_BLOCK, PREC="ieee" if q.dtype == torch.float32 else None, num_warps=4,
         )  # fmt: skip

@@ -4,12 +4,17 @@ On CPU (CI) the decode step runs eagerly on the same static buffers the CUDA gra
 so the bookkeeping — left padding, batch buckets, sliding-window columns, EOS and padding,
 forced length, batches over max_batch, the fallback — is checked against ``generate`` on the
 tiny demo model in float32, where both must agree token for token. The graph and Triton
-variants run only where CUDA is present.
+variants run only where CUDA is present; the long-arena test's Triton variant also runs on the
+CPU under Triton's interpreter:
+
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD:/path/to/triton python -m pytest tests/test_fast_decode.py \
+        -k long_prompts_decode_in_the_long_arena
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from inference.demo_model import write_demo_model
 from inference.fast_decode import HAS_TRITON, FastGreedyGenerator
 
+# Triton's CPU interpreter runs the Triton step on the CPU model (slow: about a minute a test).
+INTERPRETED_TRITON = pytest.mark.skipif(
+    not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"), reason="TRITON_INTERPRET=1"
+)
 QUESTIONS = ["Describe the chest X-ray.", "Any fracture?", "List the findings, then an impression."]
 
 
@@ -163,23 +172,52 @@ def test_multi_image_rows_over_max_batch_run_in_passes(model: Any, processor: An
     assert sorted(gen._states) == [(1, 256), (2, 256)]
 
 
-def test_long_prompts_decode_in_the_long_arena(model: Any, processor: Any) -> None:
-    # Ten images a row: a prompt longer than the short arena's 64 columns.
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=INTERPRETED_TRITON)])
+def test_long_prompts_decode_in_the_long_arena(
+    model: Any, processor: Any, use_triton: bool
+) -> None:
+    # Ten images a row: a prompt longer than the short arena's 64 columns. The local layer
+    # keeps a ring of its 16-column window, which the prompt and the 40 new tokens wrap
+    # several times; the shorter row is left-padded by more than a window.
     small = copy.deepcopy(model)
     small.config.text_config.sliding_window = 16
     inputs = multi_image_inputs(processor, [10, 7])
     prompt_len = inputs["input_ids"].shape[1]
     assert prompt_len > 64
+    assert int(inputs["attention_mask"][1].eq(0).sum()) > 16
     gen = FastGreedyGenerator(
-        small, max_batch=2, max_total_len=64, long_kv_tokens=4096, long_len_step=32
+        small, max_batch=2, max_total_len=64, long_kv_tokens=4096, long_len_step=32,
+        use_triton=use_triton,
+    )  # fmt: skip
+
+    fast = gen.generate(inputs, max_new_tokens=40, force_new_tokens=True)
+
+    assert torch.equal(fast, plain(small, inputs, 40, min_new_tokens=40))
+    length = -(-(prompt_len + 39) // 32) * 32
+    assert list(gen._states) == [(2, length)]
+    state = gen._states[(2, length)]
+    assert [k.shape[2] for k in state.keys] == [16, length]  # sliding, full
+    assert gen._long is not None and gen._long.sizes == [2 * 16, 2 * length]
+    assert gen._short.sizes == [2 * 64, 2 * 64]  # the short arena keeps full-length layers
+
+
+def test_the_long_budget_counts_the_rings(model: Any, processor: Any) -> None:
+    # A budget of length + 16 columns of both layers: one full-length row and a bit, or two
+    # rows whose local layer keeps a 16-column ring.
+    small = copy.deepcopy(model)
+    small.config.text_config.sliding_window = 16
+    inputs = multi_image_inputs(processor, [9, 8])
+    prompt_len = inputs["input_ids"].shape[1]
+    length = -(-(prompt_len + 11) // 32) * 32
+    gen = FastGreedyGenerator(
+        small, max_batch=2, max_total_len=64, long_kv_tokens=length + 16, long_len_step=32
     )
 
-    fast = gen.generate(inputs, max_new_tokens=20, force_new_tokens=True)
+    fast = gen.generate(inputs, max_new_tokens=12, force_new_tokens=True)
 
-    assert torch.equal(fast, plain(small, inputs, 20, min_new_tokens=20))
-    length = -(-(prompt_len + 19) // 32) * 32
+    assert torch.equal(fast, plain(small, inputs, 12, min_new_tokens=12))
     assert list(gen._states) == [(2, length)]
-    assert gen._long is not None and gen._long.columns == 2 * length
+    assert gen._long is not None and gen._long.sizes == [2 * 16, 2 * length]
 
 
 def test_long_prompt_budget_bounds_rows_and_prefill_passes(model: Any, processor: Any) -> None:
@@ -206,11 +244,11 @@ def test_long_arena_grows_and_drops_the_states_it_replaces(model: Any, processor
     two = multi_image_inputs(processor, [10, 10])
 
     gen.generate(one, max_new_tokens=8)
-    first_columns = gen._long.columns if gen._long is not None else 0
+    first_sizes = gen._long.sizes if gen._long is not None else []
     fast = gen.generate(two, max_new_tokens=8)
 
     assert torch.equal(fast, plain(model, two, 8))
-    assert gen._long is not None and gen._long.columns == 2 * first_columns
+    assert gen._long is not None and gen._long.sizes == [2 * size for size in first_sizes]
     assert [rows for rows, _ in gen._states] == [2]  # the one-row state pointed at old memory
 
 
