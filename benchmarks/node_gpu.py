@@ -29,6 +29,7 @@ For each ``max_batch`` (``--max-batch``, then each of ``--sweep``):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import shutil
@@ -309,6 +310,18 @@ def read_timeline(database_url: str) -> dict[str, Any]:
     }
 
 
+BUILD_STAGES = ("claimed", "sources", "rendered", "asked", "built")
+
+
+def build_parts(stamp: dict[str, float]) -> dict[str, float]:
+    """Seconds of each stage of building a batch, where the worker stamped them."""
+    present = [name for name in BUILD_STAGES if stamp.get(name)]
+    return {
+        f"{later}_s": stamp[later] - stamp[earlier]
+        for earlier, later in itertools.pairwise(present)
+    }
+
+
 def batch_rows(stamps: list[dict[str, float]], first: float) -> list[dict[str, float]]:
     """Each batch's stages from the reports' stamps (inference/worker_jobs.py ClaimedBatch),
     in seconds from the first instance: when it was claimed, how long building it took (render,
@@ -321,6 +334,7 @@ def batch_rows(stamps: list[dict[str, float]], first: float) -> list[dict[str, f
             {
                 "claimed_s": stamp.get("claimed", first) - first,
                 "build_s": stamp.get("built", 0.0) - stamp.get("claimed", 0.0),
+                **build_parts(stamp),
                 "idle_before_s": stamp["generate_started"] - previous_end,
                 "generate_s": stamp["generate_ended"] - stamp["generate_started"],
             }
@@ -486,6 +500,13 @@ def print_row(row: dict[str, Any], header: bool) -> None:
         flush=True,
     )
     batches = row.get("batch_rows") or []
+    for stage in BUILD_STAGES[1:]:
+        seconds = [b[f"{stage}_s"] for b in batches if f"{stage}_s" in b]
+        if seconds:
+            print(
+                f"    build stage '{stage}': median {statistics.median(seconds):.3f} s, "
+                f"max {max(seconds):.3f} s"
+            )
     print("    batches (s from the first instance): claimed / build / GPU idle before / generate")
     for index in range(0, len(batches), 4):
         print(

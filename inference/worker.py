@@ -70,7 +70,7 @@ from inference.lane_steps import LaneBetweenSteps
 from inference.prefetch import Prefetcher
 from inference.preprocess import PreparedStudy, PreprocessError, prepare_study
 from inference.prompts import PromptLibrary
-from inference.render_pool import RenderPool
+from inference.render_pool import RenderPool, take_study
 from inference.report_store import ReportHook, StoreOutcome, StorePool, StoreTask, store_report
 from inference.scope import StudyOutOfScope
 from inference.worker_jobs import (
@@ -79,6 +79,7 @@ from inference.worker_jobs import (
     PermanentJobError,
     PreparedJob,
     WorkerStats,
+    job_sources,
 )
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
@@ -92,7 +93,7 @@ from storage.jobs import (
     release_jobs,
     skip_job,
 )
-from storage.models import Job, JobStatus, Study, StudyVersion
+from storage.models import JobStatus
 from storage.priors import PriorFinder
 
 log = logging.getLogger(__name__)
@@ -282,10 +283,7 @@ class InferenceWorker:
         job_ids = self._claim_batch()
         pool = self._render_pool
         if pool is not None and pool.ready:  # until its processes have started: in threads
-            rendered = self._render_in_pool(pool, job_ids)
-            return ClaimedBatch(
-                job_ids, rendered, stamps={"claimed": claimed, "built": time.time()}
-            )
+            return self._rendered_in_pool(pool, job_ids, claimed)
         if self.prior_finder is not None and len(job_ids) > 1:
             # Prior searches wait on PACS: the batch's jobs search side by side, so no study
             # waits longer than the finder's limit for its neighbours' priors.
@@ -296,25 +294,40 @@ class InferenceWorker:
         stamps = {"claimed": claimed, "built": time.time()}
         return ClaimedBatch(job_ids, [job for job in loaded if job], stamps=stamps)
 
-    def _render_in_pool(self, pool: RenderPool, job_ids: list[int]) -> list[PreparedJob]:
+    def _rendered_in_pool(
+        self, pool: RenderPool, job_ids: list[int], claimed: float
+    ) -> ClaimedBatch:
+        stamps = {"claimed": claimed}
+        jobs = self._render_in_pool(pool, job_ids, stamps)
+        stamps["built"] = time.time()
+        return ClaimedBatch(job_ids, jobs, stamps=stamps)
+
+    def _render_in_pool(
+        self, pool: RenderPool, job_ids: list[int], stamps: dict[str, float]
+    ) -> list[PreparedJob]:
         """Read and render the batch's studies in the render processes, all at once."""
         sources: list[JobSource] = []
+        found = self._job_sources(job_ids)
         for job_id in job_ids:
             try:
-                sources.append(self._job_source(job_id))
+                sources.append(found.get(job_id) or self._job_source(job_id))
             except Exception as exc:
                 self._fail(job_id, exc)
+        stamps["sources"] = time.time()
         futures = [(source, pool.submit(source.paths)) for source in sources]
         rendered: list[tuple[JobSource, PreparedStudy, float]] = []
         for source, future in futures:
             try:
-                prepared, seconds = future.result()
-                rendered.append((source, prepared, seconds))
+                result = future.result()
+                rendered.append((source, take_study(result), result.seconds))
             except PreprocessError as exc:
                 self._fail(source.job_id, PermanentJobError(str(exc)))
             except Exception as exc:  # a process that died fails the job: it is retried
                 self._fail(source.job_id, exc)
-        return self._with_questions(rendered)
+        stamps["rendered"] = time.time()
+        jobs = self._with_questions(rendered)
+        stamps["asked"] = time.time()
+        return jobs
 
     def _with_questions(
         self, rendered: list[tuple[JobSource, PreparedStudy, float]]
@@ -386,19 +399,19 @@ class InferenceWorker:
             raise PermanentJobError(str(exc)) from exc
         return self._prepared_job(source, prepared, time.perf_counter() - started)
 
+    def _job_sources(self, job_ids: list[int]) -> dict[int, JobSource]:
+        """A batch's sources at once; on an error each job is looked up (and fails) alone."""
+        try:
+            return job_sources(self.db, self.data_dir, job_ids)
+        except Exception:
+            log.warning("reading the batch's jobs failed; reading them one by one", exc_info=True)
+            return {}
+
     def _job_source(self, job_id: int) -> JobSource:
-        with self.db.session() as session:
-            job = session.get_one(Job, job_id)
-            version = session.get_one(StudyVersion, job.study_version_id)
-            study = session.get_one(Study, version.study_id)
-            return JobSource(
-                job_id=job.id,
-                study_id=study.id,
-                study_version_id=version.id,
-                study_uid=study.study_instance_uid,
-                calling_ae=study.calling_ae,
-                paths=[self.data_dir / instance.path for instance in version.instances],
-            )
+        source = job_sources(self.db, self.data_dir, [job_id]).get(job_id)
+        if source is None:
+            raise LookupError(f"job {job_id} not found")
+        return source
 
     def _prepared_job(
         self, source: JobSource, prepared: PreparedStudy, preprocess_seconds: float

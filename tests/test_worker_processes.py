@@ -8,12 +8,25 @@ processes, as `serve` runs them.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from sqlalchemy import select
 
 from config.settings import FileDestination
+from inference.preprocess import prepare_study
+from inference.render_pool import (
+    FILE_PREFIX,
+    RenderPool,
+    remove_orphans,
+    shared_dir,
+    take_study,
+)
 from inference.report_store import StoreOutcome, StoreTask, store_report
 from inference.scripted_engine import ScriptedEngine
 from inference.worker import InferenceWorker
@@ -72,11 +85,52 @@ def test_reports_and_outputs_are_stored_by_the_processes(
     assert report.parse_status == "ok" and report.content_json["findings"][0]["region"]
     assert report.timings_json["preprocess_seconds"] > 0
     assert "outputs_seconds" in report.timings_json and "prepare_seconds" in report.timings_json
+    stamps = report.timings_json["batch_stamps"]
+    stages = ["claimed", "sources", "rendered", "asked", "built", "generate_started"]
+    times = [stamps[stage] for stage in [*stages, "generate_ended"]]
+    assert times == sorted(times), stamps
+    # Every image came back from its shared-memory file, and the file is gone.
+    assert not list(shared_dir().glob(f"{FILE_PREFIX}{os.getpid()}-*"))
     assert kinds == ["gsps", "sr"]
     assert [(row.destination, row.payload_path.endswith("report.json")) for row in outbox] == [
         ("files", True)
     ]
     assert worker.stats.jobs_done == 1 and worker.stats.jobs_failed == 1
+
+
+def test_rendered_images_come_back_whole_through_shared_files(rg1_unci: Path) -> None:
+    pool = RenderPool(1)
+    pool.warm_up()
+    try:
+        wait_for(lambda: pool.ready, 120, message="render process")
+        rendered = pool.submit([rg1_unci]).result(timeout=120)
+        assert rendered.prepared.images == [] and [s.path.exists() for s in rendered.images] == [
+            True
+        ]
+        study = take_study(rendered)
+    finally:
+        pool.close()
+    here = prepare_study([rg1_unci])
+    assert [image.size for image in study.images] == [image.size for image in here.images]
+    assert np.array_equal(np.asarray(study.images[0]), np.asarray(here.images[0]))
+    assert study.geometries == here.geometries and study.sop_instance_uids == here.sop_instance_uids
+    assert not rendered.images[0].path.exists()
+
+
+def test_shared_files_of_a_worker_that_ended_are_removed(tmp_path: Path) -> None:
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    orphan = shared_dir() / f"{FILE_PREFIX}{ended.pid}-{uuid.uuid4().hex}"
+    ours = shared_dir() / f"{FILE_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+    orphan.write_bytes(b"x")
+    ours.write_bytes(b"x")
+    try:
+        assert remove_orphans() >= 1
+        assert not orphan.exists() and ours.exists()  # this process still runs
+        assert remove_orphans(alive=os.getpid()) >= 1 and not ours.exists()
+    finally:
+        orphan.unlink(missing_ok=True)
+        ours.unlink(missing_ok=True)
 
 
 def test_an_answer_whose_lease_was_lost_stores_nothing(
