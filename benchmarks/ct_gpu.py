@@ -379,7 +379,7 @@ def cell(value: Any, digits: int = 3) -> str:
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     print(f"\n{title}")
     texts = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in texts)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(r[i]) for r in texts)]) for i, c in enumerate(columns)]
     print("  ".join(f"{c:>{w}s}" for c, w in zip(columns, widths, strict=True)))
     for row in texts:
         print("  ".join(f"{v:>{w}s}" for v, w in zip(row, widths, strict=True)))
