@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.processes import process_alive
 from inference.preprocess import PreparedStudy, prepare_study
 
 SHARED_DIR = Path("/dev/shm")
@@ -101,21 +102,11 @@ def remove_orphans(alive: int | None = None) -> int:
         if not owner.isdigit():
             continue
         if (alive is not None and int(owner) == alive) or (
-            alive is None and not _running(int(owner))
+            alive is None and not process_alive(int(owner))
         ):
             path.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def render_timed(paths: Sequence[Path]) -> RenderedStudy:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import NodeError
+from core.processes import process_alive
 
 PID_FILE = Path("run") / "serve.pid"
 POLL_S = 0.1
@@ -103,22 +104,7 @@ def stop_node(data_dir: Path, timeout_s: float, *, kill: bool = False) -> StopRe
 def _wait_gone(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not process_alive(pid):
             return True
         time.sleep(POLL_S)
-    return not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (our own child in tests) has ended: it only waits to be reaped.
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return status.rsplit(")", 1)[-1].split()[0] != "Z"
+    return not process_alive(pid)
