@@ -259,6 +259,8 @@ def read_profile(database_url: str) -> dict[str, Any]:
         "generate_s_per_batch": statistics.median(b[0] - b[1] for b in batches) if batches else 0,
         "generate_s_total": sum(b[0] - b[1] for b in batches),
         "outputs_s_per_study": median("outputs_seconds"),
+        "store_wait_s_per_study": median("store_wait_seconds"),
+        "store_held_s_per_study": median("store_held_seconds"),
         "delivery_s_p50": statistics.median(delivery) if delivery else 0.0,
         "delivery_s_p95": delivery[max(0, round(0.95 * len(delivery)) - 1)] if delivery else 0.0,
         "new_tokens_min": min((int(t["new_tokens"]) for t in timings), default=0),
@@ -311,15 +313,18 @@ def read_timeline(database_url: str) -> dict[str, Any]:
 
 
 BUILD_STAGES = ("claimed", "sources", "rendered", "asked", "built")
+RUN_STAGES = ("run_started", "stores_below", "generate_started")
 
 
 def build_parts(stamp: dict[str, float]) -> dict[str, float]:
-    """Seconds of each stage of building a batch, where the worker stamped them."""
-    present = [name for name in BUILD_STAGES if stamp.get(name)]
-    return {
-        f"{later}_s": stamp[later] - stamp[earlier]
-        for earlier, later in itertools.pairwise(present)
-    }
+    """Seconds of each stage of building and starting a batch, where the worker stamped
+    them (a stage is named by its end)."""
+    parts = {}
+    for stages in (BUILD_STAGES, RUN_STAGES):
+        present = [name for name in stages if stamp.get(name)]
+        for earlier, later in itertools.pairwise(present):
+            parts[f"{later}_s"] = stamp[later] - stamp[earlier]
+    return parts
 
 
 def batch_rows(stamps: list[dict[str, float]], first: float) -> list[dict[str, float]]:
@@ -499,8 +504,14 @@ def print_row(row: dict[str, Any], header: bool) -> None:
         f"job to report {row.get('job_to_report_s_p50', 0.0):.2f} s",
         flush=True,
     )
+    print(
+        f"    report transaction p50: waited {row.get('store_wait_s_per_study', 0.0):.3f} s "
+        f"for the job's update, then held {row.get('store_held_s_per_study', 0.0):.3f} s "
+        "before its commit",
+        flush=True,
+    )
     batches = row.get("batch_rows") or []
-    for stage in BUILD_STAGES[1:]:
+    for stage in (*BUILD_STAGES[1:], *RUN_STAGES[1:]):
         seconds = [b[f"{stage}_s"] for b in batches if f"{stage}_s" in b]
         if seconds:
             print(

@@ -90,10 +90,14 @@ def store_report(
     if task.scope is not None:  # carried in the content, as ReportContent.scope documents
         content = content.model_copy(update={"scope": task.scope})
     with db.session() as session:
+        began = time.perf_counter()
         # Done together with its report and outbox rows: one commit, or none of them.
         if not complete_job(session, task.job_id, owner):
             log.warning("job %d lost its lease while running; result dropped", task.job_id)
             return StoreOutcome.LEASE_LOST
+        # On SQLite the job's update waits for the database's one write lock, which this
+        # transaction then holds until its commit: both in the timings.
+        locked = time.perf_counter()
         # A new version of a reported study replaces that report: its ORU says C
         # (correction) and its SR names the earlier SR as Predecessor Document.
         superseded = latest_report_id(session, task.study_id)
@@ -133,6 +137,11 @@ def store_report(
                 **report.timings_json,
                 "outputs_seconds": round(time.perf_counter() - started, 4),
             }
+        report.timings_json = {
+            **report.timings_json,
+            "store_wait_seconds": round(locked - began, 4),
+            "store_held_seconds": round(time.perf_counter() - locked, 4),  # before the commit
+        }
     log.info(
         "study %s: report stored (%s, %d findings, urgency %s)",
         task.study_uid,

@@ -422,9 +422,11 @@ class InferenceWorker:
         """Run the batch and store or fail each job; return how many went back to the queue
         unrun (the engine's backend was out of reach)."""
         jobs = batch.jobs
+        batch.stamps["run_started"] = time.time()
         if self._store_pool is not None:
             # Answers wait for their outputs at most two batches deep (their jobs stay leased).
             self._store_pool.wait_below(2 * self.model_settings.max_batch)
+        batch.stamps["stores_below"] = time.time()
         extend_lease(
             self.db, [job.job_id for job in jobs], self.owner, self.model_settings.lease_seconds
         )

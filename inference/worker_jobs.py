@@ -88,7 +88,9 @@ class ClaimedBatch:
     # Wall-clock times (time.time()) of the batch's stages, kept in each report's timings so
     # that a run's gaps between batches can be told apart: claimed; with render processes
     # sources (jobs read from the database), rendered, asked (questions built); built (the
-    # engine's inputs too, when built ahead); generate_started, generate_ended.
+    # engine's inputs too, when built ahead); run_started (taken to run), stores_below (fewer
+    # than two batches of answers storing), generate_started (leases extended),
+    # generate_ended.
     stamps: dict[str, float] = field(default_factory=dict)
 
 

@@ -85,8 +85,11 @@ def test_reports_and_outputs_are_stored_by_the_processes(
     assert report.parse_status == "ok" and report.content_json["findings"][0]["region"]
     assert report.timings_json["preprocess_seconds"] > 0
     assert "outputs_seconds" in report.timings_json and "prepare_seconds" in report.timings_json
+    assert report.timings_json["store_wait_seconds"] >= 0
+    assert report.timings_json["store_held_seconds"] >= report.timings_json["outputs_seconds"]
     stamps = report.timings_json["batch_stamps"]
-    stages = ["claimed", "sources", "rendered", "asked", "built", "generate_started"]
+    stages = ["claimed", "sources", "rendered", "asked", "built", "run_started", "stores_below"]
+    stages += ["generate_started"]
     times = [stamps[stage] for stage in [*stages, "generate_ended"]]
     assert times == sorted(times), stamps
     # Every image came back from its shared-memory file, and the file is gone.
