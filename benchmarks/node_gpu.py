@@ -135,7 +135,9 @@ def node_sections(args: argparse.Namespace, case: dict[str, Any], work: Path) ->
     receivers = (
         {} if args.receive_processes is None else {"receive_processes": args.receive_processes}
     )
+    storage = {"database_url": args.database_url} if args.database_url else {}
     return {
+        "storage": storage,
         "completion": {"default_seconds": args.quiet, "rules": []},
         "model": model,
         "dicom": {"max_associations": args.associations + 4, **receivers},
@@ -553,6 +555,7 @@ def main() -> None:
     parser.add_argument("--render-processes", type=int, default=None)
     parser.add_argument("--output-processes", type=int, default=None)
     parser.add_argument("--copy-processes", type=int, default=4)
+    parser.add_argument("--database-url", default=None, help="default: SQLite in the data dir")
     parser.add_argument(
         "--receive-processes",
         type=int,
