@@ -155,9 +155,10 @@ class Node:
         if self.receiver is not None:
             # serve has recovered the data directory and runs the completion scheduler; a
             # completed MPPS step here wakes it through its doorbell.
-            self._start_scp(db, salt, lambda: ring(data_dir, COMPLETION_DOORBELL))
-            if self.settings.retention.enabled:
-                self._scp().make_room = Pruner(self.settings, db).make_room
+            make_room = (
+                Pruner(self.settings, db).make_room if self.settings.retention.enabled else None
+            )
+            self._start_scp(db, salt, lambda: ring(data_dir, COMPLETION_DOORBELL), make_room)
         elif self.with_scp:
             report = recover(db, self.data_dir, salt)
             log.info("start-up check: %s", report)
@@ -171,8 +172,15 @@ class Node:
             self.add_part("completion", scheduler)
         self.write_state()
 
-    def _start_scp(self, db: Database, salt: bytes, on_mpps_completed: Callable[[], None]) -> None:
+    def _start_scp(
+        self,
+        db: Database,
+        salt: bytes,
+        on_mpps_completed: Callable[[], None],
+        make_room: Callable[[], int] | None = None,
+    ) -> None:
         scp = self.scp = StorageSCP(self.settings, db, salt)
+        scp.make_room = make_room  # serve sets its own once its retention part exists
         if self.settings.dicom.mpps:
             self._add_mpps(scp, on_mpps_completed)
         scp.start()
@@ -184,10 +192,6 @@ class Node:
         self.state_providers.append(
             lambda state: state.scp.update(counters=scp.counters.snapshot())
         )
-
-    def _scp(self) -> StorageSCP:
-        assert self.scp is not None
-        return self.scp
 
     def _check_identity(self, db: Database) -> None:
         """Create the installation id with the data directory (storage/installation.py)."""

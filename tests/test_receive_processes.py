@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
-from config.settings import DicomSettings
+from config.settings import DicomSettings, load_settings
 from dicom_node.listener import receive_processes
+from medgemma_node.service import Node
 from peers.dicom_files import make_ct_study
-from peers.net import free_port, wait_for
+from peers.net import echo_ok, free_port, wait_for
 from peers.node_process import NodeProcess
 from storage.db import Database
 from tests.nodecheck import FAST_COMPLETION, store_with_pynetdicom, versions_of
@@ -35,6 +36,24 @@ def test_auto_is_one_receiver_per_four_cores_at_most_four(monkeypatch: pytest.Mo
         monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
         assert receive_processes(DicomSettings()) == expected
     assert receive_processes(DicomSettings(receive_processes=6)) == 6
+
+
+def test_a_receiver_listens_with_retention_as_its_last_resort(tmp_path: Path) -> None:
+    settings = load_settings()
+    settings.storage.data_dir = tmp_path / "data"
+    settings.dicom.port = free_port()
+    settings.dicom.bind_address = "127.0.0.1"
+    node = Node(settings, receiver=1)
+    node.prepare()
+    try:
+        node.start()
+        assert node.scp is not None and node.scp.make_room is not None
+        assert echo_ok(settings.dicom.port)
+        assert (settings.storage.data_dir / "run" / "receiver-1.json").exists()
+        assert "completion" not in node.parts  # serve's scheduler completes its studies
+    finally:
+        node.stop()
+    assert not (settings.storage.data_dir / "run" / "receiver-1.json").exists()
 
 
 def receiver_states(node: NodeProcess) -> dict[int, dict[str, Any]]:
