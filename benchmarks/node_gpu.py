@@ -242,6 +242,7 @@ def read_profile(database_url: str) -> dict[str, Any]:
                     OutboxItem.sent_at.is_not(None)
                 )
             ).all()
+            timeline = read_timeline(session, timings)
     finally:
         db.dispose()
     batches = {
@@ -267,42 +268,33 @@ def read_profile(database_url: str) -> dict[str, Any]:
         "delivery_s_p95": delivery[max(0, round(0.95 * len(delivery)) - 1)] if delivery else 0.0,
         "new_tokens_min": min((int(t["new_tokens"]) for t in timings), default=0),
         "new_tokens_max": max((int(t["new_tokens"]) for t in timings), default=0),
-        **read_timeline(database_url),
+        **timeline,
     }
 
 
-def read_timeline(database_url: str) -> dict[str, Any]:
+def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]:
     """When, from the first instance received, the last instance, job, report and delivery
     happened, and each study's median wait per stage: where a run's tail goes."""
     from sqlalchemy import func, select
 
-    from storage.db import Database
     from storage.models import Instance, Job, OutboxItem, Report, Study, StudyVersion
 
-    db = Database(database_url)
-    try:
-        with db.session() as session:
-            first = session.scalar(select(func.min(Instance.received_at)))
-            lasts = {
-                "last_received": session.scalar(select(func.max(Instance.received_at))),
-                "last_job_created": session.scalar(select(func.max(Job.created_at))),
-                "last_report": session.scalar(select(func.max(Report.created_at))),
-                "last_sent": session.scalar(select(func.max(OutboxItem.sent_at))),
-            }
-            stamps = [
-                t.get("batch_stamps") or {}
-                for (t,) in session.execute(select(Report.timings_json)).all()
-            ]
-            waits = session.execute(
-                select(Study.last_received_at, Job.created_at, Job.finished_at)
-                .join(StudyVersion, StudyVersion.study_id == Study.id)
-                .join(Job, Job.study_version_id == StudyVersion.id)
-            ).all()
-    finally:
-        db.dispose()
+    first = session.scalar(select(func.min(Instance.received_at)))
+    lasts = {
+        "last_received": session.scalar(select(func.max(Instance.received_at))),
+        "last_job_created": session.scalar(select(func.max(Job.created_at))),
+        "last_report": session.scalar(select(func.max(Report.created_at))),
+        "last_sent": session.scalar(select(func.max(OutboxItem.sent_at))),
+    }
+    waits = session.execute(
+        select(Study.last_received_at, Job.created_at, Job.finished_at)
+        .join(StudyVersion, StudyVersion.study_id == Study.id)
+        .join(Job, Job.study_version_id == StudyVersion.id)
+    ).all()
     if first is None:
         return {}
     timeline = {f"{key}_s": (at - first).total_seconds() for key, at in lasts.items() if at}
+    stamps = [t.get("batch_stamps") or {} for t in timings]
     batches = batch_rows(stamps, first.timestamp())
     completion = [(job - received).total_seconds() for received, job, _ in waits]
     in_queue = [(done - job).total_seconds() for _, job, done in waits if done]

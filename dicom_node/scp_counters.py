@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-
-COUNTER_NAMES = ("stored", "duplicates", "ignored", "failed")
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -27,6 +25,9 @@ class ScpCounters:
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTER_NAMES}
+
+
+COUNTER_NAMES = tuple(f.name for f in fields(ScpCounters) if f.name != "lock")
 
 
 def sum_counters(parts: Iterable[dict[str, int]]) -> ScpCounters:

@@ -43,7 +43,7 @@ FILE_PREFIX = "medgemma-render-"
 
 @dataclass(frozen=True)
 class SharedImage:
-    """One rendered image left in a shared-memory file for the worker (``take_image``)."""
+    """One rendered image left in a shared-memory file for the worker (``take_study``)."""
 
     path: Path
     shape: tuple[int, ...]  # numpy shape of the uint8 pixels: (rows, columns[, channels])
@@ -72,12 +72,8 @@ def _share_image(image: Image.Image) -> SharedImage:
     return SharedImage(path, tuple(pixels.shape), image.mode)
 
 
-def take_image(shared: SharedImage) -> Image.Image:
-    """Read a shared image back into this process and delete its file."""
-    try:
-        pixels = np.fromfile(shared.path, dtype=np.uint8).reshape(shared.shape)
-    finally:
-        shared.path.unlink(missing_ok=True)
+def _read_image(shared: SharedImage) -> Image.Image:
+    pixels = np.fromfile(shared.path, dtype=np.uint8).reshape(shared.shape)
     return Image.fromarray(pixels, mode=shared.mode)
 
 
@@ -86,23 +82,23 @@ def take_study(rendered: RenderedStudy) -> PreparedStudy:
     images = []
     try:
         for shared in rendered.images:
-            images.append(take_image(shared))
+            images.append(_read_image(shared))
     finally:
         for shared in rendered.images:
             shared.path.unlink(missing_ok=True)
     return dataclasses.replace(rendered.prepared, images=images)
 
 
-def remove_orphans(alive: int | None = None) -> int:
-    """Delete shared image files of workers that no longer run (or of ``alive``'s pid only
-    when given: its own leftovers at close); return how many."""
+def remove_orphans(owner_pid: int | None = None) -> int:
+    """Delete shared image files of workers that no longer run (or, given ``owner_pid``, that
+    worker's own: its leftovers at close); return how many."""
     removed = 0
     for path in shared_dir().glob(f"{FILE_PREFIX}*"):
         owner = path.name[len(FILE_PREFIX) :].split("-", 1)[0]
         if not owner.isdigit():
             continue
-        if (alive is not None and int(owner) == alive) or (
-            alive is None and not process_alive(int(owner))
+        if (owner_pid is not None and int(owner) == owner_pid) or (
+            owner_pid is None and not process_alive(int(owner))
         ):
             path.unlink(missing_ok=True)
             removed += 1
@@ -167,4 +163,4 @@ class RenderPool:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         with contextlib.suppress(OSError):  # results rendered but never taken
-            remove_orphans(alive=os.getpid())
+            remove_orphans(owner_pid=os.getpid())

@@ -130,15 +130,14 @@ def store_report(
         session.flush()
         if task.prior_comparison is not None:
             link_prior(session, report.id, task.prior_comparison)
+        measured: dict[str, float] = {}
         if on_report is not None:
             started = time.perf_counter()
             on_report(session, report)
-            report.timings_json = {
-                **report.timings_json,
-                "outputs_seconds": round(time.perf_counter() - started, 4),
-            }
+            measured["outputs_seconds"] = round(time.perf_counter() - started, 4)
         report.timings_json = {
             **report.timings_json,
+            **measured,
             "store_wait_seconds": round(locked - began, 4),
             "store_held_seconds": round(time.perf_counter() - locked, 4),  # before the commit
         }

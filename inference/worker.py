@@ -310,7 +310,10 @@ class InferenceWorker:
         found = self._job_sources(job_ids)
         for job_id in job_ids:
             try:
-                sources.append(found.get(job_id) or self._job_source(job_id))
+                source = self._job_source(job_id) if found is None else found.get(job_id)
+                if source is None:
+                    raise LookupError(f"job {job_id} not found")
+                sources.append(source)
             except Exception as exc:
                 self._fail(job_id, exc)
         stamps["sources"] = time.time()
@@ -399,13 +402,14 @@ class InferenceWorker:
             raise PermanentJobError(str(exc)) from exc
         return self._prepared_job(source, prepared, time.perf_counter() - started)
 
-    def _job_sources(self, job_ids: list[int]) -> dict[int, JobSource]:
-        """A batch's sources at once; on an error each job is looked up (and fails) alone."""
+    def _job_sources(self, job_ids: list[int]) -> dict[int, JobSource] | None:
+        """A batch's sources at once; None on an error (each job is then looked up, and
+        fails, alone)."""
         try:
             return job_sources(self.db, self.data_dir, job_ids)
         except Exception:
             log.warning("reading the batch's jobs failed; reading them one by one", exc_info=True)
-            return {}
+            return None
 
     def _job_source(self, job_id: int) -> JobSource:
         source = job_sources(self.db, self.data_dir, [job_id]).get(job_id)

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from delivery.metrics import DeliveryCollector, DeliveryCounters
-from dicom_node.scp_counters import ScpCounters
+from dicom_node.scp_counters import COUNTER_NAMES, ScpCounters
 from medgemma_node.runtime import read_worker_states
 from storage.db import Database
 from storage.models import Job, JobStatus, OutboxItem
@@ -53,7 +53,7 @@ class NodeCollector(Collector):
             labels=["outcome"],
         )
         if counters is not None:
-            for outcome in ("stored", "duplicates", "ignored", "failed"):
+            for outcome in COUNTER_NAMES:
                 received.add_metric([outcome], getattr(counters, outcome))
         yield received
 

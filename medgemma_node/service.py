@@ -450,13 +450,14 @@ def start_receivers(node: Node, config_path: Path | None) -> None:
     supervised child; their completed MPPS steps ring the completion scheduler."""
     data_dir = node.data_dir.resolve()
     clear_receiver_states(data_dir)  # a receiver of an earlier run that was killed
+    count = receive_processes(node.settings.dicom)
     scheduler = node.parts.get("completion")
-    if isinstance(scheduler, CompletionScheduler):
+    if count > 1 and isinstance(scheduler, CompletionScheduler):
         node.add_part(
             "completion-doorbell", DoorbellRelay(node.data_dir, COMPLETION_DOORBELL, scheduler.wake)
         )
     port = node.scp.port if node.scp is not None else node.settings.dicom.port
-    for index in range(1, receive_processes(node.settings.dicom)):
+    for index in range(1, count):
         argv = child_argv(
             "receive", config_path, data_dir, "--index", str(index), "--port", str(port)
         )

@@ -130,7 +130,7 @@ def test_shared_files_of_a_worker_that_ended_are_removed(tmp_path: Path) -> None
     try:
         assert remove_orphans() >= 1
         assert not orphan.exists() and ours.exists()  # this process still runs
-        assert remove_orphans(alive=os.getpid()) >= 1 and not ours.exists()
+        assert remove_orphans(owner_pid=os.getpid()) >= 1 and not ours.exists()
     finally:
         orphan.unlink(missing_ok=True)
         ours.unlink(missing_ok=True)
