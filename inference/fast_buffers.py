@@ -65,6 +65,11 @@ def row_columns(rings: Sequence[int], length: int) -> list[int]:
     return [min(length, ring) if ring else length for ring in rings]
 
 
+def layer_sizes(rings: Sequence[int], rows: int, length: int) -> list[int]:
+    """KV columns a ``(rows, length)`` state takes in each layer."""
+    return [rows * columns for columns in row_columns(rings, length)]
+
+
 @dataclass
 class KVArena:
     """One flat K and one flat V buffer per layer, ``sizes[i]`` KV columns in layer i; a layer
@@ -94,12 +99,9 @@ class KVArena:
         values = [flat(columns) for columns in sizes]
         return cls(list(sizes), tuple(rings), column_elements, keys, values)
 
-    def needs(self, rows: int, length: int) -> list[int]:
-        """Columns of each layer a ``(rows, length)`` state takes."""
-        return [rows * columns for columns in row_columns(self.rings, length)]
-
     def holds(self, rows: int, length: int) -> bool:
-        return all(n <= size for n, size in zip(self.needs(rows, length), self.sizes, strict=True))
+        needs = layer_sizes(self.rings, rows, length)
+        return all(n <= size for n, size in zip(needs, self.sizes, strict=True))
 
     def views(
         self, rows: int, length: int, kv_heads: int
@@ -124,7 +126,7 @@ def grown_sizes(
     """Layer sizes of an arena replacing ``old`` that holds ``rows x length``: each layer the
     larger of its old and new sizes while their sum stays within ``budget`` layer columns (the
     old states' shapes then fit as well), else just the new ones."""
-    sizes = [rows * columns for columns in row_columns(rings, length)]
+    sizes = layer_sizes(rings, rows, length)
     if old is None:
         return sizes
     wider = [max(new, size) for new, size in zip(sizes, old.sizes, strict=True)]
