@@ -10,6 +10,12 @@ same transaction as its report and every outbox row (``storage.jobs.complete_job
 while this worker still holds the job's lease. Until that commit the job stays leased to the
 worker; a crash before it loses nothing (the lease expires and the study runs again), and a
 commit after the lease was lost does not happen, so each study version gets one report.
+
+The files come first: with a hook that stages (medgemma_node.outputs.ReportOutputs) the SR,
+GSPS, ORU and JSON are written, durably, under the report's id reserved ahead
+(storage/report_ids.py) before the transaction, which then only adds rows. A report not stored
+after all (lease lost) has its files removed; a process that dies between the two leaves a
+directory no row names, and the study runs again under a new id.
 """
 
 from __future__ import annotations
@@ -24,19 +30,22 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from sqlalchemy.orm import Session
 
 from inference.comparison import rebase_findings
+from inference.engine import GenerationResult
 from inference.parsing import parse_report
 from inference.preprocess import SquareGeometry, attach_regions
+from inference.worker_jobs import PreparedJob
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, ring
 from storage.jobs import complete_job
 from storage.models import Report, utcnow
 from storage.priors import PriorComparison, link_prior
-from storage.report_schema import ModelIdentity, ScopeVerdict
+from storage.report_ids import reserve_report_ids, take_report_ids
+from storage.report_schema import ModelIdentity, ReportContent, ScopeVerdict
 from storage.reports import latest_report_id
 
 log = logging.getLogger(__name__)
@@ -68,6 +77,40 @@ class StoreTask:
     prior_comparison: PriorComparison | None = None  # what was compared, or why nothing was
     scope: ScopeVerdict | None = None  # the node's verdict (inference/scope.py)
     batch_stamps: dict[str, float] = field(default_factory=dict)  # ClaimedBatch.stamps
+    report_id: int | None = None  # reserved ahead (storage/report_ids.py); None: taken later
+
+
+def store_task(
+    job: PreparedJob,
+    result: GenerationResult,
+    identity: ModelIdentity,
+    stamps: dict[str, float],
+    report_id: int | None = None,
+) -> StoreTask:
+    """What a generated answer's report is made from."""
+    return StoreTask(
+        job_id=job.job_id,
+        study_id=job.study_id,
+        study_version_id=job.study_version_id,
+        study_uid=job.study_uid,
+        question=job.question,
+        language=job.language,
+        sop_instance_uids=job.prepared.sop_instance_uids,
+        geometries=job.prepared.geometries,
+        preprocess_seconds=job.preprocess_seconds,
+        text=result.text,
+        identity=identity,
+        batch_seconds=result.seconds,
+        prepare_seconds=result.prepare_seconds,
+        batch_size=result.batch_size,
+        prompt_tokens=result.prompt_tokens,
+        new_tokens=result.new_tokens,
+        prior_images=len(job.prior_images),
+        prior_comparison=job.prior.comparison if job.prior is not None else None,
+        scope=job.scope,
+        batch_stamps=dict(stamps),
+        report_id=report_id,
+    )
 
 
 class StoreOutcome(StrEnum):
@@ -75,10 +118,104 @@ class StoreOutcome(StrEnum):
     LEASE_LOST = "lease lost"  # the job went back to the queue meanwhile: result dropped
 
 
+class StagedFiles(Protocol):
+    def discard(self) -> None:
+        """Remove the files of a report that was not stored."""
+
+
+StagedT = TypeVar("StagedT", bound=StagedFiles)
+
+
+@runtime_checkable
+class StagingHook(Protocol[StagedT]):
+    """A ReportHook that can also build its files before the report's transaction
+    (medgemma_node.outputs.ReportOutputs): ``prepare`` only reads the database, ``commit``
+    adds the rows."""
+
+    def __call__(self, session: Session, report: Report) -> None: ...
+
+    def prepare(
+        self, session: Session, report: Report, own_prior: PriorComparison | None = None
+    ) -> StagedT: ...
+
+    def commit(self, session: Session, report: Report, staged: StagedT) -> None: ...
+
+
 def store_report(
     db: Database, owner: str, task: StoreTask, on_report: ReportHook | None
 ) -> StoreOutcome:
-    """Parse the answer and commit the report, the job's end and the outputs together."""
+    """Parse the answer and commit the report, the job's end and the outputs together.
+
+    With a StagingHook the outputs are built first, outside any write: the transaction then
+    holds the write lock (SQLite's one, for the whole database) for a few inserts, not for the
+    SR/GSPS build and its fsyncs, which every C-STORE commit and job claim would wait behind.
+    """
+    report = _draft_report(task, _report_content(task))
+    measured: dict[str, float] = {}
+    staged: StagedFiles | None = None
+    if isinstance(on_report, StagingHook):
+        started = time.perf_counter()
+        staged = _stage(db, task, report, on_report)
+        measured["outputs_seconds"] = round(time.perf_counter() - started, 4)
+    with db.session() as session:
+        began = time.perf_counter()
+        # Done together with its report and outbox rows: one commit, or none of them.
+        if not complete_job(session, task.job_id, owner):
+            if staged is not None:
+                staged.discard()
+            log.warning("job %d lost its lease while running; result dropped", task.job_id)
+            return StoreOutcome.LEASE_LOST
+        # On SQLite the job's update waits for the database's one write lock, which this
+        # transaction then holds until its commit: both in the timings.
+        locked = time.perf_counter()
+        # A new version of a reported study replaces that report: its ORU says C
+        # (correction) and its SR names the earlier SR as Predecessor Document.
+        superseded = latest_report_id(session, task.study_id)
+        if staged is not None and superseded != report.supersedes_report_id:
+            # Another report of the study was stored meanwhile: the files name the wrong
+            # predecessor. Built again below, in this transaction, under a new id.
+            staged.discard()
+            staged = None
+            report.id = take_report_ids(session.connection(), 1).start
+        report.supersedes_report_id = superseded
+        session.add(report)
+        session.flush()
+        if task.prior_comparison is not None:
+            link_prior(session, report.id, task.prior_comparison)
+        if staged is not None and isinstance(on_report, StagingHook):
+            on_report.commit(session, report, staged)
+        elif on_report is not None:
+            started = time.perf_counter()
+            on_report(session, report)
+            measured["outputs_seconds"] = round(time.perf_counter() - started, 4)
+        report.timings_json = {
+            **report.timings_json,
+            **measured,
+            "store_wait_seconds": round(locked - began, 4),
+            "store_held_seconds": round(time.perf_counter() - locked, 4),  # before the commit
+        }
+    content = report.content_json
+    log.info(
+        "study %s: report stored (%s, %d findings, urgency %s)",
+        task.study_uid,
+        report.parse_status,
+        len(content.get("findings", [])),
+        report.urgency or "-",
+    )
+    return StoreOutcome.STORED
+
+
+def batch_report_ids(db: Database, count: int) -> list[int | None]:
+    """A batch's report ids, reserved in one short write (StoreTask.report_id); on an error
+    none, and each store takes its own."""
+    try:
+        return list(reserve_report_ids(db, count))
+    except Exception:
+        log.warning("reserving report ids failed; each report takes its own", exc_info=True)
+        return [None] * count
+
+
+def _report_content(task: StoreTask) -> ReportContent:
     image_count = task.prior_images + len(task.geometries)
     parsed = parse_report(task.text, task.language, image_count=image_count)
     for note in parsed.notes:
@@ -89,66 +226,48 @@ def store_report(
     content = attach_regions(rebased, task.geometries)
     if task.scope is not None:  # carried in the content, as ReportContent.scope documents
         content = content.model_copy(update={"scope": task.scope})
-    with db.session() as session:
-        began = time.perf_counter()
-        # Done together with its report and outbox rows: one commit, or none of them.
-        if not complete_job(session, task.job_id, owner):
-            log.warning("job %d lost its lease while running; result dropped", task.job_id)
-            return StoreOutcome.LEASE_LOST
-        # On SQLite the job's update waits for the database's one write lock, which this
-        # transaction then holds until its commit: both in the timings.
-        locked = time.perf_counter()
-        # A new version of a reported study replaces that report: its ORU says C
-        # (correction) and its SR names the earlier SR as Predecessor Document.
-        superseded = latest_report_id(session, task.study_id)
-        report = Report(
-            job_id=task.job_id,
-            study_id=task.study_id,
-            study_version_id=task.study_version_id,
-            language=content.language,
-            parse_status=content.parse_status,
-            urgency=content.urgency,
-            question=task.question,
-            raw_text=task.text,
-            content_json=content.model_dump(mode="json"),
-            model_json=task.identity.model_dump(mode="json"),
-            timings_json={
-                "batch_seconds": round(task.batch_seconds, 4),
-                "prepare_seconds": round(task.prepare_seconds, 4),
-                "batch_size": task.batch_size,
-                "prompt_tokens": task.prompt_tokens,
-                "new_tokens": task.new_tokens,
-                "preprocess_seconds": round(task.preprocess_seconds, 4),
-                "source_sop_instance_uids": task.sop_instance_uids,
-                "batch_stamps": task.batch_stamps,
-            },
-            is_test_model=task.identity.is_test_model,
-            created_at=utcnow(),
-            supersedes_report_id=superseded,
-        )
-        session.add(report)
-        session.flush()
-        if task.prior_comparison is not None:
-            link_prior(session, report.id, task.prior_comparison)
-        measured: dict[str, float] = {}
-        if on_report is not None:
-            started = time.perf_counter()
-            on_report(session, report)
-            measured["outputs_seconds"] = round(time.perf_counter() - started, 4)
-        report.timings_json = {
-            **report.timings_json,
-            **measured,
-            "store_wait_seconds": round(locked - began, 4),
-            "store_held_seconds": round(time.perf_counter() - locked, 4),  # before the commit
-        }
-    log.info(
-        "study %s: report stored (%s, %d findings, urgency %s)",
-        task.study_uid,
-        content.parse_status,
-        len(content.findings),
-        content.urgency or "-",
+    return content
+
+
+def _draft_report(task: StoreTask, content: ReportContent) -> Report:
+    """The Report row, not yet added: its id is the one reserved for it (or none yet)."""
+    return Report(
+        id=task.report_id,
+        job_id=task.job_id,
+        study_id=task.study_id,
+        study_version_id=task.study_version_id,
+        language=content.language,
+        parse_status=content.parse_status,
+        urgency=content.urgency,
+        question=task.question,
+        raw_text=task.text,
+        content_json=content.model_dump(mode="json"),
+        model_json=task.identity.model_dump(mode="json"),
+        timings_json={
+            "batch_seconds": round(task.batch_seconds, 4),
+            "prepare_seconds": round(task.prepare_seconds, 4),
+            "batch_size": task.batch_size,
+            "prompt_tokens": task.prompt_tokens,
+            "new_tokens": task.new_tokens,
+            "preprocess_seconds": round(task.preprocess_seconds, 4),
+            "source_sop_instance_uids": task.sop_instance_uids,
+            "batch_stamps": task.batch_stamps,
+        },
+        is_test_model=task.identity.is_test_model,
+        created_at=utcnow(),
     )
-    return StoreOutcome.STORED
+
+
+def _stage(db: Database, task: StoreTask, report: Report, hook: StagingHook[StagedT]) -> StagedT:
+    """Build the report's files before its transaction, its predecessor as the database has
+    it now (checked again in the transaction)."""
+    with db.session() as session:  # reads only: on SQLite no write lock is taken
+        report.supersedes_report_id = latest_report_id(session, task.study_id)
+        if report.id is None or report.id <= (report.supersedes_report_id or 0):
+            # No id reserved for it, or one older than the study's newest report: a report
+            # never names a predecessor with a higher id than its own.
+            report.id = reserve_report_ids(db, 1).start
+        return hook.prepare(session, report, task.prior_comparison)
 
 
 # -- the pool ------------------------------------------------------------------------------

@@ -71,7 +71,15 @@ from inference.prefetch import Prefetcher
 from inference.preprocess import PreparedStudy, PreprocessError, prepare_study
 from inference.prompts import PromptLibrary
 from inference.render_pool import RenderPool, take_study
-from inference.report_store import ReportHook, StoreOutcome, StorePool, StoreTask, store_report
+from inference.report_store import (
+    ReportHook,
+    StoreOutcome,
+    StorePool,
+    StoreTask,
+    batch_report_ids,
+    store_report,
+    store_task,
+)
 from inference.scope import StudyOutOfScope
 from inference.worker_jobs import (
     ClaimedBatch,
@@ -453,25 +461,31 @@ class InferenceWorker:
         batch.stamps["generate_ended"] = time.time()
         self._record_batch_stats(len(jobs), elapsed)
         lost: dict[int, EngineUnavailable] = {}
+        report_ids = iter(batch_report_ids(self.db, len(jobs)))
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, EngineUnavailable):
                 lost[job.job_id] = outcome
             elif isinstance(outcome, InferenceError):
                 self._fail(job.job_id, outcome)
             else:
-                self._store_or_fail(engine, job, outcome, batch.stamps)
+                self._store_or_fail(engine, job, outcome, batch.stamps, next(report_ids))
         if lost:
             first = next(iter(lost.values()))
             self._engine_lost(first, [job for job in jobs if job.job_id in lost])
         return len(lost)
 
     def _store_or_fail(
-        self, engine: Engine, job: PreparedJob, result: GenerationResult, stamps: dict[str, float]
+        self,
+        engine: Engine,
+        job: PreparedJob,
+        result: GenerationResult,
+        stamps: dict[str, float],
+        report_id: int | None,
     ) -> None:
         """Store the answer: in the store pool when there is one (the next batch does not wait
         for the outputs), else here."""
         try:
-            task = self._store_task(engine, job, result, stamps)
+            task = store_task(job, result, result.identity or engine.identity, stamps, report_id)
             pool = self._store_pool
             if pool is not None and pool.ready:  # until its processes run: in this thread
                 pool.submit(self.owner, task, self._stored)
@@ -533,32 +547,6 @@ class InferenceWorker:
             images=[*job.prior_images, *job.prepared.images],  # prior first, then current
             prompt=job.question,
             settings=GenerationSettings(max_new_tokens=self.model_settings.max_new_tokens),
-        )
-
-    def _store_task(
-        self, engine: Engine, job: PreparedJob, result: GenerationResult, stamps: dict[str, float]
-    ) -> StoreTask:
-        return StoreTask(
-            job_id=job.job_id,
-            study_id=job.study_id,
-            study_version_id=job.study_version_id,
-            study_uid=job.study_uid,
-            question=job.question,
-            language=job.language,
-            sop_instance_uids=job.prepared.sop_instance_uids,
-            geometries=job.prepared.geometries,
-            preprocess_seconds=job.preprocess_seconds,
-            text=result.text,
-            identity=result.identity or engine.identity,
-            batch_seconds=result.seconds,
-            prepare_seconds=result.prepare_seconds,
-            batch_size=result.batch_size,
-            prompt_tokens=result.prompt_tokens,
-            new_tokens=result.new_tokens,
-            prior_images=len(job.prior_images),
-            prior_comparison=job.prior.comparison if job.prior is not None else None,
-            scope=job.scope,
-            batch_stamps=dict(stamps),
         )
 
     def _stored(self, task: StoreTask, future: Future[StoreOutcome]) -> None:

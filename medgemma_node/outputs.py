@@ -1,6 +1,7 @@
-"""Report → output objects + outbox rows, inside the report's own transaction.
+"""Report → output objects + outbox rows, committed with the report.
 
-For each stored report the inference worker calls ReportOutputs(session, report), which:
+For each stored report (``prepare`` before its transaction, ``commit`` inside it; an appended
+conversation calls ReportOutputs(session, report), both at once):
     builds the SR (TID 1500) and one GSPS per image with boxes  → <data>/reports/<id>/
     writes the JSON report                                       → <data>/reports/<id>/report.json
     builds one ORU^R01 per HL7 destination (and for file ones)  → <data>/reports/<id>/*.hl7
@@ -8,7 +9,9 @@ For each stored report the inference worker calls ReportOutputs(session, report)
       row (derived SOP Instance UID, path pdf-<uid>.dcm); the file, like the PDF of file
       destinations with write_pdf, is built by the delivery side on first send
       (medgemma_node.report_pdf), off this critical path
-    adds one outbox row per object per routed destination.
+    adds one outbox row per object per routed destination (``commit``).
+The files are written, durably, before the transaction that adds their rows; a report that is
+then not stored (its job's lease was lost) has its directory removed (``discard``).
 Everything a delivery will send is fixed here, so a retry re-sends the same bytes: the same SR
 SOP Instance UID, the same HL7 control id (README, "Exactly one result per study version").
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +56,12 @@ from storage.installation import ensure_installation_id
 from storage.models import OutboxItem, OutboxStatus, Report, ReportObject, Study
 from storage.outbox import idempotency_key
 from storage.priors import prior_image_paths
-from storage.report_schema import AI_DISCLAIMER, TEST_MODEL_BANNER, ReportDocument
+from storage.report_schema import (
+    AI_DISCLAIMER,
+    TEST_MODEL_BANNER,
+    PriorComparison,
+    ReportDocument,
+)
 from storage.reports import predecessor_sr_path, report_document, source_instance_paths
 
 log = logging.getLogger(__name__)
@@ -73,18 +82,48 @@ def node_identity(settings: NodeSettings, installation_id: str | None = None) ->
 
 @dataclass(frozen=True)
 class BuiltReport:
-    """What one report's outbox rows are made from."""
+    """What one report's deliveries are planned from."""
 
-    session: Session
-    report: Report
     document: ReportDocument
     source: Dataset  # the first image: patient and study modules for the ORU
-    objects: list[ReportObject]
+    records: list[OutputRecord]
     json_path: Path
 
 
+@dataclass(frozen=True)
+class PlannedDelivery:
+    """One outbox row to be: what goes to which destination (``record``: the index of the DICOM
+    object sent, in ``StagedOutputs.records``), or why nothing can (``dead_reason``)."""
+
+    destination: Destination
+    message_id: str
+    payload: Path  # relative to the data directory; empty for a dead row
+    record: int | None = None
+    dead_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StagedOutputs:
+    """A report's files, written durably under its directory, and the rows still to add in
+    the report's transaction (``ReportOutputs.commit``)."""
+
+    directory: Path
+    records: list[OutputRecord]
+    deliveries: list[PlannedDelivery]
+
+    def discard(self) -> None:
+        """The report was not stored (its job went back to the queue): remove its files."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 class ReportOutputs:
-    """The on_report hook of the inference worker."""
+    """The on_report hook of the inference worker and of appended conversations.
+
+    Called as ``hook(session, report)`` it does everything inside the report's transaction.
+    The worker calls it in two steps instead: ``prepare`` (reads only: builds and writes the
+    files, the report's id already known) before the transaction, ``commit`` (rows only)
+    inside it, so the transaction is short (inference/report_store.py).
+    """
 
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
@@ -93,23 +132,42 @@ class ReportOutputs:
         self.installation_id: str | None = None
 
     def __call__(self, session: Session, report: Report) -> None:
+        self.commit(session, report, self.prepare(session, report))
+
+    def prepare(
+        self, session: Session, report: Report, own_prior: PriorComparison | None = None
+    ) -> StagedOutputs:
+        """Build and durably write the report's SR, GSPS, JSON and ORU files; plan its outbox
+        rows. ``report`` needs its id, study, version and supersedes set, not its row."""
         if self.installation_id is None:
             # Every identity minted below derives from it (storage/installation.py).
             self.installation_id = ensure_installation_id(session, self.data_dir)
             self.node = node_identity(self.settings, self.installation_id)
-        document = report_document(session, report)
+        document = report_document(session, report, own_prior)
         study = session.get_one(Study, report.study_id)
         sources = self._sources(session, report, document)
         directory = self.data_dir / "reports" / str(report.id)
         predecessor = previous_sr(session, document, self.data_dir)
         records = self._build_dicom(session, document, sources, predecessor, directory)
         records += self._planned_pdf(document, study, directory)
-        objects = [self._object_row(session, report, record) for record in records]
         json_path = self._write_json(document, study, records, predecessor, directory)
-        built = BuiltReport(session, report, document, sources[0], objects, json_path)
-        for destination in self.settings.destinations:
-            if destination.enabled and destination.routes(study.modality, study.calling_ae):
-                self._queue_or_dead_letter(built, destination)
+        built = BuiltReport(document, sources[0], records, json_path)
+        deliveries = [
+            delivery
+            for destination in self.settings.destinations
+            if destination.enabled and destination.routes(study.modality, study.calling_ae)
+            for delivery in self._plan_or_dead_letter(built, destination)
+        ]
+        return StagedOutputs(directory, records, deliveries)
+
+    def commit(self, session: Session, report: Report, staged: StagedOutputs) -> None:
+        """Add the report's object rows, outbox rows and audit event (its row is flushed)."""
+        objects = [self._object_row(report, record) for record in staged.records]
+        session.add_all(objects)
+        session.flush()  # the objects' ids, which their outbox rows name
+        for delivery in staged.deliveries:
+            session.add(self._outbox_row(report, delivery, objects))
+        study = session.get_one(Study, report.study_id)
         session.add(
             audit.event(
                 "report.created",
@@ -117,7 +175,7 @@ class ReportOutputs:
                 report_id=report.id,
                 job_id=report.job_id,
                 supersedes_report_id=report.supersedes_report_id,
-                objects=[record.kind for record in records],
+                objects=[record.kind for record in staged.records],
                 test_model=report.is_test_model,
             )
         )
@@ -174,17 +232,14 @@ class ReportOutputs:
         path = directory / f"pdf-{uid}.dcm"
         return [OutputRecord("PDF", ENCAPSULATED_PDF_STORAGE, uid, path)]
 
-    def _object_row(self, session: Session, report: Report, record: OutputRecord) -> ReportObject:
-        row = ReportObject(
+    def _object_row(self, report: Report, record: OutputRecord) -> ReportObject:
+        return ReportObject(
             report_id=report.id,
             kind=record.kind.lower(),
             sop_class_uid=record.sop_class_uid,
             sop_instance_uid=record.sop_instance_uid,
-            path=record.path.relative_to(self.data_dir).as_posix(),
+            path=self._rel(record.path).as_posix(),
         )
-        session.add(row)
-        session.flush()
-        return row
 
     def _write_json(
         self,
@@ -216,59 +271,50 @@ class ReportOutputs:
 
     # -- outbox ---------------------------------------------------------------------------
 
-    def _queue_or_dead_letter(self, built: BuiltReport, destination: Destination) -> None:
-        """Queue one destination; a payload that cannot be built fails only that delivery:
-        a dead outbox row says why (``outbox list``) and the other outputs go on."""
+    def _plan_or_dead_letter(
+        self, built: BuiltReport, destination: Destination
+    ) -> list[PlannedDelivery]:
+        """One destination's deliveries; a payload that cannot be built fails only that
+        delivery: a dead outbox row says why (``outbox list``) and the other outputs go on."""
         try:
-            self._queue(built, destination)
+            return self._plan(built, destination)
         except Exception as exc:  # any builder failure is this destination's alone
             reason = build_failure_reason(exc)
             log.error(
                 "report %s: no payload for destination %s: %s",
-                built.report.id,
+                built.document.report_id,
                 destination.name,
                 reason,
             )
             key = idempotency_key(
                 built.document.study_instance_uid,
-                built.report.id,
+                built.document.report_id,
                 destination.name,
                 self.installation_id,
             )
-            built.session.add(
-                OutboxItem(
-                    report_id=built.report.id,
-                    destination=destination.name,
-                    kind=destination.kind,
-                    message_id=key,
-                    payload_path="",
-                    status=OutboxStatus.DEAD,
-                    last_error=reason,
-                )
-            )
+            return [PlannedDelivery(destination, key, Path(), dead_reason=reason)]
 
-    def _queue(self, built: BuiltReport, destination: Destination) -> None:
+    def _plan(self, built: BuiltReport, destination: Destination) -> list[PlannedDelivery]:
         """The outbox rows of one destination (README: written with the report)."""
-        study_uid, report_id = built.document.study_instance_uid, built.report.id
+        study_uid, report_id = built.document.study_instance_uid, built.document.report_id
         installation = self.installation_id
         key = idempotency_key(study_uid, report_id, destination.name, installation)
         if isinstance(destination, DicomDestination):
-            for obj in built.objects:
-                if (obj.kind != "gsps" or destination.send_gsps) and (
-                    obj.kind != "pdf" or destination.send_pdf
-                ):
-                    self._add(built, destination, obj.sop_instance_uid, Path(obj.path), obj.id)
-        elif isinstance(destination, HL7Destination):
+            return [
+                PlannedDelivery(destination, record.sop_instance_uid, self._rel(record.path), index)
+                for index, record in enumerate(built.records)
+                if (record.kind.lower() != "gsps" or destination.send_gsps)
+                and (record.kind.lower() != "pdf" or destination.send_pdf)
+            ]
+        if isinstance(destination, HL7Destination):
             control_id = hl7_control_id(study_uid, report_id, destination.name, installation)
             oru = self._write_oru(built, destination.name, OruHeader.of(destination), control_id)
-            self._add(built, destination, control_id, oru)
-        elif isinstance(destination, FileDestination):
-            if destination.write_hl7:  # no MLLP peer to configure: the default header
-                control_id = hl7_control_id(study_uid, report_id, destination.name, installation)
-                self._write_oru(built, destination.name, OruHeader(), control_id)
-            self._add(built, destination, key, self._rel(built.json_path))
-        else:
-            self._add(built, destination, key, self._rel(built.json_path))
+            return [PlannedDelivery(destination, control_id, oru)]
+        if isinstance(destination, FileDestination) and destination.write_hl7:
+            # No MLLP peer to configure: the default header.
+            control_id = hl7_control_id(study_uid, report_id, destination.name, installation)
+            self._write_oru(built, destination.name, OruHeader(), control_id)
+        return [PlannedDelivery(destination, key, self._rel(built.json_path))]
 
     def _write_oru(
         self, built: BuiltReport, destination_name: str, header: OruHeader, control_id: str
@@ -283,22 +329,19 @@ class ReportOutputs:
         return path.relative_to(self.data_dir) if path.is_absolute() else path
 
     @staticmethod
-    def _add(
-        built: BuiltReport,
-        destination: Destination,
-        message_id: str,
-        payload: Path,
-        object_id: int | None = None,
-    ) -> None:
-        built.session.add(
-            OutboxItem(
-                report_id=built.report.id,
-                destination=destination.name,
-                kind=destination.kind,
-                object_id=object_id,
-                message_id=message_id,
-                payload_path=payload.as_posix(),
-            )
+    def _outbox_row(
+        report: Report, delivery: PlannedDelivery, objects: list[ReportObject]
+    ) -> OutboxItem:
+        destination = delivery.destination
+        dead = delivery.dead_reason is not None
+        return OutboxItem(
+            report_id=report.id,
+            destination=destination.name,
+            kind=destination.kind,
+            object_id=objects[delivery.record].id if delivery.record is not None else None,
+            message_id=delivery.message_id,
+            payload_path="" if dead else delivery.payload.as_posix(),
+            **({"status": OutboxStatus.DEAD, "last_error": delivery.dead_reason} if dead else {}),
         )
 
 

@@ -11,6 +11,7 @@ Tables:
     audit_events   (the audit trail: storage/audit.py)
     mpps           (Modality Performed Procedure Steps received by N-CREATE / N-SET)
     installation   (one row: this installation's random id)
+    id_counters    (report ids handed out before their row is written: storage/report_ids.py)
     users                        (REST API accounts; only a hash of each token)
     prior_studies ─< prior_instances   (the prior store: earlier studies fetched from PACS)
     reports ─ prior_links              (what each report was compared with, or why not)
@@ -28,6 +29,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     Column,
+    Connection,
     DateTime,
     Dialect,
     ForeignKey,
@@ -39,8 +41,9 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relationship
 
 UID = String(64)  # DICOM PS3.5 §9: a UID is at most 64 characters
 
@@ -247,6 +250,18 @@ class Report(Base):
     objects: Mapped[list[ReportObject]] = relationship(back_populates="report")
 
 
+@event.listens_for(Report, "before_insert")
+def _report_id_from_counter(
+    _mapper: Mapper[Report], connection: Connection, report: Report
+) -> None:
+    """A report added without an id takes the counter's next (storage/report_ids.py), so it
+    never collides with an id handed out ahead to a report still being built."""
+    if report.id is None:
+        from storage.report_ids import take_report_ids  # it imports this module
+
+        report.id = take_report_ids(connection, 1).start
+
+
 class ReportObject(Base):
     """A built output object (SR, GSPS, PDF) on disk under <data>/reports/."""
 
@@ -304,6 +319,16 @@ class Installation(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     installation_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class IdCounter(Base):
+    """The next id of a table whose ids are handed out ahead of their rows (one row per
+    table; storage/report_ids.py)."""
+
+    __tablename__ = "id_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    next_id: Mapped[int] = mapped_column(Integer)
 
 
 class AuditEvent(Base):

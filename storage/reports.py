@@ -25,8 +25,12 @@ from storage.priors import prior_comparison
 from storage.report_schema import ModelIdentity, PriorComparison, ReportContent, ReportDocument
 
 
-def report_document(session: Session, report: Report) -> ReportDocument:
-    """The validated document of a Report row (content and model as pydantic models)."""
+def report_document(
+    session: Session, report: Report, own_prior: PriorComparison | None = None
+) -> ReportDocument:
+    """The validated document of a Report row (content and model as pydantic models).
+    ``own_prior``: the report's prior link when its row is not written yet (the worker builds
+    the outputs first: inference/report_store.py)."""
     version = session.get_one(StudyVersion, report.study_version_id)
     study = session.get_one(Study, report.study_id)
     return ReportDocument(
@@ -39,7 +43,7 @@ def report_document(session: Session, report: Report) -> ReportDocument:
         question=report.question,
         source_sop_instance_uids=list(report.timings_json.get("source_sop_instance_uids", [])),
         supersedes_report_id=report.supersedes_report_id,
-        prior=_prior_of(session, report),
+        prior=own_prior or _prior_of(session, report),
     )
 
 

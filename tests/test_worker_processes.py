@@ -86,7 +86,8 @@ def test_reports_and_outputs_are_stored_by_the_processes(
     assert report.timings_json["preprocess_seconds"] > 0
     assert "outputs_seconds" in report.timings_json and "prepare_seconds" in report.timings_json
     assert report.timings_json["store_wait_seconds"] >= 0
-    assert report.timings_json["store_held_seconds"] >= report.timings_json["outputs_seconds"]
+    # The outputs were built before the transaction, which held the write lock for rows only.
+    assert report.timings_json["store_held_seconds"] < report.timings_json["outputs_seconds"]
     stamps = report.timings_json["batch_stamps"]
     stages = ["claimed", "sources", "rendered", "asked", "built", "run_started", "stores_below"]
     stages += ["generate_started"]
