@@ -169,6 +169,16 @@ def wait_model_loaded(node: NodeProcess, timeout_s: float) -> float:
     raise TimeoutError(f"model not loaded in {timeout_s} s:\n{node.stderr()[-4000:]}")
 
 
+def wait_processes_ready(node: NodeProcess, timeout_s: float) -> None:
+    """Until the worker's render and store processes have started (its status file says so)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker_state(node).get("processes_ready"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"render and store processes not started in {timeout_s} s")
+
+
 def worker_state(node: NodeProcess) -> dict[str, Any]:
     for path in (node.data_dir / "run").glob("worker-*.json"):
         try:
@@ -194,7 +204,8 @@ def run_node(args: argparse.Namespace, case: dict[str, Any], files: list[Path]) 
     node = NodeProcess(work / "node", node_sections(args, case, work)).start()
     try:
         load_s = wait_model_loaded(node, args.load_timeout)
-        time.sleep(3.0)  # the worker's render and store processes finish starting
+        wait_processes_ready(node, args.load_timeout)  # as on a node that runs for days
+        time.sleep(1.0)
         studies = files[: case["studies"]]
         chunks = [studies[k :: args.associations] for k in range(args.associations)]
         spawn = multiprocessing.get_context("spawn")
@@ -221,6 +232,9 @@ def run_node(args: argparse.Namespace, case: dict[str, Any], files: list[Path]) 
         "store_failures": failures,
         "seconds": done - first,
         "node_per_hour": count * 3600 / (done - first),
+        # From the first C-STORE's start to its instance in the database.
+        "first_instance_s": profile.get("first_instance_at", first) - first,
+        "last_json_s": done - profile.get("first_instance_at", first),
         "worker": stats,
         **profile,
     }
@@ -248,7 +262,7 @@ def read_profile(database_url: str) -> dict[str, Any]:
     batches = {
         (t["batch_seconds"], t.get("prepare_seconds", 0.0), t["batch_size"]) for t in timings
     }
-    delivery = sorted((sent - created).total_seconds() for created, sent in rows)
+    delivery = sorted((sent - created).total_seconds() for created, sent in rows if sent)
 
     def median(key: str) -> float:
         return statistics.median(float(t.get(key, 0.0)) for t in timings) if timings else 0.0
@@ -284,6 +298,7 @@ def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]
         "last_received": session.scalar(select(func.max(Instance.received_at))),
         "last_job_created": session.scalar(select(func.max(Job.created_at))),
         "last_report": session.scalar(select(func.max(Report.created_at))),
+        "last_outbox_row": session.scalar(select(func.max(OutboxItem.created_at))),
         "last_sent": session.scalar(select(func.max(OutboxItem.sent_at))),
     }
     waits = session.execute(
@@ -298,8 +313,12 @@ def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]
     batches = batch_rows(stamps, first.timestamp())
     completion = [(job - received).total_seconds() for received, job, _ in waits]
     in_queue = [(done - job).total_seconds() for _, job, done in waits if done]
+    ended = [s["generate_ended"] for s in stamps if "generate_ended" in s]
+    if ended:  # the tail: what happens after the GPU's last batch
+        timeline["last_generate_ended_s"] = max(ended) - first.timestamp()
     return {
         **timeline,
+        "first_instance_at": first.timestamp(),
         "completion_wait_s_p50": statistics.median(completion) if completion else 0.0,
         "job_to_report_s_p50": statistics.median(in_queue) if in_queue else 0.0,
         "batch_rows": batches,
@@ -488,12 +507,15 @@ def print_row(row: dict[str, Any], header: bool) -> None:
         f"{engine['prepare_s']:.3f} s)",
         flush=True,
     )
-    stages = ("last_received_s", "last_job_created_s", "last_report_s", "last_sent_s")
+    stages: tuple[str, ...] = ("last_received_s", "last_job_created_s", "last_generate_ended_s")
+    stages += ("last_report_s", "last_outbox_row_s", "last_sent_s")
     print(
         "    from the first instance: "
         + ", ".join(
             f"{key[:-2].replace('_', ' ')} {row.get(key, float('nan')):.1f} s" for key in stages
         )
+        + f", last report JSON {row.get('last_json_s', float('nan')):.1f} s (first C-STORE "
+        f"{row.get('first_instance_s', float('nan')):.1f} s before the first instance)"
         + f"; per study p50: completion wait {row.get('completion_wait_s_p50', 0.0):.2f} s, "
         f"job to report {row.get('job_to_report_s_p50', 0.0):.2f} s",
         flush=True,

@@ -513,5 +513,6 @@ def _model_state(state: RuntimeState, provider: EngineProvider, worker: Inferenc
         "last_batch_size": stats.last_batch_size,
         "last_batch_seconds": round(stats.last_batch_seconds, 3),
         "inference_seconds_total": round(stats.inference_seconds_total, 3),
+        "processes_ready": worker.pools_ready,  # its render and store processes have started
         "last_error": worker.last_error,
     }
