@@ -160,7 +160,7 @@ class Node:
             )
             self._start_scp(db, salt, lambda: ring(data_dir, COMPLETION_DOORBELL), make_room)
         elif self.with_scp:
-            report = recover(db, self.data_dir, salt)
+            report = recover(db, self.data_dir, salt, self.settings.model.lease_seconds)
             log.info("start-up check: %s", report)
             scheduler = CompletionScheduler(
                 db,

@@ -5,7 +5,9 @@ Order of the SCP's work is file durable → row committed → Success. So after 
     file without a row    never acknowledged, but complete and fsynced: recorded now (the
                           sender will resend it; the duplicate is then acknowledged);
     row without a file    cannot happen unless someone deleted files: logged loudly, audited.
-Jobs whose lease expired (their worker died) go back to the queue.
+Jobs whose lease expired (their worker died) go back to the queue. Report directories written
+by a worker that died before committing the report (storage/report_ids.py) are removed once
+older than the job lease.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from storage.ingest import ReceivedInstance, record_instance
 from storage.jobs import requeue_expired_leases
 from storage.models import AuditEvent, Instance
 from storage.phi import phi_hash
+from storage.report_ids import remove_unstored_report_dirs
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,12 @@ class RecoveryReport:
     files_recorded: int = 0
     rows_without_file: int = 0
     jobs_requeued: int = 0
+    report_dirs_removed: int = 0
 
 
-def recover(db: Database, data_dir: Path, salt: bytes) -> RecoveryReport:
+def recover(
+    db: Database, data_dir: Path, salt: bytes, job_lease_s: float = 600.0
+) -> RecoveryReport:
     report = RecoveryReport(temp_files_removed=remove_temp_files(data_dir))
     instances_dir = data_dir / "instances"
     with db.session() as session:
@@ -49,6 +55,7 @@ def recover(db: Database, data_dir: Path, salt: bytes) -> RecoveryReport:
     if missing:
         _audit_missing(db, missing)
     report.jobs_requeued = requeue_expired_leases(db, all_running=db.is_sqlite)
+    report.report_dirs_removed = remove_unstored_report_dirs(db, data_dir, job_lease_s)
     return report
 
 

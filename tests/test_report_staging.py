@@ -1,11 +1,14 @@
 """A report's files are built before its transaction (inference/report_store.py), under an id
 handed out ahead (storage/report_ids.py), on SQLite and PostgreSQL: ids never repeat, a report
-not stored leaves no files, and a report of the same study stored in between is named as the
+not stored leaves no files (a crash's leftovers are removed at start once the lease is over),
+and a report of the same study stored in between is named as the
 predecessor (the files are then built again in the transaction under a new id)."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from storage.ingest import close_quiet_studies
 from storage.installation import ensure_installation_id
 from storage.models import Job, JobStatus, OutboxItem, Report, utcnow
 from storage.priors import PriorComparison
+from storage.recovery import recover
 from storage.report_ids import reserve_report_ids
 from storage.report_schema import ModelIdentity
 from tests.test_worker import CHEST_ANSWER, ingest_copy, make_settings
@@ -180,3 +184,25 @@ def test_a_report_stored_in_between_becomes_the_predecessor(
         (settings.storage.data_dir / "reports" / str(report_id) / REPORT_JSON).read_text()
     )
     assert payload["supersedes"]["report_id"] == between[0]
+
+
+def test_directories_of_reports_never_stored_are_removed_once_the_lease_is_over(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    settings = with_files(make_settings(tmp_path, db.url))
+    task = queued_job(db, settings, rg1_unci, tmp_path / "in")
+    assert store_report(db, OWNER, task, ReportOutputs(settings)) is StoreOutcome.STORED
+    reports_dir = settings.storage.data_dir / "reports"
+    [stored] = list(reports_dir.iterdir())
+    unstored_old, unstored_new = (reports_dir / str(n) for n in reserve_report_ids(db, 2))
+    for directory in (unstored_old, unstored_new):
+        directory.mkdir()
+        (directory / REPORT_JSON).write_text("{}")
+    hour_ago = time.time() - 3600
+    for directory in (stored, unstored_old):
+        os.utime(directory, (hour_ago, hour_ago))
+    report = recover(db, settings.storage.data_dir, b"salt", job_lease_s=600)
+    assert report.report_dirs_removed == 1
+    assert not unstored_old.exists()
+    assert unstored_new.exists()  # its worker may still commit it
+    assert (stored / REPORT_JSON).is_file()
