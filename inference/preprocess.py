@@ -31,11 +31,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
 from core.errors import InferenceError
@@ -218,6 +220,39 @@ def _voi_output_range(ds: Dataset) -> tuple[float, float]:
     return float(np.min(output)), float(np.max(output))
 
 
+def _first_value(value: Any) -> float:
+    """The first of a multi-valued window attribute (PS3.3 C.11.2.1.2: one window per value)."""
+    return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
+
+
+def _linear_window(ds: Dataset) -> tuple[float, float] | None:
+    """(center, width) of the first window when it is the LINEAR function (PS3.3
+    C.11.2.1.2.1, also when VOI LUT Function is absent) and there is no VOI LUT Sequence,
+    which takes precedence; None for any other VOI transform (pydicom applies those)."""
+    if ds.get("VOILUTSequence"):
+        return None
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if function != "LINEAR" or center is None or width is None:
+        return None
+    window = (_first_value(center), _first_value(width))
+    return window if window[1] > 1 else None  # width 1 and invalid widths: pydicom decides
+
+
+def _window_to_uint8(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The LINEAR window (PS3.3 C.11.2.1.2.1) straight onto 0..255, in float32 and in place:
+    y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255, clipped. The same values as pydicom's
+    window followed by ``_to_uint8`` over its output range (within rounding), without its
+    float64 pass over the whole frame, which took most of a radiograph's rendering time."""
+    scaled = values.astype(np.float32)
+    scaled -= np.float32(center - 0.5)
+    scaled *= np.float32(255.0 / (width - 1))
+    scaled += np.float32(127.5)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8)
+
+
 def render_grayscale(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     """PS3.4 N.2 grayscale pipeline for one frame of stored values -> 8-bit display values.
 
@@ -229,8 +264,12 @@ def render_grayscale(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     display: np.ndarray | None = None
     if _has_voi(ds):
         try:
-            low, high = _voi_output_range(ds)
-            display = _to_uint8(apply_voi_lut(values, ds, index=0), low, high)
+            window = _linear_window(ds)
+            if window is not None:
+                display = _window_to_uint8(values, *window)
+            else:
+                low, high = _voi_output_range(ds)
+                display = _to_uint8(apply_voi_lut(values, ds, index=0), low, high)
         except (ValueError, TypeError, IndexError, AttributeError) as exc:
             log.warning("VOI LUT/window unusable (%s); using the percentile window", exc)
     if display is None:

@@ -24,6 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from inference import preprocess
 from inference.preprocess import (
     MAX_CT_SLICES,
     PreprocessError,
@@ -128,6 +129,42 @@ def test_chest_cr_follows_the_grayscale_pipeline(chest_uncompressed: Dataset) ->
 
     padded = np.asarray(study.images[0])
     assert padded[:, : study.geometries[0].column_offset].max() == 0  # black padding
+
+
+@pytest.mark.parametrize(
+    ("center", "width", "signed"), [(None, None, False), (-600.0, 1500.0, True), (40.0, 2.0, True)]
+)
+def test_linear_window_matches_pydicoms_window_and_output_range(
+    chest_uncompressed: Dataset, center: float | None, width: float | None, signed: bool
+) -> None:
+    """The direct LINEAR window (the common case, done in float32) gives pydicom's window
+    followed by the map of its output range onto 0..255: the chest CR's own window, and a
+    signed, rescaled image with a lung window and the narrowest LINEAR one (width 2)."""
+    ds = copy.deepcopy(chest_uncompressed)
+    values = apply_modality_lut(ds.pixel_array, ds)
+    if signed:
+        values = values.astype(np.float64) - 2048.0  # Rescale Intercept -2048: HU-like
+        ds.WindowCenter, ds.WindowWidth = [center, center + 100], [width, width]  # first used
+        ds.PixelRepresentation, ds.RescaleIntercept, ds.RescaleSlope = 1, -2048, 1
+    window = preprocess._linear_window(ds)
+    assert window is not None
+    direct = preprocess._window_to_uint8(values, *window)
+    low, high = preprocess._voi_output_range(ds)
+    generic = preprocess._to_uint8(apply_voi_lut(values, ds, index=0), low, high)
+    difference = np.abs(direct.astype(int) - generic.astype(int))
+    assert difference.max() <= 1 and (difference == 0).mean() > 0.999
+    assert len(np.unique(direct)) > (1 if width == 2.0 else 100)  # not a blank image
+
+
+def test_other_voi_transforms_are_left_to_pydicom(chest_uncompressed: Dataset) -> None:
+    ds = copy.deepcopy(chest_uncompressed)
+    ds.VOILUTFunction = "SIGMOID"
+    assert preprocess._linear_window(ds) is None
+    ds.VOILUTFunction = "LINEAR"
+    ds.WindowWidth = 1  # the step function of width 1
+    assert preprocess._linear_window(ds) is None
+    del ds.WindowCenter
+    assert preprocess._linear_window(ds) is None
 
 
 def test_chest_lungs_are_dark_and_mediastinum_bright(chest_uncompressed: Dataset) -> None:
