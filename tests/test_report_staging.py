@@ -149,6 +149,8 @@ def test_a_report_whose_lease_was_lost_leaves_no_files(
     assert len(built) == 1 and not built[0].exists()
     with db.session() as session:
         assert session.scalars(select(Report)).all() == []
+        job = session.get_one(Job, task.job_id)  # untouched: the other worker's to finish
+        assert (job.status, job.lease_owner) == (JobStatus.RUNNING, "another-worker")
 
 
 def test_a_report_stored_in_between_becomes_the_predecessor(

@@ -27,7 +27,6 @@ from inference.render_pool import (
     shared_dir,
     take_study,
 )
-from inference.report_store import StoreOutcome, StoreTask, store_report
 from inference.scripted_engine import ScriptedEngine
 from inference.worker import InferenceWorker
 from medgemma_node.outputs import ReportOutputs
@@ -36,7 +35,6 @@ from storage.db import Database
 from storage.files import uid_component
 from storage.ingest import close_quiet_studies
 from storage.models import Job, JobStatus, OutboxItem, Report, ReportObject
-from storage.report_schema import ModelIdentity
 from tests.test_worker import CHEST_ANSWER, ingest_copy, make_settings
 
 
@@ -135,38 +133,3 @@ def test_shared_files_of_a_worker_that_ended_are_removed(tmp_path: Path) -> None
     finally:
         orphan.unlink(missing_ok=True)
         ours.unlink(missing_ok=True)
-
-
-def test_an_answer_whose_lease_was_lost_stores_nothing(
-    tmp_path: Path, db: Database, rg1_unci: Path
-) -> None:
-    settings = make_settings(tmp_path, db.url)
-    ingest_copy(db, settings.storage.data_dir, rg1_unci, tmp_path / "in")
-    [job_id] = close_quiet_studies(db, lambda _modality, _ae: 0.0)
-    with db.session() as session:
-        job = session.get_one(Job, job_id)
-        job.status, job.lease_owner = JobStatus.RUNNING, "another-worker"
-        study_version_id, study_id = job.study_version_id, job.study_version.study_id
-    task = StoreTask(
-        job_id=job_id,
-        study_id=study_id,
-        study_version_id=study_version_id,
-        study_uid="1.2.3",
-        question="q",
-        language="en",
-        sop_instance_uids=[],
-        geometries=[],
-        preprocess_seconds=0.0,
-        text=CHEST_ANSWER,
-        identity=ModelIdentity(model_id="scripted", is_test_model=True),
-        batch_seconds=1.0,
-        prepare_seconds=0.5,
-        batch_size=1,
-        prompt_tokens=10,
-        new_tokens=10,
-    )
-    outcome = store_report(db, "this-worker", task, ReportOutputs(settings))
-    assert outcome is StoreOutcome.LEASE_LOST
-    with db.session() as session:
-        assert session.scalars(select(Report)).all() == []
-        assert session.get_one(Job, job_id).status == JobStatus.RUNNING
