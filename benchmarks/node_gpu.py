@@ -309,7 +309,7 @@ def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]
     if first is None:
         return {}
     timeline = {f"{key}_s": (at - first).total_seconds() for key, at in lasts.items() if at}
-    stamps = [t.get("batch_stamps") or {} for t in timings]
+    stamps = [{**(t.get("batch_stamps") or {}), "size": t["batch_size"]} for t in timings]
     batches = batch_rows(stamps, first.timestamp())
     completion = [(job - received).total_seconds() for received, job, _ in waits]
     in_queue = [(done - job).total_seconds() for _, job, done in waits if done]
@@ -350,6 +350,8 @@ def batch_rows(stamps: list[dict[str, float]], first: float) -> list[dict[str, f
     for stamp in ordered:
         rows.append(
             {
+                "size": stamp.get("size", 0),
+                "started_s": stamp["generate_started"] - first,
                 "claimed_s": stamp.get("claimed", first) - first,
                 "build_s": stamp.get("built", 0.0) - stamp.get("claimed", 0.0),
                 **build_parts(stamp),
@@ -359,6 +361,23 @@ def batch_rows(stamps: list[dict[str, float]], first: float) -> list[dict[str, f
         )
         previous_end = stamp["generate_ended"]
     return rows
+
+
+def full_queue(batches: list[dict[str, float]], max_batch: int) -> dict[str, float] | None:
+    """Studies/h while the queue was full: from the start of the first batch of ``max_batch``
+    to the end of the last one, every batch between them counted, idle gaps included. What the
+    node sustains once a burst's start is over, set beside the engine's pipelined rate."""
+    full = [index for index, batch in enumerate(batches) if batch.get("size") == max_batch]
+    if len(full) < 2:
+        return None
+    first, last = batches[full[0]], batches[full[-1]]
+    seconds = last["started_s"] + last["generate_s"] - first["started_s"]
+    studies = sum(batch["size"] for batch in batches[full[0] : full[-1] + 1])
+    return {
+        "batches": full[-1] - full[0] + 1,
+        "studies": studies,
+        "per_hour": studies * 3600 / seconds,
+    }
 
 
 # -- the engine reference ---------------------------------------------------------------------
@@ -534,6 +553,14 @@ def print_row(row: dict[str, Any], header: bool) -> None:
                 f"    build stage '{stage}': median {statistics.median(seconds):.3f} s, "
                 f"max {max(seconds):.3f} s"
             )
+    sustained = full_queue(batches, row["max_batch"])
+    if sustained is not None:
+        print(
+            f"    while the queue was full ({sustained['batches']:.0f} batches, "
+            f"{sustained['studies']:.0f} studies): {sustained['per_hour']:,.0f}/h, "
+            f"{sustained['per_hour'] / row['engine_per_hour']:.3f} x the engine",
+            flush=True,
+        )
     print("    batches (s from the first instance): claimed / build / GPU idle before / generate")
     for index in range(0, len(batches), 4):
         print(
