@@ -29,7 +29,6 @@ For each ``max_batch`` (``--max-batch``, then each of ``--sweep``):
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import multiprocessing
 import shutil
@@ -44,6 +43,7 @@ from typing import Any
 import pydicom
 from pydicom.uid import generate_uid
 
+from benchmarks.node_profile import BUILD_STAGES, RUN_STAGES, full_queue, read_profile
 from peers.node_process import NodeProcess
 
 CHEST_TEMPLATE = Path(__file__).resolve().parents[1] / "config" / "prompts" / "chest_xray.toml"
@@ -237,146 +237,6 @@ def run_node(args: argparse.Namespace, case: dict[str, Any], files: list[Path]) 
         "last_json_s": done - profile.get("first_instance_at", first),
         "worker": stats,
         **profile,
-    }
-
-
-def read_profile(database_url: str) -> dict[str, Any]:
-    """Per-stage figures from the reports' timings and the file destination's outbox rows."""
-    from sqlalchemy import select
-
-    from storage.db import Database
-    from storage.models import OutboxItem, Report
-
-    db = Database(database_url)
-    try:
-        with db.session() as session:
-            timings = [t for (t,) in session.execute(select(Report.timings_json)).all()]
-            rows = session.execute(
-                select(OutboxItem.created_at, OutboxItem.sent_at).where(
-                    OutboxItem.sent_at.is_not(None)
-                )
-            ).all()
-            timeline = read_timeline(session, timings)
-    finally:
-        db.dispose()
-    batches = {
-        (t["batch_seconds"], t.get("prepare_seconds", 0.0), t["batch_size"]) for t in timings
-    }
-    delivery = sorted((sent - created).total_seconds() for created, sent in rows if sent)
-
-    def median(key: str) -> float:
-        return statistics.median(float(t.get(key, 0.0)) for t in timings) if timings else 0.0
-
-    return {
-        "reports": len(timings),
-        "batches": len(batches),
-        "mean_batch": statistics.mean(b[2] for b in batches) if batches else 0.0,
-        "render_s_per_study": median("preprocess_seconds"),
-        "prepare_s_per_batch": statistics.median(b[1] for b in batches) if batches else 0.0,
-        "generate_s_per_batch": statistics.median(b[0] - b[1] for b in batches) if batches else 0,
-        "generate_s_total": sum(b[0] - b[1] for b in batches),
-        "outputs_s_per_study": median("outputs_seconds"),
-        "store_wait_s_per_study": median("store_wait_seconds"),
-        "store_held_s_per_study": median("store_held_seconds"),
-        "delivery_s_p50": statistics.median(delivery) if delivery else 0.0,
-        "delivery_s_p95": delivery[max(0, round(0.95 * len(delivery)) - 1)] if delivery else 0.0,
-        "new_tokens_min": min((int(t["new_tokens"]) for t in timings), default=0),
-        "new_tokens_max": max((int(t["new_tokens"]) for t in timings), default=0),
-        **timeline,
-    }
-
-
-def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]:
-    """When, from the first instance received, the last instance, job, report and delivery
-    happened, and each study's median wait per stage: where a run's tail goes."""
-    from sqlalchemy import func, select
-
-    from storage.models import Instance, Job, OutboxItem, Report, Study, StudyVersion
-
-    first = session.scalar(select(func.min(Instance.received_at)))
-    lasts = {
-        "last_received": session.scalar(select(func.max(Instance.received_at))),
-        "last_job_created": session.scalar(select(func.max(Job.created_at))),
-        "last_report": session.scalar(select(func.max(Report.created_at))),
-        "last_outbox_row": session.scalar(select(func.max(OutboxItem.created_at))),
-        "last_sent": session.scalar(select(func.max(OutboxItem.sent_at))),
-    }
-    waits = session.execute(
-        select(Study.last_received_at, Job.created_at, Job.finished_at)
-        .join(StudyVersion, StudyVersion.study_id == Study.id)
-        .join(Job, Job.study_version_id == StudyVersion.id)
-    ).all()
-    if first is None:
-        return {}
-    timeline = {f"{key}_s": (at - first).total_seconds() for key, at in lasts.items() if at}
-    stamps = [{**(t.get("batch_stamps") or {}), "size": t["batch_size"]} for t in timings]
-    batches = batch_rows(stamps, first.timestamp())
-    completion = [(job - received).total_seconds() for received, job, _ in waits]
-    in_queue = [(done - job).total_seconds() for _, job, done in waits if done]
-    ended = [s["generate_ended"] for s in stamps if "generate_ended" in s]
-    if ended:  # the tail: what happens after the GPU's last batch
-        timeline["last_generate_ended_s"] = max(ended) - first.timestamp()
-    return {
-        **timeline,
-        "first_instance_at": first.timestamp(),
-        "completion_wait_s_p50": statistics.median(completion) if completion else 0.0,
-        "job_to_report_s_p50": statistics.median(in_queue) if in_queue else 0.0,
-        "batch_rows": batches,
-    }
-
-
-BUILD_STAGES = ("claimed", "sources", "rendered", "asked", "built")
-RUN_STAGES = ("run_started", "stores_below", "generate_started")
-
-
-def build_parts(stamp: dict[str, float]) -> dict[str, float]:
-    """Seconds of each stage of building and starting a batch, where the worker stamped
-    them (a stage is named by its end)."""
-    parts = {}
-    for stages in (BUILD_STAGES, RUN_STAGES):
-        present = [name for name in stages if stamp.get(name)]
-        for earlier, later in itertools.pairwise(present):
-            parts[f"{later}_s"] = stamp[later] - stamp[earlier]
-    return parts
-
-
-def batch_rows(stamps: list[dict[str, float]], first: float) -> list[dict[str, float]]:
-    """Each batch's stages from the reports' stamps (inference/worker_jobs.py ClaimedBatch),
-    in seconds from the first instance: when it was claimed, how long building it took (render,
-    questions, processor), how long the GPU stood idle before it, and its generation."""
-    unique = {tuple(sorted(s.items())): s for s in stamps if "generate_started" in s}
-    ordered = sorted(unique.values(), key=lambda s: s["generate_started"])
-    rows, previous_end = [], first
-    for stamp in ordered:
-        rows.append(
-            {
-                "size": stamp.get("size", 0),
-                "started_s": stamp["generate_started"] - first,
-                "claimed_s": stamp.get("claimed", first) - first,
-                "build_s": stamp.get("built", 0.0) - stamp.get("claimed", 0.0),
-                **build_parts(stamp),
-                "idle_before_s": stamp["generate_started"] - previous_end,
-                "generate_s": stamp["generate_ended"] - stamp["generate_started"],
-            }
-        )
-        previous_end = stamp["generate_ended"]
-    return rows
-
-
-def full_queue(batches: list[dict[str, float]], max_batch: int) -> dict[str, float] | None:
-    """Studies/h while the queue was full: from the start of the first batch of ``max_batch``
-    to the end of the last one, every batch between them counted, idle gaps included. What the
-    node sustains once a burst's start is over, set beside the engine's pipelined rate."""
-    full = [index for index, batch in enumerate(batches) if batch.get("size") == max_batch]
-    if len(full) < 2:
-        return None
-    first, last = batches[full[0]], batches[full[-1]]
-    seconds = last["started_s"] + last["generate_s"] - first["started_s"]
-    studies = sum(batch["size"] for batch in batches[full[0] : full[-1] + 1])
-    return {
-        "batches": full[-1] - full[0] + 1,
-        "studies": studies,
-        "per_hour": studies * 3600 / seconds,
     }
 
 
