@@ -9,6 +9,13 @@ routes here instead of bare stderr) can quote the values they complain about: py
 ``Invalid value for VR DA: '1931-02-17'``. Every handler scrubs their text, and the exception
 lines of any traceback, with core.redaction before it is written.
 
+One process rotates the file: `serve` (or a command run on its own). The processes `serve`
+starts, and theirs (receivers, the worker and its render and store processes), find the owner's
+pid in ``LOG_OWNER_ENV`` and append to the same file without rotating it, reopening it when the
+owner has rotated it (``WatchedFileHandler``): several processes rotating one file each on
+their own lose lines. The owner checks the size when it logs itself, so the file can pass
+its limit by what the others wrote meanwhile.
+
 An exception that ends a thread (the node's or a library's) goes to this log too, not as a bare
 traceback on stderr (``threading.excepthook``); its message is left out because library messages
 can quote data set values.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import threading
 import traceback
 from pathlib import Path
@@ -34,6 +42,11 @@ NOISY_LIBRARIES = ("pynetdicom", "pydicom", "highdicom", "hl7apy", "transformers
 # captured Python warnings (pydicom warns and logs each invalid value).
 LIBRARY_LOGGERS = ("pydicom", "pynetdicom", "highdicom", "hl7apy", "py.warnings")
 
+# Set by `serve` for the processes it starts: the pid of the process that rotates the log file.
+LOG_OWNER_ENV = "MEDGEMMA_NODE_LOG_OWNER"
+LOG_MAX_BYTES = 20 * 1024 * 1024
+LOG_BACKUPS = 5
+
 log = logging.getLogger("medgemma_node.threads")
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
@@ -49,12 +62,10 @@ def setup_logging(level: str, log_file: Path | None) -> None:
     root.addHandler(stderr)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        rotating = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=20 * 1024 * 1024, backupCount=5, encoding="utf-8"
-        )
-        rotating.setFormatter(ScrubbingFormatter(FORMAT))
-        rotating.addFilter(LibraryTextFilter())
-        root.addHandler(rotating)
+        to_file = _file_handler(log_file)
+        to_file.setFormatter(ScrubbingFormatter(FORMAT))
+        to_file.addFilter(LibraryTextFilter())
+        root.addHandler(to_file)
     logging.captureWarnings(True)
     for name in NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
@@ -62,6 +73,23 @@ def setup_logging(level: str, log_file: Path | None) -> None:
     if not any(isinstance(f, _InvalidEventRecord) for f in fsm_logger.filters):
         fsm_logger.addFilter(_InvalidEventRecord())
     threading.excepthook = log_uncaught_thread_exception
+
+
+def _file_handler(log_file: Path) -> logging.Handler:
+    """Rotating in the process that owns the file; appending (and following the owner's
+    rotations) in the processes it started."""
+    owner = os.environ.get(LOG_OWNER_ENV)
+    if owner and owner != str(os.getpid()):
+        return logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+    return logging.handlers.RotatingFileHandler(
+        log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
+    )
+
+
+def child_log_env() -> dict[str, str]:
+    """The environment of a process this one starts: it logs to this process's file without
+    rotating it (this process, or the owner above it, rotates)."""
+    return {**os.environ, LOG_OWNER_ENV: os.environ.get(LOG_OWNER_ENV) or str(os.getpid())}
 
 
 def log_uncaught_thread_exception(args: threading.ExceptHookArgs) -> None:

@@ -48,7 +48,7 @@ from dicom_node.scp_counters import ScpCounters, sum_counters
 from dicom_node.sender import DicomSender
 from hl7_out.sender import HL7OruSender
 from medgemma_node.audit_forwarder import AuditForwarder
-from medgemma_node.logs import setup_logging
+from medgemma_node.logs import child_log_env, setup_logging
 from medgemma_node.metrics import MetricSources, start_metrics_server
 from medgemma_node.pidfile import remove_pid_file
 from medgemma_node.retention_part import Pruner, RetentionLoop
@@ -409,7 +409,10 @@ def start_serving(node: Node, config_path: Path | None) -> None:
     assert db is not None
     data_dir = node.data_dir.resolve()
     node.add_part(
-        "inference", ChildProcess("inference worker", child_argv("worker", config_path, data_dir))
+        "inference",
+        ChildProcess(
+            "inference worker", child_argv("worker", config_path, data_dir), child_log_env()
+        ),
     )
     start_receivers(node, config_path)
     pdfs = SharedReportPdfs(node.settings, db)
@@ -461,7 +464,9 @@ def start_receivers(node: Node, config_path: Path | None) -> None:
         argv = child_argv(
             "receive", config_path, data_dir, "--index", str(index), "--port", str(port)
         )
-        node.add_part(f"receiver-{index}", ChildProcess(f"DICOM receiver {index}", argv))
+        node.add_part(
+            f"receiver-{index}", ChildProcess(f"DICOM receiver {index}", argv, child_log_env())
+        )
 
 
 def start_worker(node: Node) -> None:
