@@ -69,8 +69,9 @@ STATUS_NOT_THIS_PATIENT = 0xA900  # PS3.4 B.2.3: data set does not match what wa
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
-def _none(reason: str, *, failed: bool = False) -> PriorFound:
-    return PriorFound(PriorComparison(compared=False, reason=reason), failed=failed)
+def _none(code: str, *, failed: bool = False, **args: object) -> PriorFound:
+    """No prior, for a reason of storage.report_schema.PRIOR_REASONS."""
+    return PriorFound(PriorComparison.without(code, **args), failed=failed)
 
 
 def _dicom_date(value: str) -> date | None:
@@ -124,11 +125,7 @@ class PacsPriorFinder:
         thread.join(self.settings.total_timeout_s)
         if thread.is_alive() or not outcome:
             tracker.abort_all()
-            found = _none(
-                "the PACS did not answer within priors.total_timeout_s "
-                f"({self.settings.total_timeout_s:g} s)",
-                failed=True,
-            )
+            found = _none("timeout", failed=True, seconds=f"{self.settings.total_timeout_s:g}")
         else:
             found = outcome[0]
         found.comparison.seconds = round(time.monotonic() - started, 3)
@@ -149,17 +146,17 @@ class PacsPriorFinder:
         try:
             return self._search(query, tracker)
         except PriorQueryFailed as exc:
-            return _none(str(exc), failed=True)
+            return _none("query_failed", failed=True, detail=exc)
         except Exception as exc:  # any fault of the search: the study goes on without a prior
             log.exception("prior search failed unexpectedly")
-            return _none(f"prior search failed ({type(exc).__name__})", failed=True)
+            return _none("search_error", failed=True, error=type(exc).__name__)
 
     def _search(self, query: PriorQuery, tracker: AssociationTracker) -> PriorFound:
         patient_id = query.patient_id
         if not patient_id.strip():
-            return _none("the study has no Patient ID")
+            return _none("no_patient_id")
         if any(c in patient_id + query.issuer_of_patient_id for c in WILDCARDS):
-            return _none("the Patient ID contains a wildcard character (* or ?)")
+            return _none("wildcard_patient_id")
         current = _dicom_date(query.study_date) or datetime.now(UTC).date()
         earliest = current - timedelta(days=self.settings.max_age_days)
         latest = current - timedelta(days=1)
@@ -169,10 +166,8 @@ class PacsPriorFinder:
         candidates = self._plausible(answers, query, f"{earliest:%Y%m%d}", f"{latest:%Y%m%d}")
         chosen = self._with_body_part(candidates, query, tracker)
         if chosen is None:
-            return _none(
-                f"no earlier {query.modality} {query.body_part} study of this patient within "
-                f"{self.settings.max_age_days} days".replace("  ", " ")
-            )
+            what = " ".join(filter(None, (query.modality, query.body_part)))
+            return _none("none_found", what=what, days=self.settings.max_age_days)
         return self._fetch(chosen, query, tracker)
 
     def _plausible(
@@ -236,11 +231,8 @@ class PacsPriorFinder:
                 )
         usable = self._usable_paths(uid, query)
         if not usable:
-            return _none(
-                f"no image of the prior study of {chosen.study_date} arrived "
-                f"(C-{self.settings.mode.upper()})",
-                failed=True,
-            )
+            mode = self.settings.mode.upper()
+            return _none("no_image_arrived", failed=True, date=chosen.study_date, mode=mode)
         paths, sop_uids, header = usable
         comparison = PriorComparison(
             compared=True,

@@ -72,17 +72,16 @@ def load_prior(finder: PriorFinder, query: PriorQuery, data_dir: Path) -> PriorI
         prepared = prepare_study([data_dir / path for path in found.paths])
     except PreprocessError as exc:
         log.warning("prior study %s cannot be rendered: %s", comparison.study_instance_uid, exc)
-        reason = "the prior study's images cannot be rendered"
-        return PriorInput(PriorComparison(compared=False, reason=reason))
+        return PriorInput(PriorComparison.without("not_rendered"))
     shown = prepared.sop_instance_uids[:PRIOR_IMAGES_SHOWN]
     comparison = comparison.model_copy(update={"sop_instance_uids": shown})
     return PriorInput(comparison, prepared.images[:PRIOR_IMAGES_SHOWN])
 
 
-def without_prior(prior: PriorInput, reason: str) -> PriorInput:
-    return PriorInput(
-        PriorComparison(compared=False, reason=reason, seconds=prior.comparison.seconds)
-    )
+def without_prior(prior: PriorInput, code: str) -> PriorInput:
+    """The study goes on without the prior found, for the reason ``code`` (PRIOR_REASONS)."""
+    comparison = PriorComparison.without(code)
+    return PriorInput(comparison.model_copy(update={"seconds": prior.comparison.seconds}))
 
 
 def comparison_question(template_text: str, comparison: PriorComparison) -> str:

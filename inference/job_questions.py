@@ -101,7 +101,7 @@ class JobQuestions:
                 )
                 return prompt, prior
             except PromptTemplateError:
-                prior = without_prior(prior, "no comparison question template matches the study")
+                prior = without_prior(prior, "no_template")
         prompt = self.prompts.select(
             prepared.modality, prepared.body_part, calling_ae, language, in_scope=in_scope
         )

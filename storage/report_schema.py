@@ -213,6 +213,48 @@ class ModelIdentity(BaseModel):
         return f"{prefix}{self.model_id} ({self.revision})"
 
 
+# Why a report has no prior, in each report language ({...}: PriorComparison.reason_args).
+# Technical details (a PACS's error text, a status code) stay as the node logged them.
+PRIOR_REASONS: dict[str, dict[str, str]] = {
+    "timeout": {
+        "en": "the PACS did not answer within priors.total_timeout_s ({seconds} s)",
+        "zh": "PACS 未在 priors.total_timeout_s（{seconds} 秒）内应答",
+    },
+    "query_failed": {
+        "en": "{detail}",
+        "zh": "既往检查查询失败：{detail}",
+    },
+    "search_error": {
+        "en": "prior search failed ({error})",
+        "zh": "既往检查查询出错（{error}）",
+    },
+    "no_patient_id": {
+        "en": "the study has no Patient ID",
+        "zh": "本检查没有患者 ID（Patient ID）",
+    },
+    "wildcard_patient_id": {
+        "en": "the Patient ID contains a wildcard character (* or ?)",
+        "zh": "患者 ID 含通配符（* 或 ?）",
+    },
+    "none_found": {
+        "en": "no earlier {what} study of this patient within {days} days",
+        "zh": "{days} 天内未找到该患者更早的 {what} 检查",
+    },
+    "no_image_arrived": {
+        "en": "no image of the prior study of {date} arrived (C-{mode})",
+        "zh": "{date} 的既往检查没有图像到达（C-{mode}）",
+    },
+    "not_rendered": {
+        "en": "the prior study's images cannot be rendered",
+        "zh": "既往检查的图像无法渲染",
+    },
+    "no_template": {
+        "en": "no comparison question template matches the study",
+        "zh": "没有与本检查匹配的对比问题模板",
+    },
+}
+
+
 class PriorComparison(BaseModel):
     """What a report was compared with, or why it was made without a prior ([priors]).
 
@@ -227,8 +269,29 @@ class PriorComparison(BaseModel):
     body_part: str = ""
     sop_instance_uids: list[str] = Field(default_factory=list)
     source: str = ""
-    reason: str = ""
+    reason: str = ""  # in English: logs, status, the JSON report
+    # The reason as a key of PRIOR_REASONS and its values, so each report says it in its own
+    # language (empty in reports stored before: ``reason`` is then shown as it is).
+    reason_code: str = ""
+    reason_args: dict[str, str] = Field(default_factory=dict)
     seconds: float = 0.0
+
+    @classmethod
+    def without(cls, code: str, **args: object) -> PriorComparison:
+        """No prior, for the reason ``code`` (PRIOR_REASONS) with its values."""
+        values = {name: str(value) for name, value in args.items()}
+        reason = " ".join(PRIOR_REASONS[code]["en"].format(**values).split())
+        return cls(compared=False, reason=reason, reason_code=code, reason_args=values)
+
+    def reason_in(self, language: str) -> str:
+        """Why there is no prior, in ``language`` when the reason is a known one."""
+        messages = PRIOR_REASONS.get(self.reason_code, {})
+        if language not in messages:
+            return self.reason
+        try:
+            return " ".join(messages[language].format(**self.reason_args).split())
+        except (KeyError, IndexError):  # values of another version of the catalogue
+            return self.reason
 
     @property
     def display_date(self) -> str:
@@ -250,8 +313,8 @@ class PriorComparison(BaseModel):
                 return f"与 {self.display_date} 的既往检查（{what}）对比。"
             return f"Compared with the prior study of {self.display_date} ({what})."
         if language == "zh":
-            return f"未与既往检查对比：{self.reason}"
-        return f"No prior study compared: {self.reason}"
+            return f"未与既往检查对比：{self.reason_in(language)}"
+        return f"No prior study compared: {self.reason_in(language)}"
 
 
 class ReportDocument(BaseModel):
