@@ -13,6 +13,7 @@ from core.loop import LoopThread
 from storage import retention
 from storage.db import Database
 from storage.files import free_disk_mb
+from storage.priors import prune_prior_store
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class Pruner:
 
     def prune(self, actor: str) -> list[retention.PruneAction]:
         with self.lock:
+            # Prior images fetched from PACS are a cache: they go at the received instances'
+            # age (counted from their fetch), and PACS is asked again when a study needs one.
+            prune_prior_store(self.db, self.data_dir, self.policy.instances_days, actor)
             return retention.execute(
                 self.db,
                 self.data_dir,

@@ -16,6 +16,7 @@ Kinds (``kind``, with ``actor`` / ``address`` / ``outcome``):
     api.access              every REST API request (user, role, route, status)
     conversation.started / conversation.asked / report_appended   follow-up questions (user)
     retention.prune         retention deleted a study's files (what, why, bytes)
+    retention.prune_priors  retention deleted prior images fetched from PACS (how many, age)
 
 Detail never holds patient data: studies by UID, patients only as the salted hash.
 """

@@ -16,18 +16,23 @@ job of its own (issue: "a prior store that does not start a job").
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from storage import audit
 from storage.db import Database
 from storage.files import uid_component
 from storage.models import Instance, PriorInstance, PriorLink, PriorStudy, Study, utcnow
 from storage.report_schema import PriorComparison
+
+log = logging.getLogger(__name__)
 
 PRIORS_DIR = "priors"
 
@@ -215,3 +220,36 @@ def prior_image_paths(session: Session, sop_instance_uids: list[str]) -> list[st
         ).all()
     )
     return [found[uid] for uid in sop_instance_uids if uid in found]
+
+
+PRUNE_CHUNK = 500  # rows deleted per statement (SQLite's bound-parameter limit is far above)
+
+
+def prune_prior_store(db: Database, data_dir: Path, older_than_days: float, actor: str) -> int:
+    """Delete prior images fetched more than ``older_than_days`` ago (0: keep for ever): the
+    prior store is a cache of PACS, and a later comparison fetches a study again. The rows go
+    first, then the files (a crash between leaves files no row names, never a row without its
+    file); the prior study's row stays. One ``retention.prune_priors`` audit row. Returns how
+    many images were removed."""
+    if older_than_days <= 0:
+        return 0
+    cutoff = utcnow() - timedelta(days=older_than_days)
+    with db.session() as session:
+        old = session.execute(
+            select(PriorInstance.id, PriorInstance.path).where(PriorInstance.received_at < cutoff)
+        ).all()
+    if not old:
+        return 0
+    with db.session() as session:
+        for start in range(0, len(old), PRUNE_CHUNK):
+            ids = [row.id for row in old[start : start + PRUNE_CHUNK]]
+            session.execute(delete(PriorInstance).where(PriorInstance.id.in_(ids)))
+        session.add(
+            audit.event(
+                "retention.prune_priors", actor=actor, images=len(old), days=older_than_days
+            )
+        )
+    for row in old:
+        (data_dir / row.path).unlink(missing_ok=True)
+    log.info("retention: %d prior images older than %g days removed", len(old), older_than_days)
+    return len(old)

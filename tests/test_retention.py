@@ -30,9 +30,17 @@ from storage.models import (
     JobStatus,
     OutboxItem,
     OutboxStatus,
+    PriorInstance,
+    PriorStudy,
     Report,
     Study,
     utcnow,
+)
+from storage.priors import (
+    PriorInstanceRecord,
+    prior_relpath,
+    record_prior_instance,
+    stored_study_paths,
 )
 from tests.api_support import add_report, complete, receive, set_job
 from tests.nodecheck import store_with_pynetdicom
@@ -237,3 +245,39 @@ def test_the_settled_rules_hold_on_both_databases(db: Database, tmp_path: Path) 
     assert [(a.study_uid, bool(a.report_ids)) for a in actions] == [("1.2", False), ("1.1", True)]
     assert len(retention.execute(db, data_dir, actions, actor="test")) == 2
     assert retention.plan(db, data_dir, policy, free_mb=10**6) == []
+
+
+def _prior_image(db: Database, data_dir: Path, study_uid: str) -> str:
+    """A prior image in the prior store (file and rows), as a C-GET or C-MOVE leaves it."""
+    relpath = prior_relpath(study_uid, f"{study_uid}.1", f"{study_uid}.1.1").as_posix()
+    (data_dir / relpath).parent.mkdir(parents=True, exist_ok=True)
+    (data_dir / relpath).write_bytes(b"DICM")
+    record = PriorInstanceRecord(
+        study_uid, f"{study_uid}.1.1", "1.2.840.10008.5.1.4.1.1.1", relpath, 4
+    )
+    assert record_prior_instance(db, record)
+    return relpath
+
+
+def test_prior_images_go_at_the_instances_age_and_are_fetched_again(
+    sqlite_db: Database, data_dir: Path
+) -> None:
+    old, recent = _prior_image(sqlite_db, data_dir, "2.1"), _prior_image(sqlite_db, data_dir, "2.2")
+    with sqlite_db.session() as session:
+        session.execute(
+            update(PriorInstance)
+            .where(PriorInstance.path == old)
+            .values(received_at=utcnow() - 40 * DAY)
+        )
+    result = CliRunner().invoke(app, ["prune", "--data-dir", str(data_dir)])  # 30 days
+    assert result.exit_code == 0, result.stderr
+    assert not (data_dir / old).exists() and (data_dir / recent).exists()
+    assert stored_study_paths(sqlite_db, "2.1") == []  # the finder asks PACS again
+    assert stored_study_paths(sqlite_db, "2.2") == [recent]
+    with sqlite_db.session() as session:
+        assert len(session.scalars(select(PriorStudy)).all()) == 2  # the studies' rows stay
+        [audit_row] = session.scalars(
+            select(AuditEvent).where(AuditEvent.kind == "retention.prune_priors")
+        )
+        assert (audit_row.actor, audit_row.detail["images"]) == ("cli", 1)
+    sqlite_db.dispose()
