@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,23 +41,12 @@ CHILD = textwrap.dedent(
 
 
 @pytest.fixture
-def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(LOG_OWNER_ENV, raising=False)  # this process owns the file
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(False)
+def owner(monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
+    """This process owns the log file (no owner above it)."""
+    monkeypatch.delenv(LOG_OWNER_ENV, raising=False)
 
 
-def test_a_child_appends_and_follows_the_owners_rotation(
-    tmp_path: Path, restore_logging: None
-) -> None:
+def test_a_child_appends_and_follows_the_owners_rotation(tmp_path: Path, owner: None) -> None:
     log_file = tmp_path / "logs" / "node.log"
     setup_logging("INFO", log_file)
     [owner_handler] = [

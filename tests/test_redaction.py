@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import logging
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -30,19 +29,10 @@ NAME = "Zyxwvut^Quimby"
 
 
 @pytest.fixture
-def node_log(tmp_path: Path) -> Iterator[Path]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+def node_log(tmp_path: Path, restore_logging: None) -> Path:
     path = tmp_path / "logs" / "node.log"
     setup_logging("INFO", path)
-    yield path
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(False)
+    return path
 
 
 def invalid_source() -> bytes:
