@@ -194,6 +194,11 @@ class ReportOut(ReportSummary):
         default=None,
         description="[priors]: the prior study compared with, or why there was none",
     )
+    prior_statement: str | None = Field(
+        default=None,
+        description="The comparison line of the report's SR, ORU and PDF, in the report's "
+        "language: what it was compared with, or why no prior was",
+    )
 
 
 class JobPage(BaseModel):

@@ -369,6 +369,8 @@ class PdfReportRenderer:
             "urgency": URGENCY_WORDS[language][content.urgency] if content.urgency else "",
             "narrative": narrative_text(content),
             "question": report.question,
+            # [priors]: what the report was compared with, or why no prior was (as SR and ORU)
+            "comparison": report.prior.statement(language) if report.prior is not None else "",
             "model": model_line(report.model),
             "report_line": words["report_value"].format(
                 id=report.report_id, version=report.version_number

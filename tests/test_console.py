@@ -16,6 +16,9 @@ import httpx
 import pydicom
 import pytest
 
+from storage.db import Database
+from storage.priors import link_prior
+from storage.report_schema import PriorComparison
 from tests.console_support import (
     PATIENT_ID,
     QUESTION,
@@ -188,6 +191,21 @@ def test_report_panel_shows_findings_sizes_notice_and_downloads(
     with page.expect_download() as pdf_download:
         page.click("#download-pdf")
     assert Path(pdf_download.value.path()).read_bytes().startswith(b"%PDF-")
+
+
+def test_the_report_says_what_it_was_compared_with(page: Any, console: ConsoleNode) -> None:
+    sample = console.reported_sample()
+    report_id = console.latest_report(sample.StudyInstanceUID)["id"]
+    db = Database(console.node.database_url)
+    try:  # as a worker with [priors] on records it (this node has them off)
+        with db.session() as session:
+            link_prior(session, report_id, PriorComparison.without("no_patient_id"))
+    finally:
+        db.dispose()
+    report = console.latest_report(sample.StudyInstanceUID)
+    assert report["prior_statement"] == "No prior study compared: the study has no Patient ID"
+    open_sample(page, console)
+    assert page.inner_text("#comparison") == report["prior_statement"]
 
 
 # --------------------------------------------------------------------------- conversation

@@ -30,7 +30,7 @@ from dicom_node.encapsulated_pdf import build_encapsulated_pdf, fitted_value
 from dicom_node.output_common import NodeIdentity, write_datasets
 from storage.conversations import appended_content
 from storage.models import ConversationTurn
-from storage.report_schema import TEST_MODEL_BANNER, FollowUp, ReportDocument
+from storage.report_schema import TEST_MODEL_BANNER, FollowUp, PriorComparison, ReportDocument
 from tests.dicom_output_support import (
     boxed_findings,
     dciodvfy,
@@ -286,6 +286,30 @@ def test_scope_supersedes_and_chinese_patient_name(
         )
     )
     assert "王小东" in chinese and "本报告取代报告 40" in chinese
+
+
+def test_the_comparison_with_a_prior_or_why_there_was_none(
+    renderer: PdfReportRenderer, image: Dataset, tmp_path: Path
+) -> None:
+    compared = PriorComparison(
+        compared=True, study_instance_uid="1.2.3.4", study_date="20230101", modality="CR",
+        body_part="CHEST",
+    )  # fmt: skip
+    english = english_report(image).model_copy(update={"prior": compared})
+    text = " ".join(
+        pdftotext(
+            write_pdf(renderer, PdfReportRequest(english, [image]), tmp_path / "p.pdf")
+        ).split()
+    )
+    assert "Comparison Compared with the prior study of 2023-01-01 (CR CHEST" in text
+    none = PriorComparison.without("none_found", what="CR CHEST", days=730)
+    chinese = chinese_report(image).model_copy(update={"prior": none})
+    text = "".join(
+        pdftotext(
+            write_pdf(renderer, PdfReportRequest(chinese, [image]), tmp_path / "z.pdf")
+        ).split()
+    )
+    assert "未与既往检查对比：730天内未找到该患者更早的CRCHEST检查" in text
 
 
 def test_model_text_is_text_not_markup(

@@ -304,6 +304,7 @@ def report_detail(
     summary_fields = _report_summary(session, report).model_dump()
     model = ModelIdentity.model_validate(report.model_json)
     disclaimer = (f"{TEST_MODEL_BANNER}. " if report.is_test_model else "") + AI_DISCLAIMER
+    prior = prior_comparison(session, report.id)
     return ReportOut(
         **summary_fields,
         study_instance_uid=study_uid,
@@ -314,7 +315,8 @@ def report_detail(
         model=model,
         timings=report.timings_json or {},
         disclaimer=disclaimer,
-        prior=prior_comparison(session, report.id),
+        prior=prior,
+        prior_statement=prior.statement(report.language) if prior is not None else None,
     )
 
 

@@ -69,6 +69,7 @@ export function renderReport(container, { studyUid, report, reports, spacing, on
       content.parse_status !== "ok" || (!content.findings?.length && content.narrative)
         ? section("report.narrative", h("p", { class: "narrative" }, text(content.narrative || report.raw_text)), h("p", { class: "muted small", i18n: `report.parse.${content.parse_status}` }))
         : null,
+      report.prior_statement ? section("report.comparison", h("p", { id: "comparison" }, report.prior_statement)) : null,
       content.follow_up?.length ? section("report.followUp", followUps(content.follow_up)) : null,
       section("report.model", modelIdentity(report)),
       h(
