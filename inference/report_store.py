@@ -14,8 +14,9 @@ commit after the lease was lost does not happen, so each study version gets one 
 The files come first: with a hook that stages (medgemma_node.outputs.ReportOutputs) the SR,
 GSPS, ORU and JSON are written, durably, under the report's id reserved ahead
 (storage/report_ids.py) before the transaction, which then only adds rows. A report not stored
-after all (lease lost) has its files removed; a process that dies between the two leaves a
-directory no row names, and the study runs again under a new id.
+after all (lease lost, an error before the commit) has its files removed; a process that dies
+between the two leaves a directory no row names (removed at the next start once older than the
+job lease: storage/report_ids.py), and the study runs again under a new id.
 """
 
 from __future__ import annotations
@@ -158,50 +159,69 @@ def store_report(
         staged = _stage(db, task, report, on_report)
         measured["outputs_seconds"] = round(time.perf_counter() - started, 4)
     with db.session() as session:
-        began = time.perf_counter()
-        # Done together with its report and outbox rows: one commit, or none of them.
-        if not complete_job(session, task.job_id, owner):
+        try:
+            outcome = _add_rows(session, owner, task, report, staged, on_report, measured)
+        except BaseException:
             if staged is not None:
-                staged.discard()
-            log.warning("job %d lost its lease while running; result dropped", task.job_id)
-            return StoreOutcome.LEASE_LOST
-        # On SQLite the job's update waits for the database's one write lock, which this
-        # transaction then holds until its commit: both in the timings.
-        locked = time.perf_counter()
-        # A new version of a reported study replaces that report: its ORU says C
-        # (correction) and its SR names the earlier SR as Predecessor Document.
-        superseded = latest_report_id(session, task.study_id)
-        if staged is not None and superseded != report.supersedes_report_id:
-            # Another report of the study was stored meanwhile: the files name the wrong
-            # predecessor. Built again below, in this transaction, under a new id.
+                staged.discard()  # the transaction rolls back: no row will name these files
+            raise
+    if outcome is StoreOutcome.STORED:
+        log.info(
+            "study %s: report stored (%s, %d findings, urgency %s)",
+            task.study_uid,
+            report.parse_status,
+            len(report.content_json.get("findings", [])),
+            report.urgency or "-",
+        )
+    return outcome
+
+
+def _add_rows(
+    session: Session,
+    owner: str,
+    task: StoreTask,
+    report: Report,
+    staged: StagedFiles | None,
+    on_report: ReportHook | None,
+    measured: dict[str, float],
+) -> StoreOutcome:
+    """The store transaction's work: the job's end, the report row and its outputs' rows."""
+    began = time.perf_counter()
+    # Done together with its report and outbox rows: one commit, or none of them.
+    if not complete_job(session, task.job_id, owner):
+        if staged is not None:
             staged.discard()
-            staged = None
-            report.id = take_report_ids(session.connection(), 1).start
-        report.supersedes_report_id = superseded
-        session.add(report)
-        session.flush()
-        if task.prior_comparison is not None:
-            link_prior(session, report.id, task.prior_comparison)
-        if staged is not None and isinstance(on_report, StagingHook):
-            on_report.commit(session, report, staged)
-        elif on_report is not None:
-            started = time.perf_counter()
-            on_report(session, report)
-            measured["outputs_seconds"] = round(time.perf_counter() - started, 4)
-        report.timings_json = {
-            **report.timings_json,
-            **measured,
-            "store_wait_seconds": round(locked - began, 4),
-            "store_held_seconds": round(time.perf_counter() - locked, 4),  # before the commit
-        }
-    content = report.content_json
-    log.info(
-        "study %s: report stored (%s, %d findings, urgency %s)",
-        task.study_uid,
-        report.parse_status,
-        len(content.get("findings", [])),
-        report.urgency or "-",
-    )
+        log.warning("job %d lost its lease while running; result dropped", task.job_id)
+        return StoreOutcome.LEASE_LOST
+    # On SQLite the job's update waits for the database's one write lock, which this
+    # transaction then holds until its commit: both in the timings.
+    locked = time.perf_counter()
+    # A new version of a reported study replaces that report: its ORU says C
+    # (correction) and its SR names the earlier SR as Predecessor Document.
+    superseded = latest_report_id(session, task.study_id)
+    if staged is not None and superseded != report.supersedes_report_id:
+        # Another report of the study was stored meanwhile: the files name the wrong
+        # predecessor. Built again below, in this transaction, under a new id.
+        staged.discard()
+        staged = None
+        report.id = take_report_ids(session.connection(), 1).start
+    report.supersedes_report_id = superseded
+    session.add(report)
+    session.flush()
+    if task.prior_comparison is not None:
+        link_prior(session, report.id, task.prior_comparison)
+    if staged is not None and isinstance(on_report, StagingHook):
+        on_report.commit(session, report, staged)
+    elif on_report is not None:
+        started = time.perf_counter()
+        on_report(session, report)
+        measured["outputs_seconds"] = round(time.perf_counter() - started, 4)
+    report.timings_json = {
+        **report.timings_json,
+        **measured,
+        "store_wait_seconds": round(locked - began, 4),
+        "store_held_seconds": round(time.perf_counter() - locked, 4),  # before the commit
+    }
     return StoreOutcome.STORED
 
 

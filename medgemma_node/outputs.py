@@ -143,10 +143,23 @@ class ReportOutputs:
             # Every identity minted below derives from it (storage/installation.py).
             self.installation_id = ensure_installation_id(session, self.data_dir)
             self.node = node_identity(self.settings, self.installation_id)
+        directory = self.data_dir / "reports" / str(report.id)
+        try:
+            return self._build(session, report, own_prior, directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)  # no half-built report is left
+            raise
+
+    def _build(
+        self,
+        session: Session,
+        report: Report,
+        own_prior: PriorComparison | None,
+        directory: Path,
+    ) -> StagedOutputs:
         document = report_document(session, report, own_prior)
         study = session.get_one(Study, report.study_id)
         sources = self._sources(session, report, document)
-        directory = self.data_dir / "reports" / str(report.id)
         predecessor = previous_sr(session, document, self.data_dir)
         records = self._build_dicom(session, document, sources, predecessor, directory)
         records += self._planned_pdf(document, study, directory)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -208,3 +209,34 @@ def test_directories_of_reports_never_stored_are_removed_once_the_lease_is_over(
     assert not unstored_old.exists()
     assert unstored_new.exists()  # its worker may still commit it
     assert (stored / REPORT_JSON).is_file()
+
+
+def test_a_failure_before_the_commit_leaves_no_files(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    settings = with_files(make_settings(tmp_path, db.url))
+    task = queued_job(db, settings, rg1_unci, tmp_path / "in")
+    reports_dir = settings.storage.data_dir / "reports"
+    outputs = ReportOutputs(settings)
+
+    def json_fails(*_args: Any) -> Path:
+        assert any(reports_dir.glob("*/sr-*.dcm"))  # the SR was written already
+        raise OSError("disk full")
+
+    outputs._write_json = json_fails  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk full"):
+        store_report(db, OWNER, task, outputs)
+    assert list(reports_dir.iterdir()) == []  # the half-built report is gone
+
+    outputs = ReportOutputs(settings)
+
+    def rows_fail(*_args: Any) -> None:
+        raise RuntimeError("constraint")
+
+    outputs.commit = rows_fail  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="constraint"):
+        store_report(db, OWNER, task, outputs)
+    assert list(reports_dir.iterdir()) == []  # rolled back: no row would name the files
+    with db.session() as session:
+        assert session.scalars(select(Report)).all() == []
+        assert session.get_one(Job, task.job_id).status == JobStatus.RUNNING  # tried again
