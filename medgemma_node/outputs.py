@@ -62,7 +62,7 @@ from storage.report_schema import (
     PriorComparison,
     ReportDocument,
 )
-from storage.reports import predecessor_sr_path, report_document, source_instance_paths
+from storage.reports import predecessor_sr_path, report_document, source_paths
 
 log = logging.getLogger(__name__)
 
@@ -196,14 +196,11 @@ class ReportOutputs:
     # -- building -------------------------------------------------------------------------
 
     def _sources(self, session: Session, report: Report, document: ReportDocument) -> list[Dataset]:
-        """The images the model saw (headers + pixels: a GSPS may need a computed window)."""
-        paths = source_instance_paths(session, report.study_version_id)
-        datasets: list[Dataset] = [
-            dcmread(self.data_dir / path, defer_size="1 MB") for path in paths
-        ]
-        wanted = set(document.source_sop_instance_uids)
-        used = [ds for ds in datasets if str(ds.SOPInstanceUID) in wanted]
-        return used or datasets[:1]
+        """The images the model saw (headers + pixels: a GSPS may need a computed window);
+        only those files are read (a CT version holds hundreds)."""
+        wanted = document.source_sop_instance_uids
+        paths = source_paths(session, report.study_version_id, wanted)
+        return [dcmread(self.data_dir / path, defer_size="1 MB") for path in paths]
 
     def _build_dicom(
         self,

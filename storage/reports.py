@@ -1,7 +1,7 @@
 """Reads of stored reports that the output builders need.
 
     document = report_document(session, report)        # the Report row as a ReportDocument
-    paths = source_instance_paths(session, report.study_version_id)
+    paths = source_paths(session, report.study_version_id, wanted_uids)
     path = predecessor_sr_path(session, study_uid, report_id)
     superseded = latest_report_id(session, study_id)     # before a new report of the study
     stored = stored_report(db, report_id)              # delivery side: a PDF built on demand
@@ -69,17 +69,19 @@ def _prior_of(session: Session, report: Report) -> PriorComparison | None:
     return None
 
 
-def source_instance_paths(session: Session, study_version_id: int) -> list[str]:
-    """The files (relative to the data directory) of the instances a study version covers,
-    in the order they were stored."""
-    return list(
-        session.scalars(
-            select(Instance.path)
-            .join(StudyVersion.instances)
-            .where(StudyVersion.id == study_version_id)
-            .order_by(Instance.id)
-        )
-    )
+def source_paths(session: Session, study_version_id: int, wanted: list[str]) -> list[str]:
+    """The files (relative to the data directory) of the version's instances whose SOP
+    Instance UIDs are in ``wanted`` (the images the model saw), in the order they were stored;
+    the version's first instance when none is (a report without that list)."""
+    instances = session.execute(
+        select(Instance.sop_instance_uid, Instance.path)
+        .join(StudyVersion.instances)
+        .where(StudyVersion.id == study_version_id)
+        .order_by(Instance.id)
+    ).all()
+    chosen = set(wanted)
+    paths = [path for uid, path in instances if uid in chosen]
+    return paths or [path for _, path in instances[:1]]
 
 
 def predecessor_sr_path(session: Session, study_instance_uid: str, report_id: int) -> str | None:
@@ -118,15 +120,7 @@ def stored_report(db: Database, report_id: int) -> StoredReport:
         if report is None:
             raise LookupError(f"report {report_id} does not exist")
         document = report_document(session, report)
-        instances = session.execute(
-            select(Instance.sop_instance_uid, Instance.path)
-            .join(StudyVersion.instances)
-            .where(StudyVersion.id == report.study_version_id)
-            .order_by(Instance.id)
-        ).all()
-        wanted = set(document.source_sop_instance_uids)
-        paths = [path for uid, path in instances if uid in wanted]
-        paths = paths or [path for _, path in instances[:1]]
+        paths = source_paths(session, report.study_version_id, document.source_sop_instance_uids)
         superseded = (
             session.get(Report, report.supersedes_report_id)
             if report.supersedes_report_id is not None
