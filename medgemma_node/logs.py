@@ -10,11 +10,12 @@ routes here instead of bare stderr) can quote the values they complain about: py
 lines of any traceback, with core.redaction before it is written.
 
 One process rotates the file: `serve` (or a command run on its own). The processes `serve`
-starts, and theirs (receivers, the worker and its render and store processes), find the owner's
-pid in ``LOG_OWNER_ENV`` and append to the same file without rotating it, reopening it when the
-owner has rotated it (``WatchedFileHandler``): several processes rotating one file each on
-their own lose lines. The owner checks the size when it logs itself, so the file can pass
-its limit by what the others wrote meanwhile.
+starts (receivers, the worker) find the owner's pid in ``LOG_OWNER_ENV``, and the worker's
+render and store processes are set up not to rotate (``rotate=False``). They all append to
+the same file without rotating it, reopening it when the owner has rotated it
+(``WatchedFileHandler``): several processes rotating one file each on their own lose lines.
+The owner checks the size when it logs itself, so the file can pass its limit by what the
+others wrote meanwhile.
 
 An exception that ends a thread (the node's or a library's) goes to this log too, not as a bare
 traceback on stderr (``threading.excepthook``); its message is left out because library messages
@@ -51,7 +52,10 @@ log = logging.getLogger("medgemma_node.threads")
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
 
-def setup_logging(level: str, log_file: Path | None) -> None:
+def setup_logging(level: str, log_file: Path | None, *, rotate: bool | None = None) -> None:
+    """Log to stderr and ``log_file``. ``rotate``: whether this process rotates the file;
+    None decides by ``LOG_OWNER_ENV`` (set by `serve` for the processes it starts); False for
+    processes a command starts itself (the worker's render and store processes)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -62,7 +66,7 @@ def setup_logging(level: str, log_file: Path | None) -> None:
     root.addHandler(stderr)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        to_file = _file_handler(log_file)
+        to_file = _file_handler(log_file, rotate)
         to_file.setFormatter(ScrubbingFormatter(FORMAT))
         to_file.addFilter(LibraryTextFilter())
         root.addHandler(to_file)
@@ -75,11 +79,13 @@ def setup_logging(level: str, log_file: Path | None) -> None:
     threading.excepthook = log_uncaught_thread_exception
 
 
-def _file_handler(log_file: Path) -> logging.Handler:
+def _file_handler(log_file: Path, rotate: bool | None) -> logging.Handler:
     """Rotating in the process that owns the file; appending (and following the owner's
     rotations) in the processes it started."""
-    owner = os.environ.get(LOG_OWNER_ENV)
-    if owner and owner != str(os.getpid()):
+    if rotate is None:
+        owner = os.environ.get(LOG_OWNER_ENV)
+        rotate = not owner or owner == str(os.getpid())
+    if not rotate:
         return logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
     return logging.handlers.RotatingFileHandler(
         log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"

@@ -500,6 +500,7 @@ def start_worker(node: Node) -> None:
             setup_logging,
             logging_settings.level,
             logging_settings.file or node.data_dir / "logs" / "node.log",
+            rotate=False,  # the worker (or serve above it) rotates the file
         ),
     )
     # Before start(): the first status file already says what the model is doing.

@@ -78,3 +78,12 @@ def test_a_child_appends_and_follows_the_owners_rotation(tmp_path: Path, owner: 
         in_file = current if index >= 50 else rotated  # the new file after the rotation
         assert (current + rotated).count(expected) == 1 and expected in in_file
     assert "owner before rotating" in rotated and "owner after rotating" in current
+
+
+def test_processes_a_command_starts_itself_do_not_rotate(tmp_path: Path, owner: None) -> None:
+    """The worker's render and store processes are set up with ``rotate=False``: without
+    `serve` above them the worker owns the file, and they must not rotate it either."""
+    setup_logging("INFO", tmp_path / "node.log", rotate=False)
+    handlers = logging.getLogger().handlers
+    assert any(isinstance(h, logging.handlers.WatchedFileHandler) for h in handlers)
+    assert not any(isinstance(h, logging.handlers.BaseRotatingHandler) for h in handlers)
