@@ -17,6 +17,8 @@ from storage.priors import prune_prior_store
 
 log = logging.getLogger(__name__)
 
+SPACE_PRIOR_AGE_DAYS = 1 / 24  # under disk pressure, prior images fetched over an hour ago go
+
 
 def policy_of(settings: NodeSettings) -> retention.RetentionPolicy:
     return retention.RetentionPolicy(
@@ -44,9 +46,7 @@ class Pruner:
 
     def prune(self, actor: str) -> list[retention.PruneAction]:
         with self.lock:
-            # Prior images fetched from PACS are a cache: they go at the received instances'
-            # age (counted from their fetch), and PACS is asked again when a study needs one.
-            prune_prior_store(self.db, self.data_dir, self.policy.instances_days, actor)
+            self._prune_prior_store(actor)
             return retention.execute(
                 self.db,
                 self.data_dir,
@@ -55,6 +55,15 @@ class Pruner:
                 free_mb=self.free_mb,
                 target_mb=self.policy.free_space_target_mb,
             )
+
+    def _prune_prior_store(self, actor: str) -> None:
+        """Prior images fetched from PACS are a cache (PACS is asked again when a study needs
+        one): they go at the received instances' age, counted from their fetch, and, when free
+        disk is below the target, first of all (those fetched more than an hour ago: a batch
+        may be using the newest)."""
+        prune_prior_store(self.db, self.data_dir, self.policy.instances_days, actor)
+        if self.free_mb() < self.policy.free_space_target_mb:
+            prune_prior_store(self.db, self.data_dir, SPACE_PRIOR_AGE_DAYS, actor)
 
     def make_room(self) -> int:
         """The SCP's call when free disk is below its watermark."""

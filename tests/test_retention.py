@@ -281,3 +281,28 @@ def test_prior_images_go_at_the_instances_age_and_are_fetched_again(
         )
         assert (audit_row.actor, audit_row.detail["images"]) == ("cli", 1)
     sqlite_db.dispose()
+
+
+def test_short_of_disk_the_prior_store_goes_first(sqlite_db: Database, data_dir: Path) -> None:
+    settings = NodeSettings.model_validate(
+        {"storage": {"data_dir": data_dir, "min_free_disk_mb": 100}}
+    )
+    hours_old, newest = (
+        _prior_image(sqlite_db, data_dir, "4.1"),
+        _prior_image(sqlite_db, data_dir, "4.2"),
+    )
+    with sqlite_db.session() as session:
+        session.execute(
+            update(PriorInstance)
+            .where(PriorInstance.path == hours_old)
+            .values(received_at=utcnow() - timedelta(hours=2))
+        )
+    pruner = Pruner(settings, sqlite_db)
+    pruner.free_mb = lambda: 500.0  # type: ignore[method-assign]  # above the 200 MB target
+    pruner.prune("test")
+    assert (data_dir / hours_old).exists()  # 2 hours old, kept for instances_days (30)
+    pruner.free_mb = lambda: 50.0  # type: ignore[method-assign]  # below it
+    pruner.prune("test")
+    assert not (data_dir / hours_old).exists()  # the cache goes first
+    assert (data_dir / newest).exists()  # fetched within the hour: a batch may be using it
+    sqlite_db.dispose()
