@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,14 @@ def test_a_failure_before_the_commit_leaves_no_files(
     with db.session() as session:
         assert session.scalars(select(Report)).all() == []
         assert session.get_one(Job, task.job_id).status == JobStatus.RUNNING  # tried again
+
+
+def test_ids_reserved_side_by_side_never_overlap(db: Database) -> None:
+    """Several workers (threads here, each with its own connections) reserving at once."""
+
+    def reserve_many(_index: int) -> list[int]:
+        return [n for _ in range(10) for n in reserve_report_ids(db, 7)]
+
+    with ThreadPoolExecutor(6) as threads:
+        handed_out = [n for ids in threads.map(reserve_many, range(6)) for n in ids]
+    assert len(handed_out) == len(set(handed_out)) == 6 * 10 * 7
