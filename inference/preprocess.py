@@ -226,31 +226,24 @@ def _first_value(value: Any) -> float:
 
 
 def _linear_window(ds: Dataset) -> tuple[float, float] | None:
-    """(center, width) of the first window when it is the LINEAR function (PS3.3
-    C.11.2.1.2.1, also when VOI LUT Function is absent) and there is no VOI LUT Sequence,
-    which takes precedence; None for any other VOI transform (pydicom applies those)."""
+    """The input range (low, high) the first window maps onto its whole output range, when it
+    is the LINEAR function (PS3.3 C.11.2.1.2.1, also when VOI LUT Function is absent) and
+    there is no VOI LUT Sequence, which takes precedence; None for any other VOI transform
+    (pydicom applies those). LINEAR is y = ((x - (c - 0.5)) / (w - 1) + 0.5) over
+    [c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2], so ``_to_uint8`` over that range gives
+    pydicom's window followed by ``_to_uint8`` over its output range (within rounding),
+    without its float64 pass over the whole frame, which took most of a radiograph's
+    rendering time."""
     if ds.get("VOILUTSequence"):
         return None
     function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if function != "LINEAR" or center is None or width is None:
         return None
-    window = (_first_value(center), _first_value(width))
-    return window if window[1] > 1 else None  # width 1 and invalid widths: pydicom decides
-
-
-def _window_to_uint8(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """The LINEAR window (PS3.3 C.11.2.1.2.1) straight onto 0..255, in float32 and in place:
-    y = ((x - (c - 0.5)) / (w - 1) + 0.5) * 255, clipped. The same values as pydicom's
-    window followed by ``_to_uint8`` over its output range (within rounding), without its
-    float64 pass over the whole frame, which took most of a radiograph's rendering time."""
-    scaled = values.astype(np.float32)
-    scaled -= np.float32(center - 0.5)
-    scaled *= np.float32(255.0 / (width - 1))
-    scaled += np.float32(127.5)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    np.rint(scaled, out=scaled)
-    return scaled.astype(np.uint8)
+    middle, span = _first_value(center) - 0.5, _first_value(width) - 1
+    if span <= 0:  # width 1 and invalid widths: pydicom decides
+        return None
+    return middle - span / 2, middle + span / 2
 
 
 def render_grayscale(ds: Dataset, stored: np.ndarray) -> np.ndarray:
@@ -266,7 +259,7 @@ def render_grayscale(ds: Dataset, stored: np.ndarray) -> np.ndarray:
         try:
             window = _linear_window(ds)
             if window is not None:
-                display = _window_to_uint8(values, *window)
+                display = _to_uint8(values, *window)
             else:
                 low, high = _voi_output_range(ds)
                 display = _to_uint8(apply_voi_lut(values, ds, index=0), low, high)

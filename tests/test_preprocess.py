@@ -148,7 +148,7 @@ def test_linear_window_matches_pydicoms_window_and_output_range(
         ds.PixelRepresentation, ds.RescaleIntercept, ds.RescaleSlope = 1, -2048, 1
     window = preprocess._linear_window(ds)
     assert window is not None
-    direct = preprocess._window_to_uint8(values, *window)
+    direct = preprocess._to_uint8(values, *window)
     low, high = preprocess._voi_output_range(ds)
     generic = preprocess._to_uint8(apply_voi_lut(values, ds, index=0), low, high)
     difference = np.abs(direct.astype(int) - generic.astype(int))
