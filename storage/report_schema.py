@@ -255,6 +255,11 @@ PRIOR_REASONS: dict[str, dict[str, str]] = {
 }
 
 
+def _reason_text(code: str, language: str, values: dict[str, str]) -> str:
+    """A PRIOR_REASONS message with its values, on one line."""
+    return " ".join(PRIOR_REASONS[code][language].format(**values).split())
+
+
 class PriorComparison(BaseModel):
     """What a report was compared with, or why it was made without a prior ([priors]).
 
@@ -280,16 +285,15 @@ class PriorComparison(BaseModel):
     def without(cls, code: str, **args: object) -> PriorComparison:
         """No prior, for the reason ``code`` (PRIOR_REASONS) with its values."""
         values = {name: str(value) for name, value in args.items()}
-        reason = " ".join(PRIOR_REASONS[code]["en"].format(**values).split())
+        reason = _reason_text(code, "en", values)
         return cls(compared=False, reason=reason, reason_code=code, reason_args=values)
 
     def reason_in(self, language: str) -> str:
         """Why there is no prior, in ``language`` when the reason is a known one."""
-        messages = PRIOR_REASONS.get(self.reason_code, {})
-        if language not in messages:
+        if language not in PRIOR_REASONS.get(self.reason_code, {}):
             return self.reason
         try:
-            return " ".join(messages[language].format(**self.reason_args).split())
+            return _reason_text(self.reason_code, language, self.reason_args)
         except (KeyError, IndexError):  # values of another version of the catalogue
             return self.reason
 
