@@ -165,6 +165,8 @@ def store_report(
             if staged is not None:
                 staged.discard()  # the transaction rolls back: no row will name these files
             raise
+    if outcome is StoreOutcome.LEASE_LOST and staged is not None:
+        staged.discard()  # nothing was stored: no row names these files
     if outcome is StoreOutcome.STORED:
         log.info(
             "study %s: report stored (%s, %d findings, urgency %s)",
@@ -189,8 +191,6 @@ def _add_rows(
     began = time.perf_counter()
     # Done together with its report and outbox rows: one commit, or none of them.
     if not complete_job(session, task.job_id, owner):
-        if staged is not None:
-            staged.discard()
         log.warning("job %d lost its lease while running; result dropped", task.job_id)
         return StoreOutcome.LEASE_LOST
     # On SQLite the job's update waits for the database's one write lock, which this
