@@ -11,7 +11,8 @@ conversation calls ReportOutputs(session, report), both at once):
       (medgemma_node.report_pdf), off this critical path
     adds one outbox row per object per routed destination (``commit``).
 The files are written, durably, before the transaction that adds their rows; a report that is
-then not stored (its job's lease was lost) has its directory removed (``discard``).
+then not stored (its job's lease was lost, its transaction rolled back) has its directory
+removed (``discard``).
 Everything a delivery will send is fixed here, so a retry re-sends the same bytes: the same SR
 SOP Instance UID, the same HL7 control id (README, "Exactly one result per study version").
 
@@ -110,6 +111,7 @@ class StagedOutputs:
     directory: Path
     records: list[OutputRecord]
     deliveries: list[PlannedDelivery]
+    study_uid: str  # for the audit row, so the transaction need not read the study again
 
     def discard(self) -> None:
         """The report was not stored (its job went back to the queue): remove its files."""
@@ -171,7 +173,7 @@ class ReportOutputs:
             if destination.enabled and destination.routes(study.modality, study.calling_ae)
             for delivery in self._plan_or_dead_letter(built, destination)
         ]
-        return StagedOutputs(directory, records, deliveries)
+        return StagedOutputs(directory, records, deliveries, study.study_instance_uid)
 
     def commit(self, session: Session, report: Report, staged: StagedOutputs) -> None:
         """Add the report's object rows, outbox rows and audit event (its row is flushed)."""
@@ -180,11 +182,10 @@ class ReportOutputs:
         session.flush()  # the objects' ids, which their outbox rows name
         for delivery in staged.deliveries:
             session.add(self._outbox_row(report, delivery, objects))
-        study = session.get_one(Study, report.study_id)
         session.add(
             audit.event(
                 "report.created",
-                study_uid=study.study_instance_uid,
+                study_uid=staged.study_uid,
                 report_id=report.id,
                 job_id=report.job_id,
                 supersedes_report_id=report.supersedes_report_id,
