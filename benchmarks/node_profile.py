@@ -95,7 +95,7 @@ def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]
     }
 
 
-BUILD_STAGES = ("claimed", "sources", "rendered", "asked", "built")
+BUILD_STAGES = ("claimed", "sources", "topped_up", "rendered", "asked", "built")
 RUN_STAGES = ("run_started", "stores_below", "generate_started")
 
 

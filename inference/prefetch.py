@@ -1,11 +1,14 @@
 """One background thread that builds the next batch while the caller runs the current one.
 
 The inference worker claims, preprocesses and prepares batch N+1 here while batch N generates;
-benchmarks/engine_gpu.py --sustained times engine.prepare through the same class.
+benchmarks/engine_gpu.py --sustained times engine.prepare through the same class. ``TopUp``
+tells the building thread how long batch N still runs, so N+1 may keep taking studies that
+come due meanwhile (inference/worker.py).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
@@ -44,3 +47,24 @@ class Prefetcher(Generic[T]):
             return self.take()
         finally:
             self._executor.shutdown(wait=True)
+
+
+class TopUp:
+    """Whether the batch before the one being built still runs (set by the thread that runs
+    it), and the wait between two looks for more studies while it does."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self._ended = threading.Event()
+        self._ended.set()  # nothing runs yet
+
+    def begin(self) -> None:
+        self._ended.clear()
+
+    def end(self) -> None:
+        """The batch has generated (or failed): stop topping up the next one at once."""
+        self._ended.set()
+
+    def still_running(self) -> bool:
+        """Wait one interval (less when the batch ends first); True while it still runs."""
+        return not self._ended.wait(self.interval_s)

@@ -24,11 +24,11 @@ loads the job (bounded by the finder's limit; the jobs of a batch search at the 
 shows the model the prior image first and asks the comparison question
 (inference/comparison.py); the report's prior link says what was compared, or why not.
 
-Pipelining: when the engine can build its inputs ahead (inference.engine.PreparingEngine) and
-more jobs are due, one background thread claims batch N+1, preprocesses it and runs
-engine.prepare while batch N generates; batch N+1 then starts with engine.generate_prepared.
-A lone study is not held up: with nothing else due it goes straight through. A batch built
-ahead and never run (stop()) goes back to the queue with its attempt not counted.
+Pipelining: when the engine can build its inputs ahead (inference.engine.PreparingEngine), one
+background thread claims batch N+1, preprocesses it and runs engine.prepare while batch N
+generates (with render processes N+1 keeps taking studies that come due until N ends or it is
+full); N+1 then starts with engine.generate_prepared. A lone study goes straight through. A
+batch built ahead and never run (stop()) goes back to the queue with its attempt not counted.
 
 Processes (``render_processes``, ``store_processes``; `serve` sets them from [model]): DICOM
 reading and rendering (inference/render_pool.py) and the storing of each answer with its
@@ -46,7 +46,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from config.settings import NodeSettings
 from core.errors import InferenceError
@@ -67,10 +67,10 @@ from inference.engine import (
 from inference.interactive import InteractiveLane
 from inference.job_questions import JobQuestions
 from inference.lane_steps import LaneBetweenSteps
-from inference.prefetch import Prefetcher
+from inference.prefetch import Prefetcher, TopUp
 from inference.preprocess import PreparedStudy, PreprocessError, prepare_study
 from inference.prompts import PromptLibrary
-from inference.render_pool import RenderPool, take_study
+from inference.render_pool import RenderedStudy, RenderPool, take_study
 from inference.report_store import (
     ReportHook,
     StoreOutcome,
@@ -88,6 +88,7 @@ from inference.worker_jobs import (
     PreparedJob,
     WorkerStats,
     job_sources,
+    map_side_by_side,
 )
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
@@ -160,6 +161,7 @@ class InferenceWorker:
         self.stop_event = self.loop.stop_event  # set once stop() is called
         self.thread = self.loop.thread
         self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
+        self._topping_up = TopUp()  # the batch built ahead grows while this one runs
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
         self.lane_steps = LaneBetweenSteps(
@@ -275,8 +277,12 @@ class InferenceWorker:
             return answered
         given_back = 0
         if batch.jobs:
-            self._prefetch_next(engine)
-            given_back = self._run_batch(engine, batch)
+            self._topping_up.begin()
+            try:
+                self._prefetch_next(engine)
+                given_back = self._run_batch(engine, batch)
+            finally:
+                self._topping_up.end()
             answered += self.lane_steps.answered  # questions answered inside the batch
             ring(self.data_dir, DELIVERY_DOORBELL)  # its outbox rows are committed
         return answered + len(batch.job_ids) - given_back
@@ -286,48 +292,34 @@ class InferenceWorker:
         state = getattr(self.engine_provider, "state", None) or {}
         return str(state.get("message") or "the model is not loaded")
 
-    def _claim_and_load(self) -> ClaimedBatch:
+    def _claim_and_load(self, top_up: bool = False) -> ClaimedBatch:
+        """Claim a batch and load it; ``top_up`` (the batch built ahead): it keeps taking
+        studies that come due while the batch before it runs."""
         claimed = time.time()
         job_ids = self._claim_batch()
         pool = self._render_pool
         if pool is not None and pool.ready:  # until its processes have started: in threads
-            return self._rendered_in_pool(pool, job_ids, claimed)
-        if self.prior_finder is not None and len(job_ids) > 1:
-            # Prior searches wait on PACS: the batch's jobs search side by side, so no study
-            # waits longer than the finder's limit for its neighbours' priors.
-            with ThreadPoolExecutor(len(job_ids), thread_name_prefix="prior") as threads:
-                loaded = list(threads.map(self._prepare, job_ids))
-        else:
-            loaded = [self._prepare(job_id) for job_id in job_ids]
+            stamps = {"claimed": claimed}
+            jobs = self._render_in_pool(pool, job_ids, stamps, top_up)
+            stamps["built"] = time.time()
+            return ClaimedBatch(job_ids, jobs, stamps=stamps)
+        loaded = map_side_by_side(self._prepare, job_ids, self.prior_finder is not None)
         stamps = {"claimed": claimed, "built": time.time()}
         return ClaimedBatch(job_ids, [job for job in loaded if job], stamps=stamps)
 
-    def _rendered_in_pool(
-        self, pool: RenderPool, job_ids: list[int], claimed: float
-    ) -> ClaimedBatch:
-        stamps = {"claimed": claimed}
-        jobs = self._render_in_pool(pool, job_ids, stamps)
-        stamps["built"] = time.time()
-        return ClaimedBatch(job_ids, jobs, stamps=stamps)
-
     def _render_in_pool(
-        self, pool: RenderPool, job_ids: list[int], stamps: dict[str, float]
+        self, pool: RenderPool, job_ids: list[int], stamps: dict[str, float], top_up: bool
     ) -> list[PreparedJob]:
-        """Read and render the batch's studies in the render processes, all at once."""
-        sources: list[JobSource] = []
-        found = self._job_sources(job_ids)
-        for job_id in job_ids:
-            try:
-                source = self._job_source(job_id) if found is None else found.get(job_id)
-                if source is None:
-                    raise LookupError(f"job {job_id} not found")
-                sources.append(source)
-            except Exception as exc:
-                self._fail(job_id, exc)
+        """Read and render the batch's studies in the render processes, each sent as soon as
+        it is claimed; with ``top_up`` the batch grows (``job_ids`` in place) up to max_batch
+        while the batch before it runs, so it is rendered as it fills."""
+        renders = self._submit_renders(pool, job_ids)
         stamps["sources"] = time.time()
-        futures = [(source, pool.submit(source.paths)) for source in sources]
+        if top_up:
+            renders += self._top_up(pool, job_ids)
+            stamps["topped_up"] = time.time()
         rendered: list[tuple[JobSource, PreparedStudy, float]] = []
-        for source, future in futures:
+        for source, future in renders:
             try:
                 result = future.result()
                 rendered.append((source, take_study(result), result.seconds))
@@ -336,44 +328,70 @@ class InferenceWorker:
             except Exception as exc:  # a process that died fails the job: it is retried
                 self._fail(source.job_id, exc)
         stamps["rendered"] = time.time()
-        jobs = self._with_questions(rendered)
+        jobs = map_side_by_side(self._question_for, rendered, self.prior_finder is not None)
         stamps["asked"] = time.time()
-        return jobs
-
-    def _with_questions(
-        self, rendered: list[tuple[JobSource, PreparedStudy, float]]
-    ) -> list[PreparedJob]:
-        """Each rendered study with its question (and prior: searched side by side, as in
-        ``_claim_and_load``)."""
-
-        def question_for(item: tuple[JobSource, PreparedStudy, float]) -> PreparedJob | None:
-            source, prepared, seconds = item
-            try:
-                return self._prepared_job(source, prepared, seconds)
-            except Exception as exc:
-                self._fail(source.job_id, exc)
-                return None
-
-        if self.prior_finder is not None and len(rendered) > 1:
-            with ThreadPoolExecutor(len(rendered), thread_name_prefix="prior") as threads:
-                jobs = list(threads.map(question_for, rendered))
-        else:
-            jobs = [question_for(item) for item in rendered]
         return [job for job in jobs if job]
+
+    def _submit_renders(
+        self, pool: RenderPool, job_ids: list[int]
+    ) -> list[tuple[JobSource, Future[RenderedStudy]]]:
+        """Each job's study sent to the render processes (a job that cannot be read fails)."""
+        found = self._job_sources(job_ids) if job_ids else {}
+        renders = []
+        for job_id in job_ids:
+            try:
+                source = self._job_source(job_id) if found is None else found.get(job_id)
+                if source is None:
+                    raise LookupError(f"job {job_id} not found")
+                renders.append((source, pool.submit(source.paths)))
+            except Exception as exc:
+                self._fail(job_id, exc)
+        return renders
+
+    def _top_up(
+        self, pool: RenderPool, job_ids: list[int]
+    ) -> list[tuple[JobSource, Future[RenderedStudy]]]:
+        """While the batch before runs: claim what came due (of the batch's kind, up to
+        max_batch) and send it to render. Bounded by half the lease, whatever happens."""
+        limit, lease = self.model_settings.max_batch, self.model_settings.lease_seconds
+        deadline = time.monotonic() + lease / 2
+        renders: list[tuple[JobSource, Future[RenderedStudy]]] = []
+        while len(job_ids) < limit and self._topping_up.still_running():
+            if self.stop_event.is_set() or time.monotonic() > deadline:
+                break
+            if not has_due_jobs(self.db):
+                continue
+            like = job_ids[0] if job_ids else None
+            more = claim_jobs(self.db, self.owner, limit - len(job_ids), lease, like=like)
+            job_ids += more
+            renders += self._submit_renders(pool, more)
+        return renders
+
+    def _question_for(self, item: tuple[JobSource, PreparedStudy, float]) -> PreparedJob | None:
+        """A rendered study with its question (and prior); None when that failed the job."""
+        source, prepared, seconds = item
+        try:
+            return self._prepared_job(source, prepared, seconds)
+        except Exception as exc:
+            self._fail(source.job_id, exc)
+            return None
 
     def _prefetch_next(self, engine: Engine) -> None:
         """Start building the next batch in the background, when the engine can and more jobs
         are due (checked here, so a lone study never waits for a claim)."""
         if not isinstance(engine, PreparingEngine) or self.stop_event.is_set():
             return
-        if has_due_jobs(self.db):
+        pool = self._render_pool
+        if (pool is not None and pool.ready) or has_due_jobs(self.db):
+            # With render processes the batch is topped up while this one runs, so it is
+            # started even when nothing is due yet: the studies of a burst are still arriving.
             self._prefetcher.start(lambda: self._claim_and_build(engine))
 
     def _claim_and_build(self, engine: PreparingEngine) -> ClaimedBatch:
         """The prefetch thread: claim, load and preprocess, then the engine's inputs."""
         if self.stop_event.is_set():
             return ClaimedBatch([], [])
-        batch = self._claim_and_load()
+        batch = self._claim_and_load(top_up=True)
         if batch.jobs and not self.stop_event.is_set():
             try:
                 batch.inputs = engine.prepare([self._request(job) for job in batch.jobs])
@@ -395,20 +413,18 @@ class InferenceWorker:
         return job_ids
 
     def _prepare(self, job_id: int) -> PreparedJob | None:
+        """Read, render and question one job in this process; None when that failed it."""
         try:
-            return self._load_job(job_id)
+            source = self._job_source(job_id)
+            started = time.perf_counter()
+            try:
+                prepared = prepare_study(source.paths)
+            except PreprocessError as exc:
+                raise PermanentJobError(str(exc)) from exc
+            return self._prepared_job(source, prepared, time.perf_counter() - started)
         except Exception as exc:
             self._fail(job_id, exc)
             return None
-
-    def _load_job(self, job_id: int) -> PreparedJob:
-        source = self._job_source(job_id)
-        started = time.perf_counter()
-        try:
-            prepared = prepare_study(source.paths)
-        except PreprocessError as exc:
-            raise PermanentJobError(str(exc)) from exc
-        return self._prepared_job(source, prepared, time.perf_counter() - started)
 
     def _job_sources(self, job_ids: list[int]) -> dict[int, JobSource] | None:
         """A batch's sources at once; None on an error (each job is then looked up, and
@@ -514,15 +530,19 @@ class InferenceWorker:
 
     def _generate(self, engine: Engine, batch: ClaimedBatch) -> list[GenerationResult]:
         """A batch built ahead runs from its prepared inputs; any other, or one that ran out
-        of memory that way, goes through engine.generate and its halving."""
+        of memory that way, goes through engine.generate and its halving. Once it ends the
+        next batch takes no more studies (and _engine_lost may wait for it)."""
         inputs, batch.inputs = batch.inputs, None
-        if inputs is not None and isinstance(engine, PreparingEngine):
-            try:
-                return engine.generate_prepared(inputs)
-            except OutOfMemory:
-                log.warning("out of memory at prepared batch %d: retrying", len(batch.jobs))
-            del inputs  # its device memory is free before the batch is tried again
-        return self._generate_splitting(engine, batch.jobs)
+        try:
+            if inputs is not None and isinstance(engine, PreparingEngine):
+                try:
+                    return engine.generate_prepared(inputs)
+                except OutOfMemory:
+                    log.warning("out of memory at prepared batch %d: retrying", len(batch.jobs))
+                del inputs  # its device memory is free before the batch is tried again
+            return self._generate_splitting(engine, batch.jobs)
+        finally:
+            self._topping_up.end()
 
     def _generate_splitting(
         self, engine: Engine, jobs: list[PreparedJob]

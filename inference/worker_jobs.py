@@ -4,9 +4,11 @@ and the counters status shows."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
@@ -18,6 +20,9 @@ from inference.preprocess import PreparedStudy
 from storage.db import Database
 from storage.models import Job, Study, StudyVersion
 from storage.report_schema import ScopeVerdict
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class PermanentJobError(InferenceError):
@@ -72,6 +77,7 @@ class PreparedJob:
     preprocess_seconds: float = 0.0
     prior: PriorInput | None = None  # set when [priors] is enabled
     scope: ScopeVerdict | None = None  # decided from the header (inference/scope.py)
+    question_first: bool = False  # the template's order: the question before the images
 
     @property
     def prior_images(self) -> list[Any]:
@@ -87,7 +93,8 @@ class ClaimedBatch:
     inputs: PreparedBatch | None = None
     # Wall-clock times (time.time()) of the batch's stages, kept in each report's timings so
     # that a run's gaps between batches can be told apart: claimed; with render processes
-    # sources (jobs read from the database), rendered, asked (questions built); built (the
+    # sources (jobs read from the database), topped_up (no more studies taken in while the
+    # batch before ran), rendered, asked (questions built); built (the
     # engine's inputs too, when built ahead); run_started (taken to run), stores_below (fewer
     # than two batches of answers storing), generate_started (leases extended),
     # generate_ended.
@@ -103,3 +110,15 @@ class WorkerStats:
     last_batch_size: int = 0
     inference_seconds_total: float = 0.0
     recent: list[dict[str, Any]] = field(default_factory=list)
+
+
+def map_side_by_side(
+    func: Callable[[Item], Result], items: Sequence[Item], side_by_side: bool
+) -> list[Result]:
+    """``func`` over ``items``; with ``side_by_side`` in a thread each. Prior searches wait on
+    PACS: the jobs of a batch search at the same time, so no study waits longer than the
+    finder's limit for its neighbours' priors."""
+    if not side_by_side or len(items) < 2:
+        return [func(item) for item in items]
+    with ThreadPoolExecutor(len(items), thread_name_prefix="prior") as threads:
+        return list(threads.map(func, items))

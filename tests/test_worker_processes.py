@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -35,7 +36,13 @@ from storage.db import Database
 from storage.files import uid_component
 from storage.ingest import close_quiet_studies
 from storage.models import Job, JobStatus, OutboxItem, Report, ReportObject
-from tests.test_worker import CHEST_ANSWER, ingest_copy, make_settings
+from tests.test_worker import (
+    CHEST_ANSWER,
+    TwoStepScripted,
+    ingest_copy,
+    make_settings,
+    queue_studies,
+)
 
 
 def test_reports_and_outputs_are_stored_by_the_processes(
@@ -98,6 +105,56 @@ def test_reports_and_outputs_are_stored_by_the_processes(
         ("files", True)
     ]
     assert worker.stats.jobs_done == 1 and worker.stats.jobs_failed == 1
+
+
+def test_the_next_batch_takes_studies_that_come_due_while_the_current_one_runs(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    """A burst's first study runs alone; the studies that come due while it generates fill
+    the next batch (rendered as they are claimed), which runs as soon as the first ends."""
+    settings = make_settings(tmp_path, db.url, max_batch=4)
+    data_dir, work = settings.storage.data_dir, tmp_path / "in"
+    first = queue_studies(db, data_dir, rg1_unci, work, 1)
+    hold = threading.Event()
+    engine = TwoStepScripted(responder=lambda _r: CHEST_ANSWER, hold=hold)
+    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
+    worker.start_pools()
+    running = threading.Thread(target=worker.run_once)
+    try:
+        wait_for(lambda: worker.pools_ready, 120, message="render processes")
+        running.start()
+        wait_for(lambda: engine.steps, 30, message="the first batch generating")
+        later = queue_studies(db, data_dir, rg1_unci, work, 3)  # due while it generates
+        wait_for(lambda: claimed(db, later), 30, message="the next batch taking the studies")
+        hold.set()
+        running.join(30)
+        assert worker.run_once() == 3
+    finally:
+        hold.set()
+        worker.stop()
+    steps = [(name, size) for name, size, _ in engine.steps]
+    assert steps == [
+        ("generate start", 1),
+        ("generate end", 1),
+        ("prepare", 3),
+        ("generate_prepared start", 3),
+        ("generate_prepared end", 3),
+    ]
+    with db.session() as session:
+        assert sorted(session.scalars(select(Job.id).where(Job.status == JobStatus.DONE))) == (
+            sorted(first + later)
+        )
+        stamps = [r.timings_json["batch_stamps"] for r in session.scalars(select(Report))]
+    # The second batch kept taking studies after its first claim, stopped growing when the
+    # first batch ended, and started after that.
+    topped = [s for s in stamps if "topped_up" in s]
+    assert len(topped) == 3 and all(s["topped_up"] < s["generate_started"] for s in topped)
+
+
+def claimed(db: Database, job_ids: list[int]) -> bool:
+    with db.session() as session:
+        statuses = session.scalars(select(Job.status).where(Job.id.in_(job_ids))).all()
+    return len(statuses) == len(job_ids) and all(s == JobStatus.RUNNING for s in statuses)
 
 
 def test_rendered_images_come_back_whole_through_shared_files(rg1_unci: Path) -> None:
