@@ -2,9 +2,10 @@
 
     Engine.generate(requests) -> results, one per request, same order.
 
-A request is one user turn (images, then the question), or a whole conversation: the earlier
-turns in ``history`` (user and model alternating, MedGemma's chat template has no system role),
-then the new user turn. Images may sit in any user turn; the engine feeds them in order.
+A request is one user turn (images, then the question; the question first when its prompt
+template says ``question_first``), or a whole conversation: the earlier turns in ``history``
+(user and model alternating, MedGemma's chat template has no system role), then the new user
+turn. Images may sit in any user turn; the engine feeds them in order.
 
 An engine may also offer the same work in two steps (``PreparingEngine``), so a caller can
 build the next batch's inputs on the CPU while the device generates the current one:
@@ -66,12 +67,19 @@ class ChatTurn:
 
 @dataclass
 class GenerationRequest:
-    """The new user turn (images first, then the question) after the turns in ``history``."""
+    """The new user turn (images first, then the question) after the turns in ``history``.
+
+    ``question_first``: the new turn's question comes before its images (the template's
+    ``question_first``, inference/prompts.py): a batch's rows then begin with the same tokens,
+    which the CUDA fast path runs once (inference/shared_prefix.py). Earlier turns keep the
+    images-first order.
+    """
 
     images: list[Image.Image]
     prompt: str
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     history: list[ChatTurn] = field(default_factory=list)
+    question_first: bool = False
 
     def __post_init__(self) -> None:
         for position, turn in enumerate(self.history):

@@ -57,6 +57,7 @@ class JobQuestions:
             preprocess_seconds=preprocess_seconds,
             prior=prior,
             scope=scope,
+            question_first=prompt.question_first,
         )
 
     def scope(self, paths: list[Path]) -> ScopeVerdict | None:

@@ -112,13 +112,15 @@ def png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _user_content(images: Sequence[Image.Image], text: str, max_side: int) -> list[dict[str, Any]]:
+def _user_content(
+    images: Sequence[Image.Image], text: str, max_side: int, question_first: bool = False
+) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = [
         {"type": "image_url", "image_url": {"url": png_data_url(fit_to_model(image, max_side))}}
         for image in images
     ]
-    content.append({"type": "text", "text": text})
-    return content
+    question = {"type": "text", "text": text}
+    return [question, *content] if question_first else [*content, question]
 
 
 def chat_messages(request: GenerationRequest, max_side: int = 0) -> list[dict[str, Any]]:
@@ -131,7 +133,7 @@ def chat_messages(request: GenerationRequest, max_side: int = 0) -> list[dict[st
         else:
             content = _user_content(turn.images, turn.text, max_side)
             messages.append({"role": "user", "content": content})
-    content = _user_content(request.images, request.prompt, max_side)
+    content = _user_content(request.images, request.prompt, max_side, request.question_first)
     messages.append({"role": "user", "content": content})
     return messages
 

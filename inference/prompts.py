@@ -6,6 +6,7 @@ templates in ``ModelSettings.prompts_dir`` without code changes. One file is one
     description = "Chest radiograph: structured findings with boxes"
     en = "..."            # the question in English
     zh = "..."            # the question in Chinese (at least one of en/zh)
+    question_first = false         # optional: ask the question before the images
 
     [match]               # every key optional; a missing key matches anything
     modality = ["CR", "DX"]        # (0008,0060) Modality, a string or a list
@@ -29,6 +30,13 @@ counts 4, a body part 2, a modality 1. At equal rank a site template beats a shi
 a site file with the same name as a shipped file replaces it. Remaining ties go to the file
 name that sorts first. ``default.toml`` (no keys) matches every study.
 
+``question_first`` (a boolean, default false): the model reads the question, then the images
+(the order of Google's model card examples) instead of the images, then the question. Every
+study of a batch then starts with the same tokens, which the CUDA fast path runs once for the
+batch (inference/shared_prefix.py). The shipped templates keep the images first: answers in
+the other order have not been validated with the real weights; benchmarks/shared_prefix.py
+measures the gain.
+
 ``[scope]`` and the rule that reads it: inference/scope.py. A study outside every declared
 scope gets the most specific template that declares none (the generic question).
 """
@@ -40,7 +48,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 import config
 from config.settings import ModelSettings
@@ -110,6 +118,8 @@ class _TemplateFile(BaseModel):
     description: str = ""
     en: str | None = None
     zh: str | None = None
+    # Strict: a TOML boolean, not a string or number pydantic would read as one.
+    question_first: StrictBool = False
     match: _MatchKeys = Field(default_factory=_MatchKeys)
     scope: _ScopeKeys | None = None
 
@@ -135,6 +145,7 @@ class PromptTemplate:
     from_site: bool = False
     comparison: bool = False
     scope: ScopeRule | None = None  # the studies its question was validated for
+    question_first: bool = False  # the question before the images in the user turn
 
     @property
     def rank(self) -> int:
@@ -167,6 +178,7 @@ class Prompt:
     language: str
     template_name: str
     source: Path
+    question_first: bool = False  # the template's order: the question before the images
 
 
 def load_template(path: Path, from_site: bool = False) -> PromptTemplate:
@@ -197,6 +209,7 @@ def load_template(path: Path, from_site: bool = False) -> PromptTemplate:
         from_site=from_site,
         comparison=parsed.match.comparison,
         scope=parsed.scope.rule() if parsed.scope is not None else None,
+        question_first=parsed.question_first,
     )
 
 
@@ -271,7 +284,11 @@ class PromptLibrary:
         best = found[0]
         text, used_language = best.text(language)
         return Prompt(
-            text=text, language=used_language, template_name=best.name, source=best.source
+            text=text,
+            language=used_language,
+            template_name=best.name,
+            source=best.source,
+            question_first=best.question_first,
         )
 
     def question(

@@ -392,12 +392,13 @@ class TransformersEngine:
     # -- generation --------------------------------------------------------------------
 
     def _chat_text(self, request: GenerationRequest) -> str:
-        """The conversation as Gemma 3 chat turns: each user turn its images then its text, the
-        model's turns as text (no system role; the template spells the model "assistant")."""
+        """Gemma 3 chat turns, no system role: user turns their images then text (the new turn
+        its text first with ``question_first``), model turns text (the template's "assistant")."""
         messages = []
-        for turn in request.turns:
+        for position, turn in enumerate(request.turns):
             content: list[dict[str, str]] = [{"type": "image"} for _ in turn.images]
-            content.append({"type": "text", "text": turn.text})
+            first = request.question_first and position == len(request.history)  # the new turn
+            content.insert(0 if first else len(content), {"type": "text", "text": turn.text})
             role = "assistant" if turn.role == "model" else "user"
             messages.append({"role": role, "content": content})
         text: str = self._processor().apply_chat_template(

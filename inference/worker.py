@@ -293,8 +293,7 @@ class InferenceWorker:
         return str(state.get("message") or "the model is not loaded")
 
     def _claim_and_load(self, top_up: bool = False) -> ClaimedBatch:
-        """Claim a batch and load it; ``top_up`` (the batch built ahead): it keeps taking
-        studies that come due while the batch before it runs."""
+        """Claim a batch and load it (``top_up``: see _render_in_pool)."""
         claimed = time.time()
         job_ids = self._claim_batch()
         pool = self._render_pool
@@ -567,6 +566,7 @@ class InferenceWorker:
             images=[*job.prior_images, *job.prepared.images],  # prior first, then current
             prompt=job.question,
             settings=GenerationSettings(max_new_tokens=self.model_settings.max_new_tokens),
+            question_first=job.question_first,
         )
 
     def _stored(self, task: StoreTask, future: Future[StoreOutcome]) -> None:

@@ -121,6 +121,8 @@ def test_equal_rank_prefers_the_site_template(tmp_path: Path) -> None:
         ('en = "   "\n', "en: Value error, the question text is empty"),
         ('en = "x"\n[match]\nmodality = 3\n', "match.modality"),
         ('en = "x"\n[match]\nbody_part = [""]\n', "must not be blank"),
+        ('en = "x"\nquestion_first = "yes"\n', "question_first: Input should be a valid boolean"),
+        ('en = "x"\nquestion_first = 1\n', "question_first: Input should be a valid boolean"),
     ],
 )
 def test_invalid_template_files_name_the_file(tmp_path: Path, content: str, message: str) -> None:
@@ -149,3 +151,20 @@ def test_no_match_without_a_default(tmp_path: Path) -> None:
     library = PromptLibrary(shipped_dir=shipped)
     with pytest.raises(PromptTemplateError, match="no prompt template matches"):
         library.select("CR", "CHEST")
+
+
+def test_question_first_defaults_to_images_first_in_every_shipped_template() -> None:
+    assert not any(t.question_first for t in load_templates(SHIPPED_PROMPTS_DIR))
+    assert PromptLibrary().select("CR", "CHEST").question_first is False
+
+
+def test_question_first_flows_from_the_template_to_the_prompt(tmp_path: Path) -> None:
+    write(
+        tmp_path, "chest_first.toml", 'en = "q"\nquestion_first = true\n[match]\nmodality = "CR"\n'
+    )
+    write(tmp_path, "ct_site.toml", 'en = "ct"\nquestion_first = false\n[match]\nmodality = "CT"\n')
+    library = PromptLibrary.load(tmp_path)
+
+    assert library.select("CR").question_first is True
+    assert library.select("CT").question_first is False
+    assert library.select("MR").question_first is False  # the shipped mr template
