@@ -1,5 +1,5 @@
-"""Static buffers of the fast decode path (inference/fast_decode.py) and the row slicing of a
-processor batch.
+"""Static buffers of the fast decode path (inference/fast_decode.py), the row slicing of a
+processor batch and the joining of the decoded rows.
 
 Two KV arenas back the decode states:
 
@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -182,3 +183,22 @@ def batch_rows(
         for key, value in batch.items()
     }
     return rows, rows_offsets
+
+
+def trim_after_eos(tokens: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """Cut the columns after the last row's EOS (generate stops once every row has one)."""
+    if tokens.shape[1] == 0 or not eos:
+        return tokens
+    is_eos = torch.isin(tokens, torch.tensor(eos))
+    if not bool(is_eos.any(-1).all()):
+        return tokens
+    first = is_eos.int().argmax(-1)
+    return tokens[:, : int(first.max()) + 1]
+
+
+def concat_padded(parts: list[torch.Tensor], pad: int) -> torch.Tensor:
+    """Decode chunks' tokens one under the other, the shorter padded on the right."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad) for p in parts])

@@ -19,14 +19,17 @@ some 1,500 small kernels a token (README, "GPU sizing"; benchmarks/RESULTS.md). 
   full-length layers took 3.4 GB); a batch runs in as many rows at a time as that holds,
   and its prompt is prefilled in passes of at most ``prefill_tokens`` tokens (whole rows, each
   with its own images), so activations and the vision tower's batch stay bounded;
+* when every row starts with the same ``shared_prefix_min`` tokens or more before its first
+  image (the question asked first), they run once for the batch (inference/shared_prefix.py);
 * the small operations between the matrix products (RMSNorm, residual add, qk-norm + RoPE +
   KV write, decode attention, GeGLU) are a ``StepOps`` (inference/step_ops.py): on CUDA with
   Triton, ``TritonStepOps`` (inference/triton_ops.py) runs them as fused kernels
   (inference/triton_kernels.py) that round to the model dtype wherever eager PyTorch does;
   without CUDA (CI), ``TorchStepOps`` runs the same step eagerly with the model's own modules
   and ``scaled_dot_product_attention``. The matrix products stay the model's own modules
-  (so bitsandbytes NF4 layers work unchanged), except that on CUDA a layer's plain q, k and
-  v projections run as one product (inference/fused_qkv.py).
+  (so bitsandbytes NF4 layers work unchanged), except that on CUDA a layer's plain q, k, v and
+  gate, up projections run as two products (inference/fused_qkv.py), each product by the
+  kernel timed fastest for its shape before capture, Triton's or cuBLAS's (inference/gemv.py).
 
 The tokens equal ``model.generate(do_sample=False)`` for the same inputs: the same function,
 rounded to the model dtype at the same points; only the order of float32 reductions (norms,
@@ -37,17 +40,18 @@ H100 with the random-weight MedGemma-4B in bf16, all 105 rows of the benchmark (
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from inference import fast_buffers
+from inference import fast_buffers, gemv
 from inference.fast_buffers import DecodeState, KVArena, batch_rows, image_offsets
-from inference.fused_qkv import fuse_qkv, project_qkv
+from inference.fused_qkv import apply_linear, fuse_gate_up, fuse_qkv, project_mlp, project_qkv
+from inference.shared_prefix import DEFAULT_SHARED_PREFIX_MIN, PrefixKV, SharedPrefix
 from inference.step_ops import HFModule, StepOps, TextShape, TorchStepOps
 
 log = logging.getLogger(__name__)
@@ -125,9 +129,11 @@ class FastGreedyGenerator:
         long_kv_tokens: int = 0,
         long_len_step: int = 4096,
         prefill_tokens: int = 65536,
+        shared_prefix_min: int = DEFAULT_SHARED_PREFIX_MIN,
         use_cuda_graphs: bool | None = None,
         use_triton: bool | None = None,
         fuse_projections: bool | None = None,
+        use_gemv: bool | None = None,
         check_every: int = 8,
     ) -> None:
         self.model = model
@@ -142,10 +148,12 @@ class FastGreedyGenerator:
         text_config = model.config.get_text_config()
         gelu_tanh = getattr(text_config, "hidden_activation", "") == "gelu_pytorch_tanh"
         self.ops = _step_ops(self.shape, use_triton=use_triton, gelu_tanh=gelu_tanh)
-        # By default on CUDA: one product for q, k and v a layer (inference/fused_qkv.py); the
-        # CPU keeps the modules (the decode step there is the eager reference).
+        # By default on CUDA: one product for q, k, v and one for gate, up a layer, each by the
+        # fastest kernel (fused_qkv.py, gemv.py); the CPU keeps the modules (eager reference).
         fuse = on_cuda if fuse_projections is None else fuse_projections
         self._qkv = [fuse_qkv(layer.self_attn) if fuse else None for layer in self.lm.layers]
+        self._gate_up = [fuse_gate_up(layer.mlp) if fuse else None for layer in self.lm.layers]
+        self._gemv = gemv.GemvPicker(on_cuda if use_gemv is None else use_gemv)
         self.max_batch = max_batch
         self.max_total_len = max_total_len
         self.len_step = len_step
@@ -160,6 +168,7 @@ class FastGreedyGenerator:
         # Prompt tokens one prefill pass may hold: bounds the activations (and the vision
         # tower's batch) of long prompts; a batch of radiographs stays one pass.
         self.prefill_tokens = prefill_tokens
+        self.shared_prefix = SharedPrefix(model, shared_prefix_min, self._prompt_pass)
         config = model.config
         self._image_token_id = getattr(config, "image_token_id", None)
         self._tokens_per_image = int(getattr(config, "mm_tokens_per_image", 0) or 0)
@@ -275,7 +284,7 @@ class FastGreedyGenerator:
             parts.append(
                 self._generate_rows(chunk, chunk_offsets, max_new_tokens, eos, force_new_tokens)
             )
-        return _concat_padded(parts, pad)
+        return fast_buffers.concat_padded(parts, pad)
 
     # ----------------------------------------------------------------- generation
 
@@ -353,15 +362,24 @@ class FastGreedyGenerator:
             # generate's MinNewTokensLengthLogitsProcessor: EOS logits become -inf.
             self._bias[torch.tensor(eos, device=self.device)] = float("-inf")
 
-    def _prefill(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        """The first forward exactly as ``generate`` makes it; returns (first tokens, cache)."""
+    def _prompt_pass(self) -> contextlib.AbstractContextManager[None]:
+        """Where the model's own forward runs a prompt (on CUDA: with the fused kernels)."""
+        return self.ops.prompt_pass(self.lm)
+
+    def _prefill(
+        self, batch: dict[str, torch.Tensor], prefix: PrefixKV | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """The first forward exactly as ``generate`` makes it (after ``prefix``, the rows'
+        shared first tokens, when given); returns (first tokens, cache)."""
         from transformers import DynamicCache
 
         mask = batch["attention_mask"]
         position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         kwargs = {k: v for k, v in batch.items() if k != "attention_mask"}
-        with self.ops.prompt_pass(self.lm):
+        if prefix is not None:
+            kwargs, position_ids, cache = prefix.suffix(kwargs, position_ids)
+        with self._prompt_pass():
             output = self.model(
                 **kwargs, attention_mask=mask, position_ids=position_ids,
                 past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True,
@@ -381,14 +399,15 @@ class FastGreedyGenerator:
         mask = batch["attention_mask"]
         rows, prompt_len = mask.shape
         if max_new_tokens == 1:
-            return _trim(self._prefill_passes(batch, offsets, None)[:, None].cpu(), eos)
+            first = self._prefill_passes(batch, offsets, None)
+            return fast_buffers.trim_after_eos(first[:, None].cpu(), eos)
         bucket = next(b for b in self.buckets if b >= rows)
         state = self._state(bucket, self._length(prompt_len + max_new_tokens - 1))
         first = self._prefill_passes(batch, offsets, state)
         self._load_inputs(state, mask, first)
         produced = self._decode(state, rows, max_new_tokens, check=not force)
         # A copy: the buffer is reused by the next chunk (and .cpu() is a no-op on CPU).
-        return _trim(state.out[:rows, :produced].to("cpu", copy=True), eos)
+        return fast_buffers.trim_after_eos(state.out[:rows, :produced].to("cpu", copy=True), eos)
 
     def _prefill_passes(
         self, batch: dict[str, torch.Tensor], offsets: list[int], state: DecodeState | None
@@ -398,10 +417,11 @@ class FastGreedyGenerator:
         Returns every row's first new token."""
         rows, prompt_len = batch["input_ids"].shape
         per_pass = max(1, self.prefill_tokens // prompt_len)
+        prefix = self.shared_prefix.compute(batch)  # None: each pass runs its whole rows
         firsts = []
         for start in range(0, rows, per_pass):
             stop = min(start + per_pass, rows)
-            first, cache = self._prefill(batch_rows(batch, offsets, start, stop)[0])
+            first, cache = self._prefill(batch_rows(batch, offsets, start, stop)[0], prefix)
             if state is not None:
                 self._load_kv(state, cache, start, prompt_len)
             del cache  # the prompt's KV now lives in the static buffers
@@ -538,8 +558,7 @@ class FastGreedyGenerator:
         for i, layer in enumerate(layers):
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.lm.norm
             hidden, x = self._layer(state, i, layer, hidden, x, rope, following)
-        logits = self.lm_head(x)
-        self._advance(state, logits[:, -1, :])
+        self._advance(state, apply_linear(self.lm_head, x, self._gemv.linear)[:, -1, :])
 
     def _layer(
         self,
@@ -555,15 +574,15 @@ class FastGreedyGenerator:
         attn = layer.self_attn
         layer_type = self.shape.layer_types[index]
         cache = (state.keys[index], state.values[index])
-        qkv = project_qkv(attn, x, self._qkv[index])
+        qkv = project_qkv(attn, x, self._qkv[index], self._gemv.linear)
         q = self.ops.qk_rope_store(qkv, attn, rope[layer_type], cache, state.column)
         window = self.shape.sliding_window if layer_type == "sliding_attention" else 0
         a = self.ops.attention(q, cache, state.starts, state.column, window)
-        o = attn.o_proj(a)
+        o = apply_linear(attn.o_proj, a, self._gemv.linear)
         hidden, x = self.ops.add_norm(
             o, hidden, layer.post_attention_layernorm, layer.pre_feedforward_layernorm
         )
-        m = self.ops.mlp(layer.mlp, x)
+        m = project_mlp(layer.mlp, x, self._gate_up[index], self.ops, self._gemv.linear)
         return self.ops.add_norm(m, hidden, layer.post_feedforward_layernorm, following)
 
     def _advance(self, state: DecodeState, logits: torch.Tensor) -> None:
@@ -577,21 +596,3 @@ class FastGreedyGenerator:
         state.positions += 1
         state.column += 1
         state.step += 1
-
-
-def _trim(tokens: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    """Cut the columns after the last row's EOS (generate stops once every row has one)."""
-    if tokens.shape[1] == 0 or not eos:
-        return tokens
-    is_eos = torch.isin(tokens, torch.tensor(eos))
-    if not bool(is_eos.any(-1).all()):
-        return tokens
-    first = is_eos.int().argmax(-1)
-    return tokens[:, : int(first.max()) + 1]
-
-
-def _concat_padded(parts: list[torch.Tensor], pad: int) -> torch.Tensor:
-    if len(parts) == 1:
-        return parts[0]
-    width = max(p.shape[1] for p in parts)
-    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad) for p in parts])

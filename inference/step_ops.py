@@ -11,8 +11,10 @@ add and the next RMSNorm), ``mlp``, ``add_norm`` again; ``norm`` opens the first
 * ``TritonStepOps`` (inference/triton_ops.py): the same operations as fused Triton kernels
   (inference/triton_kernels.py) that round to the model dtype wherever eager PyTorch does.
 
-The matrix products stay the model's own modules in both (so bitsandbytes NF4 layers work
-unchanged).
+The matrix products are not ``StepOps``: the model's own modules (so bitsandbytes NF4 layers
+work unchanged), or on CUDA plain projections fused by rows (inference/fused_qkv.py) and each
+run by the kernel timed fastest for its shape (inference/gemv.py); ``geglu`` is the MLP's
+activation for the fused gate/up product.
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ class StepOps(Protocol):
         """``module(x)`` for a Gemma GeGLU MLP ``module``."""
         ...
 
+    def geglu(self, module: HFModule, gate_up: torch.Tensor) -> torch.Tensor:
+        """``act_fn(gate) * up`` of GeGLU ``module``, gate and up being the first and second
+        half of each row of ``gate_up`` (one product by the fused weight)."""
+        ...
+
     def prompt_pass(self, language_model: HFModule) -> contextlib.AbstractContextManager[None]:
         """A context in which the model's own forward runs the prompt."""
         ...
@@ -171,6 +178,10 @@ class TorchStepOps(StepOps):
 
     def mlp(self, module: HFModule, x: torch.Tensor) -> torch.Tensor:
         return module(x)
+
+    def geglu(self, module: HFModule, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return module.act_fn(gate) * up
 
     @contextlib.contextmanager
     def prompt_pass(self, language_model: HFModule) -> Iterator[None]:

@@ -193,14 +193,15 @@ def attn_combine_kernel(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def gelu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-    """gelu_pytorch_tanh(gate) * up, with ATen's formula and its two roundings."""
+def gelu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    """gelu_pytorch_tanh(gate) * up, with ATen's formula and its two roundings. Rows of gate
+    and up are ``stride`` apart (2n where they are the halves of one fused product), out's n."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     dt = out_ptr.dtype.element_ty
-    x = tl.load(g_ptr + row * n + offs, mask=inside, other=0.0).to(tl.float32)
+    x = tl.load(g_ptr + row * stride + offs, mask=inside, other=0.0).to(tl.float32)
     inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
     act = (0.5 * x * (1.0 + _tanh(inner))).to(dt).to(tl.float32)
-    up = tl.load(u_ptr + row * n + offs, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(u_ptr + row * stride + offs, mask=inside, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n + offs, (act * up).to(dt), mask=inside)

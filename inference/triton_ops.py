@@ -147,8 +147,23 @@ class TritonStepOps(StepOps):
         act = torch.empty_like(gate)
         n = gate.shape[-1]
         rows = gate.numel() // n
-        gelu_mul_kernel[(rows, triton.cdiv(n, 1024))](gate, up, act, n, BLOCK=1024)
+        gelu_mul_kernel[(rows, triton.cdiv(n, 1024))](gate, up, act, n, n, BLOCK=1024)
         return module.down_proj(act)
+
+    def geglu(self, module: HFModule, gate_up: torch.Tensor) -> torch.Tensor:
+        n = gate_up.shape[-1] // 2
+        if not self._gelu_tanh:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return module.act_fn(gate) * up
+        fused = gate_up.reshape(-1, 2 * n)
+        if fused.stride(-1) != 1:
+            fused = fused.contiguous()
+        act = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype, device=gate_up.device)
+        # gate and up read in place, the two halves of each row of the product (no copy).
+        gelu_mul_kernel[(fused.shape[0], triton.cdiv(n, 1024))](
+            fused, fused[:, n:], act, n, fused.stride(0), BLOCK=1024
+        )
+        return act
 
     @contextlib.contextmanager
     def prompt_pass(self, language_model: HFModule) -> Iterator[None]:

@@ -4,11 +4,11 @@ On CPU (CI) the decode step runs eagerly on the same static buffers the CUDA gra
 so the bookkeeping — left padding, batch buckets, sliding-window columns, EOS and padding,
 forced length, batches over max_batch, the fallback — is checked against ``generate`` on the
 tiny demo model in float32, where both must agree token for token. The graph and Triton
-variants run only where CUDA is present; the long-arena test's Triton variant also runs on the
-CPU under Triton's interpreter:
+variants run only where CUDA is present; the long-arena test's Triton variant and the Triton
+GEMV test also run on the CPU under Triton's interpreter:
 
     TRITON_INTERPRET=1 PYTHONPATH=$PWD:/path/to/triton python -m pytest tests/test_fast_decode.py \
-        -k long_prompts_decode_in_the_long_arena
+        -k "long_prompts_decode_in_the_long_arena or triton_gemv"
 """
 
 from __future__ import annotations
@@ -381,5 +381,65 @@ def test_fused_projections_decode_the_tokens_of_generate(model: Any, processor: 
     fast = gen.generate(inputs, max_new_tokens=24)
 
     assert all(weight is not None for weight in gen._qkv)
+    assert all(weight is not None for weight in gen._gate_up)
     assert torch.equal(fast, plain(model, inputs, 24))
     assert torch.equal(plain(fused_model, inputs, 24), plain(model, inputs, 24))
+
+
+GEMV_HERE = pytest.mark.skipif(
+    not (HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")),
+    reason="needs Triton with CUDA or TRITON_INTERPRET=1",
+)
+
+
+@GEMV_HERE
+@pytest.mark.parametrize("rows", [1, 3])
+def test_triton_gemv_and_fused_mlp_decode_the_tokens_of_generate(
+    model: Any, processor: Any, rows: int
+) -> None:
+    # Every product of the step by the Triton GEMV (one row: the CUDA-core loop; a bucket of
+    # four: the tensor-core one), the MLP's GeGLU reading the fused gate/up product in place.
+    from inference.gemv import CONFIGS, GemvPicker
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fused_model = copy.deepcopy(model).to(device)
+    inputs = {k: v.to(device) for k, v in study_inputs(processor, QUESTIONS[:rows]).items()}
+    gen = FastGreedyGenerator(
+        fused_model, max_batch=4, max_total_len=256, use_triton=True, fuse_projections=True
+    )
+    config = next(c for c in CONFIGS if c.dot == (rows > 1))
+    gen._gemv = GemvPicker(True, forced=config)
+
+    fast = gen.generate(inputs, max_new_tokens=12, force_new_tokens=True)
+
+    assert all(weight is not None for weight in gen._gate_up)
+    assert torch.equal(fast, plain(fused_model, inputs, 12, min_new_tokens=12))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and Triton")
+def test_products_are_chosen_before_the_graphs_are_captured(model: Any, processor: Any) -> None:
+    # bf16: the products are timed (cuBLAS against the Triton configs) in the warm-up steps
+    # before each capture; the graphs replay those choices, so they give the eager step's tokens.
+    from inference.gemv import GemvPicker
+
+    bf16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    inputs = {k: v.to("cuda") for k, v in study_inputs(processor, QUESTIONS).items()}
+    graphs = FastGreedyGenerator(bf16, max_batch=4, max_total_len=256)
+    choices = graphs._gemv.choices = {}
+    eager = FastGreedyGenerator(bf16, max_batch=4, max_total_len=256, use_cuda_graphs=False)
+    eager._gemv = GemvPicker(True, choices=choices)
+
+    graphs.warm_up(prompt_len=60, max_new_tokens=100)
+    chosen = dict(choices)
+    fast = graphs.generate(inputs, max_new_tokens=24, force_new_tokens=True)
+
+    assert all(state.graph is not None for state in graphs._states.values())
+    text = bf16.config.text_config
+    q_kv = (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim
+    shapes = {(q_kv, text.hidden_size), (2 * text.intermediate_size, text.hidden_size)}
+    shapes |= {(text.hidden_size, text.intermediate_size), (text.vocab_size, text.hidden_size)}
+    assert {(rows, n, k) for rows, n, k, _, _ in chosen} == {
+        (rows, n, k) for rows in (1, 2, 4) for n, k in shapes
+    } | {(rows, text.hidden_size, text.num_attention_heads * text.head_dim) for rows in (1, 2, 4)}
+    assert choices == chosen  # the generation timed nothing more
+    assert torch.equal(fast, eager.generate(inputs, max_new_tokens=24, force_new_tokens=True))
