@@ -9,6 +9,7 @@ come due meanwhile (inference/worker.py).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
@@ -50,15 +51,42 @@ class Prefetcher(Generic[T]):
 
 
 class TopUp:
-    """Whether the batch before the one being built still runs (set by the thread that runs
-    it), and the wait between two looks for more studies while it does."""
+    """Whether the batch being built may still take studies: while the batch before it runs,
+    and, once the worker has timed batches, no later than that batch's expected end less the
+    time the new one needs after its last study (rendering it, the questions, engine.prepare).
+
+    Why the limit: a study taken in at the last moment is rendered and prepared after the
+    running batch ends, with the GPU waiting (a burst's last, partial batch of 256 waited
+    4.9 s that way on an H200). The expected generation time is that of the largest batch
+    timed so far that is no larger than the running one, a lower bound (a batch takes longer
+    the more rows it has); with none timed yet, the batch grows until the running one ends.
+    """
+
+    RENDER_MARGIN_S = 0.25  # the last studies' rendering, in processes already warm
 
     def __init__(self, interval_s: float = 0.05) -> None:
         self.interval_s = interval_s
         self._ended = threading.Event()
         self._ended.set()  # nothing runs yet
+        self._deadline: float | None = None
+        self._generate_s: dict[int, float] = {}  # batch size -> its last generation, seconds
+        self._tail_per_study_s = 0.0  # engine.prepare and the questions, per study
 
-    def begin(self) -> None:
+    def record_generate(self, size: int, seconds: float) -> None:
+        self._generate_s[size] = seconds
+
+    def record_tail(self, studies: int, seconds: float) -> None:
+        """What building a batch of ``studies`` took after its last study was rendered."""
+        if studies > 0:
+            self._tail_per_study_s = seconds / studies
+
+    def begin(self, size: int, max_batch: int) -> None:
+        """A batch of ``size`` starts; the one built meanwhile may grow to ``max_batch``."""
+        timed = [seconds for rows, seconds in self._generate_s.items() if rows <= size]
+        self._deadline = None
+        if timed:
+            tail = self._tail_per_study_s * max_batch + self.RENDER_MARGIN_S
+            self._deadline = time.monotonic() + max(timed) - tail
         self._ended.clear()
 
     def end(self) -> None:
@@ -66,5 +94,8 @@ class TopUp:
         self._ended.set()
 
     def still_running(self) -> bool:
-        """Wait one interval (less when the batch ends first); True while it still runs."""
+        """Wait one interval (less when the batch ends first); True while the batch being
+        built may still grow."""
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return False
         return not self._ended.wait(self.interval_s)

@@ -277,7 +277,7 @@ class InferenceWorker:
             return answered
         given_back = 0
         if batch.jobs:
-            self._topping_up.begin()
+            self._topping_up.begin(len(batch.jobs), self.model_settings.max_batch)
             try:
                 self._prefetch_next(engine)
                 given_back = self._run_batch(engine, batch)
@@ -394,7 +394,9 @@ class InferenceWorker:
         if batch.jobs and not self.stop_event.is_set():
             try:
                 batch.inputs = engine.prepare([self._request(job) for job in batch.jobs])
-                batch.stamps["built"] = time.time()
+                built = batch.stamps["built"] = time.time()
+                tail = built - batch.stamps.get("rendered", built)  # for TopUp's limit
+                self._topping_up.record_tail(len(batch.jobs), tail)
             except Exception:
                 # Runs later as an unprepared batch: engine.generate meets the same error,
                 # and the usual handling (halving on OutOfMemory, failing the jobs) applies.
@@ -474,7 +476,8 @@ class InferenceWorker:
             return 0
         elapsed = time.monotonic() - started
         batch.stamps["generate_ended"] = time.time()
-        self._record_batch_stats(len(jobs), elapsed)
+        self.stats.record_batch(len(jobs), elapsed)
+        self._topping_up.record_generate(len(jobs), elapsed)
         lost: dict[int, EngineUnavailable] = {}
         report_ids = iter(batch_report_ids(self.db, len(jobs)))
         for job, outcome in zip(jobs, outcomes, strict=True):
@@ -592,9 +595,3 @@ class InferenceWorker:
         with self._stats_lock:
             self.stats.jobs_failed += status == JobStatus.FAILED
         log.error("job %d: %s (now %s)", job_id, error_text(exc), status)
-
-    def _record_batch_stats(self, size: int, seconds: float) -> None:
-        self.stats.batches += 1
-        self.stats.last_batch_size = size
-        self.stats.last_batch_seconds = seconds
-        self.stats.inference_seconds_total += seconds

@@ -111,6 +111,12 @@ class WorkerStats:
     inference_seconds_total: float = 0.0
     recent: list[dict[str, Any]] = field(default_factory=list)
 
+    def record_batch(self, size: int, seconds: float) -> None:
+        self.batches += 1
+        self.last_batch_size = size
+        self.last_batch_seconds = seconds
+        self.inference_seconds_total += seconds
+
 
 def map_side_by_side(
     func: Callable[[Item], Result], items: Sequence[Item], side_by_side: bool
