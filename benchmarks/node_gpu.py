@@ -37,6 +37,7 @@ import tempfile
 import time
 import tomllib
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,9 @@ def _ready() -> None:
 # -- one node run ----------------------------------------------------------------------------
 
 
-def write_site_prompts(directory: Path, characters: int) -> Path:
-    """The shipped chest template with its English question cut (the engine benchmark's)."""
+def write_site_prompts(directory: Path, characters: int, question_first: bool = False) -> Path:
+    """The shipped chest template with its English question cut (the engine benchmark's);
+    ``question_first``: asked before the image (the template option)."""
     from benchmarks.medgemma_4b import chest_question
 
     shipped = tomllib.loads(CHEST_TEMPLATE.read_text(encoding="utf-8"))
@@ -113,6 +115,7 @@ def write_site_prompts(directory: Path, characters: int) -> Path:
     lines = [
         'description = "Chest radiograph (benchmark: question cut to the real token count)"',
         f'en = """{question}"""',
+        f"question_first = {json.dumps(question_first)}",
         "[match]",
         *(f"{key} = {json.dumps(value)}" for key, value in match.items()),
     ]
@@ -272,6 +275,8 @@ def engine_reference(args: argparse.Namespace, max_batch: int, batches: int) -> 
     attach_fast_path(engine, settings)
     side = IMAGE_TINY if args.tiny else IMAGE_4B
     work = sustained_requests(batches, max_batch, args.new_tokens, side)
+    if args.question_first:  # the node's template order, so both run the same prompts
+        work = [[replace(r, question_first=True) for r in batch] for batch in work]
     row = time_sustained(engine, work, pipelined=True)
     row.pop("texts")
     del engine
@@ -327,7 +332,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"{count} studies written ({time.monotonic() - started:.1f} s)", flush=True)
     args.weights = args.work / "model"
     print(f"weights written in {write_weights(args.weights, args.tiny):.1f} s", flush=True)
-    args.prompts = write_site_prompts(args.work / "prompts", args.question_chars)
+    args.prompts = write_site_prompts(
+        args.work / "prompts", args.question_chars, args.question_first
+    )
     rows: list[dict[str, Any]] = []
     seen_reference: dict[int, dict[str, Any]] = {}
     for case in planned:
@@ -452,6 +459,11 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=0.5, help="quiet period, seconds")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--question-chars", type=int, default=400)
+    parser.add_argument(
+        "--question-first",
+        action="store_true",
+        help="the template asks the question before the image (its shared prefix runs once)",
+    )
     parser.add_argument("--engine-batches", type=int, default=10)
     parser.add_argument("--render-processes", type=int, default=None)
     parser.add_argument("--output-processes", type=int, default=None)
