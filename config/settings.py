@@ -194,9 +194,10 @@ class ModelSettings(Section):
     # model.generate.
     long_prompt_kv_tokens: int | None = Field(default=None, ge=0)
     # Processes beside the inference worker (README "GPU sizing"): DICOM reading and rendering,
-    # and storing reports with their SR/GSPS/ORU/JSON. None: a quarter of the CPU cores, at most
-    # 4 each (none below 4 cores); 0: in the worker's own threads (the GPU then waits while
-    # outputs are built).
+    # and storing reports with their SR/GSPS/ORU/JSON. None: for rendering a quarter of the CPU
+    # cores, at most 4; for outputs half, at most 8 (they are idle until a batch ends, then the
+    # last batch of a burst is stored sooner); none below 4 cores. 0: in the worker's own
+    # threads (the GPU then waits while outputs are built).
     render_processes: int | None = Field(default=None, ge=0)
     output_processes: int | None = Field(default=None, ge=0)
     # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
@@ -207,9 +208,12 @@ class ModelSettings(Section):
 
     def processes(self) -> tuple[int, int]:
         """(render, output) processes, ``None`` settings resolved for this machine."""
-        auto = min(4, (os.cpu_count() or 1) // 4)
-        render = auto if self.render_processes is None else self.render_processes
-        output = auto if self.output_processes is None else self.output_processes
+        cores = os.cpu_count() or 1
+        auto_render, auto_output = (
+            (min(4, cores // 4), min(8, cores // 2)) if cores >= 4 else (0, 0)
+        )
+        render = auto_render if self.render_processes is None else self.render_processes
+        output = auto_output if self.output_processes is None else self.output_processes
         return render, output
 
     @model_validator(mode="after")

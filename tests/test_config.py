@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from config.settings import ENV_PREFIX, ConfigError, NodeSettings, load_settings
+from config.settings import ENV_PREFIX, ConfigError, ModelSettings, NodeSettings, load_settings
 from peers.node_process import REPO, run_cli
 
 EXAMPLE = REPO / "config" / "node.example.toml"
@@ -243,3 +244,14 @@ def test_example_config_passes_validate_config() -> None:
     result = run_cli("validate-config", "--config", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["dicom"]["port"] == 11112
+
+
+@pytest.mark.parametrize(
+    ("cores", "expected"), [(2, (0, 0)), (4, (1, 2)), (6, (1, 3)), (16, (4, 8)), (64, (4, 8))]
+)
+def test_render_and_output_processes_follow_the_cores(
+    monkeypatch: pytest.MonkeyPatch, cores: int, expected: tuple[int, int]
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert ModelSettings().processes() == expected
+    assert ModelSettings(render_processes=2, output_processes=0).processes() == (2, 0)
