@@ -60,6 +60,7 @@ class PredictSource:
     geometries: list[SquareGeometry]
     image_info: dict[str, Any]  # {"kind": "dicom"|"png"|"jpeg", "width": ..., "height": ...}
     template_question: str  # the node's question for this modality, when none is asked
+    template_question_first: bool = False  # that template's order (prompts.py question_first)
 
 
 def dicom_source(path: Path, prompts: PromptLibrary, language: str) -> PredictSource:
@@ -69,11 +70,13 @@ def dicom_source(path: Path, prompts: PromptLibrary, language: str) -> PredictSo
     except PreprocessError as exc:
         raise UnusableImage(f"the DICOM file cannot be used: {exc}") from exc
     geometry = prepared.geometries[0]
+    template = prompts.select(prepared.modality, prepared.body_part, "", language)
     return PredictSource(
         images=prepared.images[:1],
         geometries=[geometry],
         image_info={"kind": "dicom", "width": geometry.columns, "height": geometry.rows},
-        template_question=prompts.question(prepared.modality, prepared.body_part, "", language),
+        template_question=template.text,
+        template_question_first=template.question_first,
     )
 
 
@@ -97,23 +100,27 @@ def picture_source(data: bytes, kind: str, prompts: PromptLibrary, language: str
             f"the upload is not a readable PNG or JPEG image ({type(exc).__name__})"
         ) from exc
     geometry = SquareGeometry.for_image("", pixels.shape[0], pixels.shape[1])
+    template = prompts.select(PICTURE_MODALITY, "", "", language)
     return PredictSource(
         images=[pad_to_square(pixels, geometry)],
         geometries=[geometry],
         image_info={"kind": kind, "width": geometry.columns, "height": geometry.rows},
-        template_question=prompts.question(PICTURE_MODALITY, "", "", language),
+        template_question=template.text,
+        template_question_first=template.question_first,
     )
 
 
 def predict_request(
     source: PredictSource, question: str, max_new_tokens: int
 ) -> tuple[GenerationRequest, str]:
-    """The engine request and the question it asks (the template when ``question`` is empty)."""
+    """The engine request and the question it asks (the template when ``question`` is empty,
+    in the template's order; a question of the user's after the images)."""
     asked = question.strip() or source.template_question
     request = GenerationRequest(
         images=source.images,
         prompt=asked,
         settings=GenerationSettings(max_new_tokens=max_new_tokens),
+        question_first=source.template_question_first and not question.strip(),
     )
     return request, asked
 

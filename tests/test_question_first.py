@@ -3,6 +3,7 @@ job, to the request, to the chat text (TransformersEngine) and the chat messages
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from inference.engine import ChatTurn, GenerationRequest, GenerationSettings
 from inference.fast_decode import FastGreedyGenerator
 from inference.job_questions import JobQuestions
 from inference.openai_engine import chat_messages
+from inference.predict import picture_source, predict_request
 from inference.preprocess import PreparedStudy
 from inference.prompts import PromptLibrary
 from inference.transformers_engine import TransformersEngine
@@ -119,3 +121,20 @@ def test_question_first_batch_through_the_engine_shares_its_prefix(
     assert generator.shared_prefix.last_length > len(QUESTION)
     assert [r.text for r in fast] == [r.text for r in plain]
     assert len({r.text for r in plain}) > 1  # the images differ, and so do the answers
+
+
+def test_predict_asks_the_template_question_in_its_order_and_a_free_question_after_the_image(
+    tmp_path: Path,
+) -> None:
+    site = tmp_path / "prompts"
+    site.mkdir()
+    (site / "default.toml").write_text('en = "q"\nquestion_first = true\n', encoding="utf-8")
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), "gray").save(png, format="PNG")
+    source = picture_source(png.getvalue(), "png", PromptLibrary.load(site), "en")
+    template, asked = predict_request(source, "", 16)
+    assert (asked, template.question_first) == ("q", True)
+    free, asked = predict_request(source, "Is there a fracture?", 16)
+    assert (asked, free.question_first) == ("Is there a fracture?", False)
+    shipped = picture_source(png.getvalue(), "png", PromptLibrary.load(None), "en")
+    assert predict_request(shipped, "", 16)[0].question_first is False
