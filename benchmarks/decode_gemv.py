@@ -21,7 +21,6 @@ and the lm_head; cold µs) for cuBLAS alone and for the picks.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -45,23 +44,10 @@ STEP = ("q+k+v fused", "o", "gate+up fused", "down")  # a layer's products in th
 
 
 def product_us(rows: int, out_features: int, in_features: int, repeat: int, runs: int) -> float:
+    """cuBLAS on one weight, re-read from L2 between products ("warm"), as gemv times it."""
     weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(rows, 1, in_features, device="cuda", dtype=torch.bfloat16)
-    F.linear(x, weight)  # kernel selection outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            F.linear(x, weight)
-    seconds = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        seconds.append(start.elapsed_time(end) / 1000)
-    return statistics.median(seconds) / repeat * 1e6
+    return gemv.product_us(F.linear, x, [weight], repeat, runs)
 
 
 def choice_columns(

@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -78,3 +79,31 @@ def restore_logging() -> Iterator[None]:
         root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(False)
+
+
+# The tiny random Gemma 3 (inference/demo_model.py), once per test module that asks for it:
+# its directory, the processor (left padding, as the engine batches) and the model in float32.
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from inference.demo_model import write_demo_model
+
+    path = tmp_path_factory.mktemp("demo-model")
+    write_demo_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def processor(demo_dir: Path) -> Any:
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(demo_dir)
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model(demo_dir: Path) -> Any:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(demo_dir, dtype=torch.float32).eval()

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from inference.demo_model import write_demo_model
 from inference.fast_decode import HAS_TRITON, FastGreedyGenerator
 
 # Triton's CPU interpreter runs the Triton step on the CPU model (slow: about a minute a test).
@@ -32,25 +29,6 @@ INTERPRETED_TRITON = pytest.mark.skipif(
     not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"), reason="TRITON_INTERPRET=1"
 )
 QUESTIONS = ["Describe the chest X-ray.", "Any fracture?", "List the findings, then an impression."]
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("demo-model")
-    write_demo_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def processor(demo_dir: Path) -> Any:
-    proc = AutoProcessor.from_pretrained(demo_dir)
-    proc.tokenizer.padding_side = "left"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def model(demo_dir: Path) -> Any:
-    return AutoModelForImageTextToText.from_pretrained(demo_dir, dtype=torch.float32).eval()
 
 
 def study_inputs(processor: Any, questions: list[str]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from config.settings import load_settings
 from inference import prefill_attention
-from inference.demo_model import write_demo_model
 from inference.fast_decode import FastGreedyGenerator
 from inference.prefill_attention import CHUNKED_SDPA, chunked_sdpa_attention_forward
 from inference.transformers_engine import TransformersEngine
@@ -173,13 +172,6 @@ def test_spans_are_synced_once_per_live_mask(
 
 
 # -- the demo model ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("demo-model")
-    write_demo_model(path)
-    return path
 
 
 def load(demo_dir: Path, implementation: str) -> Any:

@@ -10,41 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from inference.demo_model import write_demo_model
 from inference.fast_buffers import image_offsets
 from inference.fast_decode import FastGreedyGenerator
 from inference.shared_prefix import SharedPrefix
 
 # The demo tokenizer has one token a character: about 100 shared tokens before the image.
 QUESTION = "List every finding of this chest radiograph with its location, then the impression."
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("demo-model")
-    write_demo_model(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def processor(demo_dir: Path) -> Any:
-    proc = AutoProcessor.from_pretrained(demo_dir)
-    proc.tokenizer.padding_side = "left"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def model(demo_dir: Path) -> Any:
-    return AutoModelForImageTextToText.from_pretrained(demo_dir, dtype=torch.float32).eval()
 
 
 def windowed(model: Any, window: int) -> Any:

@@ -6,20 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from inference.demo_model import write_demo_model
 from inference.vision_tower import as_rgb, keep_vision_embeddings_row_major
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("demo-model")
-    write_demo_model(path)
-    return path
 
 
 def load(demo_dir: Path) -> Any:
