@@ -377,7 +377,7 @@ class InferenceWorker:
 
     def _prefetch_next(self, engine: Engine) -> None:
         """Start building the next batch in the background, when the engine can and more jobs
-        are due (checked here, so a lone study never waits for a claim)."""
+        are due, or may come due while this batch runs (render processes: topped up)."""
         if not isinstance(engine, PreparingEngine) or self.stop_event.is_set():
             return
         pool = self._render_pool

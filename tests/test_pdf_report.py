@@ -295,21 +295,17 @@ def test_the_comparison_with_a_prior_or_why_there_was_none(
         compared=True, study_instance_uid="1.2.3.4", study_date="20230101", modality="CR",
         body_part="CHEST",
     )  # fmt: skip
+
+    def words(report: ReportDocument, separator: str) -> str:
+        path = write_pdf(renderer, PdfReportRequest(report, [image]), tmp_path / "report.pdf")
+        return separator.join(pdftotext(path).split())
+
     english = english_report(image).model_copy(update={"prior": compared})
-    text = " ".join(
-        pdftotext(
-            write_pdf(renderer, PdfReportRequest(english, [image]), tmp_path / "p.pdf")
-        ).split()
-    )
+    text = words(english, " ")
     assert "Comparison Compared with the prior study of 2023-01-01 (CR CHEST" in text
     none = PriorComparison.without("none_found", what="CR CHEST", days=730)
     chinese = chinese_report(image).model_copy(update={"prior": none})
-    text = "".join(
-        pdftotext(
-            write_pdf(renderer, PdfReportRequest(chinese, [image]), tmp_path / "z.pdf")
-        ).split()
-    )
-    assert "未与既往检查对比：730天内未找到该患者更早的CRCHEST检查" in text
+    assert "未与既往检查对比：730天内未找到该患者更早的CRCHEST检查" in words(chinese, "")
 
 
 def test_model_text_is_text_not_markup(

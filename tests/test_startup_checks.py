@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -164,22 +163,13 @@ def test_serve_refuses_a_broken_template_before_listening(tmp_path: Path) -> Non
 
 
 @pytest.fixture
-def node_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """setup_logging into a file; the root handlers and the thread hook restored after."""
+def node_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> Path:
+    """setup_logging into a file; the root handlers (restore_logging) and the thread hook
+    restored after."""
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     path = tmp_path / "logs" / "node.log"
     setup_logging("INFO", path)
-    try:
-        yield path
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-            handler.close()
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
+    return path
 
 
 def run_thread(target: object, name: str) -> None:
