@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from inference.rope_tables import RopeTable
+
 
 @dataclass
 class DecodeState:
@@ -51,6 +53,7 @@ class DecodeState:
     step: torch.Tensor  # [1] index of the next output token
     done: torch.Tensor  # [rows] the row has emitted an EOS
     out: torch.Tensor  # [rows, length] generated tokens, pad after EOS
+    rope: RopeTable  # cos and sin of every position the state reaches (inference/rope_tables.py)
     graph: torch.cuda.CUDAGraph | None = None
 
 

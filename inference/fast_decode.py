@@ -51,6 +51,7 @@ import torch
 from inference import fast_buffers, gemv
 from inference.fast_buffers import DecodeState, KVArena, batch_rows, image_offsets
 from inference.fused_qkv import apply_linear, fuse_gate_up, fuse_qkv, project_mlp, project_qkv
+from inference.rope_tables import RopeTables
 from inference.shared_prefix import DEFAULT_SHARED_PREFIX_MIN, PrefixKV, SharedPrefix
 from inference.step_ops import HFModule, StepOps, TextShape, TorchStepOps
 
@@ -169,6 +170,7 @@ class FastGreedyGenerator:
         # tower's batch) of long prompts; a batch of radiographs stays one pass.
         self.prefill_tokens = prefill_tokens
         self.shared_prefix = SharedPrefix(model, shared_prefix_min, self._prompt_pass)
+        self._rope = RopeTables(self.lm.rotary_emb, self.shape.layer_types)
         config = model.config
         self._image_token_id = getattr(config, "image_token_id", None)
         self._tokens_per_image = int(getattr(config, "mm_tokens_per_image", 0) or 0)
@@ -529,6 +531,7 @@ class FastGreedyGenerator:
             step=longs(1),
             done=torch.zeros(rows, dtype=torch.bool, device=self.device),
             out=longs(rows, length),
+            rope=self._rope.for_length(length, self.dtype, self.device),
         )
 
     def _capture(self, state: DecodeState) -> torch.cuda.CUDAGraph | None:
@@ -551,8 +554,7 @@ class FastGreedyGenerator:
     def _step(self, state: DecodeState) -> None:
         """One token for every row, reading and writing only the state's buffers."""
         hidden = self.lm.embed_tokens(state.tokens[:, None])
-        positions = state.positions[:, None]
-        rope = {t: self.lm.rotary_emb(hidden, positions, t) for t in set(self.shape.layer_types)}
+        rope = state.rope.lookup(state.positions[:, None])
         layers = self.lm.layers
         x = self.ops.norm(layers[0].input_layernorm, hidden)
         for i, layer in enumerate(layers):
