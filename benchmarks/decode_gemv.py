@@ -16,11 +16,17 @@ its name), and which of the two the step would run (``pick``: Triton must be 2% 
 and the lm_head; cold µs) for cuBLAS alone and for the picks.
 
     python -m benchmarks.decode_gemv                 # GPU
+    python -m benchmarks.decode_gemv --sweep         # every config of a wider grid, one row
+
+``--sweep`` times, for one row and each product of the step, every config of a grid wider
+than ``gemv.CONFIGS`` (tile, K slices, warps, pipeline stages) and prints the fastest ones
+beside cuBLAS: how ``CONFIGS`` is chosen.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -74,13 +80,55 @@ def choice_columns(
     return cells, times[None], times[picked]
 
 
+def sweep_configs() -> list[gemv.GemvConfig]:
+    """The grid ``--sweep`` times: CUDA-core configs for one row, and tensor-core ones."""
+    fma = [
+        gemv.GemvConfig(block_n=n, block_k=k, split_k=s, num_warps=w, num_stages=p)
+        for n, k, s, w, p in itertools.product(
+            (2, 4, 8, 16), (256, 512, 1024, 2048), (1, 2, 4, 8), (4, 8), (1, 3)
+        )
+        if n * k <= 16384
+    ]
+    dot = [
+        gemv.GemvConfig(block_n=n, block_k=k, split_k=s, num_warps=w, num_stages=p, dot=True)
+        for n, k, s, w, p in itertools.product((16, 32, 64), (128, 256), (1, 2, 4), (4,), (3, 4))
+    ]
+    return fma + dot
+
+
+def sweep(runs: int, best: int) -> None:
+    """Every config of ``sweep_configs`` on each product of the step, one row; the fastest."""
+    configs = sweep_configs()
+    print(f"sweep: {len(configs)} configs, 1 row, cold (copies of the weight in turn)")
+    total_cublas = total_best = 0.0
+    for name in (*STEP, "lm_head"):
+        out_features, in_features = SHAPES[name]
+        weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
+        times = gemv.measure(1, weight, configs, runs=runs, every_split=True)
+        del weight
+        cublas = times.pop(None)
+        ranked = sorted(times.items(), key=lambda item: item[1])[:best]
+        count = LAYERS if name in STEP else 1
+        total_cublas += count * cublas
+        total_best += count * min(cublas, ranked[0][1] if ranked else cublas)
+        print(f"{name:<14} cuBLAS {cublas:8.2f} us")
+        for config, us in ranked:
+            print(f"{'':<14} {config.name:<28} {us:8.2f} us")
+    print(f"step, cuBLAS {total_cublas:8.1f} us; step, best of the sweep {total_best:8.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,8,64")
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--sweep", action="store_true", help="time a wider grid of configs")
+    parser.add_argument("--best", type=int, default=6, help="configs --sweep prints a product")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.sweep:
+        sweep(args.runs, args.best)
+        return
     header = f"{'product':<14} {'rows':>4} {'MB':>6} {'us':>8} {'GB/s':>7}"
     if gemv.HAS_TRITON:
         header += f" | {'cold us':>7} {'triton us':>9} {'GB/s':>7}  {'config':<24} pick"

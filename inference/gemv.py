@@ -77,13 +77,23 @@ class GemvConfig:
         return rows <= MAX_ROWS and (self.dot or rows == 1)
 
 
+# The fastest configs of benchmarks/decode_gemv.py --sweep (276 configs) for the step's products
+# on an H200, one row: q+k+v n8 k512 w8; o and down n2 k1024 (1,280 programs for their 2,560
+# rows: a block of 8 rows left SMs short of loads in flight); gate+up n8 k256; lm_head n8 k512
+# p3 and n16 k256. The tensor-core ones serve 2 to 8 rows.
 CONFIGS = (
+    GemvConfig(block_n=2, block_k=1024),
+    GemvConfig(block_n=4, block_k=2048, num_stages=3),
+    GemvConfig(block_n=4, block_k=512),
+    GemvConfig(block_n=8, block_k=256),
     GemvConfig(block_n=8, block_k=512),
-    GemvConfig(block_n=4, block_k=1024),
-    GemvConfig(block_n=16, block_k=512, num_warps=8),
+    GemvConfig(block_n=8, block_k=512, num_stages=3),
+    GemvConfig(block_n=8, block_k=512, num_warps=8),
+    GemvConfig(block_n=16, block_k=256),
     GemvConfig(block_n=8, block_k=512, split_k=4),
     GemvConfig(block_n=16, block_k=256, num_stages=4, dot=True),
     GemvConfig(block_n=32, block_k=128, num_stages=4, dot=True),
+    GemvConfig(block_n=32, block_k=128, num_stages=3, dot=True),
     GemvConfig(block_n=64, block_k=128, num_stages=3, dot=True),
     GemvConfig(block_n=16, block_k=256, split_k=4, num_stages=4, dot=True),
 )
@@ -234,9 +244,11 @@ def measure(
     configs: Sequence[GemvConfig] = CONFIGS,
     *,
     runs: int = 5,
+    every_split: bool = False,
 ) -> dict[GemvConfig | None, float]:
     """µs a product of ``rows`` rows by ``weight`` (cold L2): ``F.linear`` under None, then each
-    config of ``configs`` that applies and runs here (one that fails to compile is left out)."""
+    config of ``configs`` that applies and runs here (one that fails to compile is left out);
+    ``every_split``: K-split configs also where N's blocks alone fill the GPU."""
     n, k = weight.shape
     weights = cold_copies(weight)
     bytes_ = weight.numel() * weight.element_size()
@@ -248,7 +260,7 @@ def measure(
     for config in configs:
         # Splitting K only pays where the blocks of N alone leave SMs idle.
         many_blocks = math.ceil(n / config.block_n) >= 2 * sms
-        if not config.applies(rows) or (config.split_k > 1 and many_blocks):
+        if not config.applies(rows) or (config.split_k > 1 and many_blocks and not every_split):
             continue
         try:
             times[config] = product_us(
