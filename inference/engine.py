@@ -189,6 +189,19 @@ class PreparingEngine(Engine, Protocol):
 
 
 @runtime_checkable
+class JoiningEngine(PreparingEngine, Protocol):
+    """A ``PreparingEngine`` that can prepare a batch in pieces (inference/device_inputs.py).
+
+    ``generate_prepared(join([prepare(a), prepare(b)]))`` gives what
+    ``generate_prepared(prepare(a + b))`` gives: the same inputs, rows in that order.
+    """
+
+    def join(self, pieces: list[PreparedBatch]) -> PreparedBatch:
+        """One batch of prepared pieces. Raises InferenceError when they cannot be joined."""
+        ...
+
+
+@runtime_checkable
 class SteppingEngine(Engine, Protocol):
     """An engine that calls a hook between decode steps of a running batch.
 
@@ -213,6 +226,11 @@ def prompt_groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
     """
     groups: dict[int, list[int]] = {}
     for index, request in enumerate(requests):
-        images = max(1, len(request.all_images))
-        groups.setdefault(max(0, (images - 1).bit_length() - 1), []).append(index)
+        groups.setdefault(image_class(request), []).append(index)
     return list(groups.values())
+
+
+def image_class(request: GenerationRequest) -> int:
+    """The prompt group of ``request``: 0 for 1-2 images, 1 for 3-4, 2 for 5-8, ..."""
+    images = max(1, len(request.all_images))
+    return max(0, (images - 1).bit_length() - 1)

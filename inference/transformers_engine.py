@@ -38,7 +38,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +50,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from config.settings import ModelSettings
 from core.errors import InferenceError
 from inference.demo_model import DEMO_MODEL_MARKER
+from inference.device_inputs import DeviceInputs, join_pieces
 from inference.engine import (
     GenerationRequest,
     GenerationResult,
@@ -93,9 +93,6 @@ class FastGenerator(Protocol):
     ) -> torch.Tensor:
         """``between_steps``: called every few decode steps (see the module docstring)."""
         ...
-
-
-# --------------------------------------------------------------------------- weights
 
 
 def _hub_cache_dir() -> Path:
@@ -186,9 +183,6 @@ def model_revision(weights_dir: Path) -> str:
     return "sha256:" + digest.hexdigest()[:12]
 
 
-# --------------------------------------------------------------------------- device and dtype
-
-
 def resolve_device(setting: str) -> torch.device:
     """``auto`` is the first CUDA device when there is one, else the CPU."""
     if setting == "auto":
@@ -239,20 +233,6 @@ def _demo_marker(weights_dir: Path) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------- engine
-
-
-@dataclass
-class DeviceInputs:
-    """The processor's tensors for one prompt group, on the engine's device.
-
-    ``indices``: the group's requests, as positions in the batch. ``ready``: recorded on the
-    copy stream after the last copy (CUDA only); the generating stream waits for it before it
-    reads the tensors.
-    """
-
-    tensors: Any  # transformers BatchFeature
-    indices: list[int]
-    ready: torch.cuda.Event | None = None
 
 
 class TransformersEngine:
@@ -540,6 +520,24 @@ class TransformersEngine:
             raise self._out_of_memory(len(requests)) from exc
         return PreparedBatch(list(requests), groups, time.perf_counter() - started)
 
+    def join(self, pieces: list[PreparedBatch]) -> PreparedBatch:
+        """One batch of ``prepare``d pieces (inference/device_inputs.py), on the copy stream."""
+        started = time.perf_counter()
+        parts = [(piece.requests, self._device_groups(piece)) for piece in pieces]
+        stream = self._copy_stream if self.device.type == "cuda" else None
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            requests, groups = join_pieces(parts, int(self._processor().tokenizer.pad_token_id))
+            ready = None if stream is None else stream.record_event()
+        inputs = [DeviceInputs(tensors, indices, ready) for indices, tensors in groups]
+        seconds = sum(piece.seconds for piece in pieces) + time.perf_counter() - started
+        return PreparedBatch(requests, inputs, seconds)
+
+    def _device_groups(self, batch: PreparedBatch) -> list[DeviceInputs]:
+        groups = batch.inputs
+        if not isinstance(groups, list) or not all(isinstance(g, DeviceInputs) for g in groups):
+            raise TypeError("the batch was not made by TransformersEngine.prepare")
+        return groups
+
     def generate_prepared(self, batch: PreparedBatch) -> list[GenerationResult]:
         """Generate and decode a batch from ``prepare``; raise OutOfMemory when it does not fit.
 
@@ -547,9 +545,7 @@ class TransformersEngine:
         """
         if not batch.requests:
             return []
-        groups = batch.inputs
-        if not isinstance(groups, list) or not all(isinstance(g, DeviceInputs) for g in groups):
-            raise TypeError("generate_prepared needs a batch from TransformersEngine.prepare")
+        groups = self._device_groups(batch)
         started = time.perf_counter()
         results: dict[int, GenerationResult] = {}
         for group in groups:
