@@ -52,6 +52,7 @@ from config.settings import NodeSettings
 from core.errors import InferenceError
 from core.loop import LoopThread
 from core.redaction import error_text
+from inference.batch_pieces import PiecewiseBuild, Rendered, piece_size
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
@@ -61,16 +62,18 @@ from inference.engine import (
     GenerationRequest,
     GenerationResult,
     GenerationSettings,
+    JoiningEngine,
     OutOfMemory,
+    PreparedBatch,
     PreparingEngine,
 )
 from inference.interactive import InteractiveLane
 from inference.job_questions import JobQuestions
 from inference.lane_steps import LaneBetweenSteps
 from inference.prefetch import Prefetcher, TopUp
-from inference.preprocess import PreparedStudy, PreprocessError, prepare_study
+from inference.preprocess import PreprocessError, prepare_study
 from inference.prompts import PromptLibrary
-from inference.render_pool import RenderedStudy, RenderPool, take_study
+from inference.render_pool import RenderedStudy, RenderPool
 from inference.report_store import (
     ReportHook,
     StoreOutcome,
@@ -292,43 +295,44 @@ class InferenceWorker:
         state = getattr(self.engine_provider, "state", None) or {}
         return str(state.get("message") or "the model is not loaded")
 
-    def _claim_and_load(self, top_up: bool = False) -> ClaimedBatch:
-        """Claim a batch and load it (``top_up``: see _render_in_pool)."""
+    def _claim_and_load(
+        self, top_up: bool = False, engine: PreparingEngine | None = None
+    ) -> ClaimedBatch:
+        """Claim a batch and load it (``top_up``, ``engine``: see _render_in_pool)."""
         claimed = time.time()
         job_ids = self._claim_batch()
         pool = self._render_pool
         if pool is not None and pool.ready:  # until its processes have started: in threads
             stamps = {"claimed": claimed}
-            jobs = self._render_in_pool(pool, job_ids, stamps, top_up)
-            stamps["built"] = time.time()
-            return ClaimedBatch(job_ids, jobs, stamps=stamps)
+            build = PiecewiseBuild(
+                engine if isinstance(engine, JoiningEngine) else None,
+                self._questions_for, self._request, self._fail,
+                piece_size(self.model_settings.max_batch),
+            )  # fmt: skip
+            inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
+            stamps.setdefault("built", time.time())
+            return ClaimedBatch(job_ids, build.jobs, inputs, stamps=stamps)
         loaded = map_side_by_side(self._prepare, job_ids, self.prior_finder is not None)
         stamps = {"claimed": claimed, "built": time.time()}
         return ClaimedBatch(job_ids, [job for job in loaded if job], stamps=stamps)
 
     def _render_in_pool(
-        self, pool: RenderPool, job_ids: list[int], stamps: dict[str, float], top_up: bool
-    ) -> list[PreparedJob]:
+        self, pool: RenderPool, ids: list[int], stamps: dict[str, float], top_up: bool,
+        build: PiecewiseBuild,
+    ) -> PreparedBatch | None:  # fmt: skip
         """Read and render the batch's studies in the render processes, each sent as soon as
-        it is claimed; with ``top_up`` the batch grows (``job_ids`` in place) up to max_batch
-        while the batch before it runs, so it is rendered as it fills."""
-        renders = self._submit_renders(pool, job_ids)
+        it is claimed; with ``top_up`` the batch grows (``ids`` in place) up to max_batch
+        while the batch before it runs, so it is rendered as it fills, and (an engine that
+        joins) questioned and prepared in pieces meanwhile: its inputs, else None."""
+        build.add(self._submit_renders(pool, ids))
         stamps["sources"] = time.time()
         if top_up:
-            renders += self._top_up(pool, job_ids)
+            self._top_up(pool, ids, build)
             stamps["topped_up"] = time.time()
-        rendered: list[tuple[JobSource, PreparedStudy, float]] = []
-        for source, future in renders:
-            try:
-                result = future.result()
-                rendered.append((source, take_study(result), result.seconds))
-            except PreprocessError as exc:
-                self._fail(source.job_id, PermanentJobError(str(exc)))
-            except Exception as exc:  # a process that died fails the job: it is retried
-                self._fail(source.job_id, exc)
-        stamps["rendered"] = time.time()
+        return build.finish(stamps)
+
+    def _questions_for(self, rendered: list[Rendered]) -> list[PreparedJob]:
         jobs = map_side_by_side(self._question_for, rendered, self.prior_finder is not None)
-        stamps["asked"] = time.time()
         return [job for job in jobs if job]
 
     def _submit_renders(
@@ -347,30 +351,28 @@ class InferenceWorker:
                 self._fail(job_id, exc)
         return renders
 
-    def _top_up(
-        self, pool: RenderPool, job_ids: list[int]
-    ) -> list[tuple[JobSource, Future[RenderedStudy]]]:
+    def _top_up(self, pool: RenderPool, job_ids: list[int], build: PiecewiseBuild) -> None:
         """While the batch before runs: claim what came due (of the batch's kind, up to
-        max_batch) and send it to render. Bounded by half the lease, whatever happens."""
+        max_batch), send it to render, and build what has rendered. Bounded by half the
+        lease, whatever happens."""
         limit, lease = self.model_settings.max_batch, self.model_settings.lease_seconds
         deadline = time.monotonic() + lease / 2
-        renders: list[tuple[JobSource, Future[RenderedStudy]]] = []
         while len(job_ids) < limit and self._topping_up.still_running():
             if self.stop_event.is_set() or time.monotonic() > deadline:
                 break
+            build.harvest()
             if not has_due_jobs(self.db):
                 continue
             like = job_ids[0] if job_ids else None
             more = claim_jobs(self.db, self.owner, limit - len(job_ids), lease, like=like)
             job_ids += more
-            renders += self._submit_renders(pool, more)
-        return renders
+            build.add(self._submit_renders(pool, more))
 
-    def _question_for(self, item: tuple[JobSource, PreparedStudy, float]) -> PreparedJob | None:
+    def _question_for(self, item: Rendered) -> PreparedJob | None:
         """A rendered study with its question (and prior); None when that failed the job."""
         source, prepared, seconds = item
         try:
-            return self._prepared_job(source, prepared, seconds)
+            return self.questions.prepared_job(source, prepared, seconds)
         except Exception as exc:
             self._fail(source.job_id, exc)
             return None
@@ -387,20 +389,23 @@ class InferenceWorker:
             self._prefetcher.start(lambda: self._claim_and_build(engine))
 
     def _claim_and_build(self, engine: PreparingEngine) -> ClaimedBatch:
-        """The prefetch thread: claim, load and preprocess, then the engine's inputs."""
+        """The prefetch thread: claim, load and preprocess, then the engine's inputs (built
+        in pieces meanwhile when the engine joins them, else here)."""
         if self.stop_event.is_set():
             return ClaimedBatch([], [])
-        batch = self._claim_and_load(top_up=True)
-        if batch.jobs and not self.stop_event.is_set():
+        batch = self._claim_and_load(top_up=True, engine=engine)
+        if batch.jobs and batch.inputs is None and not self.stop_event.is_set():
             try:
                 batch.inputs = engine.prepare([self._request(job) for job in batch.jobs])
-                built = batch.stamps["built"] = time.time()
-                tail = built - batch.stamps.get("rendered", built)  # for TopUp's limit
-                self._topping_up.record_tail(len(batch.jobs), tail)
+                batch.stamps["built"] = time.time()
             except Exception:
                 # Runs later as an unprepared batch: engine.generate meets the same error,
                 # and the usual handling (halving on OutOfMemory, failing the jobs) applies.
                 log.warning("preparing the next batch failed", exc_info=True)
+        if batch.inputs is not None:
+            built = batch.stamps["built"]
+            tail = built - batch.stamps.get("rendered", built)  # for TopUp's limit
+            self._topping_up.record_tail(len(batch.jobs), tail)
         return batch
 
     def _claim_batch(self) -> list[int]:
@@ -422,7 +427,7 @@ class InferenceWorker:
                 prepared = prepare_study(source.paths)
             except PreprocessError as exc:
                 raise PermanentJobError(str(exc)) from exc
-            return self._prepared_job(source, prepared, time.perf_counter() - started)
+            return self.questions.prepared_job(source, prepared, time.perf_counter() - started)
         except Exception as exc:
             self._fail(job_id, exc)
             return None
@@ -441,11 +446,6 @@ class InferenceWorker:
         if source is None:
             raise LookupError(f"job {job_id} not found")
         return source
-
-    def _prepared_job(
-        self, source: JobSource, prepared: PreparedStudy, preprocess_seconds: float
-    ) -> PreparedJob:
-        return self.questions.prepared_job(source, prepared, preprocess_seconds)
 
     def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> int:
         """Run the batch and store or fail each job; return how many went back to the queue

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pydicom
 from sqlalchemy import select
 
 from config.settings import FileDestination
+from inference.engine import JoiningEngine, PreparedBatch
 from inference.preprocess import prepare_study
 from inference.render_pool import (
     FILE_PREFIX,
@@ -149,6 +151,65 @@ def test_the_next_batch_takes_studies_that_come_due_while_the_current_one_runs(
     # first batch ended, and started after that.
     topped = [s for s in stamps if "topped_up" in s]
     assert len(topped) == 3 and all(s["topped_up"] < s["generate_started"] for s in topped)
+
+
+@dataclass
+class JoiningScripted(TwoStepScripted):
+    """TwoStepScripted that also joins prepared pieces (a JoiningEngine): ``joined`` holds
+    the sizes of the pieces of each join."""
+
+    joined: list[list[int]] = field(default_factory=list)
+
+    def join(self, pieces: list[PreparedBatch]) -> PreparedBatch:
+        requests = [request for piece in pieces for request in piece.requests]
+        self._step("join", requests)
+        self.joined.append([len(piece.requests) for piece in pieces])
+        return PreparedBatch(requests, inputs="joined")
+
+
+def test_the_next_batch_is_prepared_in_pieces_as_its_studies_render(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    """With an engine that joins, a study that comes due while the batch before generates is
+    rendered, questioned and prepared then, not after that batch ends; the pieces are joined
+    into the batch that runs."""
+    settings = make_settings(tmp_path, db.url, max_batch=4)  # pieces of one study
+    data_dir, work = settings.storage.data_dir, tmp_path / "in"
+    first = queue_studies(db, data_dir, rg1_unci, work, 1)
+    hold = threading.Event()
+    engine = JoiningScripted(responder=lambda _r: CHEST_ANSWER, hold=hold)
+    assert isinstance(engine, JoiningEngine)
+    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
+    worker.start_pools()
+    running = threading.Thread(target=worker.run_once)
+    try:
+        wait_for(lambda: worker.pools_ready, 120, message="render processes")
+        running.start()
+        wait_for(lambda: engine.steps, 30, message="the first batch generating")
+        later = queue_studies(db, data_dir, rg1_unci, work, 1)
+        prepared = lambda: any(step[0] == "prepare" for step in engine.steps)  # noqa: E731
+        wait_for(prepared, 60, message="the piece prepared while the first batch runs")
+        later += queue_studies(db, data_dir, rg1_unci, work, 2)
+        wait_for(lambda: claimed(db, later), 30, message="the next batch taking the studies")
+        hold.set()
+        running.join(30)
+        assert worker.run_once() == 3
+    finally:
+        hold.set()
+        worker.stop()
+    steps = [(name, size) for name, size, _ in engine.steps]
+    assert steps[0] == ("generate start", 1)
+    assert steps.index(("prepare", 1)) < steps.index(("generate end", 1))
+    assert [step for step in steps if step[0] == "prepare"] == [("prepare", 1)] * 3
+    assert engine.joined == [[1, 1, 1]]
+    assert steps[-3:] == [
+        ("join", 3),
+        ("generate_prepared start", 3),
+        ("generate_prepared end", 3),
+    ]
+    with db.session() as session:
+        done = session.scalars(select(Job.id).where(Job.status == JobStatus.DONE))
+        assert sorted(done) == sorted(first + later)
 
 
 def claimed(db: Database, job_ids: list[int]) -> bool:

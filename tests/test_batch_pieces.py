@@ -1,0 +1,127 @@
+"""PiecewiseBuild (inference/batch_pieces.py): renders questioned and prepared in pieces as
+they finish, joined at the end; every way it can fail leaves the batch to be prepared whole,
+with no study lost. Real renders (render_timed on RG1_UNCI, in this process); the engine is a
+recording double."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from inference.batch_pieces import PiecewiseBuild, Render, Rendered, piece_size
+from inference.device_inputs import JoinError
+from inference.engine import GenerationRequest, PreparedBatch
+from inference.render_pool import RenderedStudy, render_timed
+from inference.worker_jobs import JobSource, PreparedJob
+
+
+@dataclass
+class Joiner:
+    """Records each piece it prepares; fails the prepare numbered ``fail_prepare`` or the
+    join when told to."""
+
+    fail_prepare: int | None = None
+    fail_join: bool = False
+    pieces: list[int] = field(default_factory=list)
+    joins: list[list[int]] = field(default_factory=list)
+
+    def prepare(self, requests: list[GenerationRequest]) -> PreparedBatch:
+        if len(self.pieces) == self.fail_prepare:
+            raise MemoryError("no room for this piece")
+        self.pieces.append(len(requests))
+        return PreparedBatch(list(requests), inputs=[r.prompt for r in requests])
+
+    def join(self, pieces: list[PreparedBatch]) -> PreparedBatch:
+        if self.fail_join:
+            raise JoinError("cannot join")
+        self.joins.append([len(p.requests) for p in pieces])
+        return PreparedBatch([r for p in pieces for r in p.requests], inputs="joined")
+
+
+@pytest.fixture
+def rendered(rg1_unci: Path) -> Iterator[RenderedStudy]:
+    study = render_timed([rg1_unci])
+    yield study
+    for image in study.images:  # renders() hands out copies of these
+        image.path.unlink()
+
+
+def renders(rendered: RenderedStudy, count: int) -> list[Render]:
+    """``count`` finished renders of one study; each takes its own copy of the shared files."""
+    out: list[Render] = []
+    for job_id in range(1, count + 1):
+        future: Future[RenderedStudy] = Future()
+        copies = []
+        for image in rendered.images:
+            target = image.path.with_name(f"{image.path.name}-{job_id}")
+            target.write_bytes(image.path.read_bytes())
+            copies.append(type(image)(target, image.shape, image.mode))
+        future.set_result(RenderedStudy(rendered.prepared, copies, rendered.seconds))
+        source = JobSource(job_id, job_id, job_id, f"1.2.{job_id}", "MODALITY", [])
+        out.append((source, future))
+    return out
+
+
+def ask(items: list[Rendered]) -> list[PreparedJob]:
+    return [
+        PreparedJob(s.job_id, s.study_id, s.study_version_id, s.study_uid, p, f"q{s.job_id}", "en")
+        for s, p, _ in items
+    ]
+
+
+def request(job: PreparedJob) -> GenerationRequest:
+    return GenerationRequest(images=job.prepared.images, prompt=job.question)
+
+
+def build(engine: Joiner | None, piece: int) -> tuple[PiecewiseBuild, list[int]]:
+    failed: list[int] = []
+    return PiecewiseBuild(engine, ask, request, lambda j, _e: failed.append(j), piece), failed
+
+
+def test_pieces_are_prepared_as_renders_finish_and_joined_in_job_order(
+    rendered: RenderedStudy,
+) -> None:
+    engine = Joiner()
+    pieces, failed = build(engine, piece=2)
+    pieces.add(renders(rendered, 3))
+    pieces.harvest()  # three rendered: one piece of two, one study waits
+    assert engine.pieces == [2]
+    pieces.add(renders(rendered, 2))
+    stamps: dict[str, float] = {}
+    joined = pieces.finish(stamps)
+    assert engine.pieces == [2, 2, 1] and engine.joins == [[2, 2, 1]]
+    assert joined is not None
+    assert [r.prompt for r in joined.requests] == [j.question for j in pieces.jobs]
+    assert [j.question for j in pieces.jobs] == ["q1", "q2", "q3", "q1", "q2"]
+    assert all(j.prepared.images for j in pieces.jobs)
+    assert set(stamps) == {"rendered", "asked", "built"} and not failed
+
+
+@pytest.mark.parametrize("engine", [None, Joiner(fail_prepare=1), Joiner(fail_join=True)])
+def test_whatever_fails_leaves_every_study_to_be_prepared_whole(
+    rendered: RenderedStudy, engine: Joiner | None
+) -> None:
+    pieces, failed = build(engine, piece=2)
+    pieces.add(renders(rendered, 5))
+    assert pieces.finish({}) is None
+    assert [j.job_id for j in pieces.jobs] == [1, 2, 3, 4, 5] and not failed
+
+
+def test_a_render_that_failed_fails_its_job_only(rendered: RenderedStudy) -> None:
+    engine = Joiner()
+    pieces, failed = build(engine, piece=8)
+    broken: Future[RenderedStudy] = Future()
+    broken.set_exception(RuntimeError("the render process died"))
+    source = JobSource(9, 9, 9, "1.2.9", "MODALITY", [])
+    pieces.add([*renders(rendered, 2), (source, broken)])
+    joined = pieces.finish({})
+    assert failed == [9] and engine.joins == [[2]]
+    assert joined is not None and len(joined.requests) == 2
+
+
+def test_a_piece_is_a_quarter_of_the_batch_from_one_to_eight() -> None:
+    assert [piece_size(b) for b in (1, 4, 16, 32, 64, 256)] == [1, 1, 4, 8, 8, 8]
