@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from core.errors import InferenceError
 from inference.engine import GenerationRequest, JoiningEngine, PreparedBatch
@@ -74,11 +74,15 @@ class PiecewiseBuild:
             self._prepare_piece(self._piece)
 
     def finish(self, stamps: dict[str, float]) -> PreparedBatch | None:
-        """Wait for the last renders, question them, prepare the rest and join: the batch's
-        inputs, or None when they are to be prepared whole (stamps: rendered, asked, built)."""
-        wait([future for _, future in self._renders])
-        stamps["rendered"] = time.time()
-        self.harvest()
+        """Build each remaining study as its render ends, prepare the rest and join: the
+        batch's inputs, or None when they are to be prepared whole (stamps: rendered, when
+        the last render ended; asked; built)."""
+        while self._renders:  # each study built as its render ends, not after the last
+            futures = [future for _, future in self._renders]
+            if len(wait(futures, return_when=FIRST_COMPLETED).done) == len(futures):
+                stamps["rendered"] = time.time()
+            self.harvest()
+        stamps.setdefault("rendered", time.time())
         stamps["asked"] = time.time()
         if self._waiting:
             self._prepare_piece(len(self._waiting))
