@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,31 +110,47 @@ def test_reports_and_outputs_are_stored_by_the_processes(
     assert worker.stats.jobs_done == 1 and worker.stats.jobs_failed == 1
 
 
+def run_two_batches(
+    tmp_path: Path,
+    db: Database,
+    rg1_unci: Path,
+    engine: TwoStepScripted,
+    meanwhile: Callable[[Callable[[int], list[int]]], list[int]],
+) -> None:
+    """A burst's first study runs alone, held, while ``meanwhile`` queues more studies
+    (through the function it is given: count -> job ids) and waits for what it tests; then
+    the first batch ends and the next one runs. Every study's job ends done."""
+    settings = make_settings(tmp_path, db.url, max_batch=4)
+    data_dir, work = settings.storage.data_dir, tmp_path / "in"
+    first = queue_studies(db, data_dir, rg1_unci, work, 1)
+    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
+    worker.start_pools()
+    running = threading.Thread(target=worker.run_once)
+    assert engine.hold is not None
+    try:
+        wait_for(lambda: worker.pools_ready, 120, message="render processes")
+        running.start()
+        wait_for(lambda: engine.steps, 30, message="the first batch generating")
+        later = meanwhile(lambda count: queue_studies(db, data_dir, rg1_unci, work, count))
+        wait_for(lambda: claimed(db, later), 30, message="the next batch taking the studies")
+        engine.hold.set()
+        running.join(30)
+        assert worker.run_once() == len(later)
+    finally:
+        engine.hold.set()
+        worker.stop()
+    with db.session() as session:
+        done = session.scalars(select(Job.id).where(Job.status == JobStatus.DONE))
+        assert sorted(done) == sorted(first + later)
+
+
 def test_the_next_batch_takes_studies_that_come_due_while_the_current_one_runs(
     tmp_path: Path, db: Database, rg1_unci: Path
 ) -> None:
     """A burst's first study runs alone; the studies that come due while it generates fill
     the next batch (rendered as they are claimed), which runs as soon as the first ends."""
-    settings = make_settings(tmp_path, db.url, max_batch=4)
-    data_dir, work = settings.storage.data_dir, tmp_path / "in"
-    first = queue_studies(db, data_dir, rg1_unci, work, 1)
-    hold = threading.Event()
-    engine = TwoStepScripted(responder=lambda _r: CHEST_ANSWER, hold=hold)
-    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
-    worker.start_pools()
-    running = threading.Thread(target=worker.run_once)
-    try:
-        wait_for(lambda: worker.pools_ready, 120, message="render processes")
-        running.start()
-        wait_for(lambda: engine.steps, 30, message="the first batch generating")
-        later = queue_studies(db, data_dir, rg1_unci, work, 3)  # due while it generates
-        wait_for(lambda: claimed(db, later), 30, message="the next batch taking the studies")
-        hold.set()
-        running.join(30)
-        assert worker.run_once() == 3
-    finally:
-        hold.set()
-        worker.stop()
+    engine = TwoStepScripted(responder=lambda _r: CHEST_ANSWER, hold=threading.Event())
+    run_two_batches(tmp_path, db, rg1_unci, engine, lambda queue: queue(3))
     steps = [(name, size) for name, size, _ in engine.steps]
     assert steps == [
         ("generate start", 1),
@@ -143,9 +160,6 @@ def test_the_next_batch_takes_studies_that_come_due_while_the_current_one_runs(
         ("generate_prepared end", 3),
     ]
     with db.session() as session:
-        assert sorted(session.scalars(select(Job.id).where(Job.status == JobStatus.DONE))) == (
-            sorted(first + later)
-        )
         stamps = [r.timings_json["batch_stamps"] for r in session.scalars(select(Report))]
     # The second batch kept taking studies after its first claim, stopped growing when the
     # first batch ended, and started after that.
@@ -171,32 +185,18 @@ def test_the_next_batch_is_prepared_in_pieces_as_its_studies_render(
     tmp_path: Path, db: Database, rg1_unci: Path
 ) -> None:
     """With an engine that joins, a study that comes due while the batch before generates is
-    rendered, questioned and prepared then, not after that batch ends; the pieces are joined
-    into the batch that runs."""
-    settings = make_settings(tmp_path, db.url, max_batch=4)  # pieces of one study
-    data_dir, work = settings.storage.data_dir, tmp_path / "in"
-    first = queue_studies(db, data_dir, rg1_unci, work, 1)
-    hold = threading.Event()
-    engine = JoiningScripted(responder=lambda _r: CHEST_ANSWER, hold=hold)
+    rendered, questioned and prepared then, not after that batch ends (max_batch 4: pieces
+    of one study); the pieces are joined into the batch that runs."""
+    engine = JoiningScripted(responder=lambda _r: CHEST_ANSWER, hold=threading.Event())
     assert isinstance(engine, JoiningEngine)
-    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
-    worker.start_pools()
-    running = threading.Thread(target=worker.run_once)
-    try:
-        wait_for(lambda: worker.pools_ready, 120, message="render processes")
-        running.start()
-        wait_for(lambda: engine.steps, 30, message="the first batch generating")
-        later = queue_studies(db, data_dir, rg1_unci, work, 1)
+
+    def meanwhile(queue: Callable[[int], list[int]]) -> list[int]:
+        later = queue(1)
         prepared = lambda: any(step[0] == "prepare" for step in engine.steps)  # noqa: E731
         wait_for(prepared, 60, message="the piece prepared while the first batch runs")
-        later += queue_studies(db, data_dir, rg1_unci, work, 2)
-        wait_for(lambda: claimed(db, later), 30, message="the next batch taking the studies")
-        hold.set()
-        running.join(30)
-        assert worker.run_once() == 3
-    finally:
-        hold.set()
-        worker.stop()
+        return later + queue(2)
+
+    run_two_batches(tmp_path, db, rg1_unci, engine, meanwhile)
     steps = [(name, size) for name, size, _ in engine.steps]
     assert steps[0] == ("generate start", 1)
     assert steps.index(("prepare", 1)) < steps.index(("generate end", 1))
@@ -207,9 +207,6 @@ def test_the_next_batch_is_prepared_in_pieces_as_its_studies_render(
         ("generate_prepared start", 3),
         ("generate_prepared end", 3),
     ]
-    with db.session() as session:
-        done = session.scalars(select(Job.id).where(Job.status == JobStatus.DONE))
-        assert sorted(done) == sorted(first + later)
 
 
 def claimed(db: Database, job_ids: list[int]) -> bool:
