@@ -477,17 +477,26 @@ def build_turn_request(
     study: StudyImages,
     report_question: str | None,
     report_content: ReportContent | None,
+    report_question_first: bool = False,
     past: Sequence[PastTurn],
     language: str,
     max_new_tokens: int,
 ) -> tuple[GenerationRequest, list[ImageView]]:
-    """The engine request for one question, and the image each box_2d image_index means."""
+    """The engine request for one question, and the image each box_2d image_index means.
+
+    The report's turn is replayed in the order its model run used (``report_question_first``:
+    the template's question before the images)."""
     views: list[ImageView] = list(study.prepared.geometries)
     history: list[ChatTurn] = []
     study_images = list(study.prepared.images)
     if report_content is not None:
         history += [
-            ChatTurn("user", report_question or "Describe the image(s).", study_images),
+            ChatTurn(
+                "user",
+                report_question or "Describe the image(s).",
+                study_images,
+                question_first=report_question_first,
+            ),
             ChatTurn("model", report_as_model_turn(report_content)),
         ]
         study_images = []

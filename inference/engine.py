@@ -58,11 +58,15 @@ CHAT_ROLES = ("user", "model")
 
 @dataclass(frozen=True)
 class ChatTurn:
-    """One earlier turn of a conversation: the user's images and text, or the model's text."""
+    """One earlier turn of a conversation: the user's images and text, or the model's text.
+
+    ``question_first``: a user turn whose text came before its images (a report made with a
+    ``question_first`` template, replayed as the model read it)."""
 
     role: str  # "user" | "model" (Gemma's name for the assistant)
     text: str
     images: list[Image.Image] = field(default_factory=list)
+    question_first: bool = False
 
 
 @dataclass
@@ -71,8 +75,8 @@ class GenerationRequest:
 
     ``question_first``: the new turn's question comes before its images (the template's
     ``question_first``, inference/prompts.py): a batch's rows then begin with the same tokens,
-    which the CUDA fast path runs once (inference/shared_prefix.py). Earlier turns keep the
-    images-first order.
+    which the CUDA fast path runs once (inference/shared_prefix.py). Earlier turns keep their
+    own order (``ChatTurn.question_first``).
     """
 
     images: list[Image.Image]
@@ -97,7 +101,8 @@ class GenerationRequest:
     @property
     def turns(self) -> list[ChatTurn]:
         """Every turn in order, the new user turn last."""
-        return [*self.history, ChatTurn("user", self.prompt, list(self.images))]
+        new = ChatTurn("user", self.prompt, list(self.images), self.question_first)
+        return [*self.history, new]
 
     @property
     def all_images(self) -> list[Image.Image]:

@@ -133,6 +133,7 @@ class TurnContext:
     anchors: list[Anchor]
     report_question: str | None
     report_content: ReportContent | None
+    report_question_first: bool
     past: list[PastTurn]
     is_test_model: bool
     study: StudyImages
@@ -406,6 +407,7 @@ class InteractiveLane:
             anchors=context.anchors,
             study=context.study,
             report_question=context.report_question,
+            report_question_first=context.report_question_first,
             report_content=context.report_content,
             past=context.past,
             language=language,
@@ -509,6 +511,7 @@ class InteractiveLane:
             turn_index=len(turns) + 1,
             anchors=anchors,
             report_question=report.question if report is not None else None,
+            report_question_first=bool(report.question_first) if report is not None else False,
             report_content=(
                 ReportContent.model_validate(report.content_json) if report is not None else None
             ),

@@ -131,7 +131,7 @@ def chat_messages(request: GenerationRequest, max_side: int = 0) -> list[dict[st
         if turn.role == "model":
             messages.append({"role": "assistant", "content": turn.text})
         else:
-            content = _user_content(turn.images, turn.text, max_side)
+            content = _user_content(turn.images, turn.text, max_side, turn.question_first)
             messages.append({"role": "user", "content": content})
     content = _user_content(request.images, request.prompt, max_side, request.question_first)
     messages.append({"role": "user", "content": content})

@@ -74,6 +74,7 @@ class StoreTask:
     batch_size: int
     prompt_tokens: int
     new_tokens: int
+    question_first: bool = False  # the question came before the images (the template's order)
     prior_images: int = 0  # the prior's images came first in the request (inference/comparison.py)
     prior_comparison: PriorComparison | None = None  # what was compared, or why nothing was
     scope: ScopeVerdict | None = None  # the node's verdict (inference/scope.py)
@@ -95,6 +96,7 @@ def store_task(
         study_version_id=job.study_version_id,
         study_uid=job.study_uid,
         question=job.question,
+        question_first=job.question_first,
         language=job.language,
         sop_instance_uids=job.prepared.sop_instance_uids,
         geometries=job.prepared.geometries,
@@ -260,6 +262,7 @@ def _draft_report(task: StoreTask, content: ReportContent) -> Report:
         parse_status=content.parse_status,
         urgency=content.urgency,
         question=task.question,
+        question_first=task.question_first,
         raw_text=task.text,
         content_json=content.model_dump(mode="json"),
         model_json=task.identity.model_dump(mode="json"),

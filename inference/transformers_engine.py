@@ -372,13 +372,13 @@ class TransformersEngine:
     # -- generation --------------------------------------------------------------------
 
     def _chat_text(self, request: GenerationRequest) -> str:
-        """Gemma 3 chat turns, no system role: user turns their images then text (the new turn
-        its text first with ``question_first``), model turns text (the template's "assistant")."""
+        """Gemma 3 chat turns, no system role: user turns their images then text (their text
+        first with ``question_first``), model turns text (the template's "assistant")."""
         messages = []
-        for position, turn in enumerate(request.turns):
+        for turn in request.turns:
             content: list[dict[str, str]] = [{"type": "image"} for _ in turn.images]
-            first = request.question_first and position == len(request.history)  # the new turn
-            content.insert(0 if first else len(content), {"type": "text", "text": turn.text})
+            at = 0 if turn.question_first else len(content)
+            content.insert(at, {"type": "text", "text": turn.text})
             role = "assistant" if turn.role == "model" else "user"
             messages.append({"role": role, "content": content})
         text: str = self._processor().apply_chat_template(

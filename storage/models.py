@@ -42,6 +42,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     event,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, mapped_column, relationship
 
@@ -233,6 +234,9 @@ class Report(Base):
     parse_status: Mapped[str] = mapped_column(String(32))
     urgency: Mapped[str | None] = mapped_column(String(16), nullable=True)
     question: Mapped[str] = mapped_column(Text, default="")
+    # The question came before the images (a question_first template; migration 0009): a
+    # conversation replays the report's turn in that order.
+    question_first: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     raw_text: Mapped[str] = mapped_column(Text, default="")
     content_json: Mapped[dict[str, Any]] = mapped_column(
         JSON

@@ -138,6 +138,7 @@ def test_three_turns_with_anchors_a_crop_and_a_distance_in_mm(
     assert len(request.all_images) == 2, "the study image and the crop"
     assert [turn.role for turn in request.history] == ["user", "model"]
     assert len(request.history[0].images) == 1 and "JSON" in request.history[0].text
+    assert not request.history[0].question_first  # the shipped template: images first
     assert json.loads(request.history[1].text)["findings"][0]["label"] == "nodule"
     assert "A1: nodule — image 0, box_2d [200, 150, 300, 260]" in request.prompt
     assert "enlarged view" in request.prompt and "Is this nodule spiculated?" in request.prompt
@@ -337,3 +338,28 @@ def test_chat_history_alternates_user_and_model_without_a_system_role() -> None:
     ):
         with pytest.raises(ValueError):
             GenerationRequest([], "Q", history=history)
+
+
+def test_a_report_asked_question_first_is_replayed_in_that_order(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    """A site template that asks before the images: the report row keeps that order, and a
+    conversation replays the report's turn as the model read it (the new question keeps the
+    conversation's own order, after its images)."""
+    site = tmp_path / "prompts"
+    site.mkdir()
+    (site / "chest.toml").write_text(
+        'en = "List the findings as one JSON object."\nquestion_first = true\n'
+        '[match]\nmodality = "CR"\nbody_part = "CHEST"\n',
+        encoding="utf-8",
+    )
+    settings = make_settings(tmp_path, db.url, prompts_dir=site)
+    node = reported_study(tmp_path, db, rg1_unci, ["The heart is not enlarged."], settings)
+    assert node.engine.calls[0][0].question_first
+    with db.session() as session:
+        assert session.scalars(select(Report.question_first)).one() is True
+    conversation = start_conversation(db, node.study_uid, created_by="dr.li")
+    done(node.answer(conversation.id, "Is the heart enlarged?"))
+    request = node.engine.calls[-1][0]
+    assert request.history[0].question_first and "JSON object" in request.history[0].text
+    assert not request.question_first

@@ -86,7 +86,7 @@ def test_chat_text_puts_the_question_first_only_when_asked(engine: TransformersE
     assert sorted(images_first) == sorted(question_first)  # the same text, reordered
 
 
-def test_earlier_turns_keep_the_images_first(engine: TransformersEngine) -> None:
+def test_earlier_turns_keep_their_own_order(engine: TransformersEngine) -> None:
     history = [ChatTurn("user", "Earlier question?", [picture(1)]), ChatTurn("model", "Answer.")]
     text = engine._chat_text(request(0, question_first=True, history=history))
 
@@ -95,12 +95,25 @@ def test_earlier_turns_keep_the_images_first(engine: TransformersEngine) -> None
     )
     assert first_image < text.index("Earlier question?")
     assert text.index("Answer.") < text.index(QUESTION) < second_image
+    # A report asked question first, replayed by a conversation: its turn keeps that order.
+    replayed = [ChatTurn("user", "Earlier question?", [picture(1)], question_first=True)]
+    replayed.append(ChatTurn("model", "Answer."))
+    text = engine._chat_text(request(0, question_first=False, history=replayed))
+    first_image, second_image = (
+        i for i in range(len(text)) if text.startswith("<start_of_image>", i)
+    )
+    assert text.index("Earlier question?") < first_image < text.index("Answer.")
+    assert text.index("Answer.") < second_image < text.index(QUESTION)
 
 
 def test_openai_messages_follow_the_same_order() -> None:
     for question_first, kinds in ((False, ["image_url", "text"]), (True, ["text", "image_url"])):
         content = chat_messages(request(0, question_first))[-1]["content"]
         assert [part["type"] for part in content] == kinds
+    replayed = [ChatTurn("user", "Earlier?", [picture(1)], question_first=True)]
+    messages = chat_messages(request(0, False, [*replayed, ChatTurn("model", "Answer.")]))
+    assert [part["type"] for part in messages[0]["content"]] == ["text", "image_url"]
+    assert [part["type"] for part in messages[-1]["content"]] == ["image_url", "text"]
 
 
 def test_question_first_batch_through_the_engine_shares_its_prefix(
