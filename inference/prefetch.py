@@ -71,21 +71,28 @@ class TopUp:
         self._deadline: float | None = None
         self._generate_s: dict[int, float] = {}  # batch size -> its last generation, seconds
         self._tail_per_study_s = 0.0  # engine.prepare and the questions, per study
+        self._tail_piece: int | None = None  # built in pieces of this many: the tail's cap
 
     def record_generate(self, size: int, seconds: float) -> None:
         self._generate_s[size] = seconds
 
-    def record_tail(self, studies: int, seconds: float) -> None:
-        """What building a batch of ``studies`` took after its last study was rendered."""
+    def record_tail(self, studies: int, seconds: float, piece: int | None = None) -> None:
+        """What building a batch of ``studies`` took after its last study was rendered.
+
+        ``piece``: the batch was prepared in pieces of that many studies as they rendered
+        (inference/batch_pieces.py), so what is left after the last render is one piece at
+        most, whatever the batch's size; otherwise every study is prepared after it."""
         if studies > 0:
-            self._tail_per_study_s = seconds / studies
+            self._tail_per_study_s = seconds / min(studies, piece or studies)
+            self._tail_piece = piece
 
     def begin(self, size: int, max_batch: int) -> None:
         """A batch of ``size`` starts; the one built meanwhile may grow to ``max_batch``."""
         timed = [seconds for rows, seconds in self._generate_s.items() if rows <= size]
         self._deadline = None
         if timed:
-            tail = self._tail_per_study_s * max_batch + self.RENDER_MARGIN_S
+            after_last = min(max_batch, self._tail_piece or max_batch)
+            tail = self._tail_per_study_s * after_last + self.RENDER_MARGIN_S
             self._deadline = time.monotonic() + max(timed) - tail
         self._ended.clear()
 

@@ -394,6 +394,7 @@ class InferenceWorker:
         if self.stop_event.is_set():
             return ClaimedBatch([], [])
         batch = self._claim_and_load(top_up=True, engine=engine)
+        piece = piece_size(self.model_settings.max_batch) if batch.inputs else None
         if batch.jobs and batch.inputs is None and not self.stop_event.is_set():
             try:
                 batch.inputs = engine.prepare([self._request(job) for job in batch.jobs])
@@ -405,7 +406,7 @@ class InferenceWorker:
         if batch.inputs is not None:
             built = batch.stamps["built"]
             tail = built - batch.stamps.get("rendered", built)  # for TopUp's limit
-            self._topping_up.record_tail(len(batch.jobs), tail)
+            self._topping_up.record_tail(len(batch.jobs), tail, piece)
         return batch
 
     def _claim_batch(self) -> list[int]:

@@ -44,3 +44,17 @@ def test_only_batches_no_larger_than_the_running_one_give_its_expected_time() ->
     top_up.record_generate(4, 0.0)
     top_up.begin(size=8, max_batch=64)
     assert not top_up.still_running()
+
+
+def test_a_batch_built_in_pieces_leaves_one_piece_at_most_after_its_last_render() -> None:
+    top_up = TopUp(interval_s=0.01)
+    top_up.record_generate(64, 3.0)
+    top_up.record_tail(2, 0.2, piece=8)  # 0.1 s a study; one piece of 8 left: 0.8 s
+    top_up.begin(size=64, max_batch=64)
+    assert top_up.still_running()  # 3.0 - 0.8 - margin: about 2 s to go
+    top_up.record_tail(2, 0.2)  # prepared whole after the last render: 6.4 s for 64
+    top_up.begin(size=64, max_batch=64)
+    assert not top_up.still_running()
+    top_up.record_tail(1, 0.5, piece=8)  # a piece of 8 at 0.5 s a study: 4 s, over 3 s
+    top_up.begin(size=64, max_batch=64)
+    assert not top_up.still_running()
