@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BatchFeature
 
-from core.errors import InferenceError
-from inference.engine import GenerationRequest, image_class
+from inference.engine import GenerationRequest, JoinError, image_class
 
 STACKED = "pixel_values"  # one entry per image, in request order
 
@@ -40,10 +39,6 @@ class DeviceInputs:
     tensors: Any  # transformers BatchFeature
     indices: list[int]
     ready: torch.cuda.Event | None = None
-
-
-class JoinError(InferenceError):
-    """Prepared pieces that cannot be joined (the caller prepares the batch whole instead)."""
 
 
 def _left_padded(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:

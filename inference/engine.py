@@ -193,6 +193,10 @@ class PreparingEngine(Engine, Protocol):
         ...
 
 
+class JoinError(InferenceError):
+    """Prepared pieces that cannot be joined (the caller prepares the batch whole instead)."""
+
+
 @runtime_checkable
 class JoiningEngine(PreparingEngine, Protocol):
     """A ``PreparingEngine`` that can prepare a batch in pieces (inference/device_inputs.py).

@@ -69,6 +69,7 @@ from inference.engine import (
     EngineUnavailable,
     GenerationRequest,
     GenerationResult,
+    JoinError,
     PreparedBatch,
 )
 from storage.report_schema import ModelIdentity
@@ -514,6 +515,18 @@ class OpenAIEngine:
         side = self.settings.max_image_side
         bodies = [chat_body(model, request, side) for request in requests]
         return PreparedBatch(list(requests), bodies, time.perf_counter() - started)
+
+    def join(self, pieces: list[PreparedBatch]) -> PreparedBatch:
+        """One batch of ``prepare``d pieces: their request bodies in order (each request is
+        sent on its own, so joining is putting the lists together)."""
+        requests: list[GenerationRequest] = []
+        bodies: list[dict[str, Any]] = []
+        for piece in pieces:
+            if not isinstance(piece.inputs, list) or len(piece.inputs) != len(piece.requests):
+                raise JoinError("a piece not prepared by OpenAIEngine.prepare")
+            requests += piece.requests
+            bodies += piece.inputs
+        return PreparedBatch(requests, bodies, sum(piece.seconds for piece in pieces))
 
     def generate_prepared(self, batch: PreparedBatch) -> list[GenerationResult]:
         """Send every request of the batch, at most max_concurrent_requests at a time."""

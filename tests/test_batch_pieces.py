@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from inference.batch_pieces import PiecewiseBuild, Render, Rendered, piece_size
-from inference.device_inputs import JoinError
-from inference.engine import GenerationRequest, PreparedBatch
+from inference.engine import GenerationRequest, JoinError, PreparedBatch
 from inference.render_pool import RenderedStudy, render_timed
 from inference.worker_jobs import JobSource, PreparedJob
 

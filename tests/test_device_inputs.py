@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from config.settings import ModelSettings
-from inference.device_inputs import DeviceInputs, JoinError, join_pieces
-from inference.engine import GenerationRequest, GenerationSettings, JoiningEngine
+from inference.device_inputs import DeviceInputs, join_pieces
+from inference.engine import GenerationRequest, GenerationSettings, JoinError, JoiningEngine
 from inference.transformers_engine import TransformersEngine
 
 

@@ -26,6 +26,9 @@ from inference.engine import (
     EngineRequestFailed,
     EngineRequestRejected,
     EngineUnavailable,
+    JoinError,
+    JoiningEngine,
+    PreparedBatch,
 )
 from inference.openai_engine import (
     fit_to_model,
@@ -62,6 +65,23 @@ def test_concurrency_is_capped_at_max_concurrent_requests(double: OpenAIDouble) 
     assert len(results) == 7 and len(double.requests) == 7
     assert double.max_in_flight == 3
     assert all(r.batch_size == 7 and r.new_tokens > 0 for r in results)
+
+
+def test_prepared_pieces_join_into_the_batch_one_prepare_gives(double: OpenAIDouble) -> None:
+    engine = engine_for(double.base_url)
+    try:
+        requests = [request([solid(i)], f"question {i}") for i in range(5)]
+        whole = engine.prepare(requests)
+        joined = engine.join([engine.prepare(requests[:2]), engine.prepare(requests[2:])])
+        assert isinstance(engine, JoiningEngine)
+        assert joined.requests == requests and joined.inputs == whole.inputs
+        results = engine.generate_prepared(joined)
+        with pytest.raises(JoinError, match="not prepared"):
+            engine.join([whole, PreparedBatch(requests[:1], inputs="elsewhere")])
+    finally:
+        engine.close()
+    assert len(results) == 5 and all(r.batch_size == 5 for r in results)
+    assert sorted(sent.texts[0] for sent in double.requests) == [f"question {i}" for i in range(5)]
 
 
 def test_prior_then_current_image_order_and_pixels(double: OpenAIDouble) -> None:
