@@ -139,6 +139,7 @@ def receive(
 
 def _run_node(node: Node, start: Callable[[Node], None], *, pid_file: bool = False) -> None:
     node.prepare()
+    node.catch_signals()  # before the pid file: whoever reads it may signal at once
     if pid_file:
         # Before the parts start: `stop` can end a node that is still starting.
         try:

@@ -259,9 +259,15 @@ class Node:
         temp.write_text(json.dumps(self.state.__dict__, default=str, indent=2))
         os.replace(temp, path)
 
-    def run_until_signal(self) -> None:
+    def catch_signals(self) -> None:
+        """SIGTERM and SIGINT stop the node in order from now on; caught before its parts
+        start, so a signal during start-up (``stop`` right after ``serve``) stops it once
+        started instead of killing it halfway."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+
+    def run_until_signal(self) -> None:
+        self.catch_signals()
         while not self.stop_event.wait(2.0):
             self.write_state()
         self.stop()

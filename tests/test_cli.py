@@ -12,6 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from medgemma_node.pidfile import PID_FILE
 from medgemma_node.service import STATUS_FILE
 from peers.dicom_files import make_ct_study
 from peers.net import free_port
@@ -111,6 +112,27 @@ def test_sigterm_stops_serve_cleanly(tmp_path: Path) -> None:
     assert time.monotonic() - started < 5
     assert not status_file.exists()
     assert "medgemma_node.service: stopped" in node.log_text()
+
+
+def test_sigterm_while_serve_starts_stops_it_in_order(tmp_path: Path) -> None:
+    """The signal is caught before the pid file is written: a SIGTERM sent as soon as the
+    file exists, while the parts are still starting, stops the node in order (exit 0)."""
+    node = NodeProcess(tmp_path, {"completion": FAST_COMPLETION}).start(wait=False)
+    assert node.proc is not None
+    pid_file = node.data_dir / PID_FILE
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and node.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pid_file.exists(), node.stderr()
+    node.proc.send_signal(signal.SIGTERM)
+    try:
+        returncode = node.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        node.kill9()
+        pytest.fail("serve did not stop within 30 s of SIGTERM")
+    assert returncode == 0, node.stderr()
+    assert "medgemma_node.service: stopped" in node.log_text()
+    assert not pid_file.exists()
 
 
 def test_db_upgrade_on_a_fresh_data_dir(tmp_path: Path) -> None:
