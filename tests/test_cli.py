@@ -96,19 +96,25 @@ def test_status_of_a_stopped_node(tmp_path: Path) -> None:
     assert report["process"] is None
 
 
+def sigterm_exit_code(node: NodeProcess, timeout_s: float) -> int:
+    """SIGTERM ``node`` and wait for it; a node still running after ``timeout_s`` is killed
+    and the test fails."""
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGTERM)
+    try:
+        return node.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        node.kill9()
+        pytest.fail(f"serve did not stop within {timeout_s:.0f} s of SIGTERM")
+
+
 def test_sigterm_stops_serve_cleanly(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path, {"completion": FAST_COMPLETION}).start()
     status_file = node.data_dir / STATUS_FILE
     assert status_file.is_file()
     assert node.proc is not None
     started = time.monotonic()
-    node.proc.send_signal(signal.SIGTERM)
-    try:
-        returncode = node.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        node.kill9()
-        pytest.fail("serve did not stop within 10 s of SIGTERM")
-    assert returncode == 0, node.stderr()
+    assert sigterm_exit_code(node, 10) == 0, node.stderr()
     assert time.monotonic() - started < 5
     assert not status_file.exists()
     assert "medgemma_node.service: stopped" in node.log_text()
@@ -124,13 +130,7 @@ def test_sigterm_while_serve_starts_stops_it_in_order(tmp_path: Path) -> None:
     while not pid_file.exists() and node.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert pid_file.exists(), node.stderr()
-    node.proc.send_signal(signal.SIGTERM)
-    try:
-        returncode = node.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        node.kill9()
-        pytest.fail("serve did not stop within 30 s of SIGTERM")
-    assert returncode == 0, node.stderr()
+    assert sigterm_exit_code(node, 30) == 0, node.stderr()
     assert "medgemma_node.service: stopped" in node.log_text()
     assert not pid_file.exists()
 
