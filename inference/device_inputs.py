@@ -3,7 +3,7 @@
 The inference worker builds batch N+1 while batch N generates. Its studies come due one by one
 during a burst; preparing them all after the last one (the processor's text and image work,
 the copy to the device: 0.8 s for 64 radiographs on an H200 host) kept the GPU waiting at the
-start of every burst. ``PreparingEngine.join`` lets the worker prepare the studies in pieces
+start of every burst. ``JoiningEngine.join`` lets the worker prepare the studies in pieces
 as they are rendered, then join the pieces when the batch is handed over.
 
 A joined batch holds exactly the tensors one ``prepare`` of all its requests gives: the

@@ -59,5 +59,4 @@ class RopeTables:
     def _compute(self, positions: int, dtype: torch.dtype, device: torch.device) -> RopeTable:
         ids = torch.arange(positions, device=device)[:, None]
         probe = torch.zeros(positions, 1, 1, dtype=dtype, device=device)  # dtype and device only
-        cos_sin = {t: self._rotary_emb(probe, ids, t) for t in self._layer_types}
-        return RopeTable(positions, {t: (cos, sin) for t, (cos, sin) in cos_sin.items()})
+        return RopeTable(positions, {t: self._rotary_emb(probe, ids, t) for t in self._layer_types})

@@ -52,7 +52,7 @@ from config.settings import NodeSettings
 from core.errors import InferenceError
 from core.loop import LoopThread
 from core.redaction import error_text
-from inference.batch_pieces import PiecewiseBuild, Rendered, piece_size
+from inference.batch_pieces import PiecewiseBuild, Render, Rendered, piece_size
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
@@ -73,7 +73,7 @@ from inference.lane_steps import LaneBetweenSteps
 from inference.prefetch import Prefetcher, TopUp
 from inference.preprocess import PreprocessError, prepare_study
 from inference.prompts import PromptLibrary
-from inference.render_pool import RenderedStudy, RenderPool
+from inference.render_pool import RenderPool
 from inference.report_store import (
     ReportHook,
     StoreOutcome,
@@ -165,6 +165,7 @@ class InferenceWorker:
         self.thread = self.loop.thread
         self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
         self._topping_up = TopUp()  # the batch built ahead grows while this one runs
+        self._piece = piece_size(self.model_settings.max_batch)  # studies prepared at a time
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
         self.lane_steps = LaneBetweenSteps(
@@ -307,7 +308,7 @@ class InferenceWorker:
             build = PiecewiseBuild(
                 engine if isinstance(engine, JoiningEngine) else None,
                 self._questions_for, self._request, self._fail,
-                piece_size(self.model_settings.max_batch),
+                self._piece,
             )  # fmt: skip
             inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
             stamps.setdefault("built", time.time())
@@ -335,9 +336,7 @@ class InferenceWorker:
         jobs = map_side_by_side(self._question_for, rendered, self.prior_finder is not None)
         return [job for job in jobs if job]
 
-    def _submit_renders(
-        self, pool: RenderPool, job_ids: list[int]
-    ) -> list[tuple[JobSource, Future[RenderedStudy]]]:
+    def _submit_renders(self, pool: RenderPool, job_ids: list[int]) -> list[Render]:
         """Each job's study sent to the render processes (a job that cannot be read fails)."""
         found = self._job_sources(job_ids) if job_ids else {}
         renders = []
@@ -394,7 +393,7 @@ class InferenceWorker:
         if self.stop_event.is_set():
             return ClaimedBatch([], [])
         batch = self._claim_and_load(top_up=True, engine=engine)
-        piece = piece_size(self.model_settings.max_batch) if batch.inputs else None
+        piece = self._piece if batch.inputs else None
         if batch.jobs and batch.inputs is None and not self.stop_event.is_set():
             try:
                 batch.inputs = engine.prepare([self._request(job) for job in batch.jobs])
