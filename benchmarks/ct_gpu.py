@@ -69,6 +69,7 @@ from benchmarks.engine_gpu import (
 )
 from benchmarks.medgemma_4b import CHEST_PROMPT_TOKENS, chest_question
 from config.settings import NodeSettings
+from inference.decode_joins import RowSource
 from inference.engine import GenerationRequest, GenerationSettings, OutOfMemory
 from inference.loader import attach_fast_path, long_prompt_kv_tokens
 from inference.preprocess import CT_WINDOWS_HU, MAX_CT_SLICES, sample_evenly
@@ -164,8 +165,9 @@ class RecordingGenerator:
         max_new_tokens: int,
         *,
         between_steps: Callable[[], None] | None = None,
+        joins: RowSource | None = None,
     ) -> torch.Tensor:
-        ids = self.inner.generate(inputs, max_new_tokens, between_steps=between_steps)
+        ids = self.inner.generate(inputs, max_new_tokens, between_steps=between_steps, joins=joins)
         self.last.ids = ids.cpu()
         return ids
 

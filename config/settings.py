@@ -186,6 +186,9 @@ class ModelSettings(Section):
     # its doorbell (storage/doorbell.py) the moment it queues one.
     poll_interval_s: float = Field(default=0.5, gt=0)
     fast_path: bool = True  # static KV cache + CUDA graphs on CUDA
+    # Studies that come due while a batch decodes on the fast path join it in the rows its
+    # bucket leaves free (inference/decode_joins.py), instead of waiting for the next batch.
+    join_running_batch: bool = True
     # Long prompts on the fast path (CT/MR: up to 85 slices, ~22,300 tokens; README "GPU
     # sizing"): the memory their buffers may take, in KV columns (rows x tokens) of every
     # layer. Local layers keep only their 1,024-token window there, so an 85-slice study takes

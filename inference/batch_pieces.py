@@ -11,13 +11,18 @@ asks their questions and prepares them ``piece`` at a time; when the batch is co
 the last studies are left, and ``JoiningEngine.join`` makes one batch of the pieces
 (inference/device_inputs.py: the same inputs as one ``prepare``). An engine that cannot join,
 or a piece that fails to prepare, leaves the batch to be prepared whole, as before.
+
+Until the batch is complete, the batch that runs may take its prepared pieces into the rows
+it leaves free (``PieceFeed``, inference/decode_joins.py): their jobs then leave this batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from core.errors import InferenceError
@@ -49,6 +54,7 @@ class PiecewiseBuild:
         request: Callable[[PreparedJob], GenerationRequest],
         fail: Callable[[int, BaseException], None],
         piece: int = MAX_PIECE,
+        claimed: list[int] | None = None,
     ) -> None:
         self._engine = engine
         self._ask, self._request, self._fail = ask, request, fail
@@ -56,7 +62,30 @@ class PiecewiseBuild:
         self._renders: list[Render] = []
         self._waiting: list[PreparedJob] = []  # questioned, in no piece yet
         self._pieces: list[PreparedBatch] = []
+        # jobs: the pieces' jobs in order, then those waiting; claimed: the batch's job ids.
         self.jobs: list[PreparedJob] = []
+        self.claimed = claimed if claimed is not None else []
+        self._lock = threading.Lock()  # take_piece runs in the generating thread
+        self._closed = False  # finish has begun joining: no piece leaves any more
+
+    def take_piece(
+        self, rows: int, accept: Callable[[PreparedBatch], bool]
+    ) -> tuple[PreparedBatch, list[PreparedJob]] | None:
+        """The first prepared piece and its jobs, taken out of this batch, when it has at
+        most ``rows`` requests and ``accept`` takes it; else None."""
+        with self._lock:
+            if self._closed or self._engine is None or not self._pieces:
+                return None
+            piece = self._pieces[0]
+            size = len(piece.requests)
+            if size > rows or not accept(piece):
+                return None
+            del self._pieces[0]
+            jobs, self.jobs = self.jobs[:size], self.jobs[size:]
+            for job in jobs:
+                if job.job_id in self.claimed:
+                    self.claimed.remove(job.job_id)
+            return piece, jobs
 
     def add(self, renders: list[Render]) -> None:
         self._renders.extend(renders)
@@ -84,6 +113,8 @@ class PiecewiseBuild:
             self.harvest()
         stamps.setdefault("rendered", time.time())
         stamps["asked"] = time.time()
+        with self._lock:
+            self._closed = True
         if self._waiting:
             self._prepare_piece(len(self._waiting))
         if self._engine is None or not self._pieces:
@@ -110,7 +141,8 @@ class PiecewiseBuild:
             except Exception as exc:  # a process that died fails the job: it is retried
                 self._fail(source.job_id, exc)
         jobs = self._ask(rendered)
-        self.jobs.extend(jobs)
+        with self._lock:
+            self.jobs.extend(jobs)
         self._waiting.extend(jobs)
 
     def _prepare_piece(self, size: int) -> None:
@@ -118,9 +150,45 @@ class PiecewiseBuild:
         if self._engine is None:
             return
         try:
-            self._pieces.append(self._engine.prepare([self._request(job) for job in piece]))
+            prepared = self._engine.prepare([self._request(job) for job in piece])
         except Exception:
             # The whole batch is prepared again at the handoff, where the usual handling of
             # its errors (halving on OutOfMemory, failing the jobs) applies.
             log.warning("preparing part of the next batch failed", exc_info=True)
-            self._engine, self._pieces = None, []
+            with self._lock:
+                self._engine, self._pieces = None, []
+            return
+        with self._lock:
+            self._pieces.append(prepared)
+
+
+class PieceFeed:
+    """The worker's ``JoinFeed`` (inference/engine.py): the pieces of the batch being built,
+    while it is built, and the jobs the running batch has taken from it."""
+
+    def __init__(self) -> None:
+        self._build: PiecewiseBuild | None = None
+        self.jobs: list[PreparedJob] = []
+
+    @contextlib.contextmanager
+    def offering(self, build: PiecewiseBuild | None) -> Iterator[None]:
+        """Offer the pieces of ``build`` (None: none) while the block runs."""
+        self._build = build
+        try:
+            yield
+        finally:
+            self._build = None
+
+    def take(self, rows: int, accept: Callable[[PreparedBatch], bool]) -> PreparedBatch | None:
+        build = self._build
+        taken = build.take_piece(rows, accept) if build is not None else None
+        if taken is None:
+            return None
+        piece, jobs = taken
+        self.jobs.extend(jobs)
+        return piece
+
+    def end(self) -> list[PreparedJob]:
+        """The jobs taken since the last call: they belong to the batch that ran."""
+        jobs, self.jobs = self.jobs, []
+        return jobs

@@ -210,6 +210,27 @@ class JoiningEngine(PreparingEngine, Protocol):
         ...
 
 
+class JoinFeed(Protocol):
+    """Prepared pieces of the batch being built, offered to the batch that runs (the inference
+    worker's, inference/batch_pieces.py)."""
+
+    def take(self, rows: int, accept: Callable[[PreparedBatch], bool]) -> PreparedBatch | None:
+        """The next prepared piece, when it has at most ``rows`` requests and ``accept`` says
+        the running batch can take it: from now on part of that batch. Otherwise None."""
+        ...
+
+
+@runtime_checkable
+class RowJoiningEngine(PreparingEngine, Protocol):
+    """A ``PreparingEngine`` whose running batch takes in more rows between decode steps
+    (inference/decode_joins.py)."""
+
+    def generate_joining(self, batch: PreparedBatch, feed: JoinFeed) -> list[GenerationResult]:
+        """``generate_prepared(batch)``, the pieces taken from ``feed`` meanwhile joining it:
+        the results of ``batch.requests``, then of each piece's requests in the order taken."""
+        ...
+
+
 @runtime_checkable
 class SteppingEngine(Engine, Protocol):
     """An engine that calls a hook between decode steps of a running batch.

@@ -48,55 +48,19 @@ from typing import Any
 
 import torch
 
-from inference import fast_buffers, gemv
+from inference import fast_buffers, gemv, step_ops
+from inference.decode_joins import RowJoins, RowSource
 from inference.fast_buffers import DecodeState, KVArena, batch_rows, image_offsets
 from inference.fused_qkv import apply_linear, fuse_gate_up, fuse_qkv, project_mlp, project_qkv
 from inference.rope_tables import RopeTables
 from inference.shared_prefix import DEFAULT_SHARED_PREFIX_MIN, PrefixKV, SharedPrefix
-from inference.step_ops import HFModule, StepOps, TextShape, TorchStepOps
+from inference.step_ops import HFModule
 
 log = logging.getLogger(__name__)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor so the graph never changes
-
-
-def _text_shape(model: HFModule) -> TextShape:
-    config = model.config.get_text_config()
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise TypeError("attention logit softcapping is not supported by the fast path")
-    layer_types = tuple(config.layer_types)
-    return TextShape(
-        num_layers=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        sliding_window=int(config.sliding_window or 0),
-        layer_types=layer_types,
-        scaling=float(config.query_pre_attn_scalar) ** -0.5,
-        vocab_size=config.vocab_size,
-    )
-
-
-def _language_model(model: HFModule) -> HFModule:
-    """Gemma3ForConditionalGeneration keeps the text stack at ``model.model.language_model``."""
-    inner = getattr(model, "model", None)
-    language_model = getattr(inner, "language_model", None)
-    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    if language_model is None or not all(hasattr(language_model, n) for n in needed):
-        raise TypeError(f"{type(model).__name__} is not a Gemma 3 image-text model")
-    return language_model
-
-
-def _step_ops(shape: TextShape, *, use_triton: bool, gelu_tanh: bool) -> StepOps:
-    """The eager step, or the Triton one: imported only when chosen (CI has neither CUDA nor
-    Triton)."""
-    if not use_triton:
-        return TorchStepOps(shape)
-    from inference.triton_ops import TritonStepOps
-
-    return TritonStepOps(shape, gelu_tanh)
 
 
 def _round_up(value: int, step: int) -> int:
@@ -138,9 +102,9 @@ class FastGreedyGenerator:
         check_every: int = 8,
     ) -> None:
         self.model = model
-        self.lm: HFModule = _language_model(model)
+        self.lm: HFModule = step_ops.language_model(model)
         self.lm_head: HFModule = model.lm_head
-        self.shape = _text_shape(model)
+        self.shape = step_ops.text_shape(model)
         first = next(model.parameters())
         self.device, self.dtype = first.device, self._compute_dtype(first)
         on_cuda = self.device.type == "cuda"
@@ -148,7 +112,7 @@ class FastGreedyGenerator:
         use_triton = (on_cuda and HAS_TRITON) if use_triton is None else use_triton
         text_config = model.config.get_text_config()
         gelu_tanh = getattr(text_config, "hidden_activation", "") == "gelu_pytorch_tanh"
-        self.ops = _step_ops(self.shape, use_triton=use_triton, gelu_tanh=gelu_tanh)
+        self.ops = step_ops.chosen(self.shape, use_triton=use_triton, gelu_tanh=gelu_tanh)
         # By default on CUDA: one product for q, k, v and one for gate, up a layer, each by the
         # fastest kernel (fused_qkv.py, gemv.py); the CPU keeps the modules (eager reference).
         fuse = on_cuda if fuse_projections is None else fuse_projections
@@ -157,6 +121,8 @@ class FastGreedyGenerator:
         self._gemv = gemv.GemvPicker(on_cuda if use_gemv is None else use_gemv)
         self.max_batch = max_batch
         self.max_total_len = max_total_len
+        # Rows that join a running batch (inference/decode_joins.py) move it to this length.
+        self.join_length = max_total_len
         self.len_step = len_step
         # Long prompts (CT/MR): the memory a long batch may take at a time, counted in KV
         # columns (rows x tokens) of every layer, 0 for none (they then go to model.generate);
@@ -227,6 +193,7 @@ class FastGreedyGenerator:
         self._min_length = min(_round_up(needed, self.len_step), self.max_total_len)
         for rows in self.buckets:
             self._state(rows, self._min_length)
+            self._state(rows, self.join_length)
         if sample_inputs is not None:
             self.generate(sample_inputs, max_new_tokens=2, force_new_tokens=True)
 
@@ -239,19 +206,23 @@ class FastGreedyGenerator:
         pad_token_id: int | None = None,
         force_new_tokens: bool = False,
         between_steps: Callable[[], None] | None = None,
+        joins: RowSource | None = None,
     ) -> torch.Tensor:
         """New tokens [batch, n] (CPU). ``force_new_tokens`` never lets EOS win, as
         ``min_new_tokens=max_new_tokens`` does in ``generate``: exactly max_new_tokens each.
 
         ``between_steps`` runs in this thread every ``check_every`` decode steps, after the stop
         test (where the loop syncs with the device). It may generate on another generator (its
-        own buffers), never on this one: the running batch's KV is in this one's buffers."""
+        own buffers), never on this one: the running batch's KV is in this one's buffers.
+
+        ``joins``: asked at the same points for rows to join the batch (inference/
+        decode_joins.py); their tokens follow the batch's rows, in the order they joined."""
         if self._busy:
             raise RuntimeError("generate called again while this generator's batch runs")
         self._busy, self._between_steps = True, between_steps
         try:
             return self._generate(
-                inputs, max_new_tokens, eos_token_ids, pad_token_id, force_new_tokens
+                inputs, max_new_tokens, eos_token_ids, pad_token_id, force_new_tokens, joins
             )
         finally:
             self._busy, self._between_steps = False, None
@@ -263,6 +234,7 @@ class FastGreedyGenerator:
         eos_token_ids: int | Sequence[int] | None,
         pad_token_id: int | None,
         force_new_tokens: bool,
+        joins: RowSource | None = None,
     ) -> torch.Tensor:
         eos = _as_id_list(eos_token_ids if eos_token_ids is not None else self._default_eos())
         pad = pad_token_id if pad_token_id is not None else self._default_pad(eos)
@@ -279,6 +251,11 @@ class FastGreedyGenerator:
         self._set_stopping(eos, pad, force_new_tokens)
         rows, prompt_len = input_ids.shape
         per_pass = self._rows_per_pass(prompt_len + max_new_tokens - 1)
+        if joins is not None and rows <= per_pass and self._joinable(prompt_len, max_new_tokens):
+            joining = RowJoins(self, joins, max_new_tokens, eos, pad)
+            return self._generate_rows(
+                batch, offsets, max_new_tokens, eos, force_new_tokens, joining
+            )
         parts = []
         for start in range(0, rows, per_pass):
             stop = min(start + per_pass, rows)
@@ -315,6 +292,10 @@ class FastGreedyGenerator:
         row = sum(fast_buffers.row_columns(self._long_rings, length))
         fit = min(self.max_batch, self._long_budget() // row)
         return max((b for b in self.buckets if b <= fit), default=0)
+
+    def _joinable(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """Rows can join a batch of these prompts: short buffers with room to spare."""
+        return max_new_tokens > 1 and prompt_len + max_new_tokens <= self.join_length
 
     def _long_budget(self) -> int:
         """The long-prompt budget in layer columns (one layer's K and V of one token)."""
@@ -396,6 +377,7 @@ class FastGreedyGenerator:
         max_new_tokens: int,
         eos: list[int],
         force: bool,
+        joining: RowJoins | None = None,
     ) -> torch.Tensor:
         """One pass of rows; ``offsets``: each row's first image in its ``pixel_values``."""
         mask = batch["attention_mask"]
@@ -405,17 +387,27 @@ class FastGreedyGenerator:
             return fast_buffers.trim_after_eos(first[:, None].cpu(), eos)
         bucket = next(b for b in self.buckets if b >= rows)
         state = self._state(bucket, self._length(prompt_len + max_new_tokens - 1))
+        if joining is not None:
+            joining.reserve(bucket)
         first = self._prefill_passes(batch, offsets, state)
         self._load_inputs(state, mask, first)
+        if joining is not None:
+            return joining.run(state, rows, prompt_len)
         produced = self._decode(state, rows, max_new_tokens, check=not force)
         # A copy: the buffer is reused by the next chunk (and .cpu() is a no-op on CPU).
         return fast_buffers.trim_after_eos(state.out[:rows, :produced].to("cpu", copy=True), eos)
 
     def _prefill_passes(
-        self, batch: dict[str, torch.Tensor], offsets: list[int], state: DecodeState | None
+        self,
+        batch: dict[str, torch.Tensor],
+        offsets: list[int],
+        state: DecodeState | None,
+        first_row: int = 0,
+        end: int | None = None,
     ) -> torch.Tensor:
         """The prompt in passes of at most ``prefill_tokens`` tokens (whole rows); each pass's
-        KV goes into the state's rows at once, so only one pass's cache is alive at a time.
+        KV goes into the state's rows from ``first_row`` at once, so only one pass's cache is
+        alive at a time, its last column at ``end`` - 1 (default: the prompt's length).
         Returns every row's first new token."""
         rows, prompt_len = batch["input_ids"].shape
         per_pass = max(1, self.prefill_tokens // prompt_len)
@@ -425,18 +417,18 @@ class FastGreedyGenerator:
             stop = min(start + per_pass, rows)
             first, cache = self._prefill(batch_rows(batch, offsets, start, stop)[0], prefix)
             if state is not None:
-                self._load_kv(state, cache, start, prompt_len)
+                self._load_kv(state, cache, first_row + start, end or prompt_len)
             del cache  # the prompt's KV now lives in the static buffers
             firsts.append(first)
         return torch.cat(firsts)
 
-    def _load_kv(self, state: DecodeState, cache: Any, row: int, prompt_len: int) -> None:
-        """A pass's prompt KV into columns [0, prompt_len) of the state's rows from ``row``:
+    def _load_kv(self, state: DecodeState, cache: Any, row: int, end: int) -> None:
+        """A pass's prompt KV into the columns before ``end`` of the state's rows from ``row``:
         what the cache kept of them (its local layers: the last window - 1, all a decode step
         reads), a ring's at slot column % ring."""
         for i, layer in enumerate(cache.layers):
-            fast_buffers.store_columns(state.keys[i], row, layer.keys, prompt_len)
-            fast_buffers.store_columns(state.values[i], row, layer.values, prompt_len)
+            fast_buffers.store_columns(state.keys[i], row, layer.keys, end)
+            fast_buffers.store_columns(state.values[i], row, layer.values, end)
 
     def _load_inputs(self, state: DecodeState, mask: torch.Tensor, first: torch.Tensor) -> None:
         """The first new token, positions and stop flags into the step inputs."""

@@ -29,12 +29,8 @@ from inference.engine import Engine, EngineUnavailable, GenerationRequest
 from inference.openai_engine import OpenAIEngine
 from inference.prompts import PromptLibrary
 from inference.scripted_engine import SCRIPTED_IDENTITY, ScriptedEngine
-from inference.transformers_engine import (
-    ModelLoadError,
-    TransformersEngine,
-    locate_weights,
-    missing_weights_message,
-)
+from inference.transformers_engine import ModelLoadError, TransformersEngine
+from inference.weights import locate_weights, missing_weights_message
 
 log = logging.getLogger(__name__)
 

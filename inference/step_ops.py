@@ -46,6 +46,33 @@ class TextShape:
     vocab_size: int
 
 
+def text_shape(model: HFModule) -> TextShape:
+    config = model.config.get_text_config()
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise TypeError("attention logit softcapping is not supported by the fast path")
+    layer_types = tuple(config.layer_types)
+    return TextShape(
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        sliding_window=int(config.sliding_window or 0),
+        layer_types=layer_types,
+        scaling=float(config.query_pre_attn_scalar) ** -0.5,
+        vocab_size=config.vocab_size,
+    )
+
+
+def language_model(model: HFModule) -> HFModule:
+    """Gemma3ForConditionalGeneration keeps the text stack at ``model.model.language_model``."""
+    inner = getattr(model, "model", None)
+    language_model = getattr(inner, "language_model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if language_model is None or not all(hasattr(language_model, n) for n in needed):
+        raise TypeError(f"{type(model).__name__} is not a Gemma 3 image-text model")
+    return language_model
+
+
 class StepOps(Protocol):
     """The operations between the matrix products of one decode step (and the prompt pass).
 
@@ -187,3 +214,13 @@ class TorchStepOps(StepOps):
     def prompt_pass(self, language_model: HFModule) -> Iterator[None]:
         """The model's own modules as they are."""
         yield
+
+
+def chosen(shape: TextShape, *, use_triton: bool, gelu_tanh: bool) -> StepOps:
+    """The eager step, or the Triton one: imported only when chosen (CI has neither CUDA nor
+    Triton)."""
+    if not use_triton:
+        return TorchStepOps(shape)
+    from inference.triton_ops import TritonStepOps
+
+    return TritonStepOps(shape, gelu_tanh)

@@ -30,7 +30,6 @@ the second, small priority generator (``attach_fast_generator(..., priority=)``,
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import json
 import logging
@@ -49,17 +48,21 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from config.settings import ModelSettings
 from core.errors import InferenceError
+from inference.decode_joins import RowSource
 from inference.demo_model import DEMO_MODEL_MARKER
 from inference.device_inputs import DeviceInputs, join_pieces
 from inference.engine import (
     GenerationRequest,
     GenerationResult,
+    JoinFeed,
     OutOfMemory,
     PreparedBatch,
     prompt_groups,
 )
+from inference.engine_joins import PieceRows
 from inference.prefill_attention import CHUNKED_SDPA
 from inference.vision_tower import as_rgb, keep_vision_embeddings_row_major
+from inference.weights import locate_weights, missing_weights_message, model_revision
 from storage.report_schema import ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,6 @@ MODEL_IMAGE_SIDE = 896  # MedGemma's SigLIP input (model card)
 
 # Text markers of MedGemma's thinking block; kept in the decoded text for the parser.
 THINKING_TOKENS = ("<unused94>", "<unused95>")
-WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")
 
 
 class ModelLoadError(InferenceError, RuntimeError):
@@ -90,97 +92,11 @@ class FastGenerator(Protocol):
         max_new_tokens: int,
         *,
         between_steps: Callable[[], None] | None = None,
+        joins: RowSource | None = None,
     ) -> torch.Tensor:
-        """``between_steps``: called every few decode steps (see the module docstring)."""
+        """``between_steps``: called every few decode steps (see the module docstring);
+        ``joins``: rows that join the batch meanwhile (inference/decode_joins.py)."""
         ...
-
-
-def _hub_cache_dir() -> Path:
-    """HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub rules)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
-    )
-    return Path(home) / "hub"
-
-
-def cache_repo_dir(model_id: str, cache_dir: Path | None = None) -> Path:
-    """Where the Hugging Face cache keeps a model: ``models--{org}--{name}``."""
-    return (cache_dir or _hub_cache_dir()) / ("models--" + model_id.replace("/", "--"))
-
-
-def has_weights(directory: Path) -> bool:
-    """A loadable model directory: config.json plus at least one readable weight file."""
-    if not (directory / "config.json").is_file():
-        return False
-    return any(p.exists() for pattern in WEIGHT_FILE_PATTERNS for p in directory.glob(pattern))
-
-
-def _snapshot_in_cache(repo_dir: Path) -> Path | None:
-    """The snapshot ``refs/main`` points at, else the newest complete one."""
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        snapshot = repo_dir / "snapshots" / ref.read_text(encoding="utf-8").strip()
-        if has_weights(snapshot):
-            return snapshot
-    snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    complete = [p for p in snapshots.iterdir() if p.is_dir() and has_weights(p)]
-    return max(complete, key=lambda p: p.stat().st_mtime) if complete else None
-
-
-def searched_weight_paths(settings: ModelSettings) -> list[Path]:
-    """Where ``locate_weights`` looks, in order."""
-    if settings.model_path is not None:
-        return [settings.model_path]
-    return [cache_repo_dir(settings.model_id)]
-
-
-def locate_weights(settings: ModelSettings) -> Path | None:
-    """The directory to load the model from, or None when no complete copy is present.
-
-    ``model.model_path`` may be a plain model directory (config.json + safetensors) or a
-    Hugging Face cache folder ``models--org--name``; without it the local Hugging Face cache
-    is searched for ``model.model_id``.
-    """
-    for candidate in searched_weight_paths(settings):
-        if has_weights(candidate):
-            return candidate
-        if candidate.is_dir() and (snapshot := _snapshot_in_cache(candidate)) is not None:
-            return snapshot
-    return None
-
-
-def missing_weights_message(settings: ModelSettings) -> str:
-    """What an operator reads in status and logs when no weights were found."""
-    searched = ", ".join(str(p) for p in searched_weight_paths(settings))
-    return (
-        f"Model weights for {settings.model_id} not found (searched: {searched}). "
-        "The node keeps receiving and storing studies and holds their jobs until weights are "
-        "present; it never downloads anything. To provide MedGemma weights either set "
-        "model.model_path to a local directory containing config.json and the *.safetensors "
-        "files, or on a machine with internet access accept the licence at "
-        f"https://huggingface.co/{settings.model_id} and run "
-        f"`huggingface-cli download {settings.model_id}`, then copy the cache folder "
-        f"{cache_repo_dir(settings.model_id).name} into {_hub_cache_dir()} on this machine "
-        "(or point HF_HUB_CACHE at it)."
-    )
-
-
-def model_revision(weights_dir: Path) -> str:
-    """The commit hash of a cache snapshot, else a short sha256 of the model's index/config."""
-    if weights_dir.parent.name == "snapshots":
-        return weights_dir.name
-    digest = hashlib.sha256()
-    for name in ("model.safetensors.index.json", "config.json"):
-        path = weights_dir / name
-        if path.is_file():
-            digest.update(path.read_bytes())
-    for weight in sorted(weights_dir.glob("*.safetensors")):
-        digest.update(f"{weight.name}:{weight.stat().st_size}".encode())
-    return "sha256:" + digest.hexdigest()[:12]
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -455,7 +371,10 @@ class TransformersEngine:
         return prepared.tensors
 
     def _generate_ids(
-        self, inputs: Mapping[str, torch.Tensor], max_new_tokens: int
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        max_new_tokens: int,
+        joins: RowSource | None = None,
     ) -> torch.Tensor:
         """The new ids of every row, [batch, <= max_new_tokens].
 
@@ -469,7 +388,9 @@ class TransformersEngine:
                 return self._priority_generator.generate(inputs, max_new_tokens)
         elif self._fast_generator is not None:
             hook = self._between_steps if self._step_hook is not None else None
-            return self._fast_generator.generate(inputs, max_new_tokens, between_steps=hook)
+            return self._fast_generator.generate(
+                inputs, max_new_tokens, between_steps=hook, joins=joins
+            )
         output: torch.Tensor = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False
         )
@@ -556,6 +477,32 @@ class TransformersEngine:
             result.seconds = seconds
             result.prepare_seconds = batch.seconds
         return ordered
+
+    def generate_joining(self, batch: PreparedBatch, feed: JoinFeed) -> list[GenerationResult]:
+        """``generate_prepared``, pieces from ``feed`` joining the batch between its decode
+        steps (inference/engine_joins.py): on the fast path, for a batch of one prompt group;
+        otherwise just ``generate_prepared``. Results: the batch's, then each piece's."""
+        groups = self._device_groups(batch)
+        if self._fast_generator is None or len(groups) != 1 or not batch.requests:
+            return self.generate_prepared(batch)
+        rows = PieceRows(feed, self._device_groups, self._take_inputs, batch)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                inputs = self._take_inputs(groups[0])
+                output = self._generate_ids(inputs, rows.max_new_tokens, rows)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise self._out_of_memory(len(batch.requests) + len(rows.taken)) from exc
+        results: list[GenerationResult] = []
+        parts = [(batch.requests, inputs), *((p.requests, t) for p, t in rows.taken)]
+        for requests, tensors in parts:
+            rows_output = output[len(results) : len(results) + len(requests)]
+            results += self._results(requests, tensors["attention_mask"], rows_output, 0.0)
+        seconds = batch.seconds + time.perf_counter() - started
+        for result in results:
+            result.seconds, result.prepare_seconds = seconds, batch.seconds
+            result.batch_size = len(results)
+        return results
 
     def _generate_group(
         self, requests: list[GenerationRequest], group: DeviceInputs

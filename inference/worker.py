@@ -27,8 +27,10 @@ shows the model the prior image first and asks the comparison question
 Pipelining: when the engine can build its inputs ahead (inference.engine.PreparingEngine), one
 background thread claims batch N+1, preprocesses it and runs engine.prepare while batch N
 generates (with render processes N+1 keeps taking studies that come due until N ends or it is
-full); N+1 then starts with engine.generate_prepared. A lone study goes straight through. A
-batch built ahead and never run (stop()) goes back to the queue with its attempt not counted.
+full); N+1 then starts with engine.generate_prepared. Until N+1 is complete, N takes its
+prepared pieces into the rows it leaves free as it decodes ([model] join_running_batch,
+inference/decode_joins.py). A batch built ahead and never run (stop()) goes back to the
+queue with its attempt not counted.
 
 Processes (``render_processes``, ``store_processes``; `serve` sets them from [model]): DICOM
 reading and rendering (inference/render_pool.py) and the storing of each answer with its
@@ -52,7 +54,7 @@ from config.settings import NodeSettings
 from core.errors import InferenceError
 from core.loop import LoopThread
 from core.redaction import error_text
-from inference.batch_pieces import PiecewiseBuild, Render, Rendered, piece_size
+from inference.batch_pieces import PieceFeed, PiecewiseBuild, Render, Rendered, piece_size
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
@@ -66,6 +68,7 @@ from inference.engine import (
     OutOfMemory,
     PreparedBatch,
     PreparingEngine,
+    RowJoiningEngine,
 )
 from inference.interactive import InteractiveLane
 from inference.job_questions import JobQuestions
@@ -86,11 +89,11 @@ from inference.report_store import (
 from inference.scope import StudyOutOfScope
 from inference.worker_jobs import (
     ClaimedBatch,
-    JobSource,
     PermanentJobError,
     PreparedJob,
     WorkerStats,
-    job_sources,
+    batch_sources,
+    job_source,
     map_side_by_side,
 )
 from storage.db import Database
@@ -166,6 +169,7 @@ class InferenceWorker:
         self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
         self._topping_up = TopUp()  # the batch built ahead grows while this one runs
         self._piece = piece_size(self.model_settings.max_batch)  # studies prepared at a time
+        self._feed = PieceFeed()  # the next batch's pieces, offered to the running one
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
         self.lane_steps = LaneBetweenSteps(
@@ -308,9 +312,10 @@ class InferenceWorker:
             build = PiecewiseBuild(
                 engine if isinstance(engine, JoiningEngine) else None,
                 self._questions_for, self._request, self._fail,
-                self._piece,
+                self._piece, job_ids,
             )  # fmt: skip
-            inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
+            with self._feed.offering(build if top_up else None):
+                inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
             stamps.setdefault("built", time.time())
             return ClaimedBatch(job_ids, build.jobs, inputs, stamps=stamps)
         loaded = map_side_by_side(self._prepare, job_ids, self.prior_finder is not None)
@@ -338,13 +343,12 @@ class InferenceWorker:
 
     def _submit_renders(self, pool: RenderPool, job_ids: list[int]) -> list[Render]:
         """Each job's study sent to the render processes (a job that cannot be read fails)."""
-        found = self._job_sources(job_ids) if job_ids else {}
+        found = batch_sources(self.db, self.data_dir, job_ids) if job_ids else {}
         renders = []
         for job_id in job_ids:
             try:
-                source = self._job_source(job_id) if found is None else found.get(job_id)
-                if source is None:
-                    raise LookupError(f"job {job_id} not found")
+                source = found.get(job_id) if found is not None else None
+                source = source or job_source(self.db, self.data_dir, job_id)
                 renders.append((source, pool.submit(source.paths)))
             except Exception as exc:
                 self._fail(job_id, exc)
@@ -421,7 +425,7 @@ class InferenceWorker:
     def _prepare(self, job_id: int) -> PreparedJob | None:
         """Read, render and question one job in this process; None when that failed it."""
         try:
-            source = self._job_source(job_id)
+            source = job_source(self.db, self.data_dir, job_id)
             started = time.perf_counter()
             try:
                 prepared = prepare_study(source.paths)
@@ -431,21 +435,6 @@ class InferenceWorker:
         except Exception as exc:
             self._fail(job_id, exc)
             return None
-
-    def _job_sources(self, job_ids: list[int]) -> dict[int, JobSource] | None:
-        """A batch's sources at once; None on an error (each job is then looked up, and
-        fails, alone)."""
-        try:
-            return job_sources(self.db, self.data_dir, job_ids)
-        except Exception:
-            log.warning("reading the batch's jobs failed; reading them one by one", exc_info=True)
-            return None
-
-    def _job_source(self, job_id: int) -> JobSource:
-        source = job_sources(self.db, self.data_dir, [job_id]).get(job_id)
-        if source is None:
-            raise LookupError(f"job {job_id} not found")
-        return source
 
     def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> int:
         """Run the batch and store or fail each job; return how many went back to the queue
@@ -531,20 +520,32 @@ class InferenceWorker:
         log.warning("engine unavailable, %d jobs back in the queue: %s", len(jobs), exc)
 
     def _generate(self, engine: Engine, batch: ClaimedBatch) -> list[GenerationResult]:
-        """A batch built ahead runs from its prepared inputs; any other, or one that ran out
-        of memory that way, goes through engine.generate and its halving. Once it ends the
-        next batch takes no more studies (and _engine_lost may wait for it)."""
+        """A batch built ahead runs from its prepared inputs; with render processes, pieces of
+        the batch being built join it as it decodes and become part of it. Any other batch, or
+        one that ran out of memory, goes through engine.generate and its halving. Once it ends
+        the next batch takes no more studies (and _engine_lost may wait for it)."""
         inputs, batch.inputs = batch.inputs, None
+        pool = self._render_pool
+        joins = self.model_settings.join_running_batch and pool is not None and pool.ready
+        joiner = engine if joins and isinstance(engine, RowJoiningEngine) else None
         try:
-            if inputs is not None and isinstance(engine, PreparingEngine):
+            if isinstance(engine, PreparingEngine):
                 try:
-                    return engine.generate_prepared(inputs)
+                    if inputs is None and joiner is not None:
+                        inputs = joiner.prepare([self._request(job) for job in batch.jobs])
+                    if inputs is not None and joiner is not None:
+                        return joiner.generate_joining(inputs, self._feed)
+                    if inputs is not None:
+                        return engine.generate_prepared(inputs)
                 except OutOfMemory:
                     log.warning("out of memory at prepared batch %d: retrying", len(batch.jobs))
                 del inputs  # its device memory is free before the batch is tried again
-            return self._generate_splitting(engine, batch.jobs)
+            return self._generate_splitting(engine, batch.jobs + self._feed.jobs)
         finally:
             self._topping_up.end()
+            joined = self._feed.end()  # studies that joined the batch are now part of it
+            batch.jobs.extend(joined)
+            batch.job_ids.extend(job.job_id for job in joined)
 
     def _generate_splitting(
         self, engine: Engine, jobs: list[PreparedJob]

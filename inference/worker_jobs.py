@@ -4,6 +4,7 @@ and the counters status shows."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from inference.preprocess import PreparedStudy
 from storage.db import Database
 from storage.models import Job, Study, StudyVersion
 from storage.report_schema import ScopeVerdict
+
+log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -63,6 +66,23 @@ def job_sources(db: Database, data_dir: Path, job_ids: list[int]) -> dict[int, J
             )
             for job_id, version, study in rows
         }
+
+
+def batch_sources(db: Database, data_dir: Path, job_ids: list[int]) -> dict[int, JobSource] | None:
+    """A batch's sources at once; None on an error (each job is then looked up, and fails,
+    alone)."""
+    try:
+        return job_sources(db, data_dir, job_ids)
+    except Exception:
+        log.warning("reading the batch's jobs failed; reading them one by one", exc_info=True)
+        return None
+
+
+def job_source(db: Database, data_dir: Path, job_id: int) -> JobSource:
+    source = job_sources(db, data_dir, [job_id]).get(job_id)
+    if source is None:
+        raise LookupError(f"job {job_id} not found")
+    return source
 
 
 @dataclass

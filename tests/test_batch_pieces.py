@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.batch_pieces import PiecewiseBuild, Render, Rendered, piece_size
+from inference.batch_pieces import PieceFeed, PiecewiseBuild, Render, Rendered, piece_size
 from inference.engine import GenerationRequest, JoinError, PreparedBatch
 from inference.render_pool import RenderedStudy, render_timed
 from inference.worker_jobs import JobSource, PreparedJob
@@ -124,3 +124,33 @@ def test_a_render_that_failed_fails_its_job_only(rendered: RenderedStudy) -> Non
 
 def test_a_piece_is_a_quarter_of_the_batch_from_one_to_eight() -> None:
     assert [piece_size(b) for b in (1, 4, 16, 32, 64, 256)] == [1, 1, 4, 8, 8, 8]
+
+
+def test_the_running_batch_takes_whole_prepared_pieces_until_the_batch_is_complete(
+    rendered: RenderedStudy,
+) -> None:
+    engine = Joiner()
+    claimed = [1, 2, 3, 4, 5]
+    pieces = PiecewiseBuild(engine, ask, request, lambda j, _e: None, 2, claimed)
+    feed = PieceFeed()
+    with feed.offering(pieces):
+        taken = take_two_pieces(feed, pieces, rendered, claimed)
+    assert feed.take(4, lambda _piece: True) is None  # no batch being built now
+    assert [j.job_id for j in feed.end()] == [1, 2] and feed.end() == []
+    assert taken == ["q1", "q2"]
+
+
+def take_two_pieces(
+    feed: PieceFeed, pieces: PiecewiseBuild, rendered: RenderedStudy, claimed: list[int]
+) -> list[str]:
+    pieces.add(renders(rendered, 5))
+    pieces.harvest()  # two pieces of two, one study waiting
+    assert feed.take(1, lambda _piece: True) is None  # a piece is never split
+    assert feed.take(4, lambda _piece: False) is None  # the running batch cannot take it
+    taken = feed.take(4, lambda _piece: True)
+    assert taken is not None
+    assert [j.job_id for j in pieces.jobs] == [3, 4, 5] and claimed == [3, 4, 5]
+    joined = pieces.finish({})
+    assert feed.take(4, lambda _piece: True) is None  # complete: nothing leaves any more
+    assert joined is not None and [r.prompt for r in joined.requests] == ["q3", "q4", "q5"]
+    return [r.prompt for r in taken.requests]

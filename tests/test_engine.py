@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
 from config.settings import ModelSettings
+from inference.decode_joins import RowSource
 from inference.demo_model import DEMO_MODEL_ID, DEMO_MODEL_MARKER, write_demo_model
 from inference.engine import (
     GenerationRequest,
@@ -192,6 +193,7 @@ def test_fast_generator_hook_replaces_generate(
             max_new_tokens: int,
             *,
             between_steps: Callable[[], None] | None = None,
+            joins: RowSource | None = None,
         ) -> torch.Tensor:
             rows = inputs["input_ids"].shape[0]
             return torch.tensor([scripted] * rows)

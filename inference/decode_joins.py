@@ -1,0 +1,201 @@
+"""Rows that join a batch while it decodes (inference/fast_decode.py).
+
+A batch costs about 0.75 s of decode steps whatever its size, plus about 36 ms a study (one
+H200, random-weight MedGemma-4B, 256 new tokens: benchmarks/RESULTS.md). At the start of a
+burst the worker could only run the first study alone and make the next batch wait for it,
+with the GPU idle: 640 radiographs sent at once came out at 0.83-0.85x the engine's pace.
+Here the studies that come due while a batch decodes join it between two decode steps, in the
+rows its bucket leaves free, so the fixed cost is paid once.
+
+How a row joins without a decode step of its own: every row of a state writes its next KV
+column at the same ``column``; a row attends only to the columns from its ``starts``, and its
+RoPE position is its own. A joining prompt of ``n`` tokens is prefilled by the model's own
+forward (as ``generate`` does) and its KV is stored in columns ``column - n`` to
+``column - 1`` of a free row, ``starts`` at its first real token: the next step then extends
+it exactly as a batch started with it would, its positions counted from its own first token.
+What it needs: a prompt no longer than the column the batch has reached (radiographs of one
+prompt group are within a few tokens of each other), and room for its new tokens before the
+state's end. So a batch that takes rows moves to a state of the join length (the longest of
+the short buffers) and, when the rows outgrow its bucket, to a larger bucket: its KV and step
+inputs are copied there (a few milliseconds).
+
+Each group of rows keeps the step at which it joined: its tokens are ``out`` from that step
+on, and once it has its ``max_new_tokens`` it is marked done (the tokens a row makes past its
+end, until the next check, are cut). Rows join only while the batch's first rows are still
+generating, so no answer waits more than about twice a batch's time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from inference import fast_buffers
+from inference.fast_buffers import DecodeState, image_offsets
+
+if TYPE_CHECKING:
+    from inference.fast_decode import FastGreedyGenerator
+
+
+class RowSource(Protocol):
+    """Where the rows that join a running batch come from (the engine: inference/
+    engine_joins.py)."""
+
+    def take(self, rows: int, prompt_len: int) -> Mapping[str, torch.Tensor] | None:
+        """The inputs of at most ``rows`` rows, prompts at most ``prompt_len`` tokens long
+        (processor tensors, padded on the left), now part of the batch; or None."""
+        ...
+
+
+@dataclass
+class JoinedRows:
+    """A group of rows of the state, and the step (index in ``out``) of its first token."""
+
+    first_row: int
+    rows: int
+    first_step: int
+    finished: bool = False
+    tokens: torch.Tensor | None = None  # decoded apart (rows the state cannot hold)
+
+
+class RowJoins:
+    """One batch's decode loop with rows joining it (see the module docstring)."""
+
+    def __init__(
+        self,
+        generator: FastGreedyGenerator,
+        source: RowSource,
+        max_new_tokens: int,
+        eos: list[int],
+        pad: int,
+    ) -> None:
+        self.gen = generator
+        self.source = source
+        self.max_new_tokens = max_new_tokens
+        self.eos, self.pad = eos, pad
+        self.groups: list[JoinedRows] = []
+        self.used = 0  # rows of the state in use
+        self.prompt_len = 0
+
+    def reserve(self, rows: int) -> None:
+        """The states the batch may move to, built before any KV is loaded: capturing a
+        graph runs the step on the arena, which would overwrite the batch's KV."""
+        for bucket in self.gen.buckets:
+            if bucket >= rows:
+                self.gen._state(bucket, self.gen.join_length)
+
+    def run(self, state: DecodeState, rows: int, prompt_len: int) -> torch.Tensor:
+        """Decode the ``rows`` rows loaded into ``state`` and every row that joins; their new
+        tokens in joining order, [rows + joined, <= max_new_tokens] on the CPU."""
+        gen = self.gen
+        self.used, self.prompt_len = rows, prompt_len
+        self.groups = [JoinedRows(0, rows, 0)]
+        produced = 1
+        while produced < self._end():
+            if (produced - 1) % gen.check_every == 0:
+                state = self._admit(state, produced)
+                self._finish_groups(state, produced)
+                if bool(state.done[: self.used].all()):
+                    break
+                if gen._between_steps is not None:
+                    gen._between_steps()
+            gen._run_step(state)
+            produced += 1
+        return self._tokens(state, produced)
+
+    def _end(self) -> int:
+        return max(g.first_step + self.max_new_tokens for g in self.groups if g.tokens is None)
+
+    def _finish_groups(self, state: DecodeState, produced: int) -> None:
+        """Rows that have all their tokens stop (pad from here on)."""
+        for group in self.groups:
+            if not group.finished and produced >= group.first_step + self.max_new_tokens:
+                state.done[group.first_row : group.first_row + group.rows] = True
+                group.finished = True
+
+    def _admit(self, state: DecodeState, produced: int) -> DecodeState:
+        """Rows from the source into free rows of the state (moved to a larger one first)."""
+        gen = self.gen
+        column = self.prompt_len + produced - 1  # where the next step writes
+        free = gen.max_batch - self.used
+        room = column + self.max_new_tokens - 1 <= gen.join_length
+        if free < 1 or produced >= self.max_new_tokens or not room:
+            return state
+        inputs = self.source.take(free, column)
+        if inputs is None:
+            return state
+        batch = {k: gen._to_device(v) for k, v in inputs.items() if torch.is_tensor(v)}
+        rows, length = batch["input_ids"].shape
+        if not 0 < rows <= free or length > column:
+            raise ValueError(f"{rows} rows of {length} tokens cannot join {free} rows at {column}")
+        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+        offsets = image_offsets(batch, gen._image_token_id, gen._tokens_per_image)
+        if offsets is None or not gen._fits(batch, self.max_new_tokens):
+            # Decoded apart now (as any batch the static buffers cannot take): never lost.
+            tokens = gen._fallback(batch, self.max_new_tokens, self.eos, self.pad, False)
+            self.groups.append(JoinedRows(-1, rows, 0, True, tokens))
+            return state
+        state = self._grown(state, self.used + rows, column, produced)
+        self._load_rows(state, batch, offsets, column, produced)
+        return state
+
+    def _load_rows(
+        self,
+        state: DecodeState,
+        batch: dict[str, torch.Tensor],
+        offsets: list[int],
+        column: int,
+        produced: int,
+    ) -> None:
+        """The joining rows' prompt KV ends at ``column``; their first token goes to out
+        column ``produced - 1``, where the next step's input of every row is."""
+        gen, first_row = self.gen, self.used
+        rows = batch["input_ids"].shape[0]
+        first = gen._prefill_passes(batch, offsets, state, first_row=first_row, end=column)
+        counts = batch["attention_mask"].long().sum(-1)
+        part = slice(first_row, first_row + rows)
+        state.tokens[part] = first
+        state.positions[part] = counts
+        state.starts[part] = column - counts
+        state.done[part] = (first[:, None] == gen._eos[None, :]).any(-1)
+        state.out[part, produced - 1] = first
+        self.groups.append(JoinedRows(first_row, rows, produced - 1))
+        self.used += rows
+
+    def _grown(self, state: DecodeState, rows: int, column: int, produced: int) -> DecodeState:
+        """``state``, or the join-length state of the smallest bucket holding ``rows`` rows
+        with the batch copied in (both are views of one arena, so each layer's KV goes through
+        a copy of its own: the two may overlap)."""
+        gen = self.gen
+        bucket = next(b for b in gen.buckets if b >= rows)
+        if bucket == state.rows and state.length == gen.join_length:
+            return state
+        grown = gen._state(bucket, gen.join_length)  # reserved: no capture here
+        used = self.used
+        for old, new in zip(state.keys + state.values, grown.keys + grown.values, strict=True):
+            new[:used, :, :column].copy_(old[:used, :, :column].clone())
+        for name in ("tokens", "positions", "starts", "done"):
+            getattr(grown, name)[:used] = getattr(state, name)[:used]
+        grown.out[:used, :produced] = state.out[:used, :produced]
+        grown.tokens[used:] = self.pad
+        grown.positions[used:] = 0
+        grown.starts[used:] = column  # free rows attend only to what they write themselves
+        grown.done[used:] = True
+        grown.column.copy_(state.column)
+        grown.step.copy_(state.step)
+        return grown
+
+    def _tokens(self, state: DecodeState, produced: int) -> torch.Tensor:
+        parts = []
+        for group in self.groups:
+            if group.tokens is not None:
+                parts.append(group.tokens)
+                continue
+            rows = slice(group.first_row, group.first_row + group.rows)
+            end = min(produced, group.first_step + self.max_new_tokens)
+            tokens = state.out[rows, group.first_step : end].to("cpu", copy=True)
+            parts.append(fast_buffers.trim_after_eos(tokens, self.eos))
+        return fast_buffers.concat_padded(parts, self.pad)

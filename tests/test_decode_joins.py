@@ -1,0 +1,117 @@
+"""Rows that join a running batch (inference/decode_joins.py) get exactly the tokens
+``model.generate`` gives them as a batch of their own, whenever they join: the tiny demo model
+in float32 on the CPU, the eager step on the same static buffers the CUDA graphs replay.
+The source of rows is a scripted double of the engine's (which tests/test_engine_joins.py
+runs for real)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+
+from inference.fast_decode import FastGreedyGenerator
+from tests.test_fast_decode import plain, study_inputs
+
+LONGEST = "List the findings, then an impression, in two short paragraphs please."
+
+
+def assert_rows(got: torch.Tensor, expected: torch.Tensor, pad: int = 0) -> None:
+    """``got`` starts with ``expected`` (generate's own tokens) and is pad after it."""
+    width = expected.shape[1]
+    assert torch.equal(got[:, :width], expected)
+    assert (got[:, width:] == pad).all()
+
+
+class Scripted:
+    """Hands out ``offers[i]`` at its i-th call (None: nothing then); records each call's
+    (free rows, longest prompt)."""
+
+    def __init__(self, offers: list[dict[str, torch.Tensor] | None]) -> None:
+        self.offers = offers
+        self.calls: list[tuple[int, int]] = []
+
+    def take(self, rows: int, prompt_len: int) -> Mapping[str, torch.Tensor] | None:
+        self.calls.append((rows, prompt_len))
+        offer = self.offers[len(self.calls) - 1] if len(self.calls) <= len(self.offers) else None
+        if offer is not None:
+            assert offer["input_ids"].shape[0] <= rows
+            assert offer["input_ids"].shape[1] <= prompt_len
+        return offer
+
+
+def test_rows_joining_at_two_steps_get_their_own_batch_tokens(model: Any, processor: Any) -> None:
+    first = study_inputs(processor, [LONGEST])
+    pair = study_inputs(processor, ["Any fracture?", "Describe the chest X-ray."])
+    late = study_inputs(processor, ["Heart size?"])
+    source = Scripted([None, pair, None, late])
+    gen = FastGreedyGenerator(model, max_batch=4, max_total_len=256)
+
+    out = gen.generate(first, max_new_tokens=12, joins=source)
+
+    assert out.shape[0] == 4  # the batch's row, then the joined rows in joining order
+    assert_rows(out[:1], plain(model, first, 12))
+    assert_rows(out[1:3], plain(model, pair, 12))
+    assert_rows(out[3:], plain(model, late, 12))
+    # Offered before every step (on the CPU: on CUDA every check_every steps) while the first
+    # row runs, with the rows left free and the column the batch has reached; none once full.
+    length = first["input_ids"].shape[1]
+    assert source.calls == [(3, length), (3, length + 1), (1, length + 2), (1, length + 3)]
+    assert (4, 256) in gen._states  # it moved to the bucket of four
+
+
+def test_joined_rows_stop_at_their_own_end(model: Any, processor: Any) -> None:
+    first = study_inputs(processor, [LONGEST])
+    joined = study_inputs(processor, ["Any fracture?"])
+    free = plain(model, joined, 16)[0].tolist()
+    # A token the joining row makes early (for the first time at ``at``): its end of sequence.
+    at = next(i for i in range(2, 16) if free[i] not in free[:i])
+    stop = free[at]
+    gen = FastGreedyGenerator(model, max_batch=2, max_total_len=256)
+
+    out = gen.generate(
+        first, max_new_tokens=16, eos_token_ids=[stop], pad_token_id=0,
+        joins=Scripted([None, None, None, joined]),
+    )  # fmt: skip
+
+    assert_rows(out[:1], plain(model, first, 16, eos_token_id=[stop], pad_token_id=0))
+    expected = plain(model, joined, 16, eos_token_id=[stop], pad_token_id=0)
+    assert_rows(out[1:], expected)
+    assert expected.shape[1] == at + 1 and int(expected[0, at]) == stop
+
+
+def test_no_rows_are_asked_for_once_the_first_rows_are_done(model: Any, processor: Any) -> None:
+    first = study_inputs(processor, [LONGEST])
+    free = plain(model, first, 10)
+    never = next(t for t in range(1, 1000) if t not in free[0].tolist())  # no early end
+    source = Scripted([])
+    gen = FastGreedyGenerator(model, max_batch=2, max_total_len=256)
+
+    out = gen.generate(first, max_new_tokens=10, eos_token_ids=[never], joins=source)
+
+    assert torch.equal(out, free)
+    length = first["input_ids"].shape[1]
+    # Asked before each of the 9 steps after the first token, never after the last.
+    assert source.calls == [(1, length + step) for step in range(9)]
+
+
+@pytest.mark.parametrize("bad", ["longer", "more rows"])
+def test_a_source_that_breaks_its_word_ends_the_batch_with_an_error(
+    model: Any, processor: Any, bad: str
+) -> None:
+    first = study_inputs(processor, ["Any fracture?"])
+    if bad == "longer":
+        offer = study_inputs(processor, [LONGEST + " And more words, many more words."])
+    else:
+        offer = study_inputs(processor, ["Any fracture?"] * 3)
+
+    class Careless(Scripted):
+        def take(self, rows: int, prompt_len: int) -> Mapping[str, torch.Tensor] | None:
+            self.calls.append((rows, prompt_len))
+            return offer
+
+    gen = FastGreedyGenerator(model, max_batch=2, max_total_len=256)
+    with pytest.raises(ValueError, match="cannot join"):
+        gen.generate(first, max_new_tokens=8, joins=Careless([]))
