@@ -225,6 +225,10 @@ def run_node(args: argparse.Namespace, case: dict[str, Any], files: list[Path]) 
         profile = read_profile(node.database_url)
     finally:
         node.terminate(timeout=120)
+        if args.keep_log is not None:
+            args.keep_log.mkdir(parents=True, exist_ok=True)
+            log_name = f"serve-mb{case['max_batch']}-{case['studies']}.log"
+            shutil.copy(node.stderr_path, args.keep_log / log_name)
         shutil.rmtree(work, ignore_errors=True)
     count = len(studies)
     return {
@@ -484,6 +488,7 @@ def main() -> None:
     )
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--work", type=Path, default=None, help="work directory (default: temp)")
+    parser.add_argument("--keep-log", type=Path, default=None, help="copy serve's log here")
     args = parser.parse_args()  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="node-gpu-", dir=args.work) as directory:
         args.work = Path(directory)

@@ -21,6 +21,8 @@ some 1,500 small kernels a token (README, "GPU sizing"; benchmarks/RESULTS.md). 
   with its own images), so activations and the vision tower's batch stay bounded;
 * when every row starts with the same ``shared_prefix_min`` tokens or more before its first
   image (the question asked first), they run once for the batch (inference/shared_prefix.py);
+* rows may join a running batch between two steps, in the rows its bucket leaves free
+  (``generate(joins=)``, inference/decode_joins.py);
 * the small operations between the matrix products (RMSNorm, residual add, qk-norm + RoPE +
   KV write, decode attention, GeGLU) are a ``StepOps`` (inference/step_ops.py): on CUDA with
   Triton, ``TritonStepOps`` (inference/triton_ops.py) runs them as fused kernels
@@ -191,6 +193,9 @@ class FastGreedyGenerator:
         with ``sample_inputs`` also run one short generation so the prompt path is warm too."""
         needed = prompt_len + max_new_tokens - 1
         self._min_length = min(_round_up(needed, self.len_step), self.max_total_len)
+        # Rows join within a batch's first max_new_tokens steps (inference/decode_joins.py).
+        joined = _round_up(needed + max_new_tokens, self.len_step)
+        self.join_length = max(self._min_length, min(joined, self.max_total_len))
         for rows in self.buckets:
             self._state(rows, self._min_length)
             self._state(rows, self.join_length)
