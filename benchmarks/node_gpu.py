@@ -131,6 +131,7 @@ def node_sections(args: argparse.Namespace, case: dict[str, Any], work: Path) ->
         "max_new_tokens": args.new_tokens,
         "prompts_dir": str(args.prompts),
         "lease_seconds": 3600.0,
+        "join_running_batch": not args.no_joins,
     }
     for key in ("render_processes", "output_processes"):
         if case.get(key) is not None:
@@ -144,7 +145,7 @@ def node_sections(args: argparse.Namespace, case: dict[str, Any], work: Path) ->
         "completion": {"default_seconds": args.quiet, "rules": []},
         "model": model,
         "dicom": {"max_associations": args.associations + 4, **receivers},
-        "logging": {"level": "WARNING"},
+        "logging": {"level": args.log_level},
         "destinations": [
             {"name": "files", "kind": "file", "directory": str(work / "delivered")},
         ],
@@ -489,6 +490,10 @@ def main() -> None:
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--work", type=Path, default=None, help="work directory (default: temp)")
     parser.add_argument("--keep-log", type=Path, default=None, help="copy serve's log here")
+    parser.add_argument("--log-level", default="WARNING", help="serve's [logging] level")
+    parser.add_argument(
+        "--no-joins", action="store_true", help="[model] join_running_batch = false"
+    )
     args = parser.parse_args()  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="node-gpu-", dir=args.work) as directory:
         args.work = Path(directory)

@@ -23,12 +23,15 @@ Each group of rows keeps the step at which it joined: its tokens are ``out`` fro
 on, and once it has its ``max_new_tokens`` it is marked done (the tokens a row makes past its
 end, until the next check, are cut).
 
-When rows may join: every step a row joins late is a step the whole batch runs longer, which
-pays when the alternative is a small batch of its own (the start of a burst) and costs when the
-next batch would be full anyway. So a batch that started with ``r`` of ``max_batch`` rows takes
-rows during the first ``max_new_tokens x (max_batch - r) / max_batch`` steps: a lone study
-nearly all its life, a batch missing one piece of eight of 64 its first 32 steps (256 new
-tokens), a full one none. No answer waits more than about twice a batch's time.
+When rows may join: every step a row joins late is a step the whole batch runs longer, and
+its prompt runs in a small prefill of its own. That pays when the alternative is a small batch
+of its own with the GPU otherwise waiting (the start of a burst, a batch that started at most
+half full), and costs when the next batch would be full anyway: on one H200 a node whose
+nearly full batches took pieces of 8 in their first 32 steps kept 0.92x the engine's pace
+with the queue full, against 0.97-0.98x without (benchmarks/RESULTS.md). So only a batch that
+started at most half full takes rows, during its first rows' ``max_new_tokens`` steps (half
+of them was too short for the first pieces of a burst to be ready): no answer waits more than
+about twice a batch's time.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class RowJoins:
         tokens in joining order, [rows + joined, <= max_new_tokens] on the CPU."""
         gen = self.gen
         self.used, self.prompt_len = rows, prompt_len
-        self.window = self.max_new_tokens * (gen.max_batch - rows) // gen.max_batch
+        self.window = self.max_new_tokens if 2 * rows <= gen.max_batch else 0
         self.groups = [JoinedRows(0, rows, 0)]
         produced = 1
         while produced < self._end():

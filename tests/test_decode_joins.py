@@ -90,7 +90,9 @@ def test_joined_rows_stop_at_their_own_end(model: Any, processor: Any) -> None:
     assert expected.shape[1] == at + 1 and int(expected[0, at]) == stop
 
 
-def test_rows_are_asked_for_only_within_the_join_window(model: Any, processor: Any) -> None:
+def test_rows_are_asked_for_while_the_first_rows_run_and_only_by_half_empty_batches(
+    model: Any, processor: Any
+) -> None:
     first = study_inputs(processor, [LONGEST])
     free = plain(model, first, 10)
     never = next(t for t in range(1, 1000) if t not in free[0].tolist())  # no early end
@@ -101,9 +103,16 @@ def test_rows_are_asked_for_only_within_the_join_window(model: Any, processor: A
 
     assert torch.equal(out, free)
     length = first["input_ids"].shape[1]
-    # One row of two: rows may join during the first half of its 10 tokens (decode_joins.py),
-    # asked before each step from the first token on.
-    assert source.calls == [(1, length + step) for step in range(4)]
+    # One row of two: asked before each of the 9 steps after its first token, never after.
+    assert source.calls == [(1, length + step) for step in range(9)]
+    # Three rows of four (more than half full): never asked (decode_joins.py says why).
+    wide = FastGreedyGenerator(model, max_batch=4, max_total_len=256)
+    three = study_inputs(processor, [LONGEST, "Any fracture?", "Heart?"])
+    unasked = Scripted([])
+    assert torch.equal(
+        wide.generate(three, max_new_tokens=6, joins=unasked), plain(model, three, 6)
+    )
+    assert unasked.calls == []
 
 
 @pytest.mark.parametrize("bad", ["longer", "more rows"])
