@@ -166,8 +166,9 @@ class PieceFeed:
     """The worker's ``JoinFeed`` (inference/engine.py): the pieces of the batch being built,
     while it is built, and the jobs the running batch has taken from it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_closing: Callable[[float], None] | None = None) -> None:
         self._build: PiecewiseBuild | None = None
+        self._on_closing = on_closing  # the running batch's end, in seconds from now
         self.jobs: list[PreparedJob] = []
 
     @contextlib.contextmanager
@@ -187,6 +188,10 @@ class PieceFeed:
         piece, jobs = taken
         self.jobs.extend(jobs)
         return piece
+
+    def closing(self, seconds: float) -> None:
+        if self._on_closing is not None:
+            self._on_closing(seconds)
 
     def end(self) -> list[PreparedJob]:
         """The jobs taken since the last call: they belong to the batch that ran."""

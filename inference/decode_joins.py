@@ -37,6 +37,7 @@ about twice a batch's time.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -59,6 +60,10 @@ class RowSource(Protocol):
     def take(self, rows: int, prompt_len: int) -> Mapping[str, torch.Tensor] | None:
         """The inputs of at most ``rows`` rows, prompts at most ``prompt_len`` tokens long
         (processor tensors, padded on the left), now part of the batch; or None."""
+        ...
+
+    def closing(self, seconds: float) -> None:
+        """No more rows will join; the batch ends in about ``seconds``."""
         ...
 
 
@@ -92,6 +97,8 @@ class RowJoins:
         self.used = 0  # rows of the state in use
         self.prompt_len = 0
         self.window = 0  # rows join before this step (see the module docstring)
+        self._step_s = 0.0  # a decode step's time, measured between checks without a join
+        self._checked: tuple[float, int] | None = None  # (time, produced) at the last check
 
     def reserve(self, rows: int) -> None:
         """The states the batch may move to, built before any KV is loaded: capturing a
@@ -112,6 +119,7 @@ class RowJoins:
             if (produced - 1) % gen.check_every == 0:
                 state = self._admit(state, produced)
                 self._finish_groups(state, produced)
+                self._time_steps(produced)
                 if bool(state.done[: self.used].all()):
                     break
                 if gen._between_steps is not None:
@@ -125,6 +133,19 @@ class RowJoins:
                 self.groups[-1].first_step, produced,
             )  # fmt: skip
         return self._tokens(state, produced)
+
+    def _time_steps(self, produced: int) -> None:
+        """Time the steps since the last check (its stop test syncs with the device), unless
+        rows joined here; once no more rows can join, tell the source when the batch ends."""
+        now = time.perf_counter()
+        last, self._checked = self._checked, (now, produced)
+        joined_now = self.groups[-1].first_step == produced - 1
+        if last is not None and produced > last[1] and not joined_now:
+            self._step_s = (now - last[0]) / (produced - last[1])
+        closed = produced >= self.window or self.used == self.gen.max_batch
+        if self.window and closed and self._step_s > 0:
+            self.window = 0  # said once; no row joins from here on
+            self.source.closing((self._end() - produced) * self._step_s)
 
     def _end(self) -> int:
         return max(g.first_step + self.max_new_tokens for g in self.groups if g.tokens is None)

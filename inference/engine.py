@@ -219,6 +219,10 @@ class JoinFeed(Protocol):
         the running batch can take it: from now on part of that batch. Otherwise None."""
         ...
 
+    def closing(self, seconds: float) -> None:
+        """The running batch takes no more pieces, and ends in about ``seconds``."""
+        ...
+
 
 @runtime_checkable
 class RowJoiningEngine(PreparingEngine, Protocol):

@@ -48,6 +48,9 @@ class PieceRows:
         self.taken.append((piece, tensors))
         return dict(tensors)
 
+    def closing(self, seconds: float) -> None:
+        self._feed.closing(seconds)
+
     def _fits(self, piece: PreparedBatch, rows: int, prompt_len: int) -> bool:
         try:
             groups = self._groups(piece)

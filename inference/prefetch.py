@@ -72,6 +72,7 @@ class TopUp:
         self._generate_s: dict[int, float] = {}  # batch size -> its last generation, seconds
         self._tail_per_study_s = 0.0  # engine.prepare and the questions, per study
         self._tail_piece: int | None = None  # built in pieces of this many: the tail's cap
+        self._max_batch = 1  # of the batch being built
 
     def record_generate(self, size: int, seconds: float) -> None:
         self._generate_s[size] = seconds
@@ -90,11 +91,23 @@ class TopUp:
         """A batch of ``size`` starts; the one built meanwhile may grow to ``max_batch``."""
         timed = [seconds for rows, seconds in self._generate_s.items() if rows <= size]
         self._deadline = None
+        self._max_batch = max_batch
         if timed:
-            after_last = min(max_batch, self._tail_piece or max_batch)
-            tail = self._tail_per_study_s * after_last + self.RENDER_MARGIN_S
-            self._deadline = time.monotonic() + max(timed) - tail
+            self._deadline = time.monotonic() + max(timed) - self._tail(max_batch)
         self._ended.clear()
+
+    def ends_in(self, seconds: float) -> None:
+        """The running batch said when it ends (it takes no more rows: inference/
+        decode_joins.py): the batch built meanwhile stops growing in time for it, as with a
+        timed batch."""
+        deadline = time.monotonic() + seconds - self._tail(self._max_batch)
+        if self._deadline is None or deadline < self._deadline:
+            self._deadline = deadline
+
+    def _tail(self, max_batch: int) -> float:
+        """The time a batch of up to ``max_batch`` needs after its last study is claimed."""
+        after_last = min(max_batch, self._tail_piece or max_batch)
+        return self._tail_per_study_s * after_last + self.RENDER_MARGIN_S
 
     def end(self) -> None:
         """The batch has generated (or failed): stop topping up the next one at once."""

@@ -492,7 +492,8 @@ class TransformersEngine:
                 inputs = self._take_inputs(groups[0])
                 output = self._generate_ids(inputs, rows.max_new_tokens, rows)
         except torch.cuda.OutOfMemoryError as exc:
-            raise self._out_of_memory(len(batch.requests) + len(rows.taken)) from exc
+            joined = sum(len(piece.requests) for piece, _ in rows.taken)
+            raise self._out_of_memory(len(batch.requests) + joined) from exc
         results: list[GenerationResult] = []
         parts = [(batch.requests, inputs), *((p.requests, t) for p, t in rows.taken)]
         for requests, tensors in parts:

@@ -169,7 +169,8 @@ class InferenceWorker:
         self._prefetcher: Prefetcher[ClaimedBatch] = Prefetcher("inference-prefetch")
         self._topping_up = TopUp()  # the batch built ahead grows while this one runs
         self._piece = piece_size(self.model_settings.max_batch)  # studies prepared at a time
-        self._feed = PieceFeed()  # the next batch's pieces, offered to the running one
+        # The next batch's pieces, offered to the running one, which says when it will end.
+        self._feed = PieceFeed(self._topping_up.ends_in)
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
         self.lane_steps = LaneBetweenSteps(

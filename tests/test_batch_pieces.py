@@ -132,7 +132,10 @@ def test_the_running_batch_takes_whole_prepared_pieces_until_the_batch_is_comple
     engine = Joiner()
     claimed = [1, 2, 3, 4, 5]
     pieces = PiecewiseBuild(engine, ask, request, lambda j, _e: None, 2, claimed)
-    feed = PieceFeed()
+    closings: list[float] = []
+    feed = PieceFeed(closings.append)
+    feed.closing(1.5)  # the running batch's end goes where the worker said
+    assert closings == [1.5]
     with feed.offering(pieces):
         taken = take_two_pieces(feed, pieces, rendered, claimed)
     assert feed.take(4, lambda _piece: True) is None  # no batch being built now

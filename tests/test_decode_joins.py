@@ -33,6 +33,7 @@ class Scripted:
     def __init__(self, offers: list[dict[str, torch.Tensor] | None]) -> None:
         self.offers = offers
         self.calls: list[tuple[int, int]] = []
+        self.closings: list[float] = []  # the batch's end, as it said it
 
     def take(self, rows: int, prompt_len: int) -> Mapping[str, torch.Tensor] | None:
         self.calls.append((rows, prompt_len))
@@ -41,6 +42,9 @@ class Scripted:
             assert offer["input_ids"].shape[0] <= rows
             assert offer["input_ids"].shape[1] <= prompt_len
         return offer
+
+    def closing(self, seconds: float) -> None:
+        self.closings.append(seconds)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -67,6 +71,8 @@ def test_rows_joining_at_two_steps_get_their_own_batch_tokens(
     # row runs, with the rows left free and the column the batch has reached; none once full.
     length = first["input_ids"].shape[1]
     assert source.calls == [(3, length), (3, length + 1), (1, length + 2), (1, length + 3)]
+    # Full after the fourth: it said once when it would end (11 steps on, timed meanwhile).
+    assert len(source.closings) == 1 and source.closings[0] > 0
     assert (4, 256) in gen._states  # it moved to the bucket of four
 
 

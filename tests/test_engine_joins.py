@@ -38,12 +38,16 @@ class ListFeed:
     def __init__(self, pieces: list[PreparedBatch]) -> None:
         self.pieces = pieces
         self.offered = 0
+        self.closings: list[float] = []
 
     def take(self, rows: int, accept: Callable[[PreparedBatch], bool]) -> PreparedBatch | None:
         self.offered += 1
         if self.pieces and len(self.pieces[0].requests) <= rows and accept(self.pieces[0]):
             return self.pieces.pop(0)
         return None
+
+    def closing(self, seconds: float) -> None:
+        self.closings.append(seconds)
 
 
 def request(seed: int, prompt: str, images: int = 1, new_tokens: int = 10) -> GenerationRequest:

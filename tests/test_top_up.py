@@ -16,6 +16,17 @@ def test_without_timed_batches_it_grows_until_the_running_batch_ends() -> None:
     assert not top_up.still_running()
 
 
+def test_a_running_batch_that_says_when_it_ends_sets_the_limit_untimed() -> None:
+    top_up = TopUp(interval_s=0.01)
+    top_up.begin(size=1, max_batch=64)  # nothing timed: no limit yet
+    assert top_up.still_running()
+    top_up.ends_in(TopUp.RENDER_MARGIN_S + 0.15)  # it took its last rows (decode_joins.py)
+    assert top_up.still_running()
+    top_up.ends_in(60.0)  # a later word never moves the limit back
+    time.sleep(0.2)
+    assert not top_up.still_running()
+
+
 def test_it_stops_before_the_expected_end_less_the_time_to_prepare() -> None:
     top_up = TopUp(interval_s=0.01)
     top_up.record_generate(64, TopUp.RENDER_MARGIN_S + 0.15)
