@@ -18,6 +18,12 @@ An engine that decodes step by step in this process may call back between decode
 
     SteppingEngine.set_step_hook(hook | None)   hook() may call generate (re-entrant)
 
+Such an engine may also let a running batch take in prepared pieces of the next one, between
+decode steps (``RowJoiningEngine``, inference/decode_joins.py):
+
+    RowJoiningEngine.generate_joining(batch, feed) -> results of batch, then of each piece taken
+    JoinFeed.take(rows, accept) -> a piece | None;  JoinFeed.closing(seconds)  (no more taken)
+
 Implementations:
     inference.transformers_engine.TransformersEngine  real MedGemma / tiny demo model
     inference.openai_engine.OpenAIEngine               an OpenAI-compatible inference server
