@@ -139,3 +139,21 @@ def test_a_source_that_breaks_its_word_ends_the_batch_with_an_error(
     gen = FastGreedyGenerator(model, max_batch=2, max_total_len=256)
     with pytest.raises(ValueError, match="cannot join"):
         gen.generate(first, max_new_tokens=8, joins=Careless([]))
+
+
+def test_rows_the_buffers_cannot_take_are_decoded_apart(model: Any, processor: Any) -> None:
+    first = study_inputs(processor, [LONGEST])
+    # Padded on the right (no processor of ours pads so): the static buffers cannot take it.
+    right = study_inputs(processor, ["Any fracture?", "Heart?"])
+    for row, mask in enumerate(right["attention_mask"].clone()):
+        for key in ("input_ids", "attention_mask"):
+            right[key][row] = torch.cat([right[key][row][mask == 1], right[key][row][mask == 0]])
+    assert not bool(right["attention_mask"][:, -1].all())
+    source = Scripted([None, right])
+    gen = FastGreedyGenerator(model, max_batch=4, max_total_len=256)
+
+    out = gen.generate(first, max_new_tokens=8, joins=source)
+
+    assert out.shape[0] == 3  # taken, and answered: never lost
+    assert_rows(out[:1], plain(model, first, 8))
+    assert_rows(out[1:], plain(model, right, 8))
