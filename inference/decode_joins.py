@@ -5,7 +5,7 @@ H200, random-weight MedGemma-4B, 256 new tokens: benchmarks/RESULTS.md). At the 
 burst the worker could only run the first study alone and make the next batch wait for it,
 with the GPU idle: 640 radiographs sent at once came out at 0.83-0.85x the engine's pace.
 Here the studies that come due while a batch decodes join it between two decode steps, in the
-rows its bucket leaves free, so the fixed cost is paid once.
+rows its bucket leaves free, so the fixed cost is paid once for them.
 
 How a row joins without a decode step of its own: every row of a state writes its next KV
 column at the same ``column``; a row attends only to the columns from its ``starts``, and its
@@ -15,9 +15,9 @@ forward (as ``generate`` does) and its KV is stored in columns ``column - n`` to
 it exactly as a batch started with it would, its positions counted from its own first token.
 What it needs: a prompt no longer than the column the batch has reached (radiographs of one
 prompt group are within a few tokens of each other), and room for its new tokens before the
-state's end. So a batch that takes rows moves to a state of the join length (the longest of
-the short buffers) and, when the rows outgrow its bucket, to a larger bucket: its KV and step
-inputs are copied there (a few milliseconds).
+state's end. So a batch that takes rows moves to a state of the join length (the prompt and
+twice the new tokens at warm-up, within the short buffers) and, when the rows outgrow its
+bucket, to a larger bucket: its KV and step inputs are copied there (a few milliseconds).
 
 Each group of rows keeps the step at which it joined: its tokens are ``out`` from that step
 on, and once it has its ``max_new_tokens`` it is marked done (the tokens a row makes past its
@@ -31,7 +31,9 @@ nearly full batches took pieces of 8 in their first 32 steps kept 0.92x the engi
 with the queue full, against 0.97-0.98x without (benchmarks/RESULTS.md). So only a batch that
 started at most half full takes rows, during its first rows' ``max_new_tokens`` steps (half
 of them was too short for the first pieces of a burst to be ready): no answer waits more than
-about twice a batch's time.
+about twice a batch's time. Once it takes no more rows it tells the source when it will end
+(``closing``; its steps timed between two checks without a prefill), so the worker's next
+batch stops growing in time for it (inference/prefetch.py, ``TopUp.ends_in``).
 """
 
 from __future__ import annotations
