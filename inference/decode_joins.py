@@ -114,7 +114,7 @@ class RowJoins:
         tokens in joining order, [rows + joined, <= max_new_tokens] on the CPU."""
         gen = self.gen
         self.used, self.prompt_len = rows, prompt_len
-        self.window = self.max_new_tokens if 2 * rows <= gen.max_batch else 0
+        self.window = self.max_new_tokens  # a batch at most half full (fast_decode._joinable)
         self.groups = [JoinedRows(0, rows, 0)]
         produced = 1
         while produced < self._end():

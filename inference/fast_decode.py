@@ -256,7 +256,11 @@ class FastGreedyGenerator:
         self._set_stopping(eos, pad, force_new_tokens)
         rows, prompt_len = input_ids.shape
         per_pass = self._rows_per_pass(prompt_len + max_new_tokens - 1)
-        if joins is not None and rows <= per_pass and self._joinable(prompt_len, max_new_tokens):
+        if (
+            joins is not None
+            and rows <= per_pass
+            and self._joinable(rows, prompt_len, max_new_tokens)
+        ):
             joining = RowJoins(self, joins, max_new_tokens, eos, pad)
             return self._generate_rows(
                 batch, offsets, max_new_tokens, eos, force_new_tokens, joining
@@ -298,9 +302,11 @@ class FastGreedyGenerator:
         fit = min(self.max_batch, self._long_budget() // row)
         return max((b for b in self.buckets if b <= fit), default=0)
 
-    def _joinable(self, prompt_len: int, max_new_tokens: int) -> bool:
-        """Rows can join a batch of these prompts: short buffers with room to spare."""
-        return max_new_tokens > 1 and prompt_len + max_new_tokens <= self.join_length
+    def _joinable(self, rows: int, prompt_len: int, max_new_tokens: int) -> bool:
+        """Rows may join this batch: it is at most half full (inference/decode_joins.py says
+        why) and its prompts fit the short buffers with room to spare."""
+        room = prompt_len + max_new_tokens <= self.join_length
+        return 2 * rows <= self.max_batch and max_new_tokens > 1 and room
 
     def _long_budget(self) -> int:
         """The long-prompt budget in layer columns (one layer's K and V of one token)."""

@@ -471,12 +471,7 @@ class TransformersEngine:
         results: dict[int, GenerationResult] = {}
         for group in groups:
             results.update(self._generate_group(batch.requests, group))
-        seconds = batch.seconds + time.perf_counter() - started
-        ordered = [results[index] for index in range(len(batch.requests))]
-        for result in ordered:
-            result.seconds = seconds
-            result.prepare_seconds = batch.seconds
-        return ordered
+        return _timed([results[index] for index in range(len(batch.requests))], batch, started)
 
     def generate_joining(self, batch: PreparedBatch, feed: JoinFeed) -> list[GenerationResult]:
         """``generate_prepared``, pieces from ``feed`` joining the batch between its decode
@@ -499,11 +494,9 @@ class TransformersEngine:
         for requests, tensors in parts:
             rows_output = output[len(results) : len(results) + len(requests)]
             results += self._results(requests, tensors["attention_mask"], rows_output, 0.0)
-        seconds = batch.seconds + time.perf_counter() - started
         for result in results:
-            result.seconds, result.prepare_seconds = seconds, batch.seconds
             result.batch_size = len(results)
-        return results
+        return _timed(results, batch, started)
 
     def _generate_group(
         self, requests: list[GenerationRequest], group: DeviceInputs
@@ -541,3 +534,14 @@ class TransformersEngine:
                 )
             )
         return results
+
+
+def _timed(
+    results: list[GenerationResult], batch: PreparedBatch, started: float
+) -> list[GenerationResult]:
+    """Each result's ``seconds``: the batch's prepare time plus its generation since
+    ``started``."""
+    seconds = batch.seconds + time.perf_counter() - started
+    for result in results:
+        result.seconds, result.prepare_seconds = seconds, batch.seconds
+    return results

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from config.settings import ModelSettings
 from inference.demo_model import write_demo_model
 from inference.fast_buffers import DecodeState
 from inference.fast_decode import FastGreedyGenerator
@@ -22,13 +23,13 @@ from storage.models import Job, JobStatus, Report
 from tests.test_worker import make_settings, queue_studies
 
 
-def held_engine(directory: Path, settings_model: object, release: threading.Event) -> tuple[
-    TransformersEngine, threading.Event
-]:  # fmt: skip
+def held_engine(
+    directory: Path, settings: ModelSettings, release: threading.Event
+) -> tuple[TransformersEngine, threading.Event]:
     """The demo engine with the fast loop attached; its first decode step waits for
     ``release``. Returns it and the event set when that step is reached."""
     write_demo_model(directory)
-    engine = TransformersEngine(settings_model, weights_dir=directory)  # type: ignore[arg-type]
+    engine = TransformersEngine(settings, weights_dir=directory)
     generator = FastGreedyGenerator(engine.model, max_batch=4, max_total_len=2048)
     reached = threading.Event()
     step = generator._run_step
