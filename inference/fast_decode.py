@@ -256,11 +256,7 @@ class FastGreedyGenerator:
         self._set_stopping(eos, pad, force_new_tokens)
         rows, prompt_len = input_ids.shape
         per_pass = self._rows_per_pass(prompt_len + max_new_tokens - 1)
-        if (
-            joins is not None
-            and rows <= per_pass
-            and self._joinable(rows, prompt_len, max_new_tokens)
-        ):
+        if joins is not None and self._joinable(rows, prompt_len, max_new_tokens):
             joining = RowJoins(self, joins, max_new_tokens, eos, pad)
             return self._generate_rows(
                 batch, offsets, max_new_tokens, eos, force_new_tokens, joining
@@ -304,7 +300,7 @@ class FastGreedyGenerator:
 
     def _joinable(self, rows: int, prompt_len: int, max_new_tokens: int) -> bool:
         """Rows may join this batch: it is at most half full (inference/decode_joins.py says
-        why) and its prompts fit the short buffers with room to spare."""
+        why), so one pass, and its prompts fit the short buffers with room to spare."""
         room = prompt_len + max_new_tokens <= self.join_length
         return 2 * rows <= self.max_batch and max_new_tokens > 1 and room
 
