@@ -425,6 +425,11 @@ def print_row(row: dict[str, Any], header: bool) -> None:
                 f"    build stage '{stage}': median {statistics.median(seconds):.3f} s, "
                 f"max {max(seconds):.3f} s"
             )
+    for name, ways in (row.get("study_ways") or {}).items():
+        print(
+            f"    each study, median ({name}): "
+            + ", ".join(f"to {stage} {seconds:.3f} s" for stage, seconds in ways.items())
+        )
     sustained = full_queue(batches, row["max_batch"])
     if sustained is not None:
         print(

@@ -71,6 +71,9 @@ def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]
         "last_outbox_row": session.scalar(select(func.max(OutboxItem.created_at))),
         "last_sent": session.scalar(select(func.max(OutboxItem.sent_at))),
     }
+    ways = session.execute(
+        select(Job.created_at, Report.timings_json).join(Report, Report.job_id == Job.id)
+    ).all()
     waits = session.execute(
         select(Study.last_received_at, Job.created_at, Job.finished_at)
         .join(StudyVersion, StudyVersion.study_id == Study.id)
@@ -92,6 +95,7 @@ def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]
         "completion_wait_s_p50": statistics.median(completion) if completion else 0.0,
         "job_to_report_s_p50": statistics.median(in_queue) if in_queue else 0.0,
         "batch_rows": batches,
+        "study_ways": study_ways([(due.timestamp(), t) for due, t in ways]),
     }
 
 
@@ -148,3 +152,32 @@ def full_queue(batches: list[dict[str, float]], max_batch: int) -> dict[str, flo
         "studies": studies,
         "per_hour": studies * 3600 / seconds,
     }
+
+
+STUDY_STAGES = ("due", "submitted", "rendered", "asked", "ready", "started")
+RAMP_STUDIES = 128  # the start of a burst: the first two batches of 64
+
+
+def study_ways(studies: list[tuple[float, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Each study's way from due (its job queued) to the GPU (its batch's generation start, or
+    the moment it joined a running batch), stage by stage from its own stamps (inference/
+    worker_jobs.py PreparedJob.stamps): the median of each stage over all studies and over the
+    first ``RAMP_STUDIES`` to come due, where a burst's start is decided."""
+    ways = []
+    for due, timings in sorted(studies, key=lambda study: study[0]):
+        own = timings.get("study_stamps") or {}
+        batch = timings.get("batch_stamps") or {}
+        started = own.get("joined", batch.get("generate_started"))
+        ways.append({"due": due, **own, "started": started} if started else {"due": due})
+    result = {}
+    for name, chosen in (("all", ways), ("ramp", ways[:RAMP_STUDIES])):
+        stages: dict[str, float] = {}
+        for earlier, later in itertools.pairwise(STUDY_STAGES):
+            seconds = [w[later] - w[earlier] for w in chosen if earlier in w and later in w]
+            if seconds:
+                stages[later] = statistics.median(seconds)
+        total = [w["started"] - w["due"] for w in chosen if "started" in w]
+        if total:
+            stages["due_to_started"] = statistics.median(total)
+        result[name] = stages
+    return result

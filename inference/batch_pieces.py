@@ -43,6 +43,15 @@ def piece_size(max_batch: int) -> int:
     return max(1, min(MAX_PIECE, max_batch // 4))
 
 
+def _stamp_rendered(times: dict[str, float]) -> Callable[[Future[RenderedStudy]], None]:
+    """A render's done-callback: when it ended (it runs in the pool's result thread)."""
+
+    def stamp(_: Future[RenderedStudy]) -> None:
+        times.setdefault("rendered", time.time())
+
+    return stamp
+
+
 class PiecewiseBuild:
     """One batch's renders as they finish: questioned (``ask``) and, with a ``JoiningEngine``,
     prepared in pieces of ``piece`` studies. ``jobs`` are in the prepared inputs' order."""
@@ -66,6 +75,7 @@ class PiecewiseBuild:
         self.jobs: list[PreparedJob] = []
         self.claimed = claimed if claimed is not None else []
         self._lock = threading.Lock()  # take_piece runs in the generating thread
+        self._times: dict[int, dict[str, float]] = {}  # job id -> PreparedJob.stamps so far
         self._closed = False  # finish has begun joining: no piece leaves any more
 
     def take_piece(
@@ -88,6 +98,10 @@ class PiecewiseBuild:
             return piece, jobs
 
     def add(self, renders: list[Render]) -> None:
+        now = time.time()
+        for source, future in renders:
+            self._times[source.job_id] = {"submitted": now}
+            future.add_done_callback(_stamp_rendered(self._times[source.job_id]))
         self._renders.extend(renders)
 
     def harvest(self) -> None:
@@ -141,6 +155,9 @@ class PiecewiseBuild:
             except Exception as exc:  # a process that died fails the job: it is retried
                 self._fail(source.job_id, exc)
         jobs = self._ask(rendered)
+        asked = time.time()
+        for job in jobs:
+            job.stamps.update(self._times.pop(job.job_id, {}), asked=asked)
         with self._lock:
             self.jobs.extend(jobs)
         self._waiting.extend(jobs)
@@ -158,6 +175,9 @@ class PiecewiseBuild:
             with self._lock:
                 self._engine, self._pieces = None, []
             return
+        ready = time.time()
+        for job in piece:
+            job.stamps["ready"] = ready
         with self._lock:
             self._pieces.append(prepared)
 
@@ -186,6 +206,9 @@ class PieceFeed:
         if taken is None:
             return None
         piece, jobs = taken
+        joined = time.time()
+        for job in jobs:
+            job.stamps["joined"] = joined
         self.jobs.extend(jobs)
         return piece
 

@@ -79,6 +79,7 @@ class StoreTask:
     prior_comparison: PriorComparison | None = None  # what was compared, or why nothing was
     scope: ScopeVerdict | None = None  # the node's verdict (inference/scope.py)
     batch_stamps: dict[str, float] = field(default_factory=dict)  # ClaimedBatch.stamps
+    study_stamps: dict[str, float] = field(default_factory=dict)  # PreparedJob.stamps
     report_id: int | None = None  # reserved ahead (storage/report_ids.py); None: taken later
 
 
@@ -112,6 +113,7 @@ def store_task(
         prior_comparison=job.prior.comparison if job.prior is not None else None,
         scope=job.scope,
         batch_stamps=dict(stamps),
+        study_stamps=dict(job.stamps),
         report_id=report_id,
     )
 
@@ -275,6 +277,7 @@ def _draft_report(task: StoreTask, content: ReportContent) -> Report:
             "preprocess_seconds": round(task.preprocess_seconds, 4),
             "source_sop_instance_uids": task.sop_instance_uids,
             "batch_stamps": task.batch_stamps,
+            "study_stamps": task.study_stamps,
         },
         is_test_model=task.identity.is_test_model,
         created_at=utcnow(),

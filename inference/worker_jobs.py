@@ -98,6 +98,10 @@ class PreparedJob:
     prior: PriorInput | None = None  # set when [priors] is enabled
     scope: ScopeVerdict | None = None  # decided from the header (inference/scope.py)
     question_first: bool = False  # the template's order: the question before the images
+    # Wall-clock times of this study's own way to the GPU, with render processes (inference/
+    # batch_pieces.py): submitted (sent to render), rendered, asked, ready (its piece
+    # prepared), joined (taken into a running batch); kept in its report's timings.
+    stamps: dict[str, float] = field(default_factory=dict)
 
     @property
     def prior_images(self) -> list[Any]:

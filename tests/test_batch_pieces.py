@@ -98,6 +98,9 @@ def test_pieces_are_prepared_as_renders_finish_and_joined_in_job_order(
     assert [j.question for j in pieces.jobs] == ["q1", "q2", "q3", "q1", "q2"]
     assert all(j.prepared.images for j in pieces.jobs)
     assert set(stamps) == {"rendered", "asked", "built"} and not failed
+    for job in pieces.jobs:  # each study's own way, for the benchmark's profile
+        way = [job.stamps[stage] for stage in ("submitted", "rendered", "asked", "ready")]
+        assert way == sorted(way) and "joined" not in job.stamps
 
 
 @pytest.mark.parametrize("engine", [None, Joiner(fail_prepare=1), Joiner(fail_join=True)])
@@ -139,7 +142,9 @@ def test_the_running_batch_takes_whole_prepared_pieces_until_the_batch_is_comple
     with feed.offering(pieces):
         taken = take_two_pieces(feed, pieces, rendered, claimed)
     assert feed.take(4, lambda _piece: True) is None  # no batch being built now
-    assert [j.job_id for j in feed.end()] == [1, 2] and feed.end() == []
+    ended = feed.end()
+    assert [j.job_id for j in ended] == [1, 2] and feed.end() == []
+    assert all(j.stamps["joined"] >= j.stamps["ready"] for j in ended)
     assert taken == ["q1", "q2"]
 
 

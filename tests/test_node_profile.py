@@ -1,0 +1,27 @@
+"""benchmarks/node_profile.py: each study's way to the GPU from its report's stamps."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.node_profile import RAMP_STUDIES, study_ways
+
+
+def timings(due: float, joined: bool) -> tuple[float, dict[str, object]]:
+    own = {"submitted": due + 0.1, "rendered": due + 0.3, "asked": due + 0.35, "ready": due + 0.5}
+    if joined:
+        own["joined"] = due + 0.9
+    return due, {"study_stamps": own, "batch_stamps": {"generate_started": due + 2.0}}
+
+
+def test_each_stage_is_the_median_of_the_studies_own_stamps() -> None:
+    studies = [timings(float(k), joined=k < RAMP_STUDIES) for k in range(RAMP_STUDIES + 40)]
+    ways = study_ways(studies)
+    expected = dict(submitted=0.1, rendered=0.2, asked=0.05, ready=0.15, started=0.4)
+    assert ways["ramp"] == pytest.approx({**expected, "due_to_started": 0.9})
+    assert ways["all"]["started"] == pytest.approx(0.4)  # 128 joined, 40 waited 1.5 s
+
+
+def test_a_study_without_its_own_stamps_counts_from_its_batch_start() -> None:
+    ways = study_ways([(5.0, {"batch_stamps": {"generate_started": 6.25}}), (7.0, {})])
+    assert ways["all"] == pytest.approx({"due_to_started": 1.25})
