@@ -183,6 +183,17 @@ class PreparedBatch:
 
 
 @runtime_checkable
+class SquareInputEngine(Engine, Protocol):
+    """An engine whose processor resizes every image to one square side, bilinear: images
+    may be shrunk to it ahead (inference/preprocess.py, ``side``), which gives the processor
+    what it would have made of them itself."""
+
+    def image_side(self) -> int | None:
+        """That side; None when the processor does anything else (images then go as they are)."""
+        ...
+
+
+@runtime_checkable
 class PreparingEngine(Engine, Protocol):
     """An engine whose input building can run apart from, and ahead of, generation.
 

@@ -18,6 +18,9 @@ normalised to 0..1000 of the square it was given; ``SquareGeometry`` remembers w
 pixels lie in that square so ``box_2d_to_region`` maps a box back to source pixel coordinates
 and ``region_to_box_2d`` maps a region forward. The model processor resizes the square to its
 input size (896 x 896 for MedGemma); normalised coordinates do not change with that resize.
+Given that ``side``, ``prepare_study`` makes the same resize itself (PIL, bilinear, as
+Gemma 3's image processor does), so a 2k radiograph travels and is converted as 896 x 896 RGB
+(2.4 MB) rather than at full size (11.5 MB): the inference worker's render processes do it.
 
 Decoding goes through pydicom's pixel handlers, so every transfer syntax the node accepts
 (uncompressed, deflate, RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000) works when
@@ -174,14 +177,21 @@ def attach_regions(content: ReportContent, geometries: Sequence[SquareGeometry])
 # --------------------------------------------------------------------------- rendering
 
 
-def pad_to_square(pixels: np.ndarray, geometry: SquareGeometry) -> Image.Image:
-    """Place an 8-bit (rows, columns[, 3]) array in the middle of a black RGB square."""
+def pad_to_square(
+    pixels: np.ndarray, geometry: SquareGeometry, side: int | None = None
+) -> Image.Image:
+    """Place an 8-bit (rows, columns[, 3]) array in the middle of a black RGB square; with
+    ``side``, a larger square is shrunk to ``side`` x ``side`` (bilinear) before it becomes RGB:
+    the values the model's image processor would make of the full square, in a third of the
+    work (PIL resamples each channel alike)."""
     mode = "RGB" if pixels.ndim == 3 else "L"
     square = Image.new(mode, (geometry.side, geometry.side))
     square.paste(
         Image.fromarray(np.ascontiguousarray(pixels), mode=mode),
         (geometry.column_offset, geometry.row_offset),
     )
+    if side is not None and 0 < side < geometry.side:
+        square = square.resize((side, side), Image.Resampling.BILINEAR)
     return square if mode == "RGB" else square.convert("RGB")
 
 
@@ -408,13 +418,15 @@ def sample_evenly(count: int, limit: int) -> list[int]:
     return sorted({int(v) for v in np.rint(np.linspace(0, count - 1, limit))})
 
 
-def _prepare_cross_sectional(modality: str, instances: Sequence[Dataset]) -> PreparedStudy:
+def _prepare_cross_sectional(
+    modality: str, instances: Sequence[Dataset], side: int | None
+) -> PreparedStudy:
     slices = _choose_series(instances)
     chosen = [slices[i] for i in sample_evenly(len(slices), MAX_CT_SLICES)]
     render = render_ct_slice if modality == "CT" else render_mr_slice
     study = _empty_study(modality, chosen[0].ds)
     for item in chosen:
-        _add_image(study, item.ds, item.frame_index, render)
+        _add_image(study, item.ds, item.frame_index, render, side)
     return study
 
 
@@ -463,13 +475,13 @@ def _choose_projections(instances: Sequence[Dataset]) -> list[Dataset]:
     return chosen
 
 
-def _prepare_projection(instances: Sequence[Dataset]) -> PreparedStudy:
+def _prepare_projection(instances: Sequence[Dataset], side: int | None) -> PreparedStudy:
     chosen = _choose_projections(instances)
     study = _empty_study(str(chosen[0].get("Modality", "") or "OT"), chosen[0])
     if is_chest(chosen[0]):
         study.body_part = "CHEST"  # THORAX, LUNG or a chest description: one template key
     for ds in chosen:
-        _add_image(study, ds, 0, render_projection)
+        _add_image(study, ds, 0, render_projection, side)
     return study
 
 
@@ -493,6 +505,7 @@ def _add_image(
     ds: Dataset,
     frame_index: int,
     render: Callable[[Dataset, int], np.ndarray],
+    side: int | None = None,
 ) -> None:
     """Render one frame into ``study``; a frame that cannot be decoded is skipped and noted."""
     uid = str(ds.get("SOPInstanceUID", ""))
@@ -505,7 +518,7 @@ def _add_image(
     geometry = SquareGeometry.for_image(
         uid, pixels.shape[0], pixels.shape[1], _frame_number(ds, frame_index)
     )
-    study.images.append(pad_to_square(pixels, geometry))
+    study.images.append(pad_to_square(pixels, geometry, side))
     study.sop_instance_uids.append(uid)
     study.geometries.append(geometry)
 
@@ -537,8 +550,11 @@ def _primary_modality(instances: Sequence[Dataset]) -> str:
     return "PROJECTION"
 
 
-def prepare_study(sources: Sequence[Dataset | str | os.PathLike[str]]) -> PreparedStudy:
-    """Choose and render the images of one study version (datasets or file paths).
+def prepare_study(
+    sources: Sequence[Dataset | str | os.PathLike[str]], side: int | None = None
+) -> PreparedStudy:
+    """Choose and render the images of one study version (datasets or file paths); with
+    ``side`` (the model's input side), images larger than that are shrunk to it.
 
     Raises PreprocessError when no instance yields an image.
     """
@@ -548,9 +564,9 @@ def prepare_study(sources: Sequence[Dataset | str | os.PathLike[str]]) -> Prepar
     modality = _primary_modality(instances)
     if modality in CROSS_SECTIONAL_MODALITIES:
         selected = [ds for ds in instances if ds.get("Modality") == modality]
-        study = _prepare_cross_sectional(modality, selected)
+        study = _prepare_cross_sectional(modality, selected, side)
     else:
-        study = _prepare_projection(instances)
+        study = _prepare_projection(instances, side)
     study = replace(study, skipped=skipped + study.skipped)
     if not study.images:
         raise PreprocessError("no image could be rendered: " + "; ".join(study.skipped))

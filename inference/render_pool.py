@@ -5,14 +5,19 @@ applying its LUTs is Python and numpy work that holds the interpreter lock for m
 time; in a thread of the generating process it slows the decode loop, which needs the lock
 between its graph replays. ``RenderPool`` runs ``inference.preprocess.prepare_study`` in
 spawned processes instead (no CUDA, no torch there) and hands back each study's
-``PreparedStudy``: 8-bit RGB images of the padded square at the source's resolution (the
+``PreparedStudy``: 8-bit RGB images of the padded square, shrunk to the model's input side
+when the engine has one (``prepare_study``'s ``side``), else at the source's resolution (the
 model's processor resizes them).
 
-Those images are large (a 1955-pixel chest CR: 11.5 MB), and a process pool returns results
-pickled through a pipe, unpickled by the receiving process's result thread under the
-interpreter lock: a batch of 64 is ~730 MB through the pipe. So each image travels as a file in
-shared memory (``/dev/shm`` where there is one) that the worker reads back into its own array
-and deletes at once; only the file's name and the image's shape go through the pipe. Files of
+At full size those images are large (a 1955-pixel chest CR: 11.5 MB), and a process pool
+returns results pickled through a pipe, unpickled by the receiving process's result thread
+under the interpreter lock: a batch of 64 is ~730 MB through the pipe. So each image travels as
+a file in shared memory (``/dev/shm`` where there is one) that the worker reads back into its
+own array and deletes at once; only the file's name and the image's shape go through the pipe.
+Shrunk to 896 x 896 in the render process, the image is 2.4 MB, and the worker's own work on it
+(reading it back, the processor's conversions) shrinks alike: at full size that work, in the
+thread that builds the next batch, held back the pieces a running batch takes at the start of a
+burst (benchmarks/RESULTS.md). Files of
 a worker that died are removed when the next worker's pool starts.
 """
 
@@ -105,11 +110,11 @@ def remove_orphans(owner_pid: int | None = None) -> int:
     return removed
 
 
-def render_timed(paths: Sequence[Path]) -> RenderedStudy:
-    """``prepare_study`` and the seconds it took (in the process that ran it), its images
-    left in shared memory."""
+def render_timed(paths: Sequence[Path], side: int | None = None) -> RenderedStudy:
+    """``prepare_study`` (images shrunk to ``side``, the model's input side, when given) and
+    the seconds it took (in the process that ran it), its images left in shared memory."""
     started = time.perf_counter()
-    prepared = prepare_study(paths)
+    prepared = prepare_study(paths, side)
     shared: list[SharedImage] = []
     try:
         for image in prepared.images:
@@ -150,15 +155,15 @@ class RenderPool:
         """Every process has started (until then the worker renders in its own thread)."""
         return all(future.done() for future in self._warm_ups)
 
-    def submit(self, paths: Sequence[Path]) -> Future[RenderedStudy]:
+    def submit(self, paths: Sequence[Path], side: int | None = None) -> Future[RenderedStudy]:
         try:
-            return self._executor.submit(render_timed, list(paths))
+            return self._executor.submit(render_timed, list(paths), side)
         except BrokenProcessPool:
             # A process died (a study that crashes the decoder fails its job, retried up to
             # max_attempts): start new ones for the others.
             self._executor.shutdown(wait=False)
             self._executor = self._new_executor()
-            return self._executor.submit(render_timed, list(paths))
+            return self._executor.submit(render_timed, list(paths), side)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -269,6 +269,11 @@ class TransformersEngine:
         finally:
             self._in_step_hook = False
 
+    def image_side(self) -> int | None:
+        """The side the image processor resizes every image to, bilinear (Gemma 3's: 896);
+        None when it does otherwise (another filter, pan and scan, no resize)."""
+        return bilinear_square_side(getattr(self.processor, "image_processor", None))
+
     def _processor(self) -> Any:
         """This thread's processor: the loaded one in the thread that loaded it, else a copy."""
         if threading.get_ident() == self._owner_thread:
@@ -534,6 +539,18 @@ class TransformersEngine:
                 )
             )
         return results
+
+
+def bilinear_square_side(image_processor: Any) -> int | None:
+    """``size`` of an image processor that resizes to a square with bilinear resampling."""
+    size = getattr(image_processor, "size", None)
+    if size is None or not getattr(image_processor, "do_resize", False):
+        return None
+    height, width = (size.get(key) for key in ("height", "width"))
+    resample = getattr(image_processor, "resample", None)
+    bilinear = str(getattr(resample, "value", resample)).lower() in ("2", "bilinear")
+    panned = bool(getattr(image_processor, "do_pan_and_scan", False))
+    return int(height) if bilinear and not panned and height and height == width else None
 
 
 def _timed(

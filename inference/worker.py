@@ -69,6 +69,7 @@ from inference.engine import (
     PreparedBatch,
     PreparingEngine,
     RowJoiningEngine,
+    SquareInputEngine,
 )
 from inference.interactive import InteractiveLane
 from inference.job_questions import JobQuestions
@@ -150,6 +151,7 @@ class InferenceWorker:
         )
         self.retry = job_retry_policy(settings.model.max_attempts, settings.model.retry_backoff_s)
         self.engine: Engine | None = None
+        self._image_side: int | None = None  # the engine's (SquareInputEngine)
         self.stats = WorkerStats()
         self.poll_interval_s = settings.model.poll_interval_s
         self.doorbell: Doorbell | None = None
@@ -263,6 +265,9 @@ class InferenceWorker:
     def ensure_engine(self) -> Engine | None:
         if self.engine is None:
             self.engine = self.engine_provider()
+            # Studies are rendered at the model's input side where it has one (preprocess.py).
+            sized = self.engine if isinstance(self.engine, SquareInputEngine) else None
+            self._image_side = sized.image_side() if sized is not None else None
         return self.engine
 
     # -- one batch ------------------------------------------------------------------------
@@ -310,11 +315,9 @@ class InferenceWorker:
         pool = self._render_pool
         if pool is not None and pool.ready:  # until its processes have started: in threads
             stamps = {"claimed": claimed}
-            build = PiecewiseBuild(
-                engine if isinstance(engine, JoiningEngine) else None,
-                self._questions_for, self._request, self._fail,
-                self._piece, job_ids,
-            )  # fmt: skip
+            joiner = engine if isinstance(engine, JoiningEngine) else None
+            ways = (self._questions_for, self._request, self._fail)
+            build = PiecewiseBuild(joiner, *ways, self._piece, job_ids)
             with self._feed.offering(build if top_up else None):
                 inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
             stamps.setdefault("built", time.time())
@@ -327,10 +330,9 @@ class InferenceWorker:
         self, pool: RenderPool, ids: list[int], stamps: dict[str, float], top_up: bool,
         build: PiecewiseBuild,
     ) -> PreparedBatch | None:  # fmt: skip
-        """Read and render the batch's studies in the render processes, each sent as soon as
-        it is claimed; with ``top_up`` the batch grows (``ids`` in place) up to max_batch
-        while the batch before it runs, so it is rendered as it fills, and (an engine that
-        joins) questioned and prepared in pieces meanwhile: its inputs, else None."""
+        """Render the batch's studies in the render processes as they are claimed; with
+        ``top_up`` it grows (``ids`` in place) while the batch before runs, and (an engine
+        that joins) is questioned and prepared in pieces meanwhile: its inputs, else None."""
         build.add(self._submit_renders(pool, ids))
         stamps["sources"] = time.time()
         if top_up:
@@ -344,13 +346,12 @@ class InferenceWorker:
 
     def _submit_renders(self, pool: RenderPool, job_ids: list[int]) -> list[Render]:
         """Each job's study sent to the render processes (a job that cannot be read fails)."""
-        found = batch_sources(self.db, self.data_dir, job_ids) if job_ids else {}
+        found = (batch_sources(self.db, self.data_dir, job_ids) if job_ids else None) or {}
         renders = []
         for job_id in job_ids:
             try:
-                source = found.get(job_id) if found is not None else None
-                source = source or job_source(self.db, self.data_dir, job_id)
-                renders.append((source, pool.submit(source.paths)))
+                source = found.get(job_id) or job_source(self.db, self.data_dir, job_id)
+                renders.append((source, pool.submit(source.paths, self._image_side)))
             except Exception as exc:
                 self._fail(job_id, exc)
         return renders
@@ -429,7 +430,7 @@ class InferenceWorker:
             source = job_source(self.db, self.data_dir, job_id)
             started = time.perf_counter()
             try:
-                prepared = prepare_study(source.paths)
+                prepared = prepare_study(source.paths, self._image_side)
             except PreprocessError as exc:
                 raise PermanentJobError(str(exc)) from exc
             return self.questions.prepared_job(source, prepared, time.perf_counter() - started)

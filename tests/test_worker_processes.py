@@ -22,7 +22,7 @@ import pydicom
 from sqlalchemy import select
 
 from config.settings import FileDestination
-from inference.engine import JoiningEngine, PreparedBatch
+from inference.engine import GenerationRequest, JoiningEngine, PreparedBatch, SquareInputEngine
 from inference.preprocess import prepare_study
 from inference.render_pool import (
     FILE_PREFIX,
@@ -248,3 +248,39 @@ def test_shared_files_of_a_worker_that_ended_are_removed(tmp_path: Path) -> None
     finally:
         orphan.unlink(missing_ok=True)
         ours.unlink(missing_ok=True)
+
+
+@dataclass
+class SquareScripted(JoiningScripted):
+    """JoiningScripted whose model takes 64 x 64 images (a SquareInputEngine)."""
+
+    def image_side(self) -> int | None:
+        return 64
+
+
+def test_studies_are_rendered_at_the_engines_input_side(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    """The render processes shrink each study to the side the engine's processor resizes to,
+    and each study's own way to the GPU is in its report's timings."""
+    sizes: list[tuple[int, int]] = []
+
+    def answer(request: GenerationRequest) -> str:
+        sizes.extend(image.size for image in request.images)
+        return CHEST_ANSWER
+
+    engine = SquareScripted(responder=answer, hold=threading.Event())
+    assert isinstance(engine, SquareInputEngine)
+    run_two_batches(tmp_path, db, rg1_unci, engine, lambda queue: queue(2))
+    assert sizes == [(64, 64)] * 3
+    with db.session() as session:
+        timings = [r.timings_json for r in session.scalars(select(Report))]
+    ways = [t["study_stamps"] for t in timings]
+    # The two studies built ahead were prepared in pieces; the first ran as it was claimed.
+    assert sorted("ready" in way for way in ways) == [False, True, True]
+    for way in ways:
+        times = [
+            way[stage] for stage in ("submitted", "rendered", "asked", "ready") if stage in way
+        ]
+        assert len(times) >= 3 and times == sorted(times)
+    assert all(t["source_sop_instance_uids"] for t in timings)
