@@ -77,25 +77,33 @@ class PiecewiseBuild:
         self._lock = threading.Lock()  # take_piece runs in the generating thread
         self._times: dict[int, dict[str, float]] = {}  # job id -> PreparedJob.stamps so far
         self._closed = False  # finish has begun joining: no piece leaves any more
+        self._wanted = 0  # the size of the next piece, when a running batch wants fewer rows
 
     def take_piece(
         self, rows: int, accept: Callable[[PreparedBatch], bool]
     ) -> tuple[PreparedBatch, list[PreparedJob]] | None:
-        """The first prepared piece and its jobs, taken out of this batch, when it has at
-        most ``rows`` requests and ``accept`` takes it; else None."""
+        """The first prepared piece of at most ``rows`` requests that ``accept`` takes, with
+        its jobs, taken out of this batch; else None. When the pieces are all larger than
+        ``rows``, the next piece prepared is of ``rows`` studies: a running batch's last free
+        rows fill too."""
         with self._lock:
-            if self._closed or self._engine is None or not self._pieces:
+            if self._closed or self._engine is None:
                 return None
-            piece = self._pieces[0]
-            size = len(piece.requests)
-            if size > rows or not accept(piece):
-                return None
-            del self._pieces[0]
-            jobs, self.jobs = self.jobs[:size], self.jobs[size:]
-            for job in jobs:
-                if job.job_id in self.claimed:
-                    self.claimed.remove(job.job_id)
-            return piece, jobs
+            offset = 0  # the piece's first job in self.jobs
+            for index, piece in enumerate(self._pieces):
+                size = len(piece.requests)
+                if size <= rows and accept(piece):
+                    del self._pieces[index]
+                    jobs = self.jobs[offset : offset + size]
+                    del self.jobs[offset : offset + size]
+                    for job in jobs:
+                        if job.job_id in self.claimed:
+                            self.claimed.remove(job.job_id)
+                    return piece, jobs
+                offset += size
+            if 0 < rows < self._piece:
+                self._wanted = rows
+            return None
 
     def add(self, renders: list[Render]) -> None:
         now = time.time()
@@ -113,8 +121,9 @@ class PiecewiseBuild:
         self._renders = running
         if done:
             self._questioned(done)
-        while len(self._waiting) >= self._piece:
-            self._prepare_piece(self._piece)
+        while len(self._waiting) >= (size := self._wanted or self._piece):
+            self._wanted = 0
+            self._prepare_piece(size)
 
     def finish(self, stamps: dict[str, float]) -> PreparedBatch | None:
         """Build each remaining study as its render ends, prepare the rest and join: the

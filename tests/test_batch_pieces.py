@@ -49,10 +49,11 @@ def rendered(rg1_unci: Path) -> Iterator[RenderedStudy]:
         image.path.unlink()
 
 
-def renders(rendered: RenderedStudy, count: int) -> list[Render]:
-    """``count`` finished renders of one study; each takes its own copy of the shared files."""
+def renders(rendered: RenderedStudy, count: int, first: int = 1) -> list[Render]:
+    """``count`` finished renders of one study (jobs ``first`` on); each takes its own copy
+    of the shared files."""
     out: list[Render] = []
-    for job_id in range(1, count + 1):
+    for job_id in range(first, first + count):
         future: Future[RenderedStudy] = Future()
         copies = []
         for image in rendered.images:
@@ -162,3 +163,24 @@ def take_two_pieces(
     assert feed.take(4, lambda _piece: True) is None  # complete: nothing leaves any more
     assert joined is not None and [r.prompt for r in joined.requests] == ["q3", "q4", "q5"]
     return [r.prompt for r in taken.requests]
+
+
+def test_a_running_batch_with_fewer_free_rows_than_a_piece_gets_a_piece_its_size(
+    rendered: RenderedStudy,
+) -> None:
+    engine = Joiner()
+    claimed = list(range(1, 8))
+    pieces = PiecewiseBuild(engine, ask, request, lambda j, _e: None, 4, claimed)
+    feed = PieceFeed()
+    with feed.offering(pieces):
+        pieces.add(renders(rendered, 4))
+        pieces.harvest()
+        assert feed.take(3, lambda _piece: True) is None  # one piece of 4: too large
+        pieces.add(renders(rendered, 3, first=5))
+        pieces.harvest()  # the next piece is of the 3 rows the running batch has
+        assert engine.pieces == [4, 3]
+        taken = feed.take(3, lambda _piece: True)
+    assert taken is not None and [j.job_id for j in feed.end()] == [5, 6, 7]
+    assert [j.job_id for j in pieces.jobs] == [1, 2, 3, 4] and claimed == [1, 2, 3, 4]
+    joined = pieces.finish({})
+    assert joined is not None and [r.prompt for r in joined.requests] == ["q1", "q2", "q3", "q4"]
