@@ -121,9 +121,21 @@ class PiecewiseBuild:
         self._renders = running
         if done:
             self._questioned(done)
+        if self._wanted > len(self._waiting) and not self._renders:
+            self._unprepare_last()  # no study is on its way to make the wanted piece
         while len(self._waiting) >= (size := self._wanted or self._piece):
             self._wanted = 0
             self._prepare_piece(size)
+
+    def _unprepare_last(self) -> None:
+        """The last prepared piece's studies back at the head of those waiting (``jobs``
+        keeps its order: they are the last of the pieces' jobs)."""
+        with self._lock:
+            if not self._pieces:
+                return
+            size = len(self._pieces.pop().requests)
+            end = len(self.jobs) - len(self._waiting)
+            self._waiting = self.jobs[end - size : end] + self._waiting
 
     def finish(self, stamps: dict[str, float]) -> PreparedBatch | None:
         """Build each remaining study as its render ends, prepare the rest and join: the
@@ -199,6 +211,7 @@ class PieceFeed:
         self._build: PiecewiseBuild | None = None
         self._on_closing = on_closing  # the running batch's end, in seconds from now
         self.jobs: list[PreparedJob] = []
+        self.taking = False  # the running batch asks for pieces and has not said it closes
 
     @contextlib.contextmanager
     def offering(self, build: PiecewiseBuild | None) -> Iterator[None]:
@@ -210,6 +223,7 @@ class PieceFeed:
             self._build = None
 
     def take(self, rows: int, accept: Callable[[PreparedBatch], bool]) -> PreparedBatch | None:
+        self.taking = True
         build = self._build
         taken = build.take_piece(rows, accept) if build is not None else None
         if taken is None:
@@ -222,10 +236,11 @@ class PieceFeed:
         return piece
 
     def closing(self, seconds: float) -> None:
+        self.taking = False
         if self._on_closing is not None:
             self._on_closing(seconds)
 
     def end(self) -> list[PreparedJob]:
         """The jobs taken since the last call: they belong to the batch that ran."""
-        jobs, self.jobs = self.jobs, []
+        jobs, self.jobs, self.taking = self.jobs, [], False
         return jobs

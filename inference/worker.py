@@ -357,16 +357,16 @@ class InferenceWorker:
         return renders
 
     def _top_up(self, pool: RenderPool, job_ids: list[int], build: PiecewiseBuild) -> None:
-        """While the batch before runs: claim what came due (of the batch's kind, up to
-        max_batch), send it to render, and build what has rendered. Bounded by half the
-        lease, whatever happens."""
+        """While the batch before runs: claim what came due (its kind, up to max_batch), render
+        and build it; full, go on while that batch takes pieces. At most half the lease."""
         limit, lease = self.model_settings.max_batch, self.model_settings.lease_seconds
         deadline = time.monotonic() + lease / 2
-        while len(job_ids) < limit and self._topping_up.still_running():
-            if self.stop_event.is_set() or time.monotonic() > deadline:
+        while len(job_ids) < limit or self._feed.taking:
+            running = self._topping_up.still_running()
+            if not running or self.stop_event.is_set() or time.monotonic() > deadline:
                 break
             build.harvest()
-            if not has_due_jobs(self.db):
+            if len(job_ids) >= limit or not has_due_jobs(self.db):
                 continue
             like = job_ids[0] if job_ids else None
             more = claim_jobs(self.db, self.owner, limit - len(job_ids), lease, like=like)

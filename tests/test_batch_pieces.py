@@ -184,3 +184,24 @@ def test_a_running_batch_with_fewer_free_rows_than_a_piece_gets_a_piece_its_size
     assert [j.job_id for j in pieces.jobs] == [1, 2, 3, 4] and claimed == [1, 2, 3, 4]
     joined = pieces.finish({})
     assert joined is not None and [r.prompt for r in joined.requests] == ["q1", "q2", "q3", "q4"]
+
+
+def test_a_complete_batch_remakes_its_last_piece_at_the_size_a_running_batch_wants(
+    rendered: RenderedStudy,
+) -> None:
+    engine = Joiner()
+    pieces = PiecewiseBuild(engine, ask, request, lambda j, _e: None, 4, [1, 2, 3, 4, 5])
+    feed = PieceFeed()
+    with feed.offering(pieces):
+        pieces.add(renders(rendered, 5))
+        pieces.harvest()  # a piece of 4, one study waiting, nothing more on its way
+        assert feed.take(3, lambda _piece: True) is None and feed.taking
+        pieces.harvest()
+        assert engine.pieces == [4, 3]
+        taken = feed.take(3, lambda _piece: True)
+        feed.closing(0.5)
+        assert not feed.taking
+    assert taken is not None and [j.job_id for j in feed.end()] == [1, 2, 3]
+    joined = pieces.finish({})
+    assert engine.pieces == [4, 3, 2]
+    assert joined is not None and [r.prompt for r in joined.requests] == ["q4", "q5"]
