@@ -418,7 +418,7 @@ def print_row(row: dict[str, Any], header: bool) -> None:
         flush=True,
     )
     batches = row.get("batch_rows") or []
-    for stage in (*BUILD_STAGES[1:], *RUN_STAGES[1:]):
+    for stage in (*BUILD_STAGES[1:], "after_previous", *RUN_STAGES[1:]):
         seconds = [b[f"{stage}_s"] for b in batches if f"{stage}_s" in b]
         if seconds:
             print(

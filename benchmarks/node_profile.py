@@ -100,7 +100,7 @@ def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]
 
 
 BUILD_STAGES = ("claimed", "sources", "topped_up", "rendered", "asked", "built")
-RUN_STAGES = ("run_started", "stores_below", "generate_started")
+RUN_STAGES = ("next_asked", "taken", "run_started", "stores_below", "generate_started")
 
 
 def build_parts(stamp: dict[str, float]) -> dict[str, float]:
@@ -130,6 +130,8 @@ def batch_rows(stamps: list[dict[str, float]], first: float) -> list[dict[str, f
                 "build_s": stamp.get("built", 0.0) - stamp.get("claimed", 0.0),
                 **build_parts(stamp),
                 "idle_before_s": stamp["generate_started"] - previous_end,
+                # the batch before's answers handed to the store processes, and the lane
+                "after_previous_s": stamp.get("next_asked", previous_end) - previous_end,
                 "generate_s": stamp["generate_ended"] - stamp["generate_started"],
             }
         )

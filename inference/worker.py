@@ -94,6 +94,7 @@ from inference.worker_jobs import (
     PreparedJob,
     WorkerStats,
     batch_sources,
+    generate_halving,
     job_source,
     map_side_by_side,
 )
@@ -284,9 +285,12 @@ class InferenceWorker:
             self.lane.refuse_all(self._model_unavailable())
             return 0
         answered = self.lane.serve(engine)
+        asked = time.time()  # for a batch built ahead: from here the GPU waits for its build
         batch = self._prefetcher.take()
         if batch is None or not batch.job_ids:
             batch = self._claim_and_load()
+        else:
+            batch.stamps.update(next_asked=asked, taken=time.time())
         if not batch.job_ids:
             return answered
         given_back = 0
@@ -542,30 +546,13 @@ class InferenceWorker:
                 except OutOfMemory:
                     log.warning("out of memory at prepared batch %d: retrying", len(batch.jobs))
                 del inputs  # its device memory is free before the batch is tried again
-            return self._generate_splitting(engine, batch.jobs + self._feed.jobs)
+            jobs = batch.jobs + self._feed.jobs
+            return generate_halving(engine, [self._request(job) for job in jobs])
         finally:
             self._topping_up.end()
             joined = self._feed.end()  # studies that joined the batch are now part of it
             batch.jobs.extend(joined)
             batch.job_ids.extend(job.job_id for job in joined)
-
-    def _generate_splitting(
-        self, engine: Engine, jobs: list[PreparedJob]
-    ) -> list[GenerationResult]:
-        """On OutOfMemory halve the batch, down to one study (which then fails the job)."""
-        requests = [self._request(job) for job in jobs]
-        try:
-            return engine.generate(requests)
-        except OutOfMemory:
-            if len(jobs) == 1:
-                raise
-            half = len(jobs) // 2
-            log.warning(
-                "out of memory at batch %d: retrying as %d + %d", len(jobs), half, len(jobs) - half
-            )
-            return self._generate_splitting(engine, jobs[:half]) + self._generate_splitting(
-                engine, jobs[half:]
-            )
 
     def _request(self, job: PreparedJob) -> GenerationRequest:
         return GenerationRequest(

@@ -16,7 +16,7 @@ from sqlalchemy.orm import selectinload
 
 from core.errors import InferenceError
 from inference.comparison import PriorInput
-from inference.engine import PreparedBatch
+from inference.engine import Engine, GenerationRequest, GenerationResult, OutOfMemory, PreparedBatch
 from inference.preprocess import PreparedStudy
 from storage.db import Database
 from storage.models import Job, Study, StudyVersion
@@ -119,7 +119,8 @@ class ClaimedBatch:
     # that a run's gaps between batches can be told apart: claimed; with render processes
     # sources (jobs read from the database), topped_up (no more studies taken in while the
     # batch before ran), rendered, asked (questions built); built (the
-    # engine's inputs too, when built ahead); run_started (taken to run), stores_below (fewer
+    # engine's inputs too, when built ahead); next_asked (the batch before stored, the worker
+    # asks for this one), taken (its build over); run_started (taken to run), stores_below (fewer
     # than two batches of answers storing), generate_started (leases extended),
     # generate_ended.
     stamps: dict[str, float] = field(default_factory=dict)
@@ -152,3 +153,19 @@ def map_side_by_side(
         return [func(item) for item in items]
     with ThreadPoolExecutor(len(items), thread_name_prefix="prior") as threads:
         return list(threads.map(func, items))
+
+
+def generate_halving(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    """``engine.generate``; on OutOfMemory the batch halved and each half tried the same way,
+    down to one study (whose OutOfMemory then fails its job)."""
+    try:
+        return engine.generate(requests)
+    except OutOfMemory:
+        if len(requests) == 1:
+            raise
+        half = len(requests) // 2
+        log.warning(
+            "out of memory at batch %d: retrying as %d + %d",
+            len(requests), half, len(requests) - half,
+        )  # fmt: skip
+        return generate_halving(engine, requests[:half]) + generate_halving(engine, requests[half:])
