@@ -12,6 +12,7 @@ pieces it took, in order, for their results.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,28 +39,46 @@ class PieceRows:
         self.taken: list[tuple[PreparedBatch, Any]] = []  # each piece and its tensors
 
     def take(self, rows: int, prompt_len: int) -> Mapping[str, torch.Tensor] | None:
-        def fits(piece: PreparedBatch) -> bool:
-            return self._fits(piece, rows, prompt_len)
-
-        piece = self._feed.take(rows, fits)
-        if piece is None:
-            return None
-        tensors = self._tensors(self._groups(piece)[0])
-        self.taken.append((piece, tensors))
-        return dict(tensors)
+        """Every ready piece that fits, as one set of rows when their prompts are as long as the
+        first's: each join's prompt pass holds the running batch up for a fixed time beside its
+        rows' work (benchmarks/join_gpu.py), so pieces ready together join in one pass."""
+        taken: list[tuple[PreparedBatch, Any]] = []
+        while rows > 0:
+            length = taken[0][1]["input_ids"].shape[1] if taken else None
+            piece = self._feed.take(rows, partial(self._fits, rows=rows, prompt_len=prompt_len,
+                                                  length=length))  # fmt: skip
+            if piece is None:
+                break
+            taken.append((piece, self._tensors(self._groups(piece)[0])))
+            rows -= len(piece.requests)
+        self.taken += taken
+        if len(taken) < 2:
+            return dict(taken[0][1]) if taken else None
+        first = taken[0][1]
+        return {
+            key: torch.cat([tensors[key] for _, tensors in taken])
+            for key in first
+            if torch.is_tensor(first[key])
+        }
 
     def closing(self, seconds: float) -> None:
         self._feed.closing(seconds)
 
-    def _fits(self, piece: PreparedBatch, rows: int, prompt_len: int) -> bool:
+    def _fits(
+        self, piece: PreparedBatch, rows: int, prompt_len: int, length: int | None = None
+    ) -> bool:
+        """``piece`` can join now (``length``: its prompts must be that long, to go with a
+        piece taken at the same time)."""
         try:
             groups = self._groups(piece)
         except TypeError:
             return False
+        tokens = groups[0].tensors["input_ids"].shape[1] if len(groups) == 1 else None
         return (
-            len(groups) == 1
+            tokens is not None
             and 0 < len(piece.requests) <= rows
-            and groups[0].tensors["input_ids"].shape[1] <= prompt_len
+            and tokens <= prompt_len
+            and (length is None or tokens == length)
             and all(image_class(r) == self._class for r in piece.requests)
             and all(r.settings.max_new_tokens <= self.max_new_tokens for r in piece.requests)
         )

@@ -89,3 +89,19 @@ def test_a_piece_the_batch_cannot_take_stays_with_the_feed(engine: TransformersE
         results = engine.generate_joining(engine.prepare(running), feed)
         assert answers(results) == answers(engine.generate(running))
         assert feed.pieces == [piece] and feed.offered > 1
+
+
+def test_pieces_ready_together_join_in_one_pass(
+    engine: TransformersEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two pieces whose prompts are as long join at the same step, in one prompt pass (one
+    group of rows), and each still gets the answers of its own batch."""
+    running = [request(9, LONG)]
+    pieces = [[request(10, "Findings?"), request(11, "Findings?")], [request(12, "Findings?")]]
+    feed = ListFeed([engine.prepare(piece) for piece in pieces])
+    with caplog.at_level("INFO", logger="inference.decode_joins"):
+        results = engine.generate_joining(engine.prepare(running), feed)
+    alone = [engine.generate(batch) for batch in (running, *pieces)]
+    assert answers(results) == answers([r for batch in alone for r in batch])
+    assert feed.pieces == [] and feed.offered == 2  # both taken at the first check
+    assert "3 joined in 1 groups" in caplog.text

@@ -1,0 +1,159 @@
+"""What rows joining a running batch cost, against the same studies run as one batch, through
+the node's engine path (``TransformersEngine`` with the fast path attached as at node start).
+
+At the start of a burst the node's first batch starts with the studies that are due and takes
+the rest in pieces as the next batch prepares them (inference/decode_joins.py). On one H200 a
+first batch of 64 built that way took 4.2-5.0 s where a batch of 64 takes 2.96 s
+(benchmarks/RESULTS.md). Here every piece is prepared before the batch starts, so nothing
+waits for a render: ``generate_prepared`` of the whole batch, and ``generate_joining`` of
+``--start`` studies with the rest offered in pieces of each ``--pieces`` size (a piece joins at
+the first check where it fits: one a check, as when they come ready one after the other, or
+all those ready at once, in one prompt pass). What the joined runs take beyond the whole batch
+is the cost of joining itself: the pieces' own prompt passes, the moves to larger buckets, and
+the steps the rows that joined later add.
+
+    python -m benchmarks.join_gpu --batch 64 --start 1 --pieces 8 --runs 2
+    python -m benchmarks.join_gpu --tiny --batch 8 --start 1 --pieces 2 --new-tokens 8  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.engine_gpu import IMAGE_4B, IMAGE_TINY, node_settings, requests_for, write_weights
+from inference.engine import GenerationRequest, PreparedBatch
+from inference.loader import attach_fast_path
+from inference.transformers_engine import TransformersEngine
+
+
+class ReadyPieces:
+    """A ``JoinFeed`` (inference/engine.py) whose pieces were all prepared beforehand; with
+    ``one_a_check`` it hands over one piece a check (every other call), as when the pieces
+    come ready one after the other during a burst."""
+
+    def __init__(self, pieces: list[PreparedBatch], one_a_check: bool) -> None:
+        self.pieces = list(pieces)
+        self.one_a_check = one_a_check
+        self.taken = 0
+        self._gave = False
+
+    def take(self, rows: int, accept: Callable[[PreparedBatch], bool]) -> PreparedBatch | None:
+        if self.one_a_check and self._gave:
+            self._gave = False  # the next check's call gets the next piece
+            return None
+        for index, piece in enumerate(self.pieces):
+            if len(piece.requests) <= rows and accept(piece):
+                self.taken += len(piece.requests)
+                self._gave = True
+                return self.pieces.pop(index)
+        return None
+
+    def closing(self, seconds: float) -> None:
+        """The batch takes no more rows (nothing to stop here)."""
+
+
+class JoinLog(logging.Handler):
+    """The decode loop's summary of each batch that took rows (groups, last step, steps)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def synchronized() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def time_whole(
+    engine: TransformersEngine, requests: list[GenerationRequest], runs: int
+) -> list[float]:
+    seconds = []
+    for _ in range(runs):
+        batch = engine.prepare(requests)
+        started = synchronized()
+        engine.generate_prepared(batch)
+        seconds.append(synchronized() - started)
+    return seconds
+
+
+def time_joined(
+    engine: TransformersEngine,
+    requests: list[GenerationRequest],
+    start: int,
+    piece: int,
+    runs: int,
+    one_a_check: bool,
+) -> tuple[list[float], int]:
+    """Seconds of each run, and how many studies joined in the last one."""
+    seconds, joined = [], 0
+    for _ in range(runs):
+        first = engine.prepare(requests[:start])
+        rest = requests[start:]
+        feed = ReadyPieces(
+            [engine.prepare(rest[k : k + piece]) for k in range(0, len(rest), piece)],
+            one_a_check,
+        )
+        started = synchronized()
+        results = engine.generate_joining(first, feed)
+        seconds.append(synchronized() - started)
+        joined = feed.taken
+        if len(results) != start + joined:
+            raise RuntimeError(f"{len(results)} results for {start} + {joined} studies")
+    return seconds, joined
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--start", type=int, default=1, help="studies the batch starts with")
+    parser.add_argument("--pieces", default="8", help="piece sizes to try, e.g. 8,16")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized model (development)")
+    args = parser.parse_args()
+    joins = JoinLog()
+    logging.getLogger("inference.decode_joins").addHandler(joins)
+    logging.getLogger("inference.decode_joins").setLevel(logging.INFO)
+    with tempfile.TemporaryDirectory(prefix="join-") as directory:
+        weights = Path(directory)
+        write_weights(weights, args.tiny)
+        settings = node_settings(weights, args.batch, args.new_tokens)
+        engine = TransformersEngine(settings.model)
+        engine.wants_fast_path = engine.wants_fast_path or args.tiny
+        attach_fast_path(engine, settings)
+        requests = requests_for(args.batch, args.new_tokens, IMAGE_TINY if args.tiny else IMAGE_4B)
+        time_whole(engine, requests, 1)  # warm: the processor's copies, the first prefill
+        whole = statistics.median(time_whole(engine, requests, args.runs))
+        print(f"whole batch of {args.batch}: {whole:.3f} s", flush=True)
+        for piece in (int(size) for size in args.pieces.split(",")):
+            for one_a_check in (True, False):
+                joins.lines.clear()
+                seconds, joined = time_joined(
+                    engine, requests, args.start, piece, args.runs, one_a_check
+                )
+                median = statistics.median(seconds)
+                how = "one a check" if one_a_check else "all ready"
+                print(
+                    f"{args.start} + {joined} joined in pieces of {piece}, {how}: {median:.3f} s "
+                    f"({median - whole:+.3f} s, {median / whole:.2f}x); {joins.lines[-1:]}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
