@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from config.settings import ModelSettings
@@ -79,3 +80,39 @@ def test_studies_due_meanwhile_join_the_running_batch(
     assert len({r.raw_text for r in reports}) == 1 and reports[0].raw_text
     started = {r.timings_json["batch_stamps"]["generate_started"] for r in reports}
     assert len(started) == 1
+
+
+def test_a_complete_next_batch_still_hands_its_pieces_to_the_running_one(
+    tmp_path: Path, db: Database, rg1_unci: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch being built is complete (4 of max_batch 4) before the running batch asks: it
+    keeps offering its pieces while that batch takes rows, and the three that fit join in one
+    prompt pass; the study left runs next."""
+    settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
+    data_dir, work = settings.storage.data_dir, tmp_path / "in"
+    release = threading.Event()
+    engine, reached = held_engine(tmp_path / "demo", settings.model, release)
+    first = queue_studies(db, data_dir, rg1_unci, work, 1)
+    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
+    worker.start_pools()
+    finished: list[int] = []
+    running = threading.Thread(target=lambda: finished.append(worker.run_once()))
+    try:
+        wait_for(lambda: worker.pools_ready, 120, message="render process")
+        with caplog.at_level("INFO", logger="inference.decode_joins"):
+            running.start()
+            wait_for(reached.is_set, 60, message="the first study decoding")
+            later = queue_studies(db, data_dir, rg1_unci, work, 4)
+            pieces = lambda: len(getattr(worker._feed._build, "_pieces", [])) == 4  # noqa: E731
+            wait_for(pieces, 60, message="the next batch complete, in pieces")
+            release.set()
+            running.join(60)
+        finished.append(worker.run_once())
+    finally:
+        release.set()
+        worker.stop()
+    assert finished == [4, 1]  # the first study and three that joined; then the last one
+    assert "3 joined in 1 groups" in caplog.text
+    with db.session() as session:
+        statuses = session.scalars(select(Job.status).where(Job.id.in_(first + later))).all()
+    assert statuses == [JobStatus.DONE] * 5
