@@ -6,7 +6,8 @@ the decode loop's ``RowSource`` over it: it accepts a piece only when the runnin
 take all of it, namely one prompt group of the running batch's image class (a radiograph joins
 radiographs; a CT study never lengthens their rows), prompts no longer than the column the
 batch has reached, no request wanting more new tokens than the batch makes; and it keeps the
-pieces it took, in order, for their results.
+pieces it took, in order, for their results. The pieces ready at one check join together, in
+one prompt pass, when their prompts are as long (a burst of one kind of study).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class PieceRows:
         taken: list[tuple[PreparedBatch, Any]] = []
         while rows > 0:
             length = taken[0][1]["input_ids"].shape[1] if taken else None
-            piece = self._feed.take(rows, partial(self._fits, rows=rows, prompt_len=prompt_len,
-                                                  length=length))  # fmt: skip
+            fits = partial(self._fits, rows=rows, prompt_len=prompt_len, length=length)
+            piece = self._feed.take(rows, fits)
             if piece is None:
                 break
             taken.append((piece, self._tensors(self._groups(piece)[0])))

@@ -17,8 +17,8 @@ own array and deletes at once; only the file's name and the image's shape go thr
 Shrunk to 896 x 896 in the render process, the image is 2.4 MB, and the worker's own work on it
 (reading it back, the processor's conversions) shrinks alike: at full size that work, in the
 thread that builds the next batch, held back the pieces a running batch takes at the start of a
-burst (benchmarks/RESULTS.md). Files of
-a worker that died are removed when the next worker's pool starts.
+burst (benchmarks/RESULTS.md). Files of a worker that died are removed when the next worker's
+pool starts.
 """
 
 from __future__ import annotations
