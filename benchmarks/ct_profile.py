@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from benchmarks.ct_gpu import StudyMaker, attach_as_at_start, ct_question
-from benchmarks.engine_gpu import IMAGE_4B, IMAGE_TINY, node_settings, write_weights
+from benchmarks.engine_gpu import IMAGE_4B, IMAGE_TINY, load_engine
 from inference.engine import GenerationRequest
 from inference.transformers_engine import TransformersEngine
 
@@ -184,10 +184,7 @@ def main() -> None:
         time_attention_backends(args.slices, args.runs)
     with tempfile.TemporaryDirectory(prefix="mg4b-ctp-") as directory:
         weights = Path(directory)
-        write_weights(weights, args.tiny)
-        settings = node_settings(weights, args.max_batch, args.new_tokens)
-        engine = TransformersEngine(settings.model)
-        engine.wants_fast_path = engine.wants_fast_path or args.tiny
+        engine, settings = load_engine(weights, args.tiny, args.max_batch, args.new_tokens)
         fast = attach_as_at_start(engine, settings)
         studies = StudyMaker(side, ct_question(settings), args.new_tokens)
         study = studies.ct(args.slices)

@@ -62,6 +62,19 @@ def write_weights(directory: Path, tiny: bool) -> float:
     return time.perf_counter() - started
 
 
+def load_engine(
+    weights: Path, tiny: bool, max_batch: int, new_tokens: int
+) -> tuple[TransformersEngine, NodeSettings]:
+    """The random-weight model written to ``weights`` and loaded as the node loads it, with the
+    node's settings for this batch and token budget (the fast path not attached yet; wanted
+    on the CPU too when ``tiny``)."""
+    write_weights(weights, tiny)
+    settings = node_settings(weights, max_batch, new_tokens)
+    engine = TransformersEngine(settings.model)
+    engine.wants_fast_path = engine.wants_fast_path or tiny
+    return engine, settings
+
+
 def node_settings(weights: Path, max_batch: int, new_tokens: int) -> NodeSettings:
     """The node's default settings with the model in ``weights``, this batch and token budget."""
     settings = load_settings()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine_gpu import IMAGE_4B, IMAGE_TINY, node_settings, requests_for, write_weights
+from benchmarks.engine_gpu import IMAGE_4B, IMAGE_TINY, load_engine, requests_for
 from inference.engine import GenerationRequest, PreparedBatch
 from inference.loader import attach_fast_path
 from inference.transformers_engine import TransformersEngine
@@ -130,11 +130,7 @@ def main() -> None:
     logging.getLogger("inference.decode_joins").addHandler(joins)
     logging.getLogger("inference.decode_joins").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="join-") as directory:
-        weights = Path(directory)
-        write_weights(weights, args.tiny)
-        settings = node_settings(weights, args.batch, args.new_tokens)
-        engine = TransformersEngine(settings.model)
-        engine.wants_fast_path = engine.wants_fast_path or args.tiny
+        engine, settings = load_engine(Path(directory), args.tiny, args.batch, args.new_tokens)
         attach_fast_path(engine, settings)
         requests = requests_for(args.batch, args.new_tokens, IMAGE_TINY if args.tiny else IMAGE_4B)
         time_whole(engine, requests, 1)  # warm: the processor's copies, the first prefill

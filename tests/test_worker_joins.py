@@ -45,9 +45,13 @@ def held_engine(
     return engine, reached
 
 
-def test_studies_due_meanwhile_join_the_running_batch(
-    tmp_path: Path, db: Database, rg1_unci: Path
-) -> None:
+def held_burst(
+    tmp_path: Path, db: Database, rg1_unci: Path, studies: int
+) -> tuple[list[int], list[int], list[int]]:
+    """A burst's first study decodes, its first step held, while ``studies`` more come due and
+    the batch being built prepares them all (pieces of one: max_batch 4); then the step goes
+    on. Returns what the first ``run_once`` and then a second one finished, and the job ids
+    of the first study and of the later ones."""
     settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
     data_dir, work = settings.storage.data_dir, tmp_path / "in"
     release = threading.Event()
@@ -61,16 +65,23 @@ def test_studies_due_meanwhile_join_the_running_batch(
         wait_for(lambda: worker.pools_ready, 120, message="render process")
         running.start()
         wait_for(reached.is_set, 60, message="the first study decoding")
-        later = queue_studies(db, data_dir, rg1_unci, work, 2)
-        # The batch being built has rendered and prepared both (pieces of one: max_batch 4).
-        pieces = lambda: len(getattr(worker._feed._build, "_pieces", [])) == 2  # noqa: E731
-        wait_for(pieces, 60, message="the next batch's pieces prepared")
+        later = queue_studies(db, data_dir, rg1_unci, work, studies)
+        prepared = lambda: len(getattr(worker._feed._build, "_pieces", [])) == studies  # noqa: E731
+        wait_for(prepared, 60, message="the next batch's pieces prepared")
         release.set()
         running.join(60)
+        finished.append(worker.run_once())
     finally:
         release.set()
         worker.stop()
-    assert finished == [3]  # one batch: the first study and the two that joined it
+    return finished, first, later
+
+
+def test_studies_due_meanwhile_join_the_running_batch(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    finished, first, later = held_burst(tmp_path, db, rg1_unci, 2)
+    assert finished == [3, 0]  # one batch: the first study and the two that joined it
     with db.session() as session:
         statuses = session.scalars(select(Job.status).where(Job.id.in_(first + later))).all()
         reports = session.scalars(select(Report).order_by(Report.job_id)).all()
@@ -88,29 +99,8 @@ def test_a_complete_next_batch_still_hands_its_pieces_to_the_running_one(
     """The batch being built is complete (4 of max_batch 4) before the running batch asks: it
     keeps offering its pieces while that batch takes rows, and the three that fit join in one
     prompt pass; the study left runs next."""
-    settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
-    data_dir, work = settings.storage.data_dir, tmp_path / "in"
-    release = threading.Event()
-    engine, reached = held_engine(tmp_path / "demo", settings.model, release)
-    first = queue_studies(db, data_dir, rg1_unci, work, 1)
-    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
-    worker.start_pools()
-    finished: list[int] = []
-    running = threading.Thread(target=lambda: finished.append(worker.run_once()))
-    try:
-        wait_for(lambda: worker.pools_ready, 120, message="render process")
-        with caplog.at_level("INFO", logger="inference.decode_joins"):
-            running.start()
-            wait_for(reached.is_set, 60, message="the first study decoding")
-            later = queue_studies(db, data_dir, rg1_unci, work, 4)
-            pieces = lambda: len(getattr(worker._feed._build, "_pieces", [])) == 4  # noqa: E731
-            wait_for(pieces, 60, message="the next batch complete, in pieces")
-            release.set()
-            running.join(60)
-        finished.append(worker.run_once())
-    finally:
-        release.set()
-        worker.stop()
+    with caplog.at_level("INFO", logger="inference.decode_joins"):
+        finished, first, later = held_burst(tmp_path, db, rg1_unci, 4)
     assert finished == [4, 1]  # the first study and three that joined; then the last one
     assert "3 joined in 1 groups" in caplog.text
     with db.session() as session:
