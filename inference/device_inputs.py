@@ -45,7 +45,7 @@ def _left_padded(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return F.pad(tensor, (length - tensor.shape[1], 0), value=value)
 
 
-def _joined_tensors(groups: Sequence[Any], pad_id: int) -> BatchFeature:
+def joined_tensors(groups: Sequence[Any], pad_id: int) -> BatchFeature:
     """The tensors of one prompt group's pieces as one processor call would give them."""
     keys = set(groups[0].keys())
     if any(set(g.keys()) != keys for g in groups) or "input_ids" not in keys:
@@ -91,5 +91,5 @@ def join_pieces(
             )
             indices.extend(base + index for index in group.indices)
             tensors.append(group.tensors)
-    joined = [(indices, _joined_tensors(parts, pad_id)) for indices, parts in by_class.values()]
+    joined = [(indices, joined_tensors(parts, pad_id)) for indices, parts in by_class.values()]
     return requests, joined

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from inference.device_inputs import DeviceInputs
+from inference.device_inputs import DeviceInputs, joined_tensors
 from inference.engine import JoinFeed, PreparedBatch, image_class
 
 
@@ -31,8 +31,10 @@ class PieceRows:
         groups: Callable[[PreparedBatch], list[DeviceInputs]],
         tensors: Callable[[DeviceInputs], Any],
         running: PreparedBatch,
+        pad_id: int,
     ) -> None:
         self._feed = feed
+        self._pad_id = pad_id  # the tokenizer's, for pieces put together (joined_tensors)
         self._groups = groups  # a prepared batch's prompt groups (TypeError: not this engine's)
         self._tensors = tensors  # a group's tensors, once the generating stream may read them
         self._class = image_class(running.requests[0])
@@ -55,12 +57,7 @@ class PieceRows:
         self.taken += taken
         if len(taken) < 2:
             return dict(taken[0][1]) if taken else None
-        first = taken[0][1]
-        return {
-            key: torch.cat([tensors[key] for _, tensors in taken])
-            for key in first
-            if torch.is_tensor(first[key])
-        }
+        return dict(joined_tensors([tensors for _, tensors in taken], self._pad_id))
 
     def closing(self, seconds: float) -> None:
         self._feed.closing(seconds)

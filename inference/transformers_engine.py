@@ -485,7 +485,8 @@ class TransformersEngine:
         groups = self._device_groups(batch)
         if self._fast_generator is None or len(groups) != 1 or not batch.requests:
             return self.generate_prepared(batch)
-        rows = PieceRows(feed, self._device_groups, self._take_inputs, batch)
+        pad_id = int(self._processor().tokenizer.pad_token_id)
+        rows = PieceRows(feed, self._device_groups, self._take_inputs, batch, pad_id)
         started = time.perf_counter()
         try:
             with torch.inference_mode():
