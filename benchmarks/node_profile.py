@@ -15,12 +15,15 @@ def read_profile(database_url: str) -> dict[str, Any]:
     from sqlalchemy import select
 
     from storage.db import Database
-    from storage.models import OutboxItem, Report
+    from storage.models import Job, OutboxItem, Report
 
     db = Database(database_url)
     try:
         with db.session() as session:
-            timings = [t for (t,) in session.execute(select(Report.timings_json)).all()]
+            reports = session.execute(
+                select(Report.timings_json, Job.created_at).outerjoin(Job, Report.job_id == Job.id)
+            ).all()
+            timings = [t for t, _ in reports]
             rows = session.execute(
                 select(OutboxItem.created_at, OutboxItem.sent_at).where(
                     OutboxItem.sent_at.is_not(None)
@@ -52,6 +55,7 @@ def read_profile(database_url: str) -> dict[str, Any]:
         "delivery_s_p95": delivery[max(0, round(0.95 * len(delivery)) - 1)] if delivery else 0.0,
         "new_tokens_min": min((int(t["new_tokens"]) for t in timings), default=0),
         "new_tokens_max": max((int(t["new_tokens"]) for t in timings), default=0),
+        "study_ways": study_ways([(due.timestamp(), t) for t, due in reports if due is not None]),
         **timeline,
     }
 
@@ -71,9 +75,6 @@ def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]
         "last_outbox_row": session.scalar(select(func.max(OutboxItem.created_at))),
         "last_sent": session.scalar(select(func.max(OutboxItem.sent_at))),
     }
-    ways = session.execute(
-        select(Job.created_at, Report.timings_json).join(Report, Report.job_id == Job.id)
-    ).all()
     waits = session.execute(
         select(Study.last_received_at, Job.created_at, Job.finished_at)
         .join(StudyVersion, StudyVersion.study_id == Study.id)
@@ -95,7 +96,6 @@ def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]
         "completion_wait_s_p50": statistics.median(completion) if completion else 0.0,
         "job_to_report_s_p50": statistics.median(in_queue) if in_queue else 0.0,
         "batch_rows": batches,
-        "study_ways": study_ways([(due.timestamp(), t) for due, t in ways]),
     }
 
 
