@@ -8,7 +8,8 @@ first batch of 64 built that way took 4.2-5.0 s where a batch of 64 takes 2.96 s
 waits for a render: ``generate_prepared`` of the whole batch, and ``generate_joining`` of
 ``--start`` studies with the rest offered in pieces of each ``--pieces`` size (a piece joins at
 the first check where it fits: one a check, as when they come ready one after the other, or
-all those ready at once, in one prompt pass). What the joined runs take beyond the whole batch
+all those ready at once, in one prompt pass; or one a check with the batch holding its
+first decode step until they have all joined). What the joined runs take beyond the whole batch
 is the cost of joining itself: the pieces' own prompt passes, the moves to larger buckets, and
 the steps the rows that joined later add.
 
@@ -37,11 +38,13 @@ from inference.transformers_engine import TransformersEngine
 class ReadyPieces:
     """A ``JoinFeed`` (inference/engine.py) whose pieces were all prepared beforehand; with
     ``one_a_check`` it hands over one piece a check (every other call), as when the pieces
-    come ready one after the other during a burst."""
+    come ready one after the other during a burst; with ``held`` it says they are coming, so
+    the batch holds its first step for them (inference/decode_joins.py)."""
 
-    def __init__(self, pieces: list[PreparedBatch], one_a_check: bool) -> None:
+    def __init__(self, pieces: list[PreparedBatch], one_a_check: bool, held: bool) -> None:
         self.pieces = list(pieces)
         self.one_a_check = one_a_check
+        self.held = held
         self.taken = 0
         self._gave = False
 
@@ -59,6 +62,9 @@ class ReadyPieces:
     def closing(self, seconds: float) -> None:
         """The batch takes no more rows (nothing to stop here)."""
 
+    def coming(self) -> bool:
+        return self.held and bool(self.pieces)
+
 
 class JoinLog(logging.Handler):
     """The decode loop's summary of each batch that took rows (groups, last step, steps)."""
@@ -75,6 +81,13 @@ def synchronized() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+HOW = [  # (what, one piece a check, the batch holds its first step for the pieces)
+    ("one a check", True, False),
+    ("all ready", False, False),
+    ("one a check, held before the first step", True, True),
+]
 
 
 def time_whole(
@@ -96,6 +109,7 @@ def time_joined(
     piece: int,
     runs: int,
     one_a_check: bool,
+    held: bool,
 ) -> tuple[list[float], int]:
     """Seconds of each run, and how many studies joined in the last one."""
     seconds, joined = [], 0
@@ -105,6 +119,7 @@ def time_joined(
         feed = ReadyPieces(
             [engine.prepare(rest[k : k + piece]) for k in range(0, len(rest), piece)],
             one_a_check,
+            held,
         )
         started = synchronized()
         results = engine.generate_joining(first, feed)
@@ -137,13 +152,12 @@ def main() -> None:
         whole = statistics.median(time_whole(engine, requests, args.runs))
         print(f"whole batch of {args.batch}: {whole:.3f} s", flush=True)
         for piece in (int(size) for size in args.pieces.split(",")):
-            for one_a_check in (True, False):
+            for how, one_a_check, held in HOW:
                 joins.lines.clear()
                 seconds, joined = time_joined(
-                    engine, requests, args.start, piece, args.runs, one_a_check
+                    engine, requests, args.start, piece, args.runs, one_a_check, held
                 )
                 median = statistics.median(seconds)
-                how = "one a check" if one_a_check else "all ready"
                 print(
                     f"{args.start} + {joined} joined in pieces of {piece}, {how}: {median:.3f} s "
                     f"({median - whole:+.3f} s, {median / whole:.2f}x); {joins.lines[-1:]}",

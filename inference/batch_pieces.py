@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 Rendered = tuple[JobSource, PreparedStudy, float]  # the study, its images, render seconds
 Render = tuple[JobSource, Future[RenderedStudy]]
 MAX_PIECE = 8  # studies a piece at most: the processor's fixed cost per call stays small
+HELD_S = 0.1  # a running batch that asked this recently holds for pieces (it asks every 5 ms)
 
 
 def piece_size(max_batch: int) -> int:
@@ -78,6 +79,8 @@ class PiecewiseBuild:
         self._times: dict[int, dict[str, float]] = {}  # job id -> PreparedJob.stamps so far
         self._closed = False  # finish has begun joining: no piece leaves any more
         self._wanted = 0  # the size of the next piece, when a running batch wants fewer rows
+        self._held = 0.0  # when a running batch last held its decode for pieces (monotonic)
+        self._preparing = False  # a piece is being prepared (its studies left _waiting)
 
     def take_piece(
         self, rows: int, accept: Callable[[PreparedBatch], bool]
@@ -105,6 +108,16 @@ class PiecewiseBuild:
                 self._wanted = rows
             return None
 
+    def coming(self) -> bool:
+        """Studies are rendering or waiting for a piece, or pieces are prepared: a running
+        batch that holds its decode for them (inference/decode_joins.py) is told so, and from
+        now the studies left when nothing renders make a piece of their own."""
+        with self._lock:
+            if self._closed or self._engine is None:
+                return False
+            self._held = time.monotonic()
+            return bool(self._renders or self._waiting or self._preparing or self._pieces)
+
     def add(self, renders: list[Render]) -> None:
         now = time.time()
         for source, future in renders:
@@ -118,11 +131,14 @@ class PiecewiseBuild:
         running: list[Render] = []
         for render in self._renders:
             (done if render[1].done() else running).append(render)
-        self._renders = running
         if done:
             self._questioned(done)
+        self._renders = running  # after: a study being asked is still on its way (coming)
         if self._wanted > len(self._waiting) and not self._renders:
             self._unprepare_last()  # no study is on its way to make the wanted piece
+        held = time.monotonic() - self._held < HELD_S
+        if held and not self._renders and 0 < len(self._waiting) < self._piece:
+            self._wanted = self._wanted or len(self._waiting)  # a held batch waits for them
         while len(self._waiting) >= (size := self._wanted or self._piece):
             self._wanted = 0
             self._prepare_piece(size)
@@ -187,6 +203,7 @@ class PiecewiseBuild:
         piece, self._waiting = self._waiting[:size], self._waiting[size:]
         if self._engine is None:
             return
+        self._preparing = True
         try:
             prepared = self._engine.prepare([self._request(job) for job in piece])
         except Exception:
@@ -194,13 +211,14 @@ class PiecewiseBuild:
             # its errors (halving on OutOfMemory, failing the jobs) applies.
             log.warning("preparing part of the next batch failed", exc_info=True)
             with self._lock:
-                self._engine, self._pieces = None, []
+                self._engine, self._pieces, self._preparing = None, [], False
             return
         ready = time.time()
         for job in piece:
             job.stamps["ready"] = ready
         with self._lock:
             self._pieces.append(prepared)
+            self._preparing = False
 
 
 class PieceFeed:
@@ -234,6 +252,10 @@ class PieceFeed:
             job.stamps["joined"] = joined
         self.jobs.extend(jobs)
         return piece
+
+    def coming(self) -> bool:
+        build = self._build
+        return build is not None and build.coming()
 
     def closing(self, seconds: float) -> None:
         self.taking = False

@@ -34,6 +34,15 @@ of them was too short for the first pieces of a burst to be ready): no answer wa
 about twice a batch's time. Once it takes no more rows it tells the source when it will end
 (``closing``; its steps timed between two checks without a prefill), so the worker's next
 batch stops growing in time for it (inference/prefetch.py, ``TopUp.ends_in``).
+
+Such a batch first holds its decode steps while more rows are on their way (``coming``): the
+rows of a static batch all end together, 256 steps after the last row joined, so steps run
+before the last join only lengthen the batch, while prompt passes made during the hold are
+work the batch needs anyway. Held until full, the batch ends one prompt pass and
+``max_new_tokens`` steps after its last rows came ready, the earliest it can. The hold ends
+when the rows are full, when nothing is on its way, when no rows came for ``HOLD_GAP_S``
+(what is on its way may be of another kind, which never joins), and after ``HOLD_S`` at most
+(about the window's 256 steps on an H200); rows still coming then join during the window.
 """
 
 from __future__ import annotations
@@ -54,6 +63,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HOLD_S = 2.0  # the longest a batch holds its first decode step for rows on their way
+HOLD_GAP_S = 0.5  # ... and for rows that do not come: a burst's pieces come every ~0.2 s
+HOLD_POLL_S = 0.005  # between two asks while holding (the GPU is idle meanwhile)
+
 
 class RowSource(Protocol):
     """Where the rows that join a running batch come from (the engine: inference/
@@ -66,6 +79,10 @@ class RowSource(Protocol):
 
     def closing(self, seconds: float) -> None:
         """No more rows will join; the batch ends in about ``seconds``."""
+        ...
+
+    def coming(self) -> bool:
+        """More rows are on their way (a batch about to decode may wait for them)."""
         ...
 
 
@@ -116,6 +133,7 @@ class RowJoins:
         self.used, self.prompt_len = rows, prompt_len
         self.window = self.max_new_tokens  # a batch at most half full (fast_decode._joinable)
         self.groups = [JoinedRows(0, rows, 0)]
+        state = self._hold(state)
         produced = 1
         while produced < self._end():
             if (produced - 1) % gen.check_every == 0:
@@ -135,6 +153,27 @@ class RowJoins:
                 self.groups[-1].first_step, produced,
             )  # fmt: skip
         return self._tokens(state, produced)
+
+    def _hold(self, state: DecodeState) -> DecodeState:
+        """Rows taken in before the first decode step, while more are on their way (see the
+        module docstring): they join at step 0, as if the batch had started with them."""
+        gen = self.gen
+        start = last = time.monotonic()
+        while self.used < gen.max_batch and self.source.coming():
+            used = self.used
+            state = self._admit(state, 1)
+            now = time.monotonic()
+            if self.used > used:
+                last = now
+            elif now - start > HOLD_S or now - last > HOLD_GAP_S:
+                break
+            else:
+                if gen._between_steps is not None:
+                    gen._between_steps()  # the lane's questions do not wait for the hold
+                time.sleep(HOLD_POLL_S)
+        if self.used > self.groups[0].rows:
+            log.info("batch held %.3f s for %d rows", time.monotonic() - start, self.used)
+        return state
 
     def _time_steps(self, produced: int) -> None:
         """Time the steps since the last check (its stop test syncs with the device), unless

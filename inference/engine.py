@@ -240,6 +240,11 @@ class JoinFeed(Protocol):
         """The running batch takes no more pieces, and ends in about ``seconds``."""
         ...
 
+    def coming(self) -> bool:
+        """Studies are on their way to pieces (the running batch, not yet decoding, may
+        wait for them: inference/decode_joins.py)."""
+        ...
+
 
 @runtime_checkable
 class RowJoiningEngine(PreparingEngine, Protocol):

@@ -62,6 +62,9 @@ class PieceRows:
     def closing(self, seconds: float) -> None:
         self._feed.closing(seconds)
 
+    def coming(self) -> bool:
+        return self._feed.coming()
+
     def _fits(
         self, piece: PreparedBatch, rows: int, prompt_len: int, length: int | None = None
     ) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from inference import batch_pieces
 from inference.batch_pieces import PieceFeed, PiecewiseBuild, Render, Rendered, piece_size
 from inference.engine import GenerationRequest, JoinError, PreparedBatch
 from inference.render_pool import RenderedStudy, render_timed
@@ -205,3 +206,33 @@ def test_a_complete_batch_remakes_its_last_piece_at_the_size_a_running_batch_wan
     joined = pieces.finish({})
     assert engine.pieces == [4, 3, 2]
     assert joined is not None and [r.prompt for r in joined.requests] == ["q4", "q5"]
+
+
+def test_a_held_batch_is_told_what_is_coming_and_gets_the_studies_left_as_a_piece(
+    rendered: RenderedStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_pieces, "HELD_S", 60.0)  # the harvests below count as held
+    engine = Joiner()
+    pieces = PiecewiseBuild(engine, ask, request, lambda j, _e: None, 4, list(range(1, 7)))
+    feed = PieceFeed()
+    assert not feed.coming()  # no batch being built
+    last: Future[RenderedStudy] = Future()
+    source = JobSource(6, 6, 6, "1.2.6", "MODALITY", [])
+    with feed.offering(pieces):
+        assert not feed.coming()  # nothing claimed yet
+        pieces.add([*renders(rendered, 5), (source, last)])
+        assert feed.coming()  # rendering
+        pieces.harvest()  # a piece of 4; study 5 waits; study 6 still renders
+        assert engine.pieces == [4]
+        first = feed.take(8, lambda _piece: True)
+        assert first is not None and feed.coming()
+        pieces.harvest()
+        assert engine.pieces == [4]  # one waits while another renders: no piece of one
+        last.set_result(renders(rendered, 1, first=6)[0][1].result())
+        assert feed.coming()
+        pieces.harvest()  # nothing renders and the batch holds: the two left make a piece
+        assert engine.pieces == [4, 2]
+        second = feed.take(8, lambda _piece: True)
+        assert second is not None and not feed.coming()  # nothing left on its way
+    assert [j.job_id for j in feed.end()] == [1, 2, 3, 4, 5, 6]
+    assert pieces.finish({}) is None and pieces.claimed == []

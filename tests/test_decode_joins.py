@@ -7,12 +7,14 @@ runs for real)."""
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 import torch
 
+from inference import decode_joins
 from inference.fast_decode import FastGreedyGenerator
 from tests.test_fast_decode import plain, study_inputs
 
@@ -46,6 +48,9 @@ class Scripted:
     def closing(self, seconds: float) -> None:
         self.closings.append(seconds)
 
+    def coming(self) -> bool:
+        return False  # nothing on its way: the batch never holds its first step
+
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA graphs and Triton need a GPU"))])  # fmt: skip
@@ -74,6 +79,61 @@ def test_rows_joining_at_two_steps_get_their_own_batch_tokens(
     # Full after the fourth: it said once when it would end (11 steps on, timed meanwhile).
     assert len(source.closings) == 1 and source.closings[0] > 0
     assert (4, 256) in gen._states  # it moved to the bucket of four
+
+
+class Arriving(Scripted):
+    """``Scripted``, with rows on their way for its first ``coming_for`` answers to coming()."""
+
+    def __init__(self, offers: list[dict[str, torch.Tensor] | None], coming_for: int) -> None:
+        super().__init__(offers)
+        self.coming_for = coming_for
+        self.asked_coming = 0
+
+    def coming(self) -> bool:
+        self.asked_coming += 1
+        return self.asked_coming <= self.coming_for
+
+
+def test_a_batch_holds_its_first_step_for_rows_on_their_way(
+    model: Any, processor: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, pair, late = (
+        study_inputs(processor, questions)
+        for questions in ([LONGEST], ["Any fracture?", "Describe the chest X-ray."], ["Heart?"])
+    )
+    source = Arriving([None, pair, None, late], coming_for=10)
+    gen = FastGreedyGenerator(model, max_batch=4, max_total_len=256, check_every=1)
+
+    with caplog.at_level(logging.INFO, logger="inference.decode_joins"):
+        out = gen.generate(first, max_new_tokens=12, joins=source)
+
+    assert_rows(out[:1], plain(model, first, 12))
+    assert_rows(out[1:3], plain(model, pair, 12))
+    assert_rows(out[3:], plain(model, late, 12))
+    # Every row taken at the prompt's column, before any decode step; full, never asked again.
+    length = first["input_ids"].shape[1]
+    assert source.calls == [(3, length), (3, length), (1, length), (1, length)]
+    assert "2 groups, the last at step 0; 12 steps" in caplog.text  # no step past the first rows'
+    assert "batch held" in caplog.text
+
+
+def test_a_hold_ends_when_the_rows_on_their_way_do_not_come(
+    model: Any, processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decode_joins, "HOLD_GAP_S", 0.05)
+    first, late = study_inputs(processor, [LONGEST]), study_inputs(processor, ["Heart?"])
+    offers: list[dict[str, torch.Tensor] | None] = [None] * 200
+    source = Arriving([*offers, late], coming_for=10**6)  # always says more is coming
+    gen = FastGreedyGenerator(model, max_batch=2, max_total_len=256, check_every=1)
+
+    out = gen.generate(first, max_new_tokens=8, joins=source)
+
+    assert_rows(out[:1], plain(model, first, 8))
+    length = first["input_ids"].shape[1]
+    held = [call for call in source.calls if call == (1, length)]
+    # Asked again and again at the prompt's column (the hold; without it: twice), then decoded.
+    assert 2 < len(held) < 200 and source.calls[-1] == (1, length + 6)
+    assert out.shape[0] == 1
 
 
 def test_joined_rows_stop_at_their_own_end(model: Any, processor: Any) -> None:

@@ -49,6 +49,9 @@ class ListFeed:
     def closing(self, seconds: float) -> None:
         self.closings.append(seconds)
 
+    def coming(self) -> bool:
+        return False  # nothing on its way: the batch never holds its first step
+
 
 def request(seed: int, prompt: str, images: int = 1, new_tokens: int = 10) -> GenerationRequest:
     rng = np.random.default_rng(seed)

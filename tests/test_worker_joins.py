@@ -6,6 +6,7 @@ pieces, so the join happens at a known point."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import pytest
 from sqlalchemy import select
 
 from config.settings import ModelSettings
+from inference import decode_joins
 from inference.demo_model import write_demo_model
+from inference.engine import GenerationResult, JoinFeed, PreparedBatch
 from inference.fast_buffers import DecodeState
 from inference.fast_decode import FastGreedyGenerator
 from inference.transformers_engine import TransformersEngine
@@ -29,9 +32,7 @@ def held_engine(
 ) -> tuple[TransformersEngine, threading.Event]:
     """The demo engine with the fast loop attached; its first decode step waits for
     ``release``. Returns it and the event set when that step is reached."""
-    write_demo_model(directory)
-    engine = TransformersEngine(settings, weights_dir=directory)
-    generator = FastGreedyGenerator(engine.model, max_batch=4, max_total_len=2048)
+    engine, generator = demo_engine(directory, settings)
     reached = threading.Event()
     step = generator._run_step
 
@@ -41,8 +42,18 @@ def held_engine(
         step(state)
 
     generator._run_step = first_step_held  # type: ignore[method-assign]
-    engine.attach_fast_generator(generator)
     return engine, reached
+
+
+def demo_engine(
+    directory: Path, settings: ModelSettings
+) -> tuple[TransformersEngine, FastGreedyGenerator]:
+    """The demo engine with the fast loop attached (four rows), and that loop."""
+    write_demo_model(directory)
+    engine = TransformersEngine(settings, weights_dir=directory)
+    generator = FastGreedyGenerator(engine.model, max_batch=4, max_total_len=2048)
+    engine.attach_fast_generator(generator)
+    return engine, generator
 
 
 def held_burst(
@@ -106,3 +117,55 @@ def test_a_complete_next_batch_still_hands_its_pieces_to_the_running_one(
     with db.session() as session:
         statuses = session.scalars(select(Job.status).where(Job.id.in_(first + later))).all()
     assert statuses == [JobStatus.DONE] * 5
+
+
+def test_the_first_batch_of_a_burst_holds_its_first_step_for_the_studies_on_their_way(
+    tmp_path: Path,
+    db: Database,
+    rg1_unci: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first study's batch starts while three more are claimed and rendering: it takes
+    them in before its first decode step (they join at step 0) and runs no step more than a
+    batch started with all four would."""
+    monkeypatch.setattr(decode_joins, "HOLD_S", 60.0)  # a slow render here must not end it
+    monkeypatch.setattr(decode_joins, "HOLD_GAP_S", 30.0)
+    settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
+    data_dir, work = settings.storage.data_dir, tmp_path / "in"
+    engine, _ = demo_engine(tmp_path / "demo", settings.model)
+    reached, release = threading.Event(), threading.Event()
+    joining = engine.generate_joining
+
+    def started_once_claimed(batch: PreparedBatch, feed: JoinFeed) -> list[GenerationResult]:
+        reached.set()
+        release.wait(60)
+        return joining(batch, feed)
+
+    engine.generate_joining = started_once_claimed  # type: ignore[method-assign]
+    first = queue_studies(db, data_dir, rg1_unci, work, 1)
+    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
+    worker.start_pools()
+    finished: list[int] = []
+    running = threading.Thread(target=lambda: finished.append(worker.run_once()))
+    with caplog.at_level("INFO", logger="inference.decode_joins"):
+        try:
+            wait_for(lambda: worker.pools_ready, 120, message="render process")
+            running.start()
+            wait_for(reached.is_set, 60, message="the first study's batch starting")
+            later = queue_studies(db, data_dir, rg1_unci, work, 3)
+            claimed = lambda: len(getattr(worker._feed._build, "claimed", [])) == 3  # noqa: E731
+            wait_for(claimed, 60, message="the next batch claiming the three")
+            release.set()
+            running.join(60)
+            finished.append(worker.run_once())
+        finally:
+            release.set()
+            worker.stop()
+    assert finished == [4, 0]
+    # However their renders came (together or one by one), they joined at step 0.
+    assert re.search(r"3 joined in [1-3] groups, the last at step 0; 16 steps", caplog.text)
+    assert "batch held" in caplog.text
+    with db.session() as session:
+        statuses = session.scalars(select(Job.status).where(Job.id.in_(first + later))).all()
+    assert statuses == [JobStatus.DONE] * 4
