@@ -198,9 +198,9 @@ class ModelSettings(Section):
     long_prompt_kv_tokens: int | None = Field(default=None, ge=0)
     # Processes beside the inference worker (README "GPU sizing"): DICOM reading and rendering,
     # and storing reports with their SR/GSPS/ORU/JSON. None: for rendering a quarter of the CPU
-    # cores, at most 4; for outputs half, at most 8 (they are idle until a batch ends, then the
-    # last batch of a burst is stored sooner); none below 4 cores. 0: in the worker's own
-    # threads (the GPU then waits while outputs are built).
+    # cores, at most 4; for outputs all but 4 cores and at least half, at most 12 (they are
+    # idle until a batch ends, then the last batch of a burst is stored sooner); none below 4
+    # cores. 0: in the worker's own threads (the GPU then waits while outputs are built).
     render_processes: int | None = Field(default=None, ge=0)
     output_processes: int | None = Field(default=None, ge=0)
     # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
@@ -213,7 +213,7 @@ class ModelSettings(Section):
         """(render, output) processes, ``None`` settings resolved for this machine."""
         cores = os.cpu_count() or 1
         auto_render, auto_output = (
-            (min(4, cores // 4), min(8, cores // 2)) if cores >= 4 else (0, 0)
+            (min(4, cores // 4), min(12, max(cores // 2, cores - 4))) if cores >= 4 else (0, 0)
         )
         render = auto_render if self.render_processes is None else self.render_processes
         output = auto_output if self.output_processes is None else self.output_processes
