@@ -427,7 +427,7 @@ def print_row(row: dict[str, Any], header: bool) -> None:
             )
     for name, ways in (row.get("study_ways") or {}).items():
         print(
-            f"    each study, median ({name}): "
+            f"    each study, {name}: "
             + ", ".join(f"to {stage} {seconds:.3f} s" for stage, seconds in ways.items())
         )
     sustained = full_queue(batches, row["max_batch"])

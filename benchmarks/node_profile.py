@@ -158,6 +158,7 @@ def full_queue(batches: list[dict[str, float]], max_batch: int) -> dict[str, flo
 
 STUDY_STAGES = ("due", "submitted", "rendered", "asked", "ready", "started")
 RAMP_STUDIES = 128  # the start of a burst: the first two batches of 64
+FIRST_STUDIES = 64  # the first batch of a burst at max_batch 64
 
 
 def study_ways(studies: list[tuple[float, dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -172,7 +173,7 @@ def study_ways(studies: list[tuple[float, dict[str, Any]]]) -> dict[str, dict[st
         started = own.get("joined", batch.get("generate_started"))
         ways.append({"due": due, **own, "started": started} if started else {"due": due})
     result = {}
-    for name, chosen in (("all", ways), ("ramp", ways[:RAMP_STUDIES])):
+    for name, chosen in (("median (all)", ways), ("median (ramp)", ways[:RAMP_STUDIES])):
         stages: dict[str, float] = {}
         for earlier, later in itertools.pairwise(STUDY_STAGES):
             seconds = [w[later] - w[earlier] for w in chosen if earlier in w and later in w]
@@ -182,4 +183,19 @@ def study_ways(studies: list[tuple[float, dict[str, Any]]]) -> dict[str, dict[st
         if total:
             stages["due_to_started"] = statistics.median(total)
         result[name] = stages
+    if ways:
+        result[f"first {FIRST_STUDIES}, the latest to reach each stage (s from the first due)"] = (
+            latest_stages(ways[:FIRST_STUDIES])
+        )
     return result
+
+
+def latest_stages(ways: list[dict[str, float]]) -> dict[str, float]:
+    """When the last of ``ways`` reached each stage, from the first one's due: how far the
+    pipeline lags behind the arrivals at a burst's start."""
+    first = ways[0]["due"]
+    return {
+        stage: max(w[stage] for w in ways if stage in w) - first
+        for stage in ("due", *STUDY_STAGES[1:])
+        if any(stage in w for w in ways)
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.node_profile import RAMP_STUDIES, study_ways
+from benchmarks.node_profile import FIRST_STUDIES, RAMP_STUDIES, study_ways
 
 
 def timings(due: float, joined: bool) -> tuple[float, dict[str, object]]:
@@ -18,10 +18,22 @@ def test_each_stage_is_the_median_of_the_studies_own_stamps() -> None:
     studies = [timings(float(k), joined=k < RAMP_STUDIES) for k in range(RAMP_STUDIES + 40)]
     ways = study_ways(studies)
     expected = dict(submitted=0.1, rendered=0.2, asked=0.05, ready=0.15, started=0.4)
-    assert ways["ramp"] == pytest.approx({**expected, "due_to_started": 0.9})
-    assert ways["all"]["started"] == pytest.approx(0.4)  # 128 joined, 40 waited 1.5 s
+    assert ways["median (ramp)"] == pytest.approx({**expected, "due_to_started": 0.9})
+    assert ways["median (all)"]["started"] == pytest.approx(0.4)  # 128 joined, 40 waited 1.5 s
 
 
 def test_a_study_without_its_own_stamps_counts_from_its_batch_start() -> None:
     ways = study_ways([(5.0, {"batch_stamps": {"generate_started": 6.25}}), (7.0, {})])
-    assert ways["all"] == pytest.approx({"due_to_started": 1.25})
+    assert ways["median (all)"] == pytest.approx({"due_to_started": 1.25})
+
+
+def test_the_first_studies_show_when_the_last_of_them_reached_each_stage() -> None:
+    studies = [timings(float(k) / 10, joined=True) for k in range(FIRST_STUDIES + 10)]
+    latest = study_ways(studies)[
+        f"first {FIRST_STUDIES}, the latest to reach each stage (s from the first due)"
+    ]
+    last_due = (FIRST_STUDIES - 1) / 10
+    assert latest == pytest.approx(
+        dict(due=last_due, submitted=last_due + 0.1, rendered=last_due + 0.3,
+             asked=last_due + 0.35, ready=last_due + 0.5, started=last_due + 0.9)
+    )  # fmt: skip
