@@ -41,8 +41,11 @@ before the last join only lengthen the batch, while prompt passes made during th
 work the batch needs anyway. Held until full, the batch ends one prompt pass and
 ``max_new_tokens`` steps after its last rows came ready, the earliest it can. The hold ends
 when the rows are full, when nothing is on its way, when no rows came for ``HOLD_GAP_S``
-(what is on its way may be of another kind, which never joins), and after ``HOLD_S`` at most
-(about the window's 256 steps on an H200); rows still coming then join during the window.
+(what is on its way may be of another kind, which never joins), and when none are ready
+once ``HOLD_S`` has passed (about the window's 256 steps on an H200); rows still coming then
+join during the window. Rows ready at each ask keep the hold going past ``HOLD_S``: each
+ask then adds rows, so the rows' count bounds it. On one H200 the first batch of a 640-CR
+burst held 2.1-2.4 s for its 64 rows, most of it their prompt passes (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HOLD_S = 2.0  # the longest a batch holds its first decode step for rows on their way
+HOLD_S = 2.0  # after this a batch stops holding its first step for rows not yet ready
 HOLD_GAP_S = 0.5  # ... and for rows that do not come: a burst's pieces come every ~0.2 s
 HOLD_POLL_S = 0.005  # between two asks while holding (the GPU is idle meanwhile)
 

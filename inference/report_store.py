@@ -229,16 +229,6 @@ def _add_rows(
     return StoreOutcome.STORED
 
 
-def batch_report_ids(db: Database, count: int) -> list[int | None]:
-    """A batch's report ids, reserved in one short write (StoreTask.report_id); on an error
-    none, and each store takes its own."""
-    try:
-        return list(reserve_report_ids(db, count))
-    except Exception:
-        log.warning("reserving report ids failed; each report takes its own", exc_info=True)
-        return [None] * count
-
-
 def _report_content(task: StoreTask) -> ReportContent:
     image_count = task.prior_images + len(task.geometries)
     parsed = parse_report(task.text, task.language, image_count=image_count)

@@ -47,6 +47,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -83,7 +84,6 @@ from inference.report_store import (
     StoreOutcome,
     StorePool,
     StoreTask,
-    batch_report_ids,
     store_report,
     store_task,
 )
@@ -97,13 +97,13 @@ from inference.worker_jobs import (
     generate_halving,
     job_source,
     map_side_by_side,
+    renew_old_leases,
 )
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.jobs import (
     NO_RETRY,
     claim_jobs,
-    extend_lease,
     fail_job,
     has_due_jobs,
     job_retry_policy,
@@ -174,6 +174,7 @@ class InferenceWorker:
         self._piece = piece_size(self.model_settings.max_batch)  # studies prepared at a time
         # The next batch's pieces, offered to the running one, which says when it will end.
         self._feed = PieceFeed(self._topping_up.ends_in)
+        self._report_ids: deque[int] = deque()  # taken with the claims, for the stores
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
         self.lane_steps = LaneBetweenSteps(
@@ -326,9 +327,13 @@ class InferenceWorker:
                 inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
             stamps.setdefault("built", time.time())
             return ClaimedBatch(job_ids, build.jobs, inputs, stamps=stamps)
-        loaded = map_side_by_side(self._prepare, job_ids, self.prior_finder is not None)
+        loaded = [
+            job
+            for job in map_side_by_side(self._prepare, job_ids, self.prior_finder is not None)
+            if job
+        ]
         stamps = {"claimed": claimed, "built": time.time()}
-        return ClaimedBatch(job_ids, [job for job in loaded if job], stamps=stamps)
+        return ClaimedBatch(job_ids, loaded, stamps=stamps)
 
     def _render_in_pool(
         self, pool: RenderPool, ids: list[int], stamps: dict[str, float], top_up: bool,
@@ -373,7 +378,7 @@ class InferenceWorker:
             if len(job_ids) >= limit or not has_due_jobs(self.db):
                 continue
             like = job_ids[0] if job_ids else None
-            more = claim_jobs(self.db, self.owner, limit - len(job_ids), lease, like=like)
+            more = self._claim(limit - len(job_ids), like)
             job_ids += more
             build.add(self._submit_renders(pool, more))
 
@@ -420,13 +425,18 @@ class InferenceWorker:
 
     def _claim_batch(self) -> list[int]:
         limit = self.model_settings.max_batch
-        lease = self.model_settings.lease_seconds
-        job_ids = claim_jobs(self.db, self.owner, limit, lease)
+        job_ids = self._claim(limit)
         if job_ids and len(job_ids) < limit and self.model_settings.batch_wait_ms > 0:
             # A burst arrives over a few milliseconds: wait briefly to serve it as one batch.
             time.sleep(self.model_settings.batch_wait_ms / 1000)
-            job_ids += claim_jobs(self.db, self.owner, limit - len(job_ids), lease, like=job_ids[0])
+            job_ids += self._claim(limit - len(job_ids), job_ids[0])
         return job_ids
+
+    def _claim(self, limit: int, like: int | None = None) -> list[int]:
+        """Due jobs leased to this worker, a report id for each put in ``_report_ids``."""
+        lease = self.model_settings.lease_seconds
+        ids = self._report_ids
+        return claim_jobs(self.db, self.owner, limit, lease, like=like, report_ids=ids)
 
     def _prepare(self, job_id: int) -> PreparedJob | None:
         """Read, render and question one job in this process; None when that failed it."""
@@ -451,9 +461,7 @@ class InferenceWorker:
             # Answers wait for their outputs at most two batches deep (their jobs stay leased).
             self._store_pool.wait_below(2 * self.model_settings.max_batch)
         batch.stamps["stores_below"] = time.time()
-        extend_lease(
-            self.db, [job.job_id for job in jobs], self.owner, self.model_settings.lease_seconds
-        )
+        renew_old_leases(self.db, batch, self.owner, self.model_settings.lease_seconds)
         started = time.monotonic()
         batch.stamps["generate_started"] = time.time()
         outcomes: list[GenerationResult] | list[GenerationResult | InferenceError]
@@ -474,7 +482,10 @@ class InferenceWorker:
         self.stats.record_batch(len(jobs), elapsed)
         self._topping_up.record_generate(len(jobs), elapsed)
         lost: dict[int, EngineUnavailable] = {}
-        report_ids = iter(batch_report_ids(self.db, len(jobs)))
+        # Ids taken with the jobs' claims: a write here could wait seconds for SQLite's write
+        # lock under a burst's C-STOREs, with the GPU idle. Should none be left, each store
+        # takes its own (report_store._stage).
+        report_ids = (self._report_ids.popleft() if self._report_ids else None for _ in jobs)
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, EngineUnavailable):
                 lost[job.job_id] = outcome

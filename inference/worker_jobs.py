@@ -5,6 +5,7 @@ and the counters status shows."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from inference.comparison import PriorInput
 from inference.engine import Engine, GenerationRequest, GenerationResult, OutOfMemory, PreparedBatch
 from inference.preprocess import PreparedStudy
 from storage.db import Database
+from storage.jobs import extend_lease
 from storage.models import Job, Study, StudyVersion
 from storage.report_schema import ScopeVerdict
 
@@ -121,7 +123,7 @@ class ClaimedBatch:
     # batch before ran), rendered, asked (questions built); built (the
     # engine's inputs too, when built ahead); next_asked (the batch before stored, the worker
     # asks for this one), taken (its build over); run_started (taken to run), stores_below (fewer
-    # than two batches of answers storing), generate_started (leases extended),
+    # than two batches of answers storing), generate_started (old leases renewed),
     # generate_ended.
     stamps: dict[str, float] = field(default_factory=dict)
 
@@ -169,3 +171,13 @@ def generate_halving(engine: Engine, requests: list[GenerationRequest]) -> list[
             len(requests), half, len(requests) - half,
         )  # fmt: skip
         return generate_halving(engine, requests[:half]) + generate_halving(engine, requests[half:])
+
+
+def renew_old_leases(db: Database, batch: ClaimedBatch, owner: str, lease_seconds: float) -> None:
+    """Renew the batch's leases before it generates when a quarter of one has passed since
+    its claim. A write, which under a burst's C-STOREs can wait seconds for SQLite's write
+    lock with the GPU idle, so not for a batch claimed moments ago: its jobs, and those that
+    join it (claimed later), keep three quarters of their lease at least, and generating and
+    storing take seconds."""
+    if time.time() - batch.stamps.get("claimed", 0.0) > lease_seconds / 4:
+        extend_lease(db, [job.job_id for job in batch.jobs], owner, lease_seconds)

@@ -18,6 +18,7 @@ SQLite: one worker process; its single writer lock serialises claims.
 from __future__ import annotations
 
 import traceback
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,6 +32,7 @@ from core.retry import RetryPolicy
 from storage import audit
 from storage.db import Database
 from storage.models import Job, JobStatus, Series, Study, StudyVersion, utcnow
+from storage.report_ids import take_report_ids
 
 # A job that cannot succeed however often it runs (e.g. a study without a usable image).
 NO_RETRY = RetryPolicy(max_attempts=1, initial_backoff_s=0.0)
@@ -73,12 +75,21 @@ def _due(now: datetime) -> tuple[ColumnElement[bool], ...]:
 
 
 def claim_jobs(
-    db: Database, owner: str, limit: int, lease_seconds: float, *, like: int | None = None
+    db: Database,
+    owner: str,
+    limit: int,
+    lease_seconds: float,
+    *,
+    like: int | None = None,
+    report_ids: MutableSequence[int] | None = None,
 ) -> list[int]:
     """Lease up to ``limit`` due jobs to ``owner``; return their ids (oldest, highest first).
 
     All of one kind (volumes or not, see above): that of job ``like`` when given (a second
-    claim that fills the same batch), else that of the first due job."""
+    claim that fills the same batch), else that of the first due job. With ``report_ids``,
+    one new report id per claimed job is taken in the same transaction and appended to it
+    (storage/report_ids.py): the worker then stores a batch's answers without a write of its
+    own between two batches."""
     now = utcnow()
     with db.session() as session:
         volumes = _claim_kind(session, now, like)
@@ -100,6 +111,8 @@ def claim_jobs(
             job.lease_expires_at = now + timedelta(seconds=lease_seconds)
             job.attempts += 1
         _audit(session, jobs, "job.claimed", owner, attempts=None)
+        if report_ids is not None and jobs:
+            report_ids.extend(take_report_ids(session.connection(), len(jobs)))
         return [job.id for job in jobs]
 
 

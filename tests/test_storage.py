@@ -46,6 +46,7 @@ from storage.models import (
     StudyVersion,
     utcnow,
 )
+from storage.report_ids import reserve_report_ids
 
 STUDY = "1.2.826.0.1.3680043.8.498.100"
 SERIES = "1.2.826.0.1.3680043.8.498.100.1"
@@ -281,6 +282,16 @@ def test_claim_leases_due_jobs_once(db: Database) -> None:
         assert leased.lease_expires_at > utcnow() + timedelta(seconds=50)
     assert claim_jobs(db, "worker-b", limit=5, lease_seconds=60) == job_ids[2:]
     assert claim_jobs(db, "worker-b", limit=5, lease_seconds=60) == []
+
+
+def test_a_claim_can_take_a_report_id_for_each_job_in_its_transaction(db: Database) -> None:
+    make_jobs(db, 3)
+    ids: list[int] = []
+    assert len(claim_jobs(db, "w", limit=2, lease_seconds=60, report_ids=ids)) == 2
+    assert claim_jobs(db, "w", limit=5, lease_seconds=60, report_ids=ids) != []
+    assert claim_jobs(db, "w", limit=5, lease_seconds=60, report_ids=ids) == []  # none: none
+    assert len(ids) == len(set(ids)) == 3
+    assert reserve_report_ids(db, 1).start > max(ids)  # the counter moved past them
 
 
 def test_claim_takes_higher_priority_first(db: Database) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 from sqlalchemy import select
 
 from config.settings import NodeSettings, load_settings
+from inference import worker_jobs
 from inference.demo_model import write_demo_model
 from inference.engine import (
     Engine,
@@ -411,6 +414,47 @@ def test_next_batch_is_prepared_while_the_current_one_generates(
     with db.session() as session:
         assert session.scalars(select(Job.status)).all() == [JobStatus.DONE] * 5
         assert len(session.scalars(select(Report)).all()) == 5
+
+
+def test_reports_take_the_ids_claimed_with_their_jobs_and_fresh_leases_are_not_renewed(
+    tmp_path: Path, db: Database, rg1_unci: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two batches the worker writes nothing itself: the report ids came with the
+    claims, and a lease taken moments ago is not renewed (each a write that can wait seconds
+    for SQLite's lock while C-STOREs commit); a batch claimed a quarter lease ago is."""
+    renewed: list[list[int]] = []
+    monkeypatch.setattr(
+        worker_jobs, "extend_lease", lambda _db, ids, _owner, _lease: renewed.append(ids)
+    )
+    settings = make_settings(tmp_path, db.url, max_batch=2)
+    queue_studies(db, settings.storage.data_dir, rg1_unci, tmp_path / "in", 3)
+    engine = TwoStepScripted(responder=lambda _r: CHEST_ANSWER)
+    worker = InferenceWorker(db, settings, lambda: engine, None)
+    worker._report_ids = claimed = RecordedIds()
+    assert worker.run_once() == 2
+    assert renewed == []  # claimed just before it ran
+    batch = worker._prefetcher.take()  # the next batch, claimed while the first one ran
+    assert batch is not None and len(batch.jobs) == 1
+    batch.stamps["claimed"] -= settings.model.lease_seconds / 4 + 1
+    worker._run_batch(engine, batch)
+    worker.stop()
+    assert renewed == [[batch.jobs[0].job_id]]
+    with db.session() as session:
+        ids = sorted(session.scalars(select(Report.id)))
+    assert ids == sorted(claimed.taken) and len(set(ids)) == 3 and not claimed
+
+
+class RecordedIds(deque[int]):
+    """The worker's pool of report ids, remembering every id put in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: list[int] = []
+
+    def extend(self, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        self.taken += ids
+        super().extend(ids)
 
 
 def test_a_lone_study_goes_straight_through(tmp_path: Path, db: Database, rg1_unci: Path) -> None:
