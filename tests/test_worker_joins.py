@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from config.settings import ModelSettings
+from config.settings import ModelSettings, NodeSettings
 from inference import decode_joins
 from inference.demo_model import write_demo_model
 from inference.engine import GenerationResult, JoinFeed, PreparedBatch
@@ -64,10 +65,28 @@ def held_burst(
     on. Returns what the first ``run_once`` and then a second one finished, and the job ids
     of the first study and of the later ones."""
     settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
-    data_dir, work = settings.storage.data_dir, tmp_path / "in"
     release = threading.Event()
     engine, reached = held_engine(tmp_path / "demo", settings.model, release)
-    first = queue_studies(db, data_dir, rg1_unci, work, 1)
+    prepared = lambda worker: len(getattr(worker._feed._build, "_pieces", [])) == studies  # noqa: E731
+    return run_held(tmp_path, db, rg1_unci, settings, engine, (reached, release), studies, prepared)
+
+
+def run_held(
+    tmp_path: Path,
+    db: Database,
+    rg1_unci: Path,
+    settings: NodeSettings,
+    engine: TransformersEngine,
+    held: tuple[threading.Event, threading.Event],
+    studies: int,
+    ready: Callable[[InferenceWorker], bool],
+) -> tuple[list[int], list[int], list[int]]:
+    """One study queued and run; once the engine has reached the point it holds at
+    (``held``: reached, release), ``studies`` more are queued and, when ``ready`` says so,
+    the engine goes on. Returns what the first ``run_once`` and then a second one finished,
+    and the job ids of the first study and of the later ones."""
+    (reached, release), data_dir = held, settings.storage.data_dir
+    first = queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 1)
     worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
     worker.start_pools()
     finished: list[int] = []
@@ -75,10 +94,9 @@ def held_burst(
     try:
         wait_for(lambda: worker.pools_ready, 120, message="render process")
         running.start()
-        wait_for(reached.is_set, 60, message="the first study decoding")
-        later = queue_studies(db, data_dir, rg1_unci, work, studies)
-        prepared = lambda: len(getattr(worker._feed._build, "_pieces", [])) == studies  # noqa: E731
-        wait_for(prepared, 60, message="the next batch's pieces prepared")
+        wait_for(reached.is_set, 60, message="the first study's batch held")
+        later = queue_studies(db, data_dir, rg1_unci, tmp_path / "in", studies)
+        wait_for(lambda: ready(worker), 60, message="the next batch's studies")
         release.set()
         running.join(60)
         finished.append(worker.run_once())
@@ -132,7 +150,6 @@ def test_the_first_batch_of_a_burst_holds_its_first_step_for_the_studies_on_thei
     monkeypatch.setattr(decode_joins, "HOLD_S", 60.0)  # a slow render here must not end it
     monkeypatch.setattr(decode_joins, "HOLD_GAP_S", 30.0)
     settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
-    data_dir, work = settings.storage.data_dir, tmp_path / "in"
     engine, _ = demo_engine(tmp_path / "demo", settings.model)
     reached, release = threading.Event(), threading.Event()
     joining = engine.generate_joining
@@ -143,25 +160,11 @@ def test_the_first_batch_of_a_burst_holds_its_first_step_for_the_studies_on_thei
         return joining(batch, feed)
 
     engine.generate_joining = started_once_claimed  # type: ignore[method-assign]
-    first = queue_studies(db, data_dir, rg1_unci, work, 1)
-    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
-    worker.start_pools()
-    finished: list[int] = []
-    running = threading.Thread(target=lambda: finished.append(worker.run_once()))
+    claimed = lambda worker: len(getattr(worker._feed._build, "claimed", [])) == 3  # noqa: E731
     with caplog.at_level("INFO", logger="inference.decode_joins"):
-        try:
-            wait_for(lambda: worker.pools_ready, 120, message="render process")
-            running.start()
-            wait_for(reached.is_set, 60, message="the first study's batch starting")
-            later = queue_studies(db, data_dir, rg1_unci, work, 3)
-            claimed = lambda: len(getattr(worker._feed._build, "claimed", [])) == 3  # noqa: E731
-            wait_for(claimed, 60, message="the next batch claiming the three")
-            release.set()
-            running.join(60)
-            finished.append(worker.run_once())
-        finally:
-            release.set()
-            worker.stop()
+        finished, first, later = run_held(
+            tmp_path, db, rg1_unci, settings, engine, (reached, release), 3, claimed
+        )
     assert finished == [4, 0]
     # However their renders came (together or one by one), they joined at step 0.
     assert re.search(r"3 joined in [1-3] groups, the last at step 0; 16 steps", caplog.text)
