@@ -327,13 +327,9 @@ class InferenceWorker:
                 inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
             stamps.setdefault("built", time.time())
             return ClaimedBatch(job_ids, build.jobs, inputs, stamps=stamps)
-        loaded = [
-            job
-            for job in map_side_by_side(self._prepare, job_ids, self.prior_finder is not None)
-            if job
-        ]
+        loaded = map_side_by_side(self._prepare, job_ids, self.prior_finder is not None)
         stamps = {"claimed": claimed, "built": time.time()}
-        return ClaimedBatch(job_ids, loaded, stamps=stamps)
+        return ClaimedBatch(job_ids, [job for job in loaded if job], stamps=stamps)
 
     def _render_in_pool(
         self, pool: RenderPool, ids: list[int], stamps: dict[str, float], top_up: bool,
