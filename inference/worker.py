@@ -174,7 +174,9 @@ class InferenceWorker:
         self._piece = piece_size(self.model_settings.max_batch)  # studies prepared at a time
         # The next batch's pieces, offered to the running one, which says when it will end.
         self._feed = PieceFeed(self._topping_up.ends_in)
-        self._report_ids: deque[int] = deque()  # taken with the claims, for the stores
+        # Report ids taken with the claims, for the stores. Bounded: jobs given back unrun (an
+        # engine that is out of reach) leave theirs here, and the oldest then go unused.
+        self._report_ids: deque[int] = deque(maxlen=4 * self.model_settings.max_batch)
         self._stats_lock = threading.Lock()  # _fail runs in the prefetch thread too
         self.lane = InteractiveLane(db, settings, self.prompts, self.owner)
         self.lane_steps = LaneBetweenSteps(

@@ -40,6 +40,7 @@ from peers.dicom_files import copy_with_new_uids
 from storage.db import Database
 from storage.files import instance_relpath, uid_component, write_durably
 from storage.ingest import ReceivedInstance, close_quiet_studies, record_instance
+from storage.jobs import release_jobs
 from storage.models import Job, JobStatus, OutboxItem, Report, ReportObject, Study
 from storage.report_schema import ParseStatus
 
@@ -442,6 +443,20 @@ def test_reports_take_the_ids_claimed_with_their_jobs_and_fresh_leases_are_not_r
     with db.session() as session:
         ids = sorted(session.scalars(select(Report.id)))
     assert ids == sorted(claimed.taken) and len(set(ids)) == 3 and not claimed
+
+
+def test_the_report_ids_of_jobs_given_back_unrun_do_not_pile_up(
+    tmp_path: Path, db: Database, rg1_unci: Path
+) -> None:
+    settings = make_settings(tmp_path, db.url, max_batch=2)
+    queue_studies(db, settings.storage.data_dir, rg1_unci, tmp_path / "in", 2)
+    worker = InferenceWorker(db, settings, lambda: None, None)
+    for _ in range(10):  # claimed, then given back as when the engine is out of reach
+        claimed = worker._claim(2)
+        assert len(claimed) == 2
+        release_jobs(db, claimed, worker.owner)
+    assert len(worker._report_ids) == 4 * 2
+    assert list(worker._report_ids) == sorted(set(worker._report_ids))  # the newest kept
 
 
 class RecordedIds(deque[int]):
