@@ -165,7 +165,8 @@ def study_ways(studies: list[tuple[float, dict[str, Any]]]) -> dict[str, dict[st
     """Each study's way from due (its job queued) to the GPU (its batch's generation start, or
     the moment it joined a running batch), stage by stage from its own stamps (inference/
     worker_jobs.py PreparedJob.stamps): the median of each stage over all studies and over the
-    first ``RAMP_STUDIES`` to come due, where a burst's start is decided."""
+    first ``RAMP_STUDIES`` to come due, where a burst's start is decided; and when the last of
+    the first ``FIRST_STUDIES`` reached each stage (``latest_stages``)."""
     ways = []
     for due, timings in sorted(studies, key=lambda study: study[0]):
         own = timings.get("study_stamps") or {}
