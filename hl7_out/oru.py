@@ -224,8 +224,11 @@ def build_oru(
         message.validate()
         text = message.to_er7() + SEGMENT_TERMINATOR
         parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
-    except HL7apyException as exc:
-        # hl7apy's text quotes the offending value (a patient's name, say): only its kind.
+    except OruBuildError:
+        raise
+    except (HL7apyException, ValueError) as exc:
+        # hl7apy's text quotes the offending value (a patient's name, say): only its kind. A
+        # date or number it cannot read is a ValueError of its own.
         raise OruBuildError(f"ORU^R01 failed strict validation ({type(exc).__name__})") from None
     return text
 
@@ -313,7 +316,10 @@ def _assemble(
     control_id: str,
     message_time: datetime,
 ) -> Message:
-    message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
+    # Built at the TOLERANT level: STRICT checks every value as it is set, which was two fifths
+    # of a report's outputs; build_oru then validates the whole message and parses its text
+    # back at the STRICT level, which checks the same values once.
+    message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
     _fill_msh(message.msh, header, control_id, message_time)
     result = message.add_group("ORU_R01_PATIENT_RESULT")
     patient = result.add_group("ORU_R01_PATIENT")

@@ -520,3 +520,15 @@ def test_control_ids_are_fixed_per_report_and_destination() -> None:
         hl7_control_id(study_uid + ".1", 7, "his"),
     }
     assert control_id not in others and len(others) == 3
+
+
+@pytest.mark.parametrize("created", ["2024-05-01", "yesterday"])
+def test_a_value_that_breaks_a_strict_check_is_refused(
+    created: str, source: Dataset, destination: HL7Destination, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message is built without per-value checks, then validated and parsed back
+    strictly: a value no strict check allows still never leaves (OBR-22 is a DTM, HL7 v2.5
+    §2.A.22)."""
+    monkeypatch.setattr("hl7_out.oru.format_dtm", lambda _when: created)
+    with pytest.raises(OruBuildError, match="strict validation"):
+        build(make_report(findings_content()), source, destination)
