@@ -24,12 +24,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import TypeVar
 
 from core.errors import InferenceError
 from inference.engine import GenerationRequest, JoiningEngine, PreparedBatch
 from inference.preprocess import PreparedStudy, PreprocessError
 from inference.render_pool import RenderedStudy, take_study
 from inference.worker_jobs import JobSource, PermanentJobError, PreparedJob
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -230,11 +233,29 @@ class PieceFeed:
         self._on_closing = on_closing  # the running batch's end, in seconds from now
         self.jobs: list[PreparedJob] = []
         self.taking = False  # the running batch asks for pieces and has not said it closes
+        self._starting = False  # a build has been started and claims its first studies
+
+    def starting(self, build: Callable[[], T]) -> Callable[[], T]:
+        """``build``, to start now in another thread: until it offers a build (or ends),
+        studies count as coming. The running batch reaches its first step while that build
+        still claims (a write that can wait for SQLite's lock under a burst's C-STOREs);
+        asked then, a feed with no build offered said nothing was coming, and the first
+        batch of a burst did not hold."""
+        self._starting = True
+
+        def run() -> T:
+            try:
+                return build()
+            finally:
+                self._starting = False
+
+        return run
 
     @contextlib.contextmanager
     def offering(self, build: PiecewiseBuild | None) -> Iterator[None]:
         """Offer the pieces of ``build`` (None: none) while the block runs."""
         self._build = build
+        self._starting = False
         try:
             yield
         finally:
@@ -255,7 +276,7 @@ class PieceFeed:
 
     def coming(self) -> bool:
         build = self._build
-        return build is not None and build.coming()
+        return build.coming() if build is not None else self._starting
 
     def closing(self, seconds: float) -> None:
         self.taking = False

@@ -325,8 +325,7 @@ class InferenceWorker:
             joiner = engine if isinstance(engine, JoiningEngine) else None
             ways = (self._questions_for, self._request, self._fail)
             build = PiecewiseBuild(joiner, *ways, self._piece, job_ids)
-            with self._feed.offering(build if top_up else None):
-                inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
+            inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
             stamps.setdefault("built", time.time())
             return ClaimedBatch(job_ids, build.jobs, inputs, stamps=stamps)
         loaded = map_side_by_side(self._prepare, job_ids, self.prior_finder is not None)
@@ -342,10 +341,11 @@ class InferenceWorker:
         that joins) is questioned and prepared in pieces meanwhile: its inputs, else None."""
         build.add(self._submit_renders(pool, ids))
         stamps["sources"] = time.time()
-        if top_up:
-            self._top_up(pool, ids, build)
-            stamps["topped_up"] = time.time()
-        return build.finish(stamps)
+        with self._feed.offering(build if top_up else None):  # its studies are on their way
+            if top_up:
+                self._top_up(pool, ids, build)
+                stamps["topped_up"] = time.time()
+            return build.finish(stamps)
 
     def _questions_for(self, rendered: list[Rendered]) -> list[PreparedJob]:
         jobs = map_side_by_side(self._question_for, rendered, self.prior_finder is not None)
@@ -395,10 +395,12 @@ class InferenceWorker:
         if not isinstance(engine, PreparingEngine) or self.stop_event.is_set():
             return
         pool = self._render_pool
-        if (pool is not None and pool.ready) or has_due_jobs(self.db):
+        offers = pool is not None and pool.ready  # built in pieces, offered to this batch
+        if offers or has_due_jobs(self.db):
             # With render processes the batch is topped up while this one runs, so it is
             # started even when nothing is due yet: the studies of a burst are still arriving.
-            self._prefetcher.start(lambda: self._claim_and_build(engine))
+            build = lambda: self._claim_and_build(engine)  # noqa: E731
+            self._prefetcher.start(self._feed.starting(build) if offers else build)
 
     def _claim_and_build(self, engine: PreparingEngine) -> ClaimedBatch:
         """The prefetch thread: claim, load and preprocess, then the engine's inputs (built

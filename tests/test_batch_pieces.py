@@ -236,3 +236,31 @@ def test_a_held_batch_is_told_what_is_coming_and_gets_the_studies_left_as_a_piec
         assert second is not None and not feed.coming()  # nothing left on its way
     assert [j.job_id for j in feed.end()] == [1, 2, 3, 4, 5, 6]
     assert pieces.finish({}) is None and pieces.claimed == []
+
+
+def test_a_build_started_counts_as_coming_until_it_is_offered_or_ends() -> None:
+    """The running batch may ask before the build started for it has claimed anything: the
+    feed says studies are coming until that build offers its pieces (then the build says) or
+    ends without offering them."""
+    feed = PieceFeed()
+    said: list[bool] = []
+
+    def build_offering() -> str:
+        said.append(feed.coming())  # started, still claiming
+        with feed.offering(PiecewiseBuild(Joiner(), ask, request, lambda j, _e: None, 4, [])):
+            said.append(feed.coming())  # offered, nothing claimed
+        return "built"
+
+    build = feed.starting(build_offering)
+    assert feed.coming()  # started in another thread, not yet running
+    assert build() == "built" and said == [True, False]
+    assert not feed.coming()
+
+    def never_offered() -> None:
+        raise RuntimeError("the claim failed")
+
+    failing = feed.starting(never_offered)
+    assert feed.coming()
+    with pytest.raises(RuntimeError):
+        failing()
+    assert not feed.coming()

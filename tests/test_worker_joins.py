@@ -172,3 +172,50 @@ def test_the_first_batch_of_a_burst_holds_its_first_step_for_the_studies_on_thei
     with db.session() as session:
         statuses = session.scalars(select(Job.status).where(Job.id.in_(first + later))).all()
     assert statuses == [JobStatus.DONE] * 4
+
+
+def test_the_first_batch_holds_while_the_batch_after_it_still_claims(
+    tmp_path: Path,
+    db: Database,
+    rg1_unci: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first study's batch asks whether studies are coming before the build started for
+    the next batch has claimed anything (its claim waits, as for SQLite's lock under a
+    burst): it holds, and the three studies that build then claims join at step 0."""
+    monkeypatch.setattr(decode_joins, "HOLD_S", 60.0)
+    monkeypatch.setattr(decode_joins, "HOLD_GAP_S", 30.0)
+    settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
+    data_dir = settings.storage.data_dir
+    engine, _ = demo_engine(tmp_path / "demo", settings.model)
+    first = queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 1)
+    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
+    asked, later = threading.Event(), []
+    feed_coming, claim = worker._feed.coming, worker._claim
+
+    def coming() -> bool:
+        asked.set()
+        return feed_coming()
+
+    def claim_once_asked(limit: int, like: int | None = None) -> list[int]:
+        if threading.current_thread() is not main and not later:
+            asked.wait(60)  # the build's first claim: the running batch has asked by now
+            later.extend(queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 3))
+        return claim(limit, like)
+
+    main = threading.current_thread()
+    monkeypatch.setattr(worker._feed, "coming", coming)
+    monkeypatch.setattr(worker, "_claim", claim_once_asked)
+    worker.start_pools()
+    try:
+        wait_for(lambda: worker.pools_ready, 120, message="render process")
+        with caplog.at_level("INFO", logger="inference.decode_joins"):
+            finished = [worker.run_once(), worker.run_once()]
+    finally:
+        worker.stop()
+    assert asked.is_set() and finished == [4, 0]
+    assert re.search(r"3 joined in [1-3] groups, the last at step 0; 16 steps", caplog.text)
+    with db.session() as session:
+        statuses = session.scalars(select(Job.status).where(Job.id.in_(first + later))).all()
+    assert statuses == [JobStatus.DONE] * 4
