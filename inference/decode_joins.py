@@ -89,6 +89,57 @@ class RowSource(Protocol):
         ...
 
 
+class HoldClock:
+    """Where a hold's time went, for its log line: its prompt passes (their GPU time from CUDA
+    events, read once the hold ends, so no pass waits for a sync of its own), the asks that
+    found no rows, and the waits between them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._began: tuple[float, torch.cuda.Event | None] = (0.0, None)
+        self.passes = 0
+        self.passing_s = 0.0  # asks that took rows: the host's part (tensors taken, launches)
+        self.asking_s = 0.0  # asks that found none
+        self.waiting_s = 0.0
+
+    def ask(self) -> None:
+        """An ask for rows begins (a prompt pass, when it takes some)."""
+        event = torch.cuda.Event(enable_timing=True) if self._cuda else None
+        if event is not None:
+            event.record()
+        self._began = (time.perf_counter(), event)
+
+    def asked(self, took: bool) -> None:
+        began, event = self._began
+        seconds = time.perf_counter() - began
+        if not took:
+            self.asking_s += seconds
+            return
+        self.passing_s += seconds
+        self.passes += 1
+        if event is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((event, end))
+
+    def wait(self, seconds: float) -> None:
+        began = time.perf_counter()
+        time.sleep(seconds)
+        self.waiting_s += time.perf_counter() - began
+
+    def summary(self) -> str:
+        gpu = ""
+        if self._events:
+            self._events[-1][1].synchronize()
+            busy = sum(start.elapsed_time(end) for start, end in self._events) / 1000
+            gpu = f" ({busy:.3f} s on the GPU)"
+        return (
+            f"{self.passes} prompt passes{gpu}, {self.passing_s:.3f} s on the host; "
+            f"{self.asking_s:.3f} s asking for none, {self.waiting_s:.3f} s waiting"
+        )
+
+
 @dataclass
 class JoinedRows:
     """A group of rows of the state, and the step (index in ``out``) of its first token."""
@@ -121,6 +172,7 @@ class RowJoins:
         self.window = 0  # rows join before this step (see the module docstring)
         self._step_s = 0.0  # a decode step's time, measured between checks without a join
         self._checked: tuple[float, int] | None = None  # (time, produced) at the last check
+        self._created = time.monotonic()  # before the batch's own prompt pass
 
     def reserve(self, rows: int) -> None:
         """The states the batch may move to, built before any KV is loaded: capturing a
@@ -162,9 +214,12 @@ class RowJoins:
         module docstring): they join at step 0, as if the batch had started with them."""
         gen = self.gen
         start = last = time.monotonic()
+        clock = HoldClock(gen.device)
         while self.used < gen.max_batch and self.source.coming():
             used = self.used
+            clock.ask()
             state = self._admit(state, 1)
+            clock.asked(self.used > used)
             now = time.monotonic()
             if self.used > used:
                 last = now
@@ -173,9 +228,12 @@ class RowJoins:
             else:
                 if gen._between_steps is not None:
                     gen._between_steps()  # the lane's questions do not wait for the hold
-                time.sleep(HOLD_POLL_S)
+                clock.wait(HOLD_POLL_S)
         if self.used > self.groups[0].rows:
-            log.info("batch held %.3f s for %d rows", time.monotonic() - start, self.used)
+            log.info(
+                "batch held %.3f s for %d rows, from %.3f s after it began: %s",
+                time.monotonic() - start, self.used, start - self._created, clock.summary(),
+            )  # fmt: skip
         return state
 
     def _time_steps(self, produced: int) -> None:
