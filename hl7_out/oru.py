@@ -316,10 +316,7 @@ def _assemble(
     control_id: str,
     message_time: datetime,
 ) -> Message:
-    # Built at the TOLERANT level: STRICT checks every value as it is set, which was two fifths
-    # of a report's outputs; build_oru then validates the whole message and parses its text
-    # back at the STRICT level, which checks the same values once.
-    message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
+    message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
     _fill_msh(message.msh, header, control_id, message_time)
     result = message.add_group("ORU_R01_PATIENT_RESULT")
     patient = result.add_group("ORU_R01_PATIENT")

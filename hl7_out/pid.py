@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Field, Segment
 
 from hl7_out.dicom_source import PatientIssuer, SourceStudy
@@ -158,6 +159,6 @@ def patient_names(study: SourceStudy) -> list[str]:
 
 def _set_repetitions(segment: Segment, field_name: str, values: list[str]) -> None:
     for value in values:
-        field = Field(field_name, version=HL7_VERSION, validation_level=segment.validation_level)
+        field = Field(field_name, version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
         field.value = value
         segment.add(field)

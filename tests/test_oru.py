@@ -526,9 +526,8 @@ def test_control_ids_are_fixed_per_report_and_destination() -> None:
 def test_a_value_that_breaks_a_strict_check_is_refused(
     created: str, source: Dataset, destination: HL7Destination, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The message is built without per-value checks, then validated and parsed back
-    strictly: a value no strict check allows still never leaves (OBR-22 is a DTM, HL7 v2.5
-    §2.A.22)."""
+    """A value hl7apy cannot read (OBR-22 is a DTM, HL7 v2.5 §2.A.22) raises its own
+    ValueError: the caller gets the OruBuildError its failures are, never that."""
     monkeypatch.setattr("hl7_out.oru.format_dtm", lambda _when: created)
     with pytest.raises(OruBuildError, match="strict validation"):
         build(make_report(findings_content()), source, destination)
