@@ -9,9 +9,11 @@ waits for a render: ``generate_prepared`` of the whole batch, and ``generate_joi
 ``--start`` studies with the rest offered in pieces of each ``--pieces`` size (a piece joins at
 the first check where it fits: one a check, as when they come ready one after the other, or
 all those ready at once, in one prompt pass; or one a check with the batch holding its
-first decode step until they have all joined). What the joined runs take beyond the whole batch
-is the cost of joining itself: the pieces' own prompt passes, the moves to larger buckets, and
-the steps the rows that joined later add.
+first decode step until they have all joined; or held while another thread prepares the
+pieces, as the node's build thread does, so its prompt passes share the host with that work).
+The clock of that last case starts before the first piece is prepared. What the joined runs
+take beyond the whole batch is the cost of joining itself: the pieces' own prompt passes,
+the moves to larger buckets, and the steps the rows that joined later add.
 
     python -m benchmarks.join_gpu --batch 64 --start 1 --pieces 8 --runs 2
     python -m benchmarks.join_gpu --tiny --batch 8 --start 1 --pieces 2 --new-tokens 8  # CPU
@@ -23,6 +25,7 @@ import argparse
 import logging
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +69,37 @@ class ReadyPieces:
         return self.held and bool(self.pieces)
 
 
+class PreparingPieces(ReadyPieces):
+    """Pieces prepared in a thread of their own while the batch holds for them, one after the
+    other (each ``engine.prepare``: the processor and the copy to the device), as the node's
+    next batch is built during a burst: a piece is handed over once it is prepared."""
+
+    def __init__(self, engine: TransformersEngine, parts: list[list[GenerationRequest]]) -> None:
+        super().__init__([], one_a_check=False, held=True)
+        self._lock = threading.Lock()
+        self._left = len(parts)
+        self._thread = threading.Thread(target=self._prepare, args=(engine, parts), daemon=True)
+        self._thread.start()
+
+    def _prepare(self, engine: TransformersEngine, parts: list[list[GenerationRequest]]) -> None:
+        for part in parts:
+            prepared = engine.prepare(part)
+            with self._lock:
+                self.pieces.append(prepared)
+                self._left -= 1
+
+    def take(self, rows: int, accept: Callable[[PreparedBatch], bool]) -> PreparedBatch | None:
+        with self._lock:
+            return super().take(rows, accept)
+
+    def coming(self) -> bool:
+        with self._lock:
+            return self._left > 0 or bool(self.pieces)
+
+    def join(self) -> None:
+        self._thread.join()
+
+
 class JoinLog(logging.Handler):
     """The decode loop's summary of each batch that took rows (groups, last step, steps)."""
 
@@ -83,10 +117,11 @@ def synchronized() -> float:
     return time.perf_counter()
 
 
-HOW = [  # (what, one piece a check, the batch holds its first step for the pieces)
-    ("one a check", True, False),
-    ("all ready", False, False),
-    ("one a check, held before the first step", True, True),
+HOW = [  # (what, one piece a check, held for the pieces, pieces prepared meanwhile)
+    ("one a check", True, False, False),
+    ("all ready", False, False, False),
+    ("one a check, held before the first step", True, True, False),
+    ("held, each piece prepared meanwhile in another thread", False, True, True),
 ]
 
 
@@ -110,20 +145,25 @@ def time_joined(
     runs: int,
     one_a_check: bool,
     held: bool,
+    preparing: bool = False,
 ) -> tuple[list[float], int]:
     """Seconds of each run, and how many studies joined in the last one."""
     seconds, joined = [], 0
     for _ in range(runs):
         first = engine.prepare(requests[:start])
         rest = requests[start:]
-        feed = ReadyPieces(
-            [engine.prepare(rest[k : k + piece]) for k in range(0, len(rest), piece)],
-            one_a_check,
-            held,
-        )
-        started = synchronized()
+        parts = [rest[k : k + piece] for k in range(0, len(rest), piece)]
+        feed: ReadyPieces
+        if preparing:
+            started = synchronized()
+            feed = PreparingPieces(engine, parts)
+        else:
+            feed = ReadyPieces([engine.prepare(part) for part in parts], one_a_check, held)
+            started = synchronized()
         results = engine.generate_joining(first, feed)
         seconds.append(synchronized() - started)
+        if isinstance(feed, PreparingPieces):
+            feed.join()
         joined = feed.taken
         if len(results) != start + joined:
             raise RuntimeError(f"{len(results)} results for {start} + {joined} studies")
@@ -152,15 +192,15 @@ def main() -> None:
         whole = statistics.median(time_whole(engine, requests, args.runs))
         print(f"whole batch of {args.batch}: {whole:.3f} s", flush=True)
         for piece in (int(size) for size in args.pieces.split(",")):
-            for how, one_a_check, held in HOW:
+            for how, one_a_check, held, preparing in HOW:
                 joins.lines.clear()
                 seconds, joined = time_joined(
-                    engine, requests, args.start, piece, args.runs, one_a_check, held
+                    engine, requests, args.start, piece, args.runs, one_a_check, held, preparing
                 )
                 median = statistics.median(seconds)
                 print(
                     f"{args.start} + {joined} joined in pieces of {piece}, {how}: {median:.3f} s "
-                    f"({median - whole:+.3f} s, {median / whole:.2f}x); {joins.lines[-1:]}",
+                    f"({median - whole:+.3f} s, {median / whole:.2f}x); {joins.lines[-2:]}",
                     flush=True,
                 )
 
