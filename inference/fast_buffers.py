@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,24 @@ def store_columns(cache: torch.Tensor, row: int, kv: torch.Tensor, end: int) -> 
     target[:, :, first : first + head].copy_(kv[:, :, :head])
     if head < n:  # the ring wraps
         target[:, :, : n - head].copy_(kv[:, :, head:])
+
+
+def prompt_cache(model: Any, device: torch.device) -> Any:
+    """An empty ``DynamicCache`` for one prompt pass, its sliding-window sizes already on
+    ``device``. transformers' ``DynamicSlidingWindowLayer`` keeps its window as a host tensor
+    and copies it to the device when the pass first reaches the layer, a blocking copy that
+    waits for every kernel queued before it: one host-device synchronisation per local layer
+    (29 of MedGemma-4B's 34) per prompt pass, each leaving the GPU idle until the host has
+    launched the next kernels. Made here by a fill on the device, which waits for nothing."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    for layer in getattr(cache, "layers", ()):
+        window = getattr(layer, "_sliding_window_tensor", None)
+        if isinstance(window, torch.Tensor) and window.device != device:
+            size = int(window)  # a host tensor: no synchronisation
+            layer._sliding_window_tensor = torch.full((), size, dtype=window.dtype, device=device)
+    return cache
 
 
 def image_offsets(

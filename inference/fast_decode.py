@@ -361,11 +361,9 @@ class FastGreedyGenerator:
     ) -> tuple[torch.Tensor, Any]:
         """The first forward exactly as ``generate`` makes it (after ``prefix``, the rows'
         shared first tokens, when given); returns (first tokens, cache)."""
-        from transformers import DynamicCache
-
         mask = batch["attention_mask"]
         position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        cache = fast_buffers.prompt_cache(self.model, self.device)
         kwargs = {k: v for k, v in batch.items() if k != "attention_mask"}
         if prefix is not None:
             kwargs, position_ids, cache = prefix.suffix(kwargs, position_ids)

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from inference.fast_buffers import prompt_cache
+
 # The processor's tensors a pass is cut for; with any other, the rows run whole.
 KNOWN_INPUTS = frozenset({"input_ids", "attention_mask", "pixel_values", "token_type_ids"})
 DEFAULT_SHARED_PREFIX_MIN = 64  # tokens; the chest question asked first shares about 400
@@ -109,8 +111,6 @@ class SharedPrefix:
 
     def compute(self, batch: dict[str, torch.Tensor]) -> PrefixKV | None:
         """The shared prefix's KV, run once; None when the batch does not share one."""
-        from transformers import DynamicCache
-
         length = self.length(batch)
         if not length:
             return None
@@ -118,7 +118,7 @@ class SharedPrefix:
         extra = {}
         if "token_type_ids" in batch:  # all text here: the same mask as in the whole pass
             extra["token_type_ids"] = batch["token_type_ids"][:1, :length]
-        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        cache = prompt_cache(self.model, ids.device)
         with self._prompt_pass():
             self.model(
                 input_ids=ids, attention_mask=batch["attention_mask"][:1, :length],

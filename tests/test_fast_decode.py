@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from inference import fast_buffers
 from inference.fast_decode import HAS_TRITON, FastGreedyGenerator
 
 # Triton's CPU interpreter runs the Triton step on the CPU model (slow: about a minute a test).
@@ -422,3 +423,21 @@ def test_products_are_chosen_before_the_graphs_are_captured(model: Any, processo
     } | {(rows, text.hidden_size, text.num_attention_heads * text.head_dim) for rows in (1, 2, 4)}
     assert choices == chosen  # the generation timed nothing more
     assert torch.equal(fast, eager.generate(inputs, max_new_tokens=24, force_new_tokens=True))
+
+
+def test_a_prompt_pass_cache_has_its_windows_on_the_device_already(model: Any) -> None:
+    """The local layers' window sizes are made on the pass's device (inference/fast_buffers.py
+    prompt_cache): no layer copies its own from the host, a copy that waits for the GPU. The
+    ``meta`` device stands in for CUDA here; on the CPU nothing is replaced."""
+    meta = fast_buffers.prompt_cache(model, torch.device("meta"))
+    windows = [(layer.sliding_window, layer._sliding_window_tensor) for layer in meta.layers
+               if hasattr(layer, "_sliding_window_tensor")]  # fmt: skip
+    assert windows and all(t.device.type == "meta" and t.dtype == torch.long for _, t in windows)
+    sliding = model.config.get_text_config().sliding_window
+    assert {size for size, _ in windows} == {sliding}
+    on_cpu = fast_buffers.prompt_cache(model, torch.device("cpu"))
+    assert all(
+        int(layer._sliding_window_tensor) == sliding
+        for layer in on_cpu.layers
+        if hasattr(layer, "_sliding_window_tensor")
+    )
