@@ -229,7 +229,7 @@ class RowJoins:
                 if gen._between_steps is not None:
                     gen._between_steps()  # the lane's questions do not wait for the hold
                 clock.wait(HOLD_POLL_S)
-        if self.used > self.groups[0].rows:
+        if self.used > self.groups[0].rows and log.isEnabledFor(logging.INFO):  # summary syncs
             log.info(
                 "batch held %.3f s for %d rows, from %.3f s after it began: %s",
                 time.monotonic() - start, self.used, start - self._created, clock.summary(),
