@@ -166,13 +166,9 @@ def test_the_first_batch_of_a_burst_holds_its_first_step_for_the_studies_on_thei
             tmp_path, db, rg1_unci, settings, engine, (reached, release), 3, claimed
         )
     assert finished == [4, 0]
-    # However their renders came (together or one by one), they joined at step 0.
-    assert re.search(r"3 joined in [1-3] groups, the last at step 0; 16 steps", caplog.text)
     held = r"batch held [0-9.]+ s for 4 rows, from [0-9.]+ s after it began: [1-3] prompt passes"
     assert re.search(held, caplog.text)
-    with db.session() as session:
-        statuses = session.scalars(select(Job.status).where(Job.id.in_(first + later))).all()
-    assert statuses == [JobStatus.DONE] * 4
+    assert_three_joined_at_step_zero(caplog.text, db, first + later)
 
 
 def test_the_first_batch_holds_while_the_batch_after_it_still_claims(
@@ -192,7 +188,7 @@ def test_the_first_batch_holds_while_the_batch_after_it_still_claims(
     engine, _ = demo_engine(tmp_path / "demo", settings.model)
     first = queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 1)
     worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
-    asked, later = threading.Event(), []
+    asked, later = threading.Event(), list[int]()
     feed_coming, claim = worker._feed.coming, worker._claim
 
     def coming() -> bool:
@@ -216,7 +212,13 @@ def test_the_first_batch_holds_while_the_batch_after_it_still_claims(
     finally:
         worker.stop()
     assert asked.is_set() and finished == [4, 0]
-    assert re.search(r"3 joined in [1-3] groups, the last at step 0; 16 steps", caplog.text)
+    assert_three_joined_at_step_zero(caplog.text, db, first + later)
+
+
+def assert_three_joined_at_step_zero(log_text: str, db: Database, jobs: list[int]) -> None:
+    """Three studies joined the first one's batch at step 0, however their renders came
+    (together or one by one: one to three prompt passes), and the four jobs are done."""
+    assert re.search(r"3 joined in [1-3] groups, the last at step 0; 16 steps", log_text)
     with db.session() as session:
-        statuses = session.scalars(select(Job.status).where(Job.id.in_(first + later))).all()
+        statuses = session.scalars(select(Job.status).where(Job.id.in_(jobs))).all()
     assert statuses == [JobStatus.DONE] * 4
