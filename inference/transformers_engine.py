@@ -61,6 +61,7 @@ from inference.engine import (
 )
 from inference.engine_joins import PieceRows
 from inference.prefill_attention import CHUNKED_SDPA
+from inference.token_check import check_tokens_on_lists
 from inference.vision_tower import as_rgb, keep_vision_embeddings_row_major
 from inference.weights import locate_weights, missing_weights_message, model_revision
 from storage.report_schema import ModelIdentity
@@ -195,6 +196,7 @@ class TransformersEngine:
                 f"cannot load the processor from {self.weights_dir}: {exc}"
             ) from exc
         processor.tokenizer.padding_side = "left"
+        check_tokens_on_lists(processor)
         return processor
 
     def _load_model(self, quantization: Any) -> Any:
