@@ -203,9 +203,20 @@ def wait_reports(directory: Path, count: int, timeout_s: float) -> float:
     raise TimeoutError(f"{found} of {count} report JSON files after {timeout_s} s")
 
 
+def held_lines(log_path: Path) -> list[str]:
+    """The worker's account of each batch that held for its rows (inference/decode_joins.py:
+    how long, its prompt passes and their GPU time), as the node logged it."""
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [line.split(": ", 1)[-1] for line in text.splitlines() if "batch held" in line]
+
+
 def run_node(args: argparse.Namespace, case: dict[str, Any], files: list[Path]) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"node-mb{case['max_batch']}-", dir=args.work))
     node = NodeProcess(work / "node", node_sections(args, case, work)).start()
+    holds: list[str] = []
     try:
         load_s = wait_model_loaded(node, args.load_timeout)
         wait_processes_ready(node, args.load_timeout)  # as on a node that runs for days
@@ -226,6 +237,7 @@ def run_node(args: argparse.Namespace, case: dict[str, Any], files: list[Path]) 
         profile = read_profile(node.database_url)
     finally:
         node.terminate(timeout=120)
+        holds = held_lines(node.stderr_path)
         if args.keep_log is not None:
             args.keep_log.mkdir(parents=True, exist_ok=True)
             log_name = f"serve-mb{case['max_batch']}-{case['studies']}.log"
@@ -244,6 +256,7 @@ def run_node(args: argparse.Namespace, case: dict[str, Any], files: list[Path]) 
         "first_instance_s": profile.get("first_instance_at", first) - first,
         "last_json_s": done - profile.get("first_instance_at", first),
         "worker": stats,
+        "holds": holds,
         **profile,
     }
 
@@ -438,6 +451,8 @@ def print_row(row: dict[str, Any], header: bool) -> None:
             f"{sustained['per_hour'] / row['engine_per_hour']:.3f} x the engine",
             flush=True,
         )
+    for line in row.get("holds", []):
+        print(f"    {line}")
     print("    batches (s from the first instance): claimed / build / GPU idle before / generate")
     for index in range(0, len(batches), 4):
         print(

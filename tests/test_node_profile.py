@@ -1,9 +1,13 @@
-"""benchmarks/node_profile.py: each study's way to the GPU from its report's stamps."""
+"""benchmarks/node_profile.py: each study's way to the GPU from its report's stamps; and
+benchmarks/node_gpu.py's reading of the held batches from the node's log."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from benchmarks.node_gpu import held_lines
 from benchmarks.node_profile import FIRST_STUDIES, RAMP_STUDIES, study_ways
 
 
@@ -37,3 +41,19 @@ def test_the_first_studies_show_when_the_last_of_them_reached_each_stage() -> No
         dict(due=last_due, submitted=last_due + 0.1, rendered=last_due + 0.3,
              asked=last_due + 0.35, ready=last_due + 0.5, started=last_due + 0.9)
     )  # fmt: skip
+
+
+def test_the_held_batches_are_read_from_the_node_log(tmp_path: Path) -> None:
+    """node_gpu prints each hold as the worker logged it (a line of an H200 run's log)."""
+    held = (
+        "batch held 2.342 s for 64 rows, from 0.110 s after it began: 5 prompt passes "
+        "(2.160 s on the GPU), 2.160 s on the host; 0.001 s asking for none, 0.171 s waiting"
+    )
+    log = tmp_path / "serve.log"
+    log.write_text(
+        "2026-11-30 05:55:52,101 [747] INFO    inference.worker: batch of 1 study\n"
+        f"2026-11-30 05:55:54,582 [747] INFO    inference.decode_joins: {held}\n",
+        encoding="utf-8",
+    )
+    assert held_lines(log) == [held]
+    assert held_lines(tmp_path / "missing.log") == []
