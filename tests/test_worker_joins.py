@@ -137,18 +137,19 @@ def test_a_complete_next_batch_still_hands_its_pieces_to_the_running_one(
     assert statuses == [JobStatus.DONE] * 5
 
 
+@pytest.fixture
+def long_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hold that no slow render or claim on a test machine ends early."""
+    monkeypatch.setattr(decode_joins, "HOLD_S", 60.0)
+    monkeypatch.setattr(decode_joins, "HOLD_GAP_S", 30.0)
+
+
 def test_the_first_batch_of_a_burst_holds_its_first_step_for_the_studies_on_their_way(
-    tmp_path: Path,
-    db: Database,
-    rg1_unci: Path,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, db: Database, rg1_unci: Path, caplog: pytest.LogCaptureFixture, long_hold: None
 ) -> None:
     """The first study's batch starts while three more are claimed and rendering: it takes
     them in before its first decode step (they join at step 0) and runs no step more than a
     batch started with all four would."""
-    monkeypatch.setattr(decode_joins, "HOLD_S", 60.0)  # a slow render here must not end it
-    monkeypatch.setattr(decode_joins, "HOLD_GAP_S", 30.0)
     settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
     engine, _ = demo_engine(tmp_path / "demo", settings.model)
     reached, release = threading.Event(), threading.Event()
@@ -177,12 +178,11 @@ def test_the_first_batch_holds_while_the_batch_after_it_still_claims(
     rg1_unci: Path,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
+    long_hold: None,
 ) -> None:
     """The first study's batch asks whether studies are coming before the build started for
     the next batch has claimed anything (its claim waits, as for SQLite's lock under a
     burst): it holds, and the three studies that build then claims join at step 0."""
-    monkeypatch.setattr(decode_joins, "HOLD_S", 60.0)
-    monkeypatch.setattr(decode_joins, "HOLD_GAP_S", 30.0)
     settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
     data_dir = settings.storage.data_dir
     engine, _ = demo_engine(tmp_path / "demo", settings.model)
