@@ -94,8 +94,8 @@ class HoldClock:
     events, read once the hold ends, so no pass waits for a sync of its own), the asks that
     found no rows, and the waits between them."""
 
-    def __init__(self, device: torch.device) -> None:
-        self._cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, timed: bool) -> None:
+        self._cuda = timed and device.type == "cuda"  # events only for a line that is logged
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._began: tuple[float, torch.cuda.Event | None] = (0.0, None)
         self.passes = 0
@@ -214,14 +214,16 @@ class RowJoins:
         module docstring): they join at step 0, as if the batch had started with them."""
         gen = self.gen
         start = last = time.monotonic()
-        clock = HoldClock(gen.device)
+        logged = log.isEnabledFor(logging.INFO)
+        clock = HoldClock(gen.device, timed=logged)
         while self.used < gen.max_batch and self.source.coming():
             used = self.used
             clock.ask()
             state = self._admit(state, 1)
-            clock.asked(self.used > used)
+            took = self.used > used
+            clock.asked(took)
             now = time.monotonic()
-            if self.used > used:
+            if took:
                 last = now
             elif now - start > HOLD_S or now - last > HOLD_GAP_S:
                 break
@@ -229,7 +231,7 @@ class RowJoins:
                 if gen._between_steps is not None:
                     gen._between_steps()  # the lane's questions do not wait for the hold
                 clock.wait(HOLD_POLL_S)
-        if self.used > self.groups[0].rows and log.isEnabledFor(logging.INFO):  # summary syncs
+        if logged and self.used > self.groups[0].rows:  # the summary waits for the last pass
             log.info(
                 "batch held %.3f s for %d rows, from %.3f s after it began: %s",
                 time.monotonic() - start, self.used, start - self._created, clock.summary(),
