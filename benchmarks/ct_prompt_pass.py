@@ -9,7 +9,7 @@ run ``--runs`` times (the first includes one-off work: kernel selection, compila
 * the image processor on the CPU and with ``device`` = the GPU (the torchvision backend), and
   the largest difference between their pixels;
 * the vision tower over every slice at once;
-* the whole prompt pass as the fast path runs it (``logits_to_keep=1``, a DynamicCache) with
+* the whole prompt pass as the fast path runs it (``logits_to_keep=1``, its DynamicCache) with
   the chunked attention (inference/prefill_attention.py) at 2,048 and 1,024 query rows a
   chunk, and with stock SDPA.
 
@@ -25,11 +25,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 import inference.prefill_attention as prefill_attention
 from benchmarks.ct_gpu import ct_slice
 from benchmarks.medgemma_4b import build_model, build_processor, chest_question, model_config
+from inference.fast_buffers import prompt_cache
 
 SIZES = {False: (896, 256), True: (64, 16)}  # (image side, image tokens): 4B, tiny
 
@@ -79,7 +79,7 @@ def prompt_pass(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
     """The fast path's first forward (inference/fast_decode.py ``_prefill``)."""
     mask = inputs["attention_mask"]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    cache = prompt_cache(model, mask.device)
     rest = {key: value for key, value in inputs.items() if key != "attention_mask"}
     return model(
         **rest, attention_mask=mask, position_ids=positions, past_key_values=cache,
