@@ -46,6 +46,14 @@ once ``HOLD_S`` has passed (about the window's 256 steps on an H200); rows still
 join during the window. Rows ready at each ask keep the hold going past ``HOLD_S``: each
 ask then adds rows, so the rows' count bounds it. On one H200 the first batch of a 640-CR
 burst held 2.1-2.4 s for its 64 rows, most of it their prompt passes (benchmarks/RESULTS.md).
+
+A joining prompt pass runs at most ``JOIN_PASS_ROWS`` rows, and the fast path runs one pass
+of each such row count (and one of a full batch) at load (``warm_pass_shapes``). Why: on an
+H200, PyTorch's attention runs through cuDNN, which builds an execution plan the first time
+it meets a shape (the vision tower's: its image count; the text's: rows and prompt length),
+50-120 ms each, in the generating thread. A hold takes whatever rows are ready, so each of
+its passes was a new shape: a pass of 6 rows took 313 ms in the node's first batch against
+147 ms once its plans existed (benchmarks/prompt_shapes.py).
 """
 
 from __future__ import annotations
@@ -69,6 +77,10 @@ log = logging.getLogger(__name__)
 HOLD_S = 2.0  # after this a batch stops holding its first step for rows not yet ready
 HOLD_GAP_S = 0.5  # ... and for rows that do not come: a burst's pieces come every ~0.2 s
 HOLD_POLL_S = 0.005  # between two asks while holding (the GPU is idle meanwhile)
+# Rows a joining prompt pass runs at most (a take of several pieces runs in several passes),
+# so the row counts warmed at load are all a join meets (module docstring). A burst's pieces
+# are of 8 studies at most (inference/batch_pieces.py MAX_PIECE): passes of 8 lose little.
+JOIN_PASS_ROWS = 8
 
 
 class RowSource(Protocol):
@@ -98,6 +110,7 @@ class HoldClock:
         self._cuda = timed and device.type == "cuda"  # events only for a line that is logged
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._began: tuple[float, torch.cuda.Event | None] = (0.0, None)
+        self.pass_rows: list[int] = []  # rows each pass took, in order
         self.passes = 0
         self.passing_s = 0.0  # asks that took rows: the host's part (tensors taken, launches)
         self.asking_s = 0.0  # asks that found none
@@ -110,14 +123,16 @@ class HoldClock:
             event.record()
         self._began = (time.perf_counter(), event)
 
-    def asked(self, took: bool) -> None:
+    def asked(self, rows: int) -> None:
+        """The ask ended, having taken ``rows`` rows (a prompt pass when more than none)."""
         began, event = self._began
         seconds = time.perf_counter() - began
-        if not took:
+        if not rows:
             self.asking_s += seconds
             return
         self.passing_s += seconds
         self.passes += 1
+        self.pass_rows.append(rows)
         if event is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -130,13 +145,17 @@ class HoldClock:
 
     def summary(self) -> str:
         gpu = ""
+        each = "/".join(str(rows) for rows in self.pass_rows)
         if self._events:
             self._events[-1][1].synchronize()
-            busy = sum(start.elapsed_time(end) for start, end in self._events) / 1000
-            gpu = f" ({busy:.3f} s on the GPU)"
+            pass_ms = [start.elapsed_time(end) for start, end in self._events]
+            gpu = f" ({sum(pass_ms) / 1000:.3f} s on the GPU)"
+            timed = zip(self.pass_rows, pass_ms, strict=True)  # both kept for every pass
+            each = ", ".join(f"{rows} in {ms:.0f} ms" for rows, ms in timed)
         return (
             f"{self.passes} prompt passes{gpu}, {self.passing_s:.3f} s on the host; "
-            f"{self.asking_s:.3f} s asking for none, {self.waiting_s:.3f} s waiting"
+            f"{self.asking_s:.3f} s asking for none, {self.waiting_s:.3f} s waiting; "
+            f"rows each took: {each}"
         )
 
 
@@ -220,10 +239,9 @@ class RowJoins:
             used = self.used
             clock.ask()
             state = self._admit(state, 1)
-            took = self.used > used
-            clock.asked(took)
+            clock.asked(self.used - used)
             now = time.monotonic()
-            if took:
+            if self.used > used:
                 last = now
             elif now - start > HOLD_S or now - last > HOLD_GAP_S:
                 break
@@ -299,7 +317,9 @@ class RowJoins:
         column ``produced - 1``, where the next step's input of every row is."""
         gen, first_row = self.gen, self.used
         rows = batch["input_ids"].shape[0]
-        first = gen._prefill_passes(batch, offsets, state, first_row=first_row, end=column)
+        first = gen._prefill_passes(
+            batch, offsets, state, first_row=first_row, end=column, most_rows=JOIN_PASS_ROWS
+        )
         counts = batch["attention_mask"].long().sum(-1)
         part = slice(first_row, first_row + rows)
         state.tokens[part] = first
@@ -344,3 +364,20 @@ class RowJoins:
             tokens = state.out[rows, group.first_step : end].to("cpu", copy=True)
             parts.append(fast_buffers.trim_after_eos(tokens, self.eos))
         return fast_buffers.concat_padded(parts, self.pad)
+
+
+def warm_pass_shapes(
+    generator: FastGreedyGenerator, sample: Mapping[str, torch.Tensor], max_batch: int
+) -> None:
+    """One prompt pass of ``sample`` (one row, one image) repeated to each row count a join
+    runs (1 to ``JOIN_PASS_ROWS``) and to a full batch, so the attention's execution plans for
+    those shapes exist before the first burst (module docstring). No KV is kept."""
+    tensors = {k: v for k, v in sample.items() if torch.is_tensor(v)}
+    counts = sorted({*range(1, min(JOIN_PASS_ROWS, max_batch) + 1), max_batch})
+    with torch.no_grad():
+        for rows in counts:
+            batch = {k: v.repeat(rows, *[1] * (v.dim() - 1)) for k, v in tensors.items()}
+            offsets = image_offsets(batch, generator._image_token_id, generator._tokens_per_image)
+            if offsets is None:
+                return  # rows the fast path cannot tell apart: it never joins them either
+            generator._prefill_passes(batch, offsets, None)

@@ -409,13 +409,14 @@ class FastGreedyGenerator:
         state: DecodeState | None,
         first_row: int = 0,
         end: int | None = None,
+        most_rows: int | None = None,
     ) -> torch.Tensor:
-        """The prompt in passes of at most ``prefill_tokens`` tokens (whole rows); each pass's
-        KV goes into the state's rows from ``first_row`` at once, so only one pass's cache is
-        alive at a time, its last column at ``end`` - 1 (default: the prompt's length).
-        Returns every row's first new token."""
+        """The prompt in passes of at most ``prefill_tokens`` tokens (whole rows, ``most_rows``
+        at most); each pass's KV goes into the state's rows from ``first_row`` at once, so only
+        one pass's cache is alive at a time, its last column at ``end`` - 1 (default: the
+        prompt's length). Returns every row's first new token."""
         rows, prompt_len = batch["input_ids"].shape
-        per_pass = max(1, self.prefill_tokens // prompt_len)
+        per_pass = min(max(1, self.prefill_tokens // prompt_len), most_rows or rows)
         prefix = self.shared_prefix.compute(batch)  # None: each pass runs its whole rows
         firsts = []
         for start in range(0, rows, per_pass):

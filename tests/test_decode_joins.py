@@ -217,3 +217,48 @@ def test_rows_the_buffers_cannot_take_are_decoded_apart(model: Any, processor: A
     assert out.shape[0] == 3  # taken, and answered: never lost
     assert_rows(out[:1], plain(model, first, 8))
     assert_rows(out[1:], plain(model, right, 8))
+
+
+def rows_of_each_pass(gen: FastGreedyGenerator, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of every prompt pass ``gen`` runs from now on (it runs them all the same)."""
+    passes: list[int] = []
+    prefill = gen._prefill
+
+    def counted(batch: dict[str, torch.Tensor], prefix: Any = None) -> Any:
+        passes.append(int(batch["input_ids"].shape[0]))
+        return prefill(batch, prefix)
+
+    monkeypatch.setattr(gen, "_prefill", counted)
+    return passes
+
+
+def test_a_join_of_more_rows_than_a_pass_takes_runs_in_several_passes(
+    model: Any, processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three rows offered at once join in passes of JOIN_PASS_ROWS (here 2): the row counts
+    warmed at load (warm_pass_shapes), each row with the tokens of its own batch."""
+    monkeypatch.setattr(decode_joins, "JOIN_PASS_ROWS", 2)
+    first = study_inputs(processor, [LONGEST])
+    three = study_inputs(processor, ["Any fracture?", "Describe the chest X-ray.", "Heart?"])
+    gen = FastGreedyGenerator(model, max_batch=4, max_total_len=256, check_every=1)
+    passes = rows_of_each_pass(gen, monkeypatch)
+
+    out = gen.generate(first, max_new_tokens=10, joins=Arriving([three], coming_for=1))
+
+    assert passes == [1, 2, 1]  # the batch's own row, then the three joining as 2 + 1
+    assert_rows(out[:1], plain(model, first, 10))
+    assert_rows(out[1:], plain(model, three, 10))
+
+
+def test_warm_pass_shapes_runs_each_row_count_a_join_runs_and_a_full_batch(
+    model: Any, processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decode_joins, "JOIN_PASS_ROWS", 2)
+    sample = study_inputs(processor, [LONGEST])
+    gen = FastGreedyGenerator(model, max_batch=4, max_total_len=256, check_every=1)
+    passes = rows_of_each_pass(gen, monkeypatch)
+
+    decode_joins.warm_pass_shapes(gen, sample, max_batch=4)
+
+    assert passes == [1, 2, 4]
+    assert not gen._states  # no decode state made, no KV kept
