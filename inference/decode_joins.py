@@ -102,16 +102,16 @@ class RowSource(Protocol):
 
 
 class HoldClock:
-    """Where a hold's time went, for its log line: its prompt passes (their GPU time from CUDA
-    events, read once the hold ends, so no pass waits for a sync of its own), the asks that
-    found no rows, and the waits between them."""
+    """Where a hold's time went, for its log line: the rows each ask took and their prompt
+    passes (their GPU time from CUDA events, read once the hold ends, so no pass waits for a
+    sync of its own), the asks that found no rows, and the waits between them."""
 
     def __init__(self, device: torch.device, timed: bool) -> None:
         self._cuda = timed and device.type == "cuda"  # events only for a line that is logged
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._began: tuple[float, torch.cuda.Event | None] = (0.0, None)
-        self.pass_rows: list[int] = []  # rows each pass took, in order
-        self.passes = 0
+        self.take_rows: list[int] = []  # rows each ask that took some took, in order
+        self.takes = 0  # asks that took rows (each runs their prompt passes)
         self.passing_s = 0.0  # asks that took rows: the host's part (tensors taken, launches)
         self.asking_s = 0.0  # asks that found none
         self.waiting_s = 0.0
@@ -131,8 +131,8 @@ class HoldClock:
             self.asking_s += seconds
             return
         self.passing_s += seconds
-        self.passes += 1
-        self.pass_rows.append(rows)
+        self.takes += 1
+        self.take_rows.append(rows)
         if event is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -145,15 +145,16 @@ class HoldClock:
 
     def summary(self) -> str:
         gpu = ""
-        each = "/".join(str(rows) for rows in self.pass_rows)
+        each = "/".join(str(rows) for rows in self.take_rows)
         if self._events:
             self._events[-1][1].synchronize()
             pass_ms = [start.elapsed_time(end) for start, end in self._events]
-            gpu = f" ({sum(pass_ms) / 1000:.3f} s on the GPU)"
-            timed = zip(self.pass_rows, pass_ms, strict=True)  # both kept for every pass
+            gpu = f"{sum(pass_ms) / 1000:.3f} s on the GPU, "
+            timed = zip(self.take_rows, pass_ms, strict=True)  # both kept for every pass
             each = ", ".join(f"{rows} in {ms:.0f} ms" for rows, ms in timed)
         return (
-            f"{self.passes} prompt passes{gpu}, {self.passing_s:.3f} s on the host; "
+            f"{self.takes} takes of rows, their prompt passes {gpu}"
+            f"{self.passing_s:.3f} s on the host; "
             f"{self.asking_s:.3f} s asking for none, {self.waiting_s:.3f} s waiting; "
             f"rows each took: {each}"
         )

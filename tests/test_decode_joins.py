@@ -114,7 +114,8 @@ def test_a_batch_holds_its_first_step_for_rows_on_their_way(
     length = first["input_ids"].shape[1]
     assert source.calls == [(3, length), (3, length), (1, length), (1, length)]
     assert "2 groups, the last at step 0; 12 steps" in caplog.text  # no step past the first rows'
-    assert "batch held" in caplog.text
+    assert "batch held" in caplog.text and "2 takes of rows" in caplog.text
+    assert "rows each took: 2/1" in caplog.text  # on the CPU: no GPU time to add
 
 
 def test_a_hold_ends_when_the_rows_on_their_way_do_not_come(
