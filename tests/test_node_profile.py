@@ -46,8 +46,10 @@ def test_the_first_studies_show_when_the_last_of_them_reached_each_stage() -> No
 def test_the_held_batches_are_read_from_the_node_log(tmp_path: Path) -> None:
     """node_gpu prints each hold as the worker logged it (a line of an H200 run's log)."""
     held = (
-        "batch held 2.342 s for 64 rows, from 0.110 s after it began: 5 prompt passes "
-        "(2.160 s on the GPU), 2.160 s on the host; 0.001 s asking for none, 0.171 s waiting"
+        "batch held 1.983 s for 64 rows, from 0.093 s after it began: 5 takes of rows, their "
+        "prompt passes 1.680 s on the GPU, 1.672 s on the host; 0.001 s asking for none, "
+        "0.293 s waiting; rows each took: 8 in 214 ms, 8 in 264 ms, 16 in 394 ms, 24 in 611 ms, "
+        "7 in 197 ms"
     )
     log = tmp_path / "serve.log"
     log.write_text(
