@@ -172,7 +172,14 @@ def attach_fast_path(engine: TransformersEngine, settings: NodeSettings) -> None
     )
     started = time.monotonic()
     generator.warm_up(prompt_len, model.max_new_tokens, sample_inputs=sample)
-    warm_pass_shapes(generator, sample, model.max_batch)
+    try:
+        warm_pass_shapes(generator, sample, model.max_batch)
+    except torch.OutOfMemoryError as exc:
+        # The first full batch would have failed the same way; say so at start instead.
+        raise ModelLoadError(
+            f"a prompt pass of model.max_batch = {model.max_batch} studies does not fit in "
+            "the GPU's memory; lower [model] max_batch (README, GPU sizing)"
+        ) from exc
     priority = FastGreedyGenerator(
         engine.model,
         max_batch=settings.interactive.max_batch,

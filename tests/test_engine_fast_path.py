@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 
 from config.settings import load_settings
+from inference import decode_joins
 from inference.demo_model import write_demo_model
 from inference.engine import GenerationRequest, GenerationSettings, prompt_groups
 from inference.fast_decode import FastGreedyGenerator
 from inference.loader import PRIORITY_LONG_KV_TOKENS, attach_fast_path
-from inference.transformers_engine import TransformersEngine
+from inference.transformers_engine import ModelLoadError, TransformersEngine
 
 # The exact tokens of plain generate from the eager decode step (the CPU, and CI). On CUDA the
 # engine runs the tiny random model in bf16 through the Triton step, whose float32 reductions
@@ -175,3 +176,23 @@ def test_the_priority_generator_can_take_one_long_question(tmp_path: Path) -> No
         budgets.append((batch_gen.long_kv_tokens, priority.long_kv_tokens))
 
     assert budgets == [(100_000, PRIORITY_LONG_KV_TOKENS), (20_000, 20_000), (0, 0)]
+
+
+def test_a_max_batch_whose_prompt_pass_runs_out_of_memory_fails_the_load_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm-up's full-batch prompt pass is where a max_batch too large for the GPU shows
+    first (its memory cannot be exhausted on the CPU: the error is raised in its place)."""
+    write_demo_model(tmp_path / "demo")
+    settings = load_settings()
+    settings.model = settings.model.model_copy(update={"max_batch": 2, "max_new_tokens": 4})
+    engine = TransformersEngine(settings.model, weights_dir=tmp_path / "demo")
+    engine.wants_fast_path = True
+
+    def out_of_memory(*_: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(decode_joins, "warm_pass_shapes", out_of_memory)
+    with pytest.raises(ModelLoadError, match="max_batch = 2 studies does not fit"):
+        attach_fast_path(engine, settings)
+    assert engine._fast_generator is None
