@@ -110,7 +110,7 @@ class HoldClock:
         self._cuda = timed and device.type == "cuda"  # events only for a line that is logged
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._began: tuple[float, torch.cuda.Event | None] = (0.0, None)
-        self.take_rows: list[int] = []  # rows each ask that took some took, in order
+        self.take_rows: list[int] = []  # the rows of each ask that took any, in order
         self.takes = 0  # asks that took rows (each runs their prompt passes)
         self.passing_s = 0.0  # asks that took rows: the host's part (tensors taken, launches)
         self.asking_s = 0.0  # asks that found none
@@ -150,7 +150,7 @@ class HoldClock:
             self._events[-1][1].synchronize()
             pass_ms = [start.elapsed_time(end) for start, end in self._events]
             gpu = f"{sum(pass_ms) / 1000:.3f} s on the GPU, "
-            timed = zip(self.take_rows, pass_ms, strict=True)  # both kept for every pass
+            timed = zip(self.take_rows, pass_ms, strict=True)  # both kept for every take
             each = ", ".join(f"{rows} in {ms:.0f} ms" for rows, ms in timed)
         return (
             f"{self.takes} takes of rows, their prompt passes {gpu}"
