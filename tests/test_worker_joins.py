@@ -167,7 +167,7 @@ def test_the_first_batch_of_a_burst_holds_its_first_step_for_the_studies_on_thei
             tmp_path, db, rg1_unci, settings, engine, (reached, release), 3, claimed
         )
     assert finished == [4, 0]
-    held = r"batch held [0-9.]+ s for 4 rows, from [0-9.]+ s after it began: [1-3] prompt passes"
+    held = r"batch held [0-9.]+ s for 4 rows, from [0-9.]+ s after it began: [1-3] takes of rows"
     assert re.search(held, caplog.text)
     assert_three_joined_at_step_zero(caplog.text, db, first + later)
 
@@ -217,7 +217,7 @@ def test_the_first_batch_holds_while_the_batch_after_it_still_claims(
 
 def assert_three_joined_at_step_zero(log_text: str, db: Database, jobs: list[int]) -> None:
     """Three studies joined the first one's batch at step 0, however their renders came
-    (together or one by one: one to three prompt passes), and the four jobs are done."""
+    (together or one by one: one to three takes), and the four jobs are done."""
     assert re.search(r"3 joined in [1-3] groups, the last at step 0; 16 steps", log_text)
     with db.session() as session:
         statuses = session.scalars(select(Job.status).where(Job.id.in_(jobs))).all()
