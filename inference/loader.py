@@ -146,7 +146,7 @@ def attach_fast_path(engine: TransformersEngine, settings: NodeSettings) -> None
     study is not slow: every batch bucket's graph is captured for that prompt length and the
     configured token budget, and a prompt pass runs for each row count a joining pass takes
     and for a full batch, so the attention's per-shape plans exist before the first burst
-    (inference/decode_joins.py ``warm_pass_shapes``; about 4 s on an H200).
+    (inference/decode_joins.py ``warm_pass_shapes``; about 4 s on an H200 at max_batch 64).
 
     A second, small generator (its own KV arena, up to [interactive] max_batch rows) answers
     the questions the worker serves between decode steps of a running batch. Its graphs are
