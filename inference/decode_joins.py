@@ -111,7 +111,6 @@ class HoldClock:
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._began: tuple[float, torch.cuda.Event | None] = (0.0, None)
         self.take_rows: list[int] = []  # the rows of each ask that took any, in order
-        self.takes = 0  # asks that took rows (each runs their prompt passes)
         self.passing_s = 0.0  # asks that took rows: the host's part (tensors taken, launches)
         self.asking_s = 0.0  # asks that found none
         self.waiting_s = 0.0
@@ -131,7 +130,6 @@ class HoldClock:
             self.asking_s += seconds
             return
         self.passing_s += seconds
-        self.takes += 1
         self.take_rows.append(rows)
         if event is not None:
             end = torch.cuda.Event(enable_timing=True)
@@ -153,7 +151,7 @@ class HoldClock:
             timed = zip(self.take_rows, pass_ms, strict=True)  # both kept for every take
             each = ", ".join(f"{rows} in {ms:.0f} ms" for rows, ms in timed)
         return (
-            f"{self.takes} takes of rows, their prompt passes {gpu}"
+            f"{len(self.take_rows)} takes of rows, their prompt passes {gpu}"
             f"{self.passing_s:.3f} s on the host; "
             f"{self.asking_s:.3f} s asking for none, {self.waiting_s:.3f} s waiting; "
             f"rows each took: {each}"
