@@ -14,27 +14,21 @@ cuDNN's attention, and each backend's time at a full batch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
 
 from benchmarks.engine_gpu import IMAGE_4B, IMAGE_TINY, load_engine, requests_for
+from benchmarks.join_gpu import synchronized
 from inference.fast_buffers import batch_rows, image_offsets
 from inference.loader import attach_fast_path
 
 SIGLIP_HEADS, SIGLIP_HEAD_DIM, SIGLIP_PATCHES = 16, 72, 4096
-
-
-def synchronized() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def timed_ms(step: Callable[[], Any]) -> float:
@@ -43,14 +37,9 @@ def timed_ms(step: Callable[[], Any]) -> float:
     return (synchronized() - started) * 1000
 
 
-@contextlib.contextmanager
-def cudnn_attention(enabled: bool) -> Iterator[None]:
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(enabled)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(before)
+# SDPA's backends with and without cuDNN's attention (the others as PyTorch has them).
+WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+WITH_CUDNN = [SDPBackend.CUDNN_ATTENTION, *WITHOUT_CUDNN]
 
 
 def prompt_passes(generator: Any, batch: dict[str, torch.Tensor], rows: list[int]) -> None:
@@ -73,7 +62,7 @@ def prompt_passes(generator: Any, batch: dict[str, torch.Tensor], rows: list[int
 def vision_attention(images: list[int], device: torch.device) -> None:
     """SDPA at SigLIP's shape for new image counts, with and without cuDNN's attention."""
     for cudnn in (True, False):
-        with cudnn_attention(cudnn):
+        with sdpa_kernel(WITH_CUDNN if cudnn else WITHOUT_CUDNN):
             for count in images:
                 shape = (count, SIGLIP_HEADS, SIGLIP_PATCHES, SIGLIP_HEAD_DIM)
                 q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in "qkv")
@@ -109,7 +98,7 @@ def main() -> None:
         print(f"torch {torch.__version__}, cuDNN attention enabled: {cudnn}", flush=True)
         with torch.no_grad():
             prompt_passes(generator, batch, rows)
-            with cudnn_attention(False):
+            with sdpa_kernel(WITHOUT_CUDNN):
                 print("cuDNN attention off:", flush=True)
                 prompt_passes(generator, batch, off_rows)
             if engine.device.type == "cuda":
