@@ -29,13 +29,17 @@ of its own with the GPU otherwise waiting (the start of a burst, a batch that st
 half full), and costs when the next batch would be full anyway: on one H200 a node whose
 nearly full batches took pieces of 8 in their first 32 steps kept 0.92x the engine's pace
 with the queue full, against 0.97-0.98x without (benchmarks/RESULTS.md). So only a batch that
-started at most half full takes rows, during its first rows' ``max_new_tokens`` steps (half
-of them was too short for the first pieces of a burst to be ready): no answer waits more than
-about twice a batch's time. Once it takes no more rows it tells the source when it will end
+started at most half full takes rows during its steps, its first rows' ``max_new_tokens``
+of them (half of them was too short for the first pieces of a burst to be ready): no answer
+waits more than about twice a batch's time. A batch that started fuller, but not full, takes
+rows only before its first step (the hold below), where they cost it no step: studies that
+came due just after such a batch began otherwise ran after it as a short batch of their own,
+at the end of a 640-CR burst an 11th batch of 2 rows (0.99 s) or 20 (1.73 s) on an H200
+(``join_window``). Once it takes no more rows it tells the source when it will end
 (``closing``; its steps timed between two checks without a prefill), so the worker's next
 batch stops growing in time for it (inference/prefetch.py, ``TopUp.ends_in``).
 
-Such a batch first holds its decode steps while more rows are on their way (``coming``): the
+Either batch first holds its decode steps while more rows are on their way (``coming``): the
 rows of a static batch all end together, 256 steps after the last row joined, so steps run
 before the last join only lengthen the batch, while prompt passes made during the hold are
 work the batch needs anyway. Held until full, the batch ends one prompt pass and
@@ -43,9 +47,10 @@ work the batch needs anyway. Held until full, the batch ends one prompt pass and
 when the rows are full, when nothing is on its way, when no rows came for ``HOLD_GAP_S``
 (what is on its way may be of another kind, which never joins), and when none are ready
 once ``HOLD_S`` has passed (about the window's 256 steps on an H200); rows still coming then
-join during the window. Rows ready at each ask keep the hold going past ``HOLD_S``: each
-ask then adds rows, so the rows' count bounds it. On one H200 the first batch of a 640-CR
-burst held 2.1-2.4 s for its 64 rows, most of it their prompt passes (benchmarks/RESULTS.md).
+join during the window, if the batch has one. Rows ready at each ask keep the hold going past
+``HOLD_S``: each ask then adds rows, so the rows' count bounds it. On one H200 the first
+batch of a 640-CR burst held 2.1-2.4 s for its 64 rows, most of it their prompt passes
+(benchmarks/RESULTS.md).
 
 A joining prompt pass runs at most ``JOIN_PASS_ROWS`` rows, and the fast path runs one pass
 of each such row count (and one of a full batch) at load (``warm_pass_shapes``). Why: on an
@@ -99,6 +104,13 @@ class RowSource(Protocol):
     def coming(self) -> bool:
         """More rows are on their way (a batch about to decode may wait for them)."""
         ...
+
+
+def join_window(rows: int, max_batch: int, max_new_tokens: int) -> int:
+    """The first ``produced`` count at which a batch that started with ``rows`` rows takes no
+    more (module docstring): its first rows' ``max_new_tokens`` steps when it started at most
+    half full, else 2, so rows join only where ``produced`` is 1: before the first step."""
+    return max_new_tokens if 2 * rows <= max_batch else 2
 
 
 class HoldClock:
@@ -204,7 +216,7 @@ class RowJoins:
         tokens in joining order, [rows + joined, <= max_new_tokens] on the CPU."""
         gen = self.gen
         self.used, self.prompt_len = rows, prompt_len
-        self.window = self.max_new_tokens  # a batch at most half full (fast_decode._joinable)
+        self.window = join_window(rows, self.gen.max_batch, self.max_new_tokens)
         self.groups = [JoinedRows(0, rows, 0)]
         state = self._hold(state)
         produced = 1

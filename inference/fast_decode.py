@@ -299,10 +299,11 @@ class FastGreedyGenerator:
         return max((b for b in self.buckets if b <= fit), default=0)
 
     def _joinable(self, rows: int, prompt_len: int, max_new_tokens: int) -> bool:
-        """Rows may join this batch: it is at most half full (inference/decode_joins.py says
-        why), so one pass, and its prompts fit the short buffers with room to spare."""
+        """Rows may join this batch: it has free rows (one pass: fewer than max_batch; how
+        long it takes rows depends on how full it is, inference/decode_joins.py) and its
+        prompts fit the short buffers with room to spare."""
         room = prompt_len + max_new_tokens <= self.join_length
-        return 2 * rows <= self.max_batch and max_new_tokens > 1 and room
+        return rows < self.max_batch and max_new_tokens > 1 and room
 
     def _long_budget(self) -> int:
         """The long-prompt budget in layer columns (one layer's K and V of one token)."""

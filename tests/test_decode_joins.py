@@ -157,7 +157,7 @@ def test_joined_rows_stop_at_their_own_end(model: Any, processor: Any) -> None:
     assert expected.shape[1] == at + 1 and int(expected[0, at]) == stop
 
 
-def test_rows_are_asked_for_while_the_first_rows_run_and_only_by_half_empty_batches(
+def test_rows_are_asked_for_while_the_first_rows_run_and_by_fuller_batches_only_at_first(
     model: Any, processor: Any
 ) -> None:
     first = study_inputs(processor, [LONGEST])
@@ -172,14 +172,44 @@ def test_rows_are_asked_for_while_the_first_rows_run_and_only_by_half_empty_batc
     length = first["input_ids"].shape[1]
     # One row of two: asked before each of the 9 steps after its first token, never after.
     assert source.calls == [(1, length + step) for step in range(9)]
-    # Three rows of four (more than half full): never asked (decode_joins.py says why).
+    # Three rows of four (more than half full): asked once, before the first step, and never
+    # during the steps (decode_joins.py says why); four of four: never asked.
     wide = FastGreedyGenerator(model, max_batch=4, max_total_len=256)
     three = study_inputs(processor, [LONGEST, "Any fracture?", "Heart?"])
+    once = Scripted([])
+    assert torch.equal(wide.generate(three, max_new_tokens=6, joins=once), plain(model, three, 6))
+    assert once.calls == [(1, three["input_ids"].shape[1])]
+    four = study_inputs(processor, [LONGEST, "Any fracture?", "Heart?", "Lungs?"])
     unasked = Scripted([])
-    assert torch.equal(
-        wide.generate(three, max_new_tokens=6, joins=unasked), plain(model, three, 6)
-    )
+    assert torch.equal(wide.generate(four, max_new_tokens=6, joins=unasked), plain(model, four, 6))
     assert unasked.calls == []
+
+
+def test_a_fuller_batch_holds_for_rows_on_their_way_and_takes_none_once_it_decodes(
+    model: Any, processor: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three rows of four: the late study joins before the first step (a batch of its own
+    after this one otherwise); offered again during the steps, nothing is asked for."""
+    three = study_inputs(processor, [LONGEST, "Any fracture?", "Heart?"])
+    late = study_inputs(processor, ["Describe the chest X-ray."])
+    later = study_inputs(processor, ["Lungs?"])
+    source = Arriving([None, None, late, *[later] * 20], coming_for=3)
+    gen = FastGreedyGenerator(model, max_batch=4, max_total_len=256, check_every=1)
+
+    with caplog.at_level(logging.INFO, logger="inference.decode_joins"):
+        out = gen.generate(three, max_new_tokens=10, joins=source)
+
+    assert_rows(out[:3], plain(model, three, 10))
+    assert_rows(out[3:], plain(model, late, 10))
+    length = three["input_ids"].shape[1]
+    assert source.calls == [(1, length)] * 3  # held until the third ask, then full
+    assert "1 groups, the last at step 0; 10 steps" in caplog.text
+    assert "batch held" in caplog.text and "rows each took: 1" in caplog.text
+    # Nothing ready: the same batch asks at its first step and decodes alone, never asking
+    # again however long it runs.
+    idle = Arriving([], coming_for=0)
+    assert torch.equal(gen.generate(three, max_new_tokens=10, joins=idle), plain(model, three, 10))
+    assert idle.calls == [(1, length)]
 
 
 @pytest.mark.parametrize("bad", ["longer", "more rows"])
