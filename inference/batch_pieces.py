@@ -40,6 +40,10 @@ Rendered = tuple[JobSource, PreparedStudy, float]  # the study, its images, rend
 Render = tuple[JobSource, Future[RenderedStudy]]
 MAX_PIECE = 8  # studies a piece at most: the processor's fixed cost per call stays small
 HELD_S = 0.1  # a running batch that asked this recently holds for pieces (it asks every 5 ms)
+# A build that claimed studies this recently is taking in a burst still arriving: more count
+# as coming though none is in flight at the moment asked (it claims every 50 ms: prefetch.py
+# TopUp.interval_s). A hold that then gets nothing ends after decode_joins.HOLD_GAP_S.
+CLAIMED_RECENTLY_S = 0.25
 
 
 def piece_size(max_batch: int) -> int:
@@ -84,6 +88,7 @@ class PiecewiseBuild:
         self._wanted = 0  # the size of the next piece, when a running batch wants fewer rows
         self._held = 0.0  # when a running batch last held its decode for pieces (monotonic)
         self._preparing = False  # a piece is being prepared (its studies left _waiting)
+        self._claimed_at = -CLAIMED_RECENTLY_S  # when studies were last added (monotonic)
 
     def take_piece(
         self, rows: int, accept: Callable[[PreparedBatch], bool]
@@ -112,16 +117,20 @@ class PiecewiseBuild:
             return None
 
     def coming(self) -> bool:
-        """Studies are rendering or waiting for a piece, or pieces are prepared: a running
-        batch that holds its decode for them (inference/decode_joins.py) is told so, and from
-        now the studies left when nothing renders make a piece of their own."""
+        """Studies are rendering or waiting for a piece, or pieces are prepared, or studies
+        were claimed a moment ago (``CLAIMED_RECENTLY_S``): a running batch that holds its
+        decode for them (inference/decode_joins.py) is told so, and from now the studies left
+        when nothing renders make a piece of their own."""
         with self._lock:
             if self._closed or self._engine is None:
                 return False
-            self._held = time.monotonic()
-            return bool(self._renders or self._waiting or self._preparing or self._pieces)
+            self._held = now = time.monotonic()
+            in_flight = self._renders or self._waiting or self._preparing or self._pieces
+            return bool(in_flight) or now - self._claimed_at < CLAIMED_RECENTLY_S
 
     def add(self, renders: list[Render]) -> None:
+        if renders:
+            self._claimed_at = time.monotonic()
         now = time.time()
         for source, future in renders:
             self._times[source.job_id] = {"submitted": now}

@@ -212,6 +212,7 @@ def test_a_held_batch_is_told_what_is_coming_and_gets_the_studies_left_as_a_piec
     rendered: RenderedStudy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(batch_pieces, "HELD_S", 60.0)  # the harvests below count as held
+    monkeypatch.setattr(batch_pieces, "CLAIMED_RECENTLY_S", 0.0)  # the next test's subject
     engine = Joiner()
     pieces = PiecewiseBuild(engine, ask, request, lambda j, _e: None, 4, list(range(1, 7)))
     feed = PieceFeed()
@@ -236,6 +237,29 @@ def test_a_held_batch_is_told_what_is_coming_and_gets_the_studies_left_as_a_piec
         assert second is not None and not feed.coming()  # nothing left on its way
     assert [j.job_id for j in feed.end()] == [1, 2, 3, 4, 5, 6]
     assert pieces.finish({}) is None and pieces.claimed == []
+
+
+def test_studies_claimed_a_moment_ago_count_as_coming_with_none_in_flight(
+    rendered: RenderedStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build taking in a burst claims every few tens of milliseconds: between two claims,
+    with its last piece taken, the running batch is still told more is coming, until
+    CLAIMED_RECENTLY_S has passed since the last claim."""
+    clock = [100.0]
+    monkeypatch.setattr(batch_pieces.time, "monotonic", lambda: clock[0])
+    pieces = PiecewiseBuild(Joiner(), ask, request, lambda j, _e: None, 2, [1, 2])
+    feed = PieceFeed()
+    with feed.offering(pieces):
+        pieces.add([])  # a top-up round that claimed nothing is no claim
+        assert not feed.coming()
+        pieces.add(renders(rendered, 2))
+        pieces.harvest()
+        assert feed.take(2, lambda _piece: True) is not None  # nothing left in flight
+        clock[0] += batch_pieces.CLAIMED_RECENTLY_S / 2
+        assert feed.coming()
+        clock[0] += batch_pieces.CLAIMED_RECENTLY_S / 2
+        assert not feed.coming()
+    assert [j.job_id for j in feed.end()] == [1, 2]
 
 
 def test_a_build_started_counts_as_coming_until_it_is_offered_or_ends() -> None:
