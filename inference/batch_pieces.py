@@ -241,8 +241,16 @@ class PieceFeed:
         self._build: PiecewiseBuild | None = None
         self._on_closing = on_closing  # the running batch's end, in seconds from now
         self.jobs: list[PreparedJob] = []
-        self.taking = False  # the running batch asks for pieces and has not said it closes
+        self.taking = False  # the running batch may take pieces and has not said it closes
         self._starting = False  # a build has been started and claims its first studies
+
+    def batch_starts(self, free_rows: bool) -> None:
+        """A batch is about to run; with ``free_rows`` it may take pieces (inference/
+        decode_joins.py), so the batch built meanwhile keeps claiming what replaces the
+        pieces taken from the start, as after a take. Its first ask comes only after its own
+        prompt pass (about a second for 48 rows on an H200), by when a build complete at once
+        had stopped claiming: each piece taken then left the next batch that much short."""
+        self.taking = free_rows
 
     def starting(self, build: Callable[[], T]) -> Callable[[], T]:
         """``build``, to start now in another thread: until it offers a build (or ends),

@@ -213,11 +213,7 @@ class InferenceWorker:
             self._render_pool.warm_up()
         if self.store_processes > 0 and self._store_pool is None:
             self._store_pool = StorePool(
-                self.store_processes,
-                self.db.url,
-                self.data_dir,
-                self.on_report,
-                self.process_setup,
+                self.store_processes, self.db.url, self.data_dir, self.on_report, self.process_setup
             )
             self._store_pool.warm_up()
 
@@ -299,6 +295,8 @@ class InferenceWorker:
         given_back = 0
         if batch.jobs:
             self._topping_up.begin(len(batch.jobs), self.model_settings.max_batch)
+            free_rows = len(batch.jobs) < self.model_settings.max_batch
+            self._feed.batch_starts(free_rows and self._joiner(engine) is not None)
             try:
                 self._prefetch_next(engine)
                 given_back = self._run_batch(engine, batch)
@@ -542,9 +540,7 @@ class InferenceWorker:
         one that ran out of memory, goes through engine.generate and its halving. Once it ends
         the next batch takes no more studies (and _engine_lost may wait for it)."""
         inputs, batch.inputs = batch.inputs, None
-        pool = self._render_pool
-        joins = self.model_settings.join_running_batch and pool is not None and pool.ready
-        joiner = engine if joins and isinstance(engine, RowJoiningEngine) else None
+        joiner = self._joiner(engine)
         try:
             if isinstance(engine, PreparingEngine):
                 try:
@@ -564,6 +560,12 @@ class InferenceWorker:
             joined = self._feed.end()  # studies that joined the batch are now part of it
             batch.jobs.extend(joined)
             batch.job_ids.extend(job.job_id for job in joined)
+
+    def _joiner(self, engine: Engine) -> RowJoiningEngine | None:
+        """``engine`` if its running batch takes pieces of the next (join_running_batch)."""
+        pool, joins = self._render_pool, self.model_settings.join_running_batch
+        joins = joins and pool is not None and pool.ready
+        return engine if joins and isinstance(engine, RowJoiningEngine) else None
 
     def _request(self, job: PreparedJob) -> GenerationRequest:
         return GenerationRequest(

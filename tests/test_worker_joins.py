@@ -222,3 +222,56 @@ def assert_three_joined_at_step_zero(log_text: str, db: Database, jobs: list[int
     with db.session() as session:
         statuses = session.scalars(select(Job.status).where(Job.id.in_(jobs))).all()
     assert statuses == [JobStatus.DONE] * 4
+
+
+def test_a_batch_that_starts_short_has_the_rows_it_takes_claimed_again_behind_it(
+    tmp_path: Path, db: Database, rg1_unci: Path, long_hold: None
+) -> None:
+    """Three studies run as a batch of max_batch 4; meanwhile six more come due and the batch
+    being built claims four of them, complete, before the running batch first asks (after
+    its own prompt pass). The running batch takes one before its first step, and the build
+    claims another in its place (PieceFeed.batch_starts), so the next batch starts full:
+    4, 4, then 1. Before, a complete build stopped claiming: 4, 3, 2."""
+    settings = make_settings(tmp_path, db.url, max_batch=4, max_new_tokens=16)
+    data_dir = settings.storage.data_dir
+    engine, generator = demo_engine(tmp_path / "demo", settings.model)
+    began, go, stepped, step_on = (threading.Event() for _ in range(4))
+    joining, step = engine.generate_joining, generator._run_step
+
+    def held_joining(batch: PreparedBatch, feed: JoinFeed) -> list[GenerationResult]:
+        began.set()
+        go.wait(60)
+        return joining(batch, feed)
+
+    def held_step(state: DecodeState) -> None:
+        stepped.set()
+        step_on.wait(60)
+        step(state)
+
+    engine.generate_joining = held_joining  # type: ignore[method-assign]
+    generator._run_step = held_step  # type: ignore[method-assign]
+    queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 3)
+    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
+    claimed = lambda: len(getattr(worker._feed._build, "claimed", []))  # noqa: E731
+    prepared = lambda: bool(getattr(worker._feed._build, "_pieces", []))  # noqa: E731
+    worker.start_pools()
+    finished: list[int] = []
+    running = threading.Thread(target=lambda: finished.append(worker.run_once()))
+    try:
+        wait_for(lambda: worker.pools_ready, 120, message="render process")
+        running.start()
+        wait_for(began.is_set, 60, message="the batch of three")
+        queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 6)
+        wait_for(lambda: claimed() == 4 and prepared(), 60, message="the next batch complete")
+        go.set()
+        wait_for(stepped.is_set, 60, message="the batch's first step, its hold over")
+        assert len(worker._feed.jobs) == 1  # it took one study in its hold
+        wait_for(lambda: claimed() == 4, 60, message="a study claimed in place of the one taken")
+        step_on.set()
+        running.join(60)
+        finished += [worker.run_once(), worker.run_once()]
+    finally:
+        go.set()
+        step_on.set()
+        worker.stop()
+    assert finished == [4, 4, 1]
