@@ -6,9 +6,10 @@ pieces, so the join happens at a known point."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,27 @@ def held_burst(
     return run_held(tmp_path, db, rg1_unci, settings, engine, (reached, release), studies, prepared)
 
 
+@contextlib.contextmanager
+def running_once(
+    db: Database, settings: NodeSettings, engine: TransformersEngine, *holds: threading.Event
+) -> Iterator[tuple[InferenceWorker, list[int], threading.Thread]]:
+    """A worker with its render process ready and a thread running its ``run_once``, which
+    appends what it finished to the list yielded; on the way out the ``holds`` the engine may
+    wait on are released before the worker stops."""
+    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
+    worker.start_pools()
+    finished: list[int] = []
+    running = threading.Thread(target=lambda: finished.append(worker.run_once()))
+    try:
+        wait_for(lambda: worker.pools_ready, 120, message="render process")
+        running.start()
+        yield worker, finished, running
+    finally:
+        for hold in holds:
+            hold.set()
+        worker.stop()
+
+
 def run_held(
     tmp_path: Path,
     db: Database,
@@ -87,22 +109,13 @@ def run_held(
     and the job ids of the first study and of the later ones."""
     (reached, release), data_dir = held, settings.storage.data_dir
     first = queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 1)
-    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
-    worker.start_pools()
-    finished: list[int] = []
-    running = threading.Thread(target=lambda: finished.append(worker.run_once()))
-    try:
-        wait_for(lambda: worker.pools_ready, 120, message="render process")
-        running.start()
+    with running_once(db, settings, engine, release) as (worker, finished, running):
         wait_for(reached.is_set, 60, message="the first study's batch held")
         later = queue_studies(db, data_dir, rg1_unci, tmp_path / "in", studies)
         wait_for(lambda: ready(worker), 60, message="the next batch's studies")
         release.set()
         running.join(60)
         finished.append(worker.run_once())
-    finally:
-        release.set()
-        worker.stop()
     return finished, first, later
 
 
@@ -251,15 +264,9 @@ def test_a_batch_that_starts_short_has_the_rows_it_takes_claimed_again_behind_it
     engine.generate_joining = held_joining  # type: ignore[method-assign]
     generator._run_step = held_step  # type: ignore[method-assign]
     queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 3)
-    worker = InferenceWorker(db, settings, lambda: engine, None, render_processes=1)
-    claimed = lambda: len(getattr(worker._feed._build, "claimed", []))  # noqa: E731
-    prepared = lambda: bool(getattr(worker._feed._build, "_pieces", []))  # noqa: E731
-    worker.start_pools()
-    finished: list[int] = []
-    running = threading.Thread(target=lambda: finished.append(worker.run_once()))
-    try:
-        wait_for(lambda: worker.pools_ready, 120, message="render process")
-        running.start()
+    with running_once(db, settings, engine, go, step_on) as (worker, finished, running):
+        claimed = lambda: len(getattr(worker._feed._build, "claimed", []))  # noqa: E731
+        prepared = lambda: bool(getattr(worker._feed._build, "_pieces", []))  # noqa: E731
         wait_for(began.is_set, 60, message="the batch of three")
         queue_studies(db, data_dir, rg1_unci, tmp_path / "in", 6)
         wait_for(lambda: claimed() == 4 and prepared(), 60, message="the next batch complete")
@@ -270,8 +277,4 @@ def test_a_batch_that_starts_short_has_the_rows_it_takes_claimed_again_behind_it
         step_on.set()
         running.join(60)
         finished += [worker.run_once(), worker.run_once()]
-    finally:
-        go.set()
-        step_on.set()
-        worker.stop()
     assert finished == [4, 4, 1]
