@@ -455,14 +455,16 @@ def print_row(row: dict[str, Any], header: bool) -> None:
         print(f"    {line}")
     print(
         "    batches (s from the first instance): claimed / build / GPU idle before / generate"
-        " / rows (a short batch before full ones leaves its missing rows to a batch at the end)"
+        " / rows / studies due at its start that ran later (a short batch before full ones"
+        " leaves its missing rows to a batch at the end; with studies waiting, its build cut it"
+        " short)"
     )
     for index in range(0, len(batches), 4):
         print(
             "     "
             + " | ".join(
                 f"{b['claimed_s']:6.1f} {b['build_s']:5.2f} {b['idle_before_s']:5.2f} "
-                f"{b['generate_s']:5.2f} {b.get('size', 0):3d}"
+                f"{b['generate_s']:5.2f} {b.get('size', 0):3d} {b.get('waiting', 0):3d}"
                 for b in batches[index : index + 4]
             ),
             flush=True,

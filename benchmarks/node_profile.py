@@ -57,7 +57,31 @@ def read_profile(database_url: str) -> dict[str, Any]:
         "new_tokens_max": max((int(t["new_tokens"]) for t in timings), default=0),
         "study_ways": study_ways([(due.timestamp(), t) for t, due in reports if due is not None]),
         **timeline,
+        "batch_rows": with_waiting(
+            timeline.get("batch_rows", []),
+            [(due.timestamp(), t) for t, due in reports if due is not None],
+            timeline.get("first_instance_at", 0.0),
+        ),
     }
+
+
+def with_waiting(
+    batches: list[dict[str, float]], studies: list[tuple[float, dict[str, Any]]], first: float
+) -> list[dict[str, float]]:
+    """Each batch with ``waiting``: the studies already due (their job queued) when it started
+    that ran in a later batch. A batch that starts short while studies wait was cut short by
+    the build behind it; with none waiting, by the arrivals."""
+    started = [
+        (due, float((t.get("batch_stamps") or {}).get("generate_started", 0.0)))
+        for due, t in studies
+    ]
+    rows = []
+    for batch in batches:
+        start = first + batch["started_s"]
+        # 1 ms: a study of this very batch has its start stamp, up to float rounding.
+        waiting = sum(1 for due, own in started if due < start and own > start + 1e-3)
+        rows.append({**batch, "waiting": waiting})
+    return rows
 
 
 def read_timeline(session: Any, timings: list[dict[str, Any]]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.node_gpu import held_lines
-from benchmarks.node_profile import FIRST_STUDIES, RAMP_STUDIES, study_ways
+from benchmarks.node_profile import FIRST_STUDIES, RAMP_STUDIES, study_ways, with_waiting
 
 
 def timings(due: float, joined: bool) -> tuple[float, dict[str, object]]:
@@ -59,3 +59,14 @@ def test_the_held_batches_are_read_from_the_node_log(tmp_path: Path) -> None:
     )
     assert held_lines(log) == [held]
     assert held_lines(tmp_path / "missing.log") == []
+
+
+def test_each_batch_counts_the_studies_due_at_its_start_that_ran_later() -> None:
+    """Batches at 10 s and 20 s after the first instance (at 100 s): of the studies due
+    before the first started, one ran in the second; at the second's start none waits."""
+    ran = lambda due, start: (due, {"batch_stamps": {"generate_started": start}})  # noqa: E731
+    studies = [ran(102.0, 110.0), ran(105.0, 110.0), ran(108.0, 120.0), ran(115.0, 120.0)]
+    batches = [{"started_s": 10.0, "size": 2}, {"started_s": 20.0, "size": 2}]
+    rows = with_waiting(batches, studies, first=100.0)
+    assert [row["waiting"] for row in rows] == [1, 0]
+    assert rows[0]["size"] == 2 and "waiting" not in batches[0]
