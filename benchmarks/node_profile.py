@@ -36,6 +36,10 @@ def read_profile(database_url: str) -> dict[str, Any]:
         (t["batch_seconds"], t.get("prepare_seconds", 0.0), t["batch_size"]) for t in timings
     }
     delivery = sorted((sent - created).total_seconds() for created, sent in rows if sent)
+    studies = [(due.timestamp(), t) for t, due in reports if due is not None]  # due: job queued
+    if "batch_rows" in timeline:
+        first = timeline["first_instance_at"]
+        timeline["batch_rows"] = with_waiting(timeline["batch_rows"], studies, first)
 
     def median(key: str) -> float:
         return statistics.median(float(t.get(key, 0.0)) for t in timings) if timings else 0.0
@@ -55,13 +59,8 @@ def read_profile(database_url: str) -> dict[str, Any]:
         "delivery_s_p95": delivery[max(0, round(0.95 * len(delivery)) - 1)] if delivery else 0.0,
         "new_tokens_min": min((int(t["new_tokens"]) for t in timings), default=0),
         "new_tokens_max": max((int(t["new_tokens"]) for t in timings), default=0),
-        "study_ways": study_ways([(due.timestamp(), t) for t, due in reports if due is not None]),
+        "study_ways": study_ways(studies),
         **timeline,
-        "batch_rows": with_waiting(
-            timeline.get("batch_rows", []),
-            [(due.timestamp(), t) for t, due in reports if due is not None],
-            timeline.get("first_instance_at", 0.0),
-        ),
     }
 
 
