@@ -31,6 +31,8 @@ from core.retry import RetryPolicy
 from core.validation import error_key
 
 ENV_PREFIX = "MEDGEMMA_NODE_"
+# Report-building processes by default at most (README "GPU sizing"): each holds ~120 MB.
+MAX_OUTPUT_PROCESSES = 16
 
 # DICOM PS3.4 Annex B storage SOP classes accepted by default (CR, DX, CT, MR, SC).
 DEFAULT_SOP_CLASSES = [
@@ -198,9 +200,10 @@ class ModelSettings(Section):
     long_prompt_kv_tokens: int | None = Field(default=None, ge=0)
     # Processes beside the inference worker (README "GPU sizing"): DICOM reading and rendering,
     # and storing reports with their SR/GSPS/ORU/JSON. None: for rendering a quarter of the CPU
-    # cores, at most 4; for outputs all but 4 cores and at least half, at most 12 (they are
-    # idle until a batch ends, then the last batch of a burst is stored sooner); none below 4
-    # cores. 0: in the worker's own threads (the GPU then waits while outputs are built).
+    # cores, at most 4; for outputs one per core, at most 16 (they are idle until a batch ends;
+    # then every core builds reports, so the last batch of a burst is stored sooner); none
+    # below 4 cores. 0: in the worker's own threads (the GPU then waits while outputs are
+    # built).
     render_processes: int | None = Field(default=None, ge=0)
     output_processes: int | None = Field(default=None, ge=0)
     # When no MedGemma weights are found: False keeps jobs queued (status says how to provide
@@ -213,7 +216,7 @@ class ModelSettings(Section):
         """(render, output) processes, ``None`` settings resolved for this machine."""
         cores = os.cpu_count() or 1
         auto_render, auto_output = (
-            (min(4, cores // 4), min(12, max(cores // 2, cores - 4))) if cores >= 4 else (0, 0)
+            (min(4, cores // 4), min(MAX_OUTPUT_PROCESSES, cores)) if cores >= 4 else (0, 0)
         )
         render = auto_render if self.render_processes is None else self.render_processes
         output = auto_output if self.output_processes is None else self.output_processes

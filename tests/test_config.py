@@ -248,7 +248,7 @@ def test_example_config_passes_validate_config() -> None:
 
 @pytest.mark.parametrize(
     ("cores", "expected"),
-    [(2, (0, 0)), (4, (1, 2)), (6, (1, 3)), (12, (3, 8)), (16, (4, 12)), (64, (4, 12))],
+    [(2, (0, 0)), (4, (1, 4)), (6, (1, 6)), (12, (3, 12)), (16, (4, 16)), (64, (4, 16))],
 )
 def test_render_and_output_processes_follow_the_cores(
     monkeypatch: pytest.MonkeyPatch, cores: int, expected: tuple[int, int]
