@@ -31,7 +31,7 @@ from core.retry import RetryPolicy
 from core.validation import error_key
 
 ENV_PREFIX = "MEDGEMMA_NODE_"
-# Report-building processes by default at most (README "GPU sizing"): each holds ~120 MB.
+# Report-building processes by default at most (README "GPU sizing"): each holds ~150 MB.
 MAX_OUTPUT_PROCESSES = 16
 
 # DICOM PS3.4 Annex B storage SOP classes accepted by default (CR, DX, CT, MR, SC).
