@@ -206,9 +206,10 @@ def wait_reports(directory: Path, count: int, timeout_s: float) -> float:
 
 def flush_page_cache() -> float:
     """Write out what this benchmark wrote before the burst (the study copies, the model's
-    weights: gigabytes); seconds taken. Left dirty, the first fsync of the SCP's first
-    C-STORE waits for the filesystem's journal to write them (ext4, data=ordered): one run
-    took 2.1 s to store its first instance that way, against 0.0-0.1 s in the others."""
+    weights: gigabytes); seconds taken. Left dirty, they can hold up the SCP's first fsyncs
+    (ext4 writes them with the journal commit an fsync waits for): one run, whose model had
+    loaded soonest after they were written, took 2.1 s to store its first instance, against
+    0.0-0.1 s in the others (benchmarks/RESULTS.md, eleventh session)."""
     started = time.monotonic()
     os.sync()
     return time.monotonic() - started
