@@ -405,6 +405,17 @@ COLUMNS = (
 )
 
 
+def print_last_batch_stores(row: dict[str, Any]) -> None:
+    """The tail: when the last batch's reports were stored, after its generate ended."""
+    tail = row.get("last_batch_stores") or {}
+    if tail:
+        print(
+            f"    the last batch's {tail['reports']:.0f} reports stored from {tail['first_s']:.3f} "
+            f"to {tail['last_s']:.3f} s after its generate ended",
+            flush=True,
+        )
+
+
 def print_row(row: dict[str, Any], header: bool) -> None:
     engine = row["engine"]
     row["engine_per_hour"] = engine["steady_per_hour"] or engine["studies_per_hour"]
@@ -439,6 +450,7 @@ def print_row(row: dict[str, Any], header: bool) -> None:
         f"job to report {row.get('job_to_report_s_p50', 0.0):.2f} s",
         flush=True,
     )
+    print_last_batch_stores(row)
     print(
         f"    report transaction p50: waited {row.get('store_wait_s_per_study', 0.0):.3f} s "
         f"for the job's update, then held {row.get('store_held_s_per_study', 0.0):.3f} s "

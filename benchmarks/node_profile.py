@@ -21,9 +21,11 @@ def read_profile(database_url: str) -> dict[str, Any]:
     try:
         with db.session() as session:
             reports = session.execute(
-                select(Report.timings_json, Job.created_at).outerjoin(Job, Report.job_id == Job.id)
+                select(Report.timings_json, Job.created_at, Job.finished_at).outerjoin(
+                    Job, Report.job_id == Job.id
+                )
             ).all()
-            timings = [t for t, _ in reports]
+            timings = [t for t, _, _ in reports]
             rows = session.execute(
                 select(OutboxItem.created_at, OutboxItem.sent_at).where(
                     OutboxItem.sent_at.is_not(None)
@@ -36,7 +38,8 @@ def read_profile(database_url: str) -> dict[str, Any]:
         (t["batch_seconds"], t.get("prepare_seconds", 0.0), t["batch_size"]) for t in timings
     }
     delivery = sorted((sent - created).total_seconds() for created, sent in rows if sent)
-    studies = [(due.timestamp(), t) for t, due in reports if due is not None]  # due: job queued
+    studies = [(due.timestamp(), t) for t, due, _ in reports if due is not None]  # job queued
+    stored = [(t, done.timestamp()) for t, _, done in reports if done is not None]
     if "batch_rows" in timeline:
         first = timeline["first_instance_at"]
         timeline["batch_rows"] = with_waiting(timeline["batch_rows"], studies, first)
@@ -60,8 +63,21 @@ def read_profile(database_url: str) -> dict[str, Any]:
         "new_tokens_min": min((int(t["new_tokens"]) for t in timings), default=0),
         "new_tokens_max": max((int(t["new_tokens"]) for t in timings), default=0),
         "study_ways": study_ways(studies),
+        "last_batch_stores": last_batch_stores(stored),
         **timeline,
     }
+
+
+def last_batch_stores(stored: list[tuple[dict[str, Any], float]]) -> dict[str, float]:
+    """The tail's own figures: how many reports the last batch to end had, and when the first
+    and the last of them were stored (their job done), in seconds after its generate ended.
+    ``stored``: (a report's timings, when its job was done) for each report."""
+    ended = [(t.get("batch_stamps") or {}).get("generate_ended") for t, _ in stored]
+    last = max((e for e in ended if e is not None), default=None)
+    if last is None:
+        return {}
+    done = [at for (_, at), end in zip(stored, ended, strict=True) if end == last]
+    return {"reports": len(done), "first_s": min(done) - last, "last_s": max(done) - last}
 
 
 def with_waiting(

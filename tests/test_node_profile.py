@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from benchmarks.node_gpu import held_lines
-from benchmarks.node_profile import FIRST_STUDIES, RAMP_STUDIES, study_ways, with_waiting
+from benchmarks.node_profile import (
+    FIRST_STUDIES,
+    RAMP_STUDIES,
+    last_batch_stores,
+    study_ways,
+    with_waiting,
+)
 
 
 def timings(due: float, joined: bool) -> tuple[float, dict[str, object]]:
@@ -70,3 +76,13 @@ def test_each_batch_counts_the_studies_due_at_its_start_that_ran_later() -> None
     rows = with_waiting(batches, studies, first=100.0)
     assert [row["waiting"] for row in rows] == [1, 0]
     assert rows[0]["size"] == 2 and "waiting" not in batches[0]
+
+
+def test_the_last_batch_stores_count_from_its_generate_end() -> None:
+    """The tail's figures come from the batch whose generate ended last, whatever the order
+    its reports were stored in; a report without batch stamps (a question's) is left out."""
+    early = {"batch_stamps": {"generate_ended": 10.0}}
+    last = {"batch_stamps": {"generate_ended": 20.0}}
+    stored = [(last, 20.7), (early, 10.4), (last, 20.2), ({}, 25.0), (last, 20.45)]
+    assert last_batch_stores(stored) == pytest.approx({"reports": 3, "first_s": 0.2, "last_s": 0.7})
+    assert last_batch_stores([({}, 1.0)]) == {}
