@@ -7,8 +7,12 @@ the viewer's read-only panel, Chinese, and the status page."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ import httpx
 import pydicom
 import pytest
 
+from peers.node_process import NodeProcess
 from storage.db import Database
 from storage.priors import link_prior
 from storage.report_schema import PriorComparison
@@ -42,6 +47,7 @@ from tests.console_support import (
     sign_in,
     zoom_text,
 )
+from tests.test_e2e import node_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -244,12 +250,15 @@ def test_ask_about_a_region_see_the_anchored_answer_and_append(
     shot(page, "06-conversation")
 
     # The second question, about the new region, is not answered at once (the browser's
-    # request is sent with wait=0): the console follows the 202 to /api/answers/{id}.
+    # request is sent with wait=0, the worker held until the node has said 202): the console
+    # follows the 202 to /api/answers/{id}.
     page.route("**/messages?*", lambda route: route.continue_(url=_no_wait(route.request.url)))
     page.click(f"#anchor-chips .chip[data-anchor='{new_id}']")
     page.fill("#question", QUESTION_2)
     with page.expect_response(lambda r: "/api/answers/" in r.url and r.status == 200) as later:
-        page.click("#ask")
+        with worker_held(console.node), page.expect_response(_is_messages) as posted:
+            page.click("#ask")
+        assert posted.value.status == 202, "not answered while the worker was held"
     second = later.value.json()
     page.wait_for_selector("#transcript li.turn:nth-child(2) .answer-text")
     assert page.inner_text("#transcript li.turn:nth-child(2) .answer-text") == second["answer"]
@@ -277,6 +286,25 @@ def test_ask_about_a_region_see_the_anchored_answer_and_append(
     assert stored["state"] == "appended" and stored["appended_report_id"] == reports[-1]["id"]
     assert [t["question"] for t in stored["turns"]] == [QUESTION, QUESTION_2]
     assert {t["asked_by"] for t in stored["turns"]} == {"dr-radiologist"}
+
+
+def _is_messages(response: Any) -> bool:
+    return "/messages" in response.url
+
+
+@contextlib.contextmanager
+def worker_held(node: NodeProcess) -> Iterator[None]:
+    """The node's inference worker stopped (SIGSTOP) while the block runs, so a question sent
+    meanwhile is not answered before the block ends (SIGCONT): a scripted answer otherwise
+    comes within milliseconds, before the API has looked once."""
+    status = node_status(node, with_worker=True)
+    assert status is not None, "medgemma-node status failed"
+    [worker] = status["workers"]
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
 
 
 def _no_wait(url: str) -> str:
