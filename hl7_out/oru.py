@@ -15,10 +15,11 @@ Message layout::
     OBX (one OBSERVATION group  §7.4.2   TX, one report line each, LOINC section code,
          per report line)...             OBX-11 P or C
 
-The message is built with hl7apy at STRICT validation, validated, and returned as ER7 text with
-every segment ended by CR (§2.5.1). Nothing in it depends on the clock: the same report, source,
-header, control id and message time always give the same characters, so a re-sent outbox row is
-byte-identical.
+The message is composed as ER7 text with every segment ended by CR (§2.5.1, hl7_out.er7),
+then parsed back by hl7apy at STRICT validation and the parsed message validated: a message
+that is returned is one a strict HL7 v2.5 parser reads as it was meant. Nothing in it depends
+on the clock: the same report, source, header, control id and message time always give the
+same characters, so a re-sent outbox row is byte-identical.
 
 Result status (OBR-25, HL7 table 0123; OBX-11, table 0085): P (preliminary: an AI result waits
 for a radiologist) for a study's first report, C (correction) for a report that supersedes an
@@ -40,7 +41,6 @@ from datetime import datetime
 from typing import Literal
 
 from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Group, Message, Segment
 from hl7apy.exceptions import HL7apyException
 from hl7apy.parser import parse_message
 from pydicom import Dataset
@@ -57,6 +57,7 @@ from hl7_out.encoding import (
     format_dtm,
     join_components,
 )
+from hl7_out.er7 import Er7Message, Er7Segment
 from hl7_out.pid import (
     MAX_NAMESPACE_ID_LENGTH,
     MAX_ST_LENGTH,
@@ -84,7 +85,6 @@ RESULT_STATUS_PRELIMINARY = "P"  # HL7 table 0123 (OBR-25), table 0085 (OBX-11)
 RESULT_STATUS_CORRECTED = "C"  # same tables: a correction replacing an earlier result
 ORDER_CONTROL_RESULTS = "RE"  # HL7 table 0119: observations/performed service to follow
 PATIENT_CLASS_UNKNOWN = "U"  # HL7 table 0004
-SEGMENT_TERMINATOR = "\r"
 
 # MSH-10 is ST with a length of 20 in HL7 v2.5 §2.15.9.10.
 MAX_CONTROL_ID_LENGTH = 20
@@ -220,10 +220,10 @@ def build_oru(
     if identifier is None:
         raise OruBuildError(missing_identifier_reason(header.require_patient_id))
     try:
-        message = _assemble(report, study, identifier, header, control_id, message_time)
-        message.validate()
-        text = message.to_er7() + SEGMENT_TERMINATOR
-        parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+        text = _assemble(report, study, identifier, header, control_id, message_time).to_er7()
+        # The strict parse checks each field's datatype and length, validate() the message
+        # structure and its required fields (hl7_out.er7).
+        parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()
     except OruBuildError:
         raise
     except (HL7apyException, ValueError) as exc:
@@ -315,39 +315,38 @@ def _assemble(
     header: OruHeader,
     control_id: str,
     message_time: datetime,
-) -> Message:
-    message = Message("ORU_R01", version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
-    _fill_msh(message.msh, header, control_id, message_time)
-    result = message.add_group("ORU_R01_PATIENT_RESULT")
-    patient = result.add_group("ORU_R01_PATIENT")
-    fill_pid(patient.add_segment("PID"), study, identifier)
-    _fill_pv1(patient.add_group("ORU_R01_VISIT").add_segment("PV1"), study)
-    order = result.add_group("ORU_R01_ORDER_OBSERVATION")
+) -> Er7Message:
+    """The segments in ORU_R01's structure order (§7.3.1): PATIENT_RESULT (PATIENT: PID,
+    VISIT: PV1), ORDER_OBSERVATION (ORC, OBR, NTE..., TIMING_QTY: TQ1, OBSERVATION: OBX...)."""
+    message = Er7Message()
+    _fill_msh(message.add_segment("MSH"), header, control_id, message_time)
+    fill_pid(message.add_segment("PID"), study, identifier)
+    _fill_pv1(message.add_segment("PV1"), study)
     order_number = _order_number(report, study, header)
     priority = result_priority(
         _DICOM_PRIORITIES.get(study.requested_priority, ""), report.content.urgency
     )
-    _fill_orc(order.add_segment("ORC"), order_number, priority)
-    _fill_obr(order.add_segment("OBR"), report, study, order_number, priority)
-    _add_notes(order, report)
+    _fill_orc(message.add_segment("ORC"), order_number, priority)
+    _fill_obr(message.add_segment("OBR"), report, study, order_number, priority)
+    _add_notes(message, report)
     if priority:
-        _add_timing(order, priority)
-    _add_observations(order, report)
+        _add_timing(message, priority)
+    _add_observations(message, report)
     return message
 
 
-def _fill_msh(msh: Segment, header: OruHeader, control_id: str, message_time: datetime) -> None:
+def _fill_msh(msh: Er7Segment, header: OruHeader, control_id: str, message_time: datetime) -> None:
     """HL7 v2.5 §2.15.9 MSH; MSH-15/16 empty: original acknowledgment mode (§2.9.2)."""
-    msh.msh_3 = _namespace_id(header.sending_application, "sending_application")
-    msh.msh_4 = _namespace_id(header.sending_facility, "sending_facility")
-    msh.msh_5 = _namespace_id(header.receiving_application, "receiving_application")
-    msh.msh_6 = _namespace_id(header.receiving_facility, "receiving_facility")
-    msh.msh_7 = format_dtm(message_time)
-    msh.msh_9 = MESSAGE_TYPE
-    msh.msh_10 = control_id
-    msh.msh_11 = header.processing_id
-    msh.msh_12 = HL7_VERSION
-    msh.msh_18 = CHARACTER_SET
+    msh[3] = _namespace_id(header.sending_application, "sending_application")
+    msh[4] = _namespace_id(header.sending_facility, "sending_facility")
+    msh[5] = _namespace_id(header.receiving_application, "receiving_application")
+    msh[6] = _namespace_id(header.receiving_facility, "receiving_facility")
+    msh[7] = format_dtm(message_time)
+    msh[9] = MESSAGE_TYPE
+    msh[10] = control_id
+    msh[11] = header.processing_id
+    msh[12] = HL7_VERSION
+    msh[18] = CHARACTER_SET
 
 
 def _namespace_id(value: str, setting: str) -> str:
@@ -360,14 +359,14 @@ def _namespace_id(value: str, setting: str) -> str:
     return escaped
 
 
-def _fill_pv1(pv1: Segment, study: SourceStudy) -> None:
+def _fill_pv1(pv1: Er7Segment, study: SourceStudy) -> None:
     """HL7 v2.5 §3.4.3 PV1. PV1-2 is U: an imaging study does not say whether the patient is
     an inpatient, outpatient or emergency case, and a guessed class could misroute the result
     in the HIS. PV1-19 visit number from DICOM Admission ID (0038,0010) when present."""
-    pv1.pv1_1 = "1"
-    pv1.pv1_2 = PATIENT_CLASS_UNKNOWN
+    pv1[1] = "1"
+    pv1[2] = PATIENT_CLASS_UNKNOWN
     if usable_identifier(study.admission_id):
-        pv1.pv1_19 = escape_text(study.admission_id)
+        pv1[19] = escape_text(study.admission_id)
 
 
 def _order_number(report: ReportDocument, study: SourceStudy, header: OruHeader) -> str:
@@ -382,13 +381,13 @@ def _order_number(report: ReportDocument, study: SourceStudy, header: OruHeader)
     return escape_text(report.study_instance_uid or study.study_instance_uid)
 
 
-def _fill_orc(orc: Segment, order_number: str, priority: str) -> None:
+def _fill_orc(orc: Er7Segment, order_number: str, priority: str) -> None:
     """HL7 v2.5 §4.5.1 ORC: ORC-1 RE, ORC-2/3 order numbers, ORC-7.6 priority (TQ)."""
-    orc.orc_1 = ORDER_CONTROL_RESULTS
-    orc.orc_2 = order_number
-    orc.orc_3 = order_number
+    orc[1] = ORDER_CONTROL_RESULTS
+    orc[2] = order_number
+    orc[3] = order_number
     if priority:
-        orc.orc_7 = _timing_quantity(priority)
+        orc[7] = _timing_quantity(priority)
 
 
 def _timing_quantity(priority: str) -> str:
@@ -397,7 +396,7 @@ def _timing_quantity(priority: str) -> str:
 
 
 def _fill_obr(
-    obr: Segment, report: ReportDocument, study: SourceStudy, order_number: str, priority: str
+    obr: Er7Segment, report: ReportDocument, study: SourceStudy, order_number: str, priority: str
 ) -> None:
     """HL7 v2.5 §7.4.1 OBR.
 
@@ -405,18 +404,18 @@ def _fill_obr(
     compatibility, beside TQ1-9), OBR-7 when the images were made, OBR-22 when the result was
     made, OBR-25 P (preliminary) or C (correction, ``result_status``).
     """
-    obr.obr_1 = "1"
-    obr.obr_2 = order_number
-    obr.obr_3 = order_number
-    obr.obr_4 = _universal_service_id(study)
+    obr[1] = "1"
+    obr[2] = order_number
+    obr[3] = order_number
+    obr[4] = _universal_service_id(study)
     if priority:
-        obr.obr_5 = priority
+        obr[5] = priority
     if study.observation_time:
-        obr.obr_7 = study.observation_time
-    obr.obr_22 = format_dtm(report.created_at)
-    obr.obr_25 = result_status(report)
+        obr[7] = study.observation_time
+    obr[22] = format_dtm(report.created_at)
+    obr[25] = result_status(report)
     if priority:
-        obr.obr_27 = _timing_quantity(priority)
+        obr[27] = _timing_quantity(priority)
 
 
 def _universal_service_id(study: SourceStudy) -> str:
@@ -433,13 +432,13 @@ def _universal_service_id(study: SourceStudy) -> str:
     return join_components("", fit_escaped(study.procedure_text or "Imaging study", MAX_ST_LENGTH))
 
 
-def _add_notes(order: Group, report: ReportDocument) -> None:
+def _add_notes(message: Er7Message, report: ReportDocument) -> None:
     """NTE (§2.15.10) after OBR: what this result is, in the order a reader should see it."""
     for set_id, text in enumerate(_note_texts(report), start=1):
-        nte = order.add_segment("NTE")
-        nte.nte_1 = str(set_id)
-        nte.nte_3 = escape_text(text)
-        nte.nte_4 = "RE^Remark^HL70364"
+        nte = message.add_segment("NTE")
+        nte[1] = str(set_id)
+        nte[3] = escape_text(text)
+        nte[4] = "RE^Remark^HL70364"
 
 
 def _note_texts(report: ReportDocument) -> list[str]:
@@ -461,14 +460,14 @@ def _note_texts(report: ReportDocument) -> list[str]:
     return notes
 
 
-def _add_timing(order: Group, priority: str) -> None:
+def _add_timing(message: Er7Message, priority: str) -> None:
     """TQ1 (§4.5.4), the v2.5 home of the priority: TQ1-9 (CWE, HL7 table 0485)."""
-    tq1 = order.add_group("ORU_R01_TIMING_QTY").add_segment("TQ1")
-    tq1.tq1_1 = "1"
-    tq1.tq1_9 = join_components(priority, _PRIORITY_NAMES.get(priority, ""), "HL70485")
+    tq1 = message.add_segment("TQ1")
+    tq1[1] = "1"
+    tq1[9] = join_components(priority, _PRIORITY_NAMES.get(priority, ""), "HL70485")
 
 
-def _add_observations(order: Group, report: ReportDocument) -> None:
+def _add_observations(message: Er7Message, report: ReportDocument) -> None:
     """One OBX (§7.4.2) per report line, each in its own OBSERVATION group.
 
     OBX-2 TX, OBX-3 the LOINC section, OBX-4 a sub-id unique in the message, OBX-5 the escaped
@@ -483,15 +482,15 @@ def _add_observations(order: Group, report: ReportDocument) -> None:
         for piece in wrap_line(line.text)
     ]
     for set_id, (section, text) in enumerate(pieces, start=1):
-        obx = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
-        obx.obx_1 = str(set_id)
-        obx.obx_2 = "TX"
-        obx.obx_3 = section.to_er7()
-        obx.obx_4 = str(set_id)
-        obx.obx_5 = escape_text(text)
+        obx = message.add_segment("OBX")
+        obx[1] = str(set_id)
+        obx[2] = "TX"
+        obx[3] = section.to_er7()
+        obx[4] = str(set_id)
+        obx[5] = escape_text(text)
         if abnormal_flag:
-            obx.obx_8 = abnormal_flag
-        obx.obx_11 = status
+            obx[8] = abnormal_flag
+        obx[11] = status
 
 
 def _structured_lines(content: ReportContent) -> list[ObservationLine]:

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.core import Field, Segment
-
 from hl7_out.dicom_source import PatientIssuer, SourceStudy
-from hl7_out.encoding import SUBCOMPONENT_SEPARATOR, escape_text, fit_escaped, join_components
+from hl7_out.encoding import (
+    REPETITION_SEPARATOR,
+    SUBCOMPONENT_SEPARATOR,
+    escape_text,
+    fit_escaped,
+    join_components,
+)
+from hl7_out.er7 import Er7Segment
 
-HL7_VERSION = "2.5"
 # HL7 v2.5 §2.A.36 HD-1 (IS) is at most 20 characters.
 MAX_NAMESPACE_ID_LENGTH = 20
 # DICOM LO (PS3.5 Table 6.2-1): a longer identifier broke its VR at the source.
@@ -99,20 +102,20 @@ def usable_identifier(value: str) -> bool:
     return bool(value) and len(value) <= MAX_IDENTIFIER_LENGTH
 
 
-def fill_pid(pid: Segment, study: SourceStudy, identifier: PatientIdentifier) -> None:
+def fill_pid(pid: Er7Segment, study: SourceStudy, identifier: PatientIdentifier) -> None:
     """HL7 v2.5 §3.4.2 PID: PID-3 CX with assigning authority, PID-5 XPN, PID-7, PID-8."""
-    pid.pid_1 = "1"
-    pid.pid_3 = join_components(
+    pid[1] = "1"
+    pid[3] = join_components(
         escape_text(identifier.value),
         "",
         "",
         assigning_authority(identifier.issuer),
         identifier.type_code,
     )
-    _set_repetitions(pid, "PID_5", patient_names(study))
+    pid[5] = REPETITION_SEPARATOR.join(patient_names(study))
     if study.birth_date:
-        pid.pid_7 = study.birth_date
-    pid.pid_8 = _SEXES.get(study.sex, "U")
+        pid[7] = study.birth_date
+    pid[8] = _SEXES.get(study.sex, "U")
 
 
 def assigning_authority(issuer: PatientIssuer) -> str:
@@ -155,10 +158,3 @@ def patient_names(study: SourceStudy) -> list[str]:
         representation = code if len(groups) > 1 else ""
         names.append(join_components(family, given, middle, suffix, prefix, "", "", representation))
     return names or ["^^^^^^U"]
-
-
-def _set_repetitions(segment: Segment, field_name: str, values: list[str]) -> None:
-    for value in values:
-        field = Field(field_name, version=HL7_VERSION, validation_level=VALIDATION_LEVEL.STRICT)
-        field.value = value
-        segment.add(field)
