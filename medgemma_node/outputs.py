@@ -212,7 +212,9 @@ class ReportOutputs:
         directory: Path,
     ) -> list[OutputRecord]:
         priors = self._prior_images(session, document)
-        sr = build_sr(document, sources, predecessor, node=self.node, priors=priors)
+        sr = build_sr(
+            document, sources, predecessor, node=self.node, priors=priors, queryable=False
+        )
         has_regions = any(f.region is not None for f in document.content.findings)
         gsps = build_gsps(document, sources, node=self.node) if has_regions else []
         return write_datasets([sr, *gsps], directory)

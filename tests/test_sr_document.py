@@ -121,6 +121,17 @@ def test_uids_are_derived_so_a_rebuild_is_the_same_object(tmp_path: Path) -> Non
     assert len({group.tracking_uid for group in groups}) == 2
 
 
+def test_an_sr_built_without_the_re_read_is_the_same_file(tmp_path: Path) -> None:
+    """The outputs build the SR without re-reading it for its query methods: same bytes."""
+    image = rg1_with_spacing()
+    report = make_report(image, boxed_findings(image))
+    (queryable,) = write_datasets([build_sr(report, [image])], tmp_path / "queryable")
+    plain = build_sr(report, [image], queryable=False)
+    (written,) = write_datasets([plain], tmp_path / "plain")
+    assert written.path.name == queryable.path.name
+    assert written.path.read_bytes() == queryable.path.read_bytes()
+
+
 def test_test_model_output_has_its_own_series() -> None:
     image = rg1_with_spacing()
     clinical = build_sr(make_report(image, []), [image])
