@@ -52,8 +52,9 @@ join during the window, if the batch has one. Rows ready at each ask keep the ho
 batch of a 640-CR burst held 2.1-2.4 s for its 64 rows, most of it their prompt passes
 (benchmarks/RESULTS.md).
 
-A joining prompt pass runs at most ``JOIN_PASS_ROWS`` rows, and the fast path runs one pass
-of each such row count (and one of a full batch) at load (``warm_pass_shapes``). Why: on an
+A joining prompt pass runs one of the row counts ``join_pass_sizes`` gives (1 to 8, then 16,
+32 and 64 for larger takes), and the fast path runs one pass of each such row count (and one
+of a full batch) at load (``warm_pass_shapes``). Why: on an
 H200, PyTorch's attention runs through cuDNN, which builds an execution plan the first time
 it meets a shape (the vision tower's: its image count; the text's: rows and prompt length),
 50-120 ms each, in the generating thread. A hold takes whatever rows are ready, so each of
@@ -65,7 +66,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -82,10 +83,13 @@ log = logging.getLogger(__name__)
 HOLD_S = 2.0  # after this a batch stops holding its first step for rows not yet ready
 HOLD_GAP_S = 0.5  # ... and for rows that do not come: a burst's pieces come every ~0.2 s
 HOLD_POLL_S = 0.005  # between two asks while holding (the GPU is idle meanwhile)
-# Rows a joining prompt pass runs at most (a take of several pieces runs in several passes),
-# so the row counts warmed at load are all a join meets (module docstring). A burst's pieces
-# are of 8 studies at most (inference/batch_pieces.py MAX_PIECE): passes of 8 lose little.
+# The row counts a joining prompt pass runs, so those warmed at load are all a join meets
+# (module docstring): every count up to JOIN_PASS_ROWS (a burst's pieces are of 8 studies at
+# most, inference/batch_pieces.py MAX_PIECE), and LARGER_JOIN_PASSES for a take of several
+# pieces: the first batch of a burst at max_batch 256 took 56 and 96 rows at once, which in
+# passes of 8 paid each pass's fixed cost 7 and 12 times (benchmarks/RESULTS.md).
 JOIN_PASS_ROWS = 8
+LARGER_JOIN_PASSES = (16, 32, 64)
 
 
 class RowSource(Protocol):
@@ -329,7 +333,12 @@ class RowJoins:
         gen, first_row = self.gen, self.used
         rows = batch["input_ids"].shape[0]
         first = gen._prefill_passes(
-            batch, offsets, state, first_row=first_row, end=column, most_rows=JOIN_PASS_ROWS
+            batch,
+            offsets,
+            state,
+            first_row=first_row,
+            end=column,
+            passes=join_passes(rows, join_pass_sizes(gen.max_batch)),
         )
         counts = batch["attention_mask"].long().sum(-1)
         part = slice(first_row, first_row + rows)
@@ -377,14 +386,30 @@ class RowJoins:
         return fast_buffers.concat_padded(parts, self.pad)
 
 
+def join_pass_sizes(max_batch: int) -> list[int]:
+    """The row counts a joining prompt pass runs at ``max_batch`` (see JOIN_PASS_ROWS)."""
+    larger = (rows for rows in LARGER_JOIN_PASSES if rows <= max_batch)
+    return sorted({*range(1, min(JOIN_PASS_ROWS, max_batch) + 1), *larger})
+
+
+def join_passes(rows: int, sizes: Sequence[int]) -> list[int]:
+    """``rows`` as prompt passes of the warmed ``sizes`` (1 among them), largest first."""
+    passes = []
+    while rows > 0:
+        size = max(size for size in sizes if size <= rows)
+        passes.append(size)
+        rows -= size
+    return passes
+
+
 def warm_pass_shapes(
     generator: FastGreedyGenerator, sample: Mapping[str, torch.Tensor], max_batch: int
 ) -> None:
     """One prompt pass of ``sample`` (one row, one image) repeated to each row count a join
-    runs (1 to ``JOIN_PASS_ROWS``) and to a full batch, so the attention's execution plans for
+    runs (``join_pass_sizes``) and to a full batch, so the attention's execution plans for
     those shapes exist before the first burst (module docstring). No KV is kept."""
     tensors = {k: v for k, v in sample.items() if torch.is_tensor(v)}
-    counts = sorted({*range(1, min(JOIN_PASS_ROWS, max_batch) + 1), max_batch})
+    counts = sorted({*join_pass_sizes(max_batch), max_batch})
     with torch.no_grad():
         for rows in counts:
             batch = {k: v.repeat(rows, *[1] * (v.dim() - 1)) for k, v in tensors.items()}

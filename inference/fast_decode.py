@@ -69,6 +69,18 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
+def pass_bounds(passes: Sequence[int], most_rows: int) -> list[tuple[int, int]]:
+    """(start, stop) rows of each prompt pass: ``passes`` rows each, in order, a pass of more
+    than ``most_rows`` (the token budget's) split into passes of that many and the rest."""
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for rows in passes:
+        for begin in range(0, rows, most_rows):
+            bounds.append((start + begin, start + min(begin + most_rows, rows)))
+        start += rows
+    return bounds
+
+
 def _as_id_list(value: int | Sequence[int] | None) -> list[int]:
     if value is None:
         return []
@@ -410,18 +422,20 @@ class FastGreedyGenerator:
         state: DecodeState | None,
         first_row: int = 0,
         end: int | None = None,
-        most_rows: int | None = None,
+        passes: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """The prompt in passes of at most ``prefill_tokens`` tokens (whole rows, ``most_rows``
-        at most); each pass's KV goes into the state's rows from ``first_row`` at once, so only
-        one pass's cache is alive at a time, its last column at ``end`` - 1 (default: the
-        prompt's length). Returns every row's first new token."""
+        """The prompt in passes of at most ``prefill_tokens`` tokens (whole rows; ``passes``:
+        the rows of each, in order, each split further where it is over that); each pass's KV
+        goes into the state's rows from ``first_row`` at once, so only one pass's cache is
+        alive at a time, its last column at ``end`` - 1 (default: the prompt's length).
+        Returns every row's first new token."""
         rows, prompt_len = batch["input_ids"].shape
-        per_pass = min(max(1, self.prefill_tokens // prompt_len), most_rows or rows)
+        bounds = pass_bounds(passes or [rows], max(1, self.prefill_tokens // prompt_len))
+        if not bounds or bounds[-1][1] != rows:
+            raise ValueError(f"passes {list(passes or [])} do not make the batch's {rows} rows")
         prefix = self.shared_prefix.compute(batch)  # None: each pass runs its whole rows
         firsts = []
-        for start in range(0, rows, per_pass):
-            stop = min(start + per_pass, rows)
+        for start, stop in bounds:
             first, cache = self._prefill(batch_rows(batch, offsets, start, stop)[0], prefix)
             if state is not None:
                 self._load_kv(state, cache, first_row + start, end or prompt_len)

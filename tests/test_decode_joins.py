@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from inference import decode_joins
-from inference.fast_decode import FastGreedyGenerator
+from inference.fast_decode import FastGreedyGenerator, pass_bounds
 from tests.test_fast_decode import plain, study_inputs
 
 LONGEST = "List the findings, then an impression, in two short paragraphs please."
@@ -279,6 +279,44 @@ def test_a_join_of_more_rows_than_a_pass_takes_runs_in_several_passes(
     assert passes == [1, 2, 1]  # the batch's own row, then the three joining as 2 + 1
     assert_rows(out[:1], plain(model, first, 10))
     assert_rows(out[1:], plain(model, three, 10))
+
+
+def test_a_large_take_runs_in_the_larger_warmed_passes(
+    model: Any, processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seven rows offered at once, passes of 1-2 rows and the larger 4: they join as 4 + 2 + 1
+    (each a count warmed at load), token-identical to their own batch."""
+    monkeypatch.setattr(decode_joins, "JOIN_PASS_ROWS", 2)
+    monkeypatch.setattr(decode_joins, "LARGER_JOIN_PASSES", (4, 16))
+    first = study_inputs(processor, [LONGEST])
+    questions = ["Any fracture?", "Describe the chest X-ray.", "Heart?", "Lungs?", "Ribs?"]
+    seven = study_inputs(processor, [*questions, "Effusion?", "Any nodule?"])
+    gen = FastGreedyGenerator(model, max_batch=8, max_total_len=256, check_every=1)
+    passes = rows_of_each_pass(gen, monkeypatch)
+
+    out = gen.generate(first, max_new_tokens=10, joins=Arriving([seven], coming_for=1))
+
+    assert passes == [1, 4, 2, 1]
+    assert_rows(out[:1], plain(model, first, 10))
+    assert_rows(out[1:], plain(model, seven, 10))
+
+
+def test_join_passes_split_a_take_into_the_warmed_row_counts() -> None:
+    sizes = decode_joins.join_pass_sizes(256)
+    assert sizes == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]
+    assert decode_joins.join_pass_sizes(4) == [1, 2, 3, 4]
+    assert decode_joins.join_pass_sizes(16) == [*range(1, 9), 16]
+    assert decode_joins.join_passes(96, sizes) == [64, 32]
+    assert decode_joins.join_passes(63, sizes) == [32, 16, 8, 7]
+    assert decode_joins.join_passes(5, sizes) == [5]
+    assert decode_joins.join_passes(200, sizes) == [64, 64, 64, 8]
+    assert decode_joins.join_passes(0, sizes) == []
+
+
+def test_pass_bounds_keep_each_pass_within_the_token_budget() -> None:
+    assert pass_bounds([64, 32], most_rows=96) == [(0, 64), (64, 96)]
+    assert pass_bounds([64, 7], most_rows=40) == [(0, 40), (40, 64), (64, 71)]
+    assert pass_bounds([10], most_rows=4) == [(0, 4), (4, 8), (8, 10)]
 
 
 def test_warm_pass_shapes_runs_each_row_count_a_join_runs_and_a_full_batch(
