@@ -24,6 +24,7 @@ from config.settings import (
     FileDestination,
     RetrySettings,
 )
+from delivery import file_sender
 from delivery.metrics import DeliveryCollector
 from peers.mllp_listener import ERROR_TEXT, REJECT_TEXT, MLLPListener, ReplyMode
 from peers.net import free_port, wait_for
@@ -288,6 +289,37 @@ def test_file_destination_writes_each_report_file_once_by_name(
         session.get_one(OutboxItem, row_id).status = OutboxStatus.PENDING
     assert worker.deliver_once() == 1
     assert {path.name: path.stat().st_mtime_ns for path in target.iterdir()} == written
+
+
+def test_file_destination_writes_several_reports_at_once_each_json_last(
+    db: Database, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One claim's reports are written in threads of their own: two reports' first files
+    meet at a barrier (written one after the other, the barrier breaks and the rows stay
+    pending); each report's JSON is still its last file."""
+    reports = [make_report(db, data_dir, number) for number in (1, 2, 3, 4)]
+    for report in reports:
+        queue(db, report, "archive", "file")
+    met = threading.Barrier(2, timeout=10)
+    written: list[str] = []
+    place = file_sender._place
+
+    def placed(data: bytes, target: Path) -> int:
+        if not any(name.split("_")[1] == target.name.split("_")[1] for name in written):
+            written.append(target.name)
+            if len(written) <= 2:
+                met.wait()  # the first two reports' first files, in two threads at once
+        else:
+            written.append(target.name)
+        return place(data, target)
+
+    monkeypatch.setattr(file_sender, "_place", placed)
+    destination = FileDestination(kind="file", name="archive", directory=tmp_path / "out")
+    assert make_worker(db, data_dir, [destination]).deliver_once() == 4
+    assert all_in(db, OutboxStatus.SENT)
+    for report in reports:
+        own = [name for name in written if name.split("_")[1] == str(report.report_id)]
+        assert len(own) == 4 and own[-1].endswith("_report.json")
 
 
 def test_file_destination_without_its_oru_is_dead(
