@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from sqlalchemy import func, select
 
 from benchmarks.medgemma_4b import chest_question
@@ -51,12 +50,12 @@ from inference.loader import EngineProvider
 from inference.preprocess import attach_regions, prepare_study
 from inference.worker import InferenceWorker
 from medgemma_node.outputs import ReportOutputs
-from peers.dicom_files import copy_with_new_uids, testdata
+from peers.dicom_files import testdata
+from peers.local_ingest import ingest_study
 from storage.conversations import ask, start_conversation
 from storage.db import Database
 from storage.doorbell import API_DOORBELL, SharedDoorbell
-from storage.files import instance_relpath, write_durably
-from storage.ingest import ReceivedInstance, close_quiet_studies, record_instance
+from storage.ingest import close_quiet_studies
 from storage.interactive import wait_for_result
 from storage.models import Job, JobStatus, Report, Study
 from storage.report_schema import Finding, ReportContent
@@ -119,35 +118,6 @@ def node_settings(work: Path, weights: Path, args: argparse.Namespace) -> NodeSe
         update={"max_new_tokens": args.new_tokens}
     )
     return settings
-
-
-def ingest_study(db: Database, data_dir: Path, source: Path, work: Path) -> tuple[str, Path]:
-    """A copy of a real image as a new study, stored the way the SCP stores it."""
-    copy = copy_with_new_uids(source, work / f"{pydicom.uid.generate_uid()}.dcm")
-    dataset = pydicom.dcmread(copy, stop_before_pixels=True)
-    relpath = instance_relpath(
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
-    )
-    write_durably(data_dir / relpath, copy.read_bytes())
-    copy.unlink()
-    record_instance(
-        db,
-        ReceivedInstance(
-            study_uid=dataset.StudyInstanceUID,
-            series_uid=dataset.SeriesInstanceUID,
-            sop_uid=dataset.SOPInstanceUID,
-            sop_class_uid=dataset.SOPClassUID,
-            transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID,
-            relpath=relpath.as_posix(),
-            size_bytes=(data_dir / relpath).stat().st_size,
-            calling_ae="BENCH",
-            modality=str(dataset.Modality),
-            body_part=str(dataset.get("BodyPartExamined", "")),
-            instance_number=None,
-            patient_hash="bench",
-        ),
-    )
-    return str(dataset.StudyInstanceUID), data_dir / relpath
 
 
 def jobs_not_done(db: Database) -> int:

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from sqlalchemy import func, select
 
 from config.settings import ModelSettings, NodeSettings, OpenAIServerSettings, load_settings
@@ -42,11 +41,11 @@ from inference.demo_model import write_demo_model
 from inference.loader import EngineProvider
 from inference.worker import InferenceWorker
 from medgemma_node.outputs import ReportOutputs
-from peers.dicom_files import copy_with_new_uids, testdata
+from peers.dicom_files import testdata
+from peers.local_ingest import ingest_study
 from peers.openai_double import OpenAIDouble, Reply
 from storage.db import Database
-from storage.files import instance_relpath, write_durably
-from storage.ingest import ReceivedInstance, close_quiet_studies, record_instance
+from storage.ingest import close_quiet_studies
 from storage.models import Job, JobStatus, Report
 
 ANSWER = json.dumps(
@@ -80,30 +79,7 @@ def queue_copies(db: Database, data_dir: Path, work: Path, count: int) -> list[i
     """Store ``count`` copies of RG1_UNCI as new studies, as the SCP does; queue their jobs."""
     source = testdata("RG1_UNCI.dcm")
     for _ in range(count):
-        copy = copy_with_new_uids(source, work / f"{pydicom.uid.generate_uid()}.dcm")
-        dataset = pydicom.dcmread(copy, stop_before_pixels=True)
-        relpath = instance_relpath(
-            dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
-        )
-        write_durably(data_dir / relpath, copy.read_bytes())
-        record_instance(
-            db,
-            ReceivedInstance(
-                study_uid=dataset.StudyInstanceUID,
-                series_uid=dataset.SeriesInstanceUID,
-                sop_uid=dataset.SOPInstanceUID,
-                sop_class_uid=dataset.SOPClassUID,
-                transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID,
-                relpath=relpath.as_posix(),
-                size_bytes=copy.stat().st_size,
-                calling_ae="BENCH",
-                modality=str(dataset.Modality),
-                body_part=str(dataset.get("BodyPartExamined", "")),
-                instance_number=None,
-                patient_hash="bench",
-            ),
-        )
-        copy.unlink()
+        ingest_study(db, data_dir, source, work)
     return close_quiet_studies(db, lambda _modality, _ae: 0.0)
 
 

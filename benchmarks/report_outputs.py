@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import pydicom
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
@@ -39,26 +38,20 @@ from hl7_out import oru as oru_module
 from inference.report_store import StoreOutcome, StoreTask, store_report
 from medgemma_node import outputs
 from medgemma_node.outputs import ReportOutputs
-from peers.dicom_files import copy_with_new_uids, testdata
+from peers.dicom_files import testdata
+from peers.local_ingest import ingest_study
 from storage.db import Database
-from storage.files import instance_relpath, write_durably
-from storage.ingest import ReceivedInstance, close_quiet_studies, record_instance
+from storage.ingest import close_quiet_studies
 from storage.installation import ensure_installation_id
 from storage.models import Job, JobStatus
 from storage.report_ids import reserve_report_ids
 from storage.report_schema import ModelIdentity
 
 OWNER = "benchmark"
+# A structured answer with a boxed finding, as MedGemma gives for a chest radiograph.
 CHEST_ANSWER = json.dumps(
     {
-        "findings": [
-            {
-                "label": "nodule",
-                "location": "right upper lobe",
-                "size_mm": 12,
-                "box_2d": [200, 150, 300, 260],
-            }
-        ],
+        "findings": [{"label": "nodule", "size_mm": 12, "box_2d": [200, 150, 300, 260]}],
         "impression": "Solitary right upper lobe nodule.",
         "recommendation": "CT chest in 3 months.",
         "urgency": "urgent",
@@ -76,34 +69,6 @@ def node_settings(data_dir: Path) -> NodeSettings:
         FileDestination(name="files", kind="file", directory=data_dir / "delivered")
     ]
     return settings
-
-
-def ingest(db: Database, data_dir: Path, source: Path, work: Path) -> None:
-    """A copy of ``source`` as a new study, stored the way the SCP stores it."""
-    copy = copy_with_new_uids(source, work / f"{pydicom.uid.generate_uid()}.dcm")
-    dataset = pydicom.dcmread(copy, stop_before_pixels=True)
-    relpath = instance_relpath(
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
-    )
-    write_durably(data_dir / relpath, copy.read_bytes())
-    copy.unlink()
-    record_instance(
-        db,
-        ReceivedInstance(
-            study_uid=dataset.StudyInstanceUID,
-            series_uid=dataset.SeriesInstanceUID,
-            sop_uid=dataset.SOPInstanceUID,
-            sop_class_uid=dataset.SOPClassUID,
-            transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID,
-            relpath=relpath.as_posix(),
-            size_bytes=(data_dir / relpath).stat().st_size,
-            calling_ae="MODALITY",
-            modality=str(dataset.Modality),
-            body_part=str(dataset.get("BodyPartExamined", "")),
-            instance_number=None,
-            patient_hash="benchmark",
-        ),
-    )
 
 
 def leased_tasks(db: Database, count: int, answer: str) -> list[StoreTask]:
@@ -207,7 +172,7 @@ def run(reports: int, answer: str, source: Path) -> None:
             ensure_installation_id(session, data_dir)
         (data_dir / "in").mkdir()
         for _ in range(reports + 1):
-            ingest(db, data_dir, source, data_dir / "in")
+            ingest_study(db, data_dir, source, data_dir / "in")
         tasks = leased_tasks(db, reports + 1, answer)
         hook = ReportOutputs(settings)
         store_report(db, OWNER, tasks[0], hook)  # warm: imports, highdicom's tables

@@ -37,9 +37,10 @@ from inference.transformers_engine import TransformersEngine
 from inference.worker import InferenceWorker
 from medgemma_node.outputs import ReportOutputs
 from peers.dicom_files import copy_with_new_uids
+from peers.local_ingest import store_received
 from storage.db import Database
-from storage.files import instance_relpath, uid_component, write_durably
-from storage.ingest import ReceivedInstance, close_quiet_studies, record_instance
+from storage.files import uid_component
+from storage.ingest import close_quiet_studies
 from storage.jobs import release_jobs
 from storage.models import Job, JobStatus, OutboxItem, Report, ReportObject, Study
 from storage.report_schema import ParseStatus
@@ -82,29 +83,7 @@ def ingest_copy(
 
 def ingest_file(db: Database, data_dir: Path, copy: Path) -> str:
     """Store an image file the way the SCP does; return its Study Instance UID."""
-    dataset = pydicom.dcmread(copy)
-    relpath = instance_relpath(
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
-    )
-    write_durably(data_dir / relpath, copy.read_bytes())
-    record_instance(
-        db,
-        ReceivedInstance(
-            study_uid=dataset.StudyInstanceUID,
-            series_uid=dataset.SeriesInstanceUID,
-            sop_uid=dataset.SOPInstanceUID,
-            sop_class_uid=dataset.SOPClassUID,
-            transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID,
-            relpath=relpath.as_posix(),
-            size_bytes=copy.stat().st_size,
-            calling_ae="MODALITY",
-            modality=str(dataset.Modality),
-            body_part=str(dataset.get("BodyPartExamined", "")),
-            instance_number=None,
-            patient_hash="x",
-        ),
-    )
-    return str(dataset.StudyInstanceUID)
+    return store_received(db, data_dir, copy, calling_ae="MODALITY", patient_hash="x")[0]
 
 
 def queue_studies(db: Database, data_dir: Path, source: Path, work: Path, count: int) -> list[int]:
