@@ -191,6 +191,21 @@ def image_offsets(
     return offsets if offsets[-1] == pixels.shape[0] else None
 
 
+def pass_bounds(rows: int, passes: Sequence[int] | None, most_rows: int) -> list[tuple[int, int]]:
+    """(start, stop) rows of each prompt pass over ``rows`` rows: ``passes`` rows each, in
+    order (default: all in one), a pass of more than ``most_rows`` (the token budget's) split
+    into passes of that many and the rest."""
+    if sum(passes or [rows]) != rows or rows < 1:
+        raise ValueError(f"passes {list(passes or [])} do not make the batch's {rows} rows")
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for count in passes or [rows]:
+        for begin in range(0, count, most_rows):
+            bounds.append((start + begin, start + min(begin + most_rows, count)))
+        start += count
+    return bounds
+
+
 def batch_rows(
     batch: dict[str, torch.Tensor], offsets: list[int], start: int, stop: int
 ) -> tuple[dict[str, torch.Tensor], list[int]]:

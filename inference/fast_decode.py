@@ -52,7 +52,7 @@ import torch
 
 from inference import fast_buffers, gemv, step_ops
 from inference.decode_joins import RowJoins, RowSource
-from inference.fast_buffers import DecodeState, KVArena, batch_rows, image_offsets
+from inference.fast_buffers import DecodeState, KVArena, batch_rows, image_offsets, pass_bounds
 from inference.fused_qkv import apply_linear, fuse_gate_up, fuse_qkv, project_mlp, project_qkv
 from inference.rope_tables import RopeTables
 from inference.shared_prefix import DEFAULT_SHARED_PREFIX_MIN, PrefixKV, SharedPrefix
@@ -67,18 +67,6 @@ _MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor so the graph neve
 
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
-
-
-def pass_bounds(passes: Sequence[int], most_rows: int) -> list[tuple[int, int]]:
-    """(start, stop) rows of each prompt pass: ``passes`` rows each, in order, a pass of more
-    than ``most_rows`` (the token budget's) split into passes of that many and the rest."""
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    for rows in passes:
-        for begin in range(0, rows, most_rows):
-            bounds.append((start + begin, start + min(begin + most_rows, rows)))
-        start += rows
-    return bounds
 
 
 def _as_id_list(value: int | Sequence[int] | None) -> list[int]:
@@ -430,9 +418,7 @@ class FastGreedyGenerator:
         alive at a time, its last column at ``end`` - 1 (default: the prompt's length).
         Returns every row's first new token."""
         rows, prompt_len = batch["input_ids"].shape
-        bounds = pass_bounds(passes or [rows], max(1, self.prefill_tokens // prompt_len))
-        if not bounds or bounds[-1][1] != rows:
-            raise ValueError(f"passes {list(passes or [])} do not make the batch's {rows} rows")
+        bounds = pass_bounds(rows, passes, max(1, self.prefill_tokens // prompt_len))
         prefix = self.shared_prefix.compute(batch)  # None: each pass runs its whole rows
         firsts = []
         for start, stop in bounds:

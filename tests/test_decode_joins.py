@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from inference import decode_joins
-from inference.fast_decode import FastGreedyGenerator, pass_bounds
+from inference.fast_buffers import pass_bounds
+from inference.fast_decode import FastGreedyGenerator
 from tests.test_fast_decode import plain, study_inputs
 
 LONGEST = "List the findings, then an impression, in two short paragraphs please."
@@ -314,9 +315,11 @@ def test_join_passes_split_a_take_into_the_warmed_row_counts() -> None:
 
 
 def test_pass_bounds_keep_each_pass_within_the_token_budget() -> None:
-    assert pass_bounds([64, 32], most_rows=96) == [(0, 64), (64, 96)]
-    assert pass_bounds([64, 7], most_rows=40) == [(0, 40), (40, 64), (64, 71)]
-    assert pass_bounds([10], most_rows=4) == [(0, 4), (4, 8), (8, 10)]
+    assert pass_bounds(96, [64, 32], most_rows=96) == [(0, 64), (64, 96)]
+    assert pass_bounds(71, [64, 7], most_rows=40) == [(0, 40), (40, 64), (64, 71)]
+    assert pass_bounds(10, None, most_rows=4) == [(0, 4), (4, 8), (8, 10)]
+    with pytest.raises(ValueError, match="do not make"):
+        pass_bounds(10, [4, 4], most_rows=96)
 
 
 def test_warm_pass_shapes_runs_each_row_count_a_join_runs_and_a_full_batch(
