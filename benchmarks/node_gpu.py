@@ -409,9 +409,15 @@ def print_last_batch_stores(row: dict[str, Any]) -> None:
     """The tail: when the last batch's reports were stored, after its generate ended."""
     tail = row.get("last_batch_stores") or {}
     if tail:
+        waited = (
+            f"; their transactions then waited {tail['wait_p50_s']:.3f} s (p50), at most "
+            f"{tail['wait_max_s']:.3f} s, for the write lock"
+            if "wait_max_s" in tail
+            else ""
+        )
         print(
-            f"    the last batch's {tail['reports']:.0f} reports stored from {tail['first_s']:.3f} "
-            f"to {tail['last_s']:.3f} s after its generate ended",
+            f"    the last batch's {tail['reports']:.0f} reports' jobs marked done from "
+            f"{tail['first_s']:.3f} to {tail['last_s']:.3f} s after its generate ended{waited}",
             flush=True,
         )
 

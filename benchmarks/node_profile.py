@@ -69,15 +69,22 @@ def read_profile(database_url: str) -> dict[str, Any]:
 
 
 def last_batch_stores(stored: list[tuple[dict[str, Any], float]]) -> dict[str, float]:
-    """The tail's own figures: how many reports the last batch to end had, and when the first
-    and the last of them were stored (their job done), in seconds after its generate ended.
+    """The tail's own figures: how many reports the last batch to end had, when the first and
+    the last of them had their job marked done, in seconds after its generate ended, and how
+    long their transactions then waited for the job's update (SQLite's write lock: the job is
+    marked done before that wait, its commit comes after).
     ``stored``: (a report's timings, when its job was done) for each report."""
     ended = [(t.get("batch_stamps") or {}).get("generate_ended") for t, _ in stored]
     last = max((e for e in ended if e is not None), default=None)
     if last is None:
         return {}
-    done = [at for (_, at), end in zip(stored, ended, strict=True) if end == last]
-    return {"reports": len(done), "first_s": min(done) - last, "last_s": max(done) - last}
+    own = [(t, at) for (t, at), end in zip(stored, ended, strict=True) if end == last]
+    done = [at for _, at in own]
+    waits = [float(t["store_wait_seconds"]) for t, _ in own if "store_wait_seconds" in t]
+    figures = {"reports": len(done), "first_s": min(done) - last, "last_s": max(done) - last}
+    if waits:
+        figures |= {"wait_p50_s": statistics.median(waits), "wait_max_s": max(waits)}
+    return figures
 
 
 def with_waiting(

@@ -86,3 +86,19 @@ def test_the_last_batch_stores_count_from_its_generate_end() -> None:
     stored = [(last, 20.7), (early, 10.4), (last, 20.2), ({}, 25.0), (last, 20.45)]
     assert last_batch_stores(stored) == pytest.approx({"reports": 3, "first_s": 0.2, "last_s": 0.7})
     assert last_batch_stores([({}, 1.0)]) == {}
+
+
+def test_the_last_batch_stores_say_how_long_their_transactions_waited() -> None:
+    """The job is marked done before its transaction waits for the write lock: the wait is
+    read from the reports' timings (store_wait_seconds), the last batch's only."""
+    stamps = {"generate_ended": 20.0}
+    stored = [
+        ({"batch_stamps": stamps, "store_wait_seconds": 0.30}, 20.5),
+        ({"batch_stamps": stamps, "store_wait_seconds": 0.01}, 20.1),
+        ({"batch_stamps": stamps, "store_wait_seconds": 0.02}, 20.2),
+        ({"batch_stamps": {"generate_ended": 10.0}, "store_wait_seconds": 9.0}, 10.5),
+    ]
+    figures = last_batch_stores(stored)
+    assert figures["reports"] == 3
+    assert figures["wait_p50_s"] == pytest.approx(0.02)
+    assert figures["wait_max_s"] == pytest.approx(0.30)
