@@ -71,13 +71,13 @@ def node_settings(data_dir: Path) -> NodeSettings:
     return settings
 
 
-def leased_tasks(db: Database, count: int, answer: str) -> list[StoreTask]:
+def leased_tasks(db: Database, answer: str) -> list[StoreTask]:
     """The queued jobs leased to OWNER, each with the task that stores its answer."""
     job_ids = close_quiet_studies(db, lambda _modality, _ae: 0.0)
     ids = reserve_report_ids(db, len(job_ids))
     tasks = []
     with db.session() as session:
-        for job_id, report_id in zip(job_ids[:count], ids, strict=False):
+        for job_id, report_id in zip(job_ids, ids, strict=True):
             job = session.get_one(Job, job_id)
             job.status, job.lease_owner = JobStatus.RUNNING, OWNER
             version = job.study_version
@@ -96,7 +96,7 @@ def leased_tasks(db: Database, count: int, answer: str) -> list[StoreTask]:
                     identity=ModelIdentity(model_id="benchmark", is_test_model=True),
                     batch_seconds=1.0,
                     prepare_seconds=0.1,
-                    batch_size=count,
+                    batch_size=len(job_ids),
                     prompt_tokens=600,
                     new_tokens=256,
                     report_id=report_id,
@@ -173,7 +173,7 @@ def run(reports: int, answer: str, source: Path) -> None:
         (data_dir / "in").mkdir()
         for _ in range(reports + 1):
             ingest_study(db, data_dir, source, data_dir / "in")
-        tasks = leased_tasks(db, reports + 1, answer)
+        tasks = leased_tasks(db, answer)
         hook = ReportOutputs(settings)
         store_report(db, OWNER, tasks[0], hook)  # warm: imports, highdicom's tables
         parts, totals = Parts(), []

@@ -195,11 +195,12 @@ def pass_bounds(rows: int, passes: Sequence[int] | None, most_rows: int) -> list
     """(start, stop) rows of each prompt pass over ``rows`` rows: ``passes`` rows each, in
     order (default: all in one), a pass of more than ``most_rows`` (the token budget's) split
     into passes of that many and the rest."""
-    if sum(passes or [rows]) != rows or rows < 1:
-        raise ValueError(f"passes {list(passes or [])} do not make the batch's {rows} rows")
+    counts = list(passes or [rows])
+    if sum(counts) != rows or rows < 1:
+        raise ValueError(f"passes {counts} do not make the batch's {rows} rows")
     bounds: list[tuple[int, int]] = []
     start = 0
-    for count in passes or [rows]:
+    for count in counts:
         for begin in range(0, count, most_rows):
             bounds.append((start + begin, start + min(begin + most_rows, count)))
         start += count
