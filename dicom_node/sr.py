@@ -46,12 +46,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.tag import Tag
 
 from dicom_node import finding_codes as fc
 from dicom_node.image_library import image_library
@@ -88,6 +89,9 @@ DEFAULT_NODE = NodeIdentity()
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 _CONTAINER = hd.sr.ValueTypeValues.CONTAINER.value
 _SEPARATE = "SEPARATE"
+_SCOORD3D = hd.sr.ValueTypeValues.SCOORD3D.value
+_REFERENCES = {hd.sr.ValueTypeValues.IMAGE.value, hd.sr.ValueTypeValues.COMPOSITE.value}
+_CONTENT_SEQUENCE = Tag("ContentSequence")
 
 MeasurementGroup = (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -138,14 +142,15 @@ def build_sr(
     of the previous version of this study's report, if any. ``priors``: the images of the
     prior study the report was compared with (``report.prior``), cited as evidence.
     ``queryable``: ``.content`` is re-read as a MeasurementReport with its query methods;
-    a caller that only writes the SR leaves it out (the same file, about a tenth less time).
+    without it ``.content`` holds the tree's root alone (``_comprehensive_sr``; the dataset
+    holds every item), for a caller that only writes the SR (the same file, less time).
     """
     images = SourceImages([*sources, *priors], report.study_instance_uid)
     node = node.fitted()
     when, utc_offset = content_datetime(report.created_at, images.primary)
-    sr = hd.sr.ComprehensiveSR(
-        evidence=images.ordered,
-        content=_measurement_report(report, images, node),
+    sr = _comprehensive_sr(
+        _measurement_report(report, images, node),
+        images.ordered,
         series_instance_uid=sr_series_uid(node, report),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=sr_instance_uid(node, report),
@@ -174,6 +179,45 @@ def build_sr(
         return sr
     # Re-read in place so that .content is a MeasurementReport with its query methods.
     return cast(hd.sr.ComprehensiveSR, hd.sr.ComprehensiveSR.from_dataset(sr, copy=False))
+
+
+def _comprehensive_sr(
+    content: hd.sr.MeasurementReport, evidence: Sequence[Dataset], **attributes: Any
+) -> hd.sr.ComprehensiveSR:
+    """highdicom's Comprehensive SR of ``content``, built around the tree's root alone and the
+    root's items attached after: the same dataset.
+
+    The constructor deep-copies the whole tree for the object's query methods and searches it
+    three times (its image and composite references, for the evidence check; SCOORD3D items,
+    which this IOD does not allow). For a report that was half of its build, and the query
+    methods serve nobody here: ``build_sr`` re-reads the finished dataset when they are
+    wanted. The two checks are made here in one walk of the tree (``_check_content``); the
+    evidence sequences do not depend on the tree (highdicom lists every evidence instance).
+    """
+    root = content[0]
+    _check_content(root, {str(image.SOPInstanceUID) for image in evidence})
+    shell = Dataset()
+    for element in root:
+        if element.tag != _CONTENT_SEQUENCE:
+            shell.add(element)
+    shell.ContentSequence = []  # highdicom's searches need the attribute
+    sr = hd.sr.ComprehensiveSR(evidence=evidence, content=shell, **attributes)
+    sr.ContentSequence = root.ContentSequence
+    return sr
+
+
+def _check_content(item: Dataset, evidence_uids: set[str]) -> None:
+    """No SCOORD3D item (PS3.3 A.35.3: not in a Comprehensive SR), and every image or
+    composite item refers to an instance given as evidence (PS3.3 C.17.2.3)."""
+    for child in item.get("ContentSequence", []):
+        value_type = child.get("ValueType")
+        if value_type == _SCOORD3D:
+            raise ValueError("a Comprehensive SR cannot hold SCOORD3D content items")
+        if value_type in _REFERENCES:
+            uid = str(child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            if uid not in evidence_uids:
+                raise ValueError(f"the content refers to {uid}, which is not among the evidence")
+        _check_content(child, evidence_uids)
 
 
 # --- TID 1500 ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -14,6 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node import finding_codes as fc
+from dicom_node import sr as sr_module
 from dicom_node.output_common import pixel_spacing_mm, write_datasets
 from dicom_node.sr import SrReference, build_sr
 from storage.report_schema import (
@@ -130,6 +132,67 @@ def test_an_sr_built_without_the_re_read_is_the_same_file(tmp_path: Path) -> Non
     (written,) = write_datasets([plain], tmp_path / "plain")
     assert written.path.name == queryable.path.name
     assert written.path.read_bytes() == queryable.path.read_bytes()
+
+
+def highdicom_around_the_whole_tree(
+    content: hd.sr.MeasurementReport, evidence: list[pydicom.Dataset], **attributes: object
+) -> hd.sr.ComprehensiveSR:
+    """highdicom's constructor given the whole content tree, as the reference."""
+    return hd.sr.ComprehensiveSR(evidence=evidence, content=content, **attributes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["boxed, prior, predecessor", "no findings, Chinese"])
+def test_the_sr_built_around_its_root_is_highdicoms_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The SR is built around the tree's root with the items attached after: the same bytes
+    as highdicom's constructor given the whole tree."""
+    image, prior = rg1_with_spacing(), rg1_with_spacing()
+    prior.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    prior.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.3"
+    prior.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    if kind.startswith("boxed"):
+        report, priors = make_report(image, boxed_findings(image)), [prior]
+        predecessor = SrReference.of(build_sr(make_report(image, [], version_number=1), [image]))
+    else:
+        report, priors, predecessor = make_report(image, [], chinese=True), [], None
+    built = build_sr(report, [image], predecessor, priors=priors, queryable=False)
+    (around_root,) = write_datasets([built], tmp_path / "around-root")
+    monkeypatch.setattr(sr_module, "_comprehensive_sr", highdicom_around_the_whole_tree)
+    reference = build_sr(report, [image], predecessor, priors=priors, queryable=False)
+    (whole_tree,) = write_datasets([reference], tmp_path / "whole-tree")
+    assert len(built.ContentSequence) >= 4  # the tree's items, not the root alone
+    assert around_root.path.read_bytes() == whole_tree.path.read_bytes()
+
+
+def content_item(value_type: str, referenced_uid: str | None = None) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.ValueType = value_type
+    if referenced_uid is not None:
+        reference = pydicom.Dataset()
+        reference.ReferencedSOPInstanceUID = referenced_uid
+        item.ReferencedSOPSequence = [reference]
+    return item
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (content_item("SCOORD3D"), "cannot hold SCOORD3D"),
+        (content_item("IMAGE", "1.2.3.9"), "refers to 1.2.3.9, which is not among the evidence"),
+        (content_item("COMPOSITE", "1.2.3.8"), "refers to 1.2.3.8"),
+    ],
+)
+def test_content_highdicom_would_refuse_is_refused(item: pydicom.Dataset, message: str) -> None:
+    """The checks of the constructor's tree searches, made in the node's one walk."""
+    group = content_item("CONTAINER")
+    group.ContentSequence = [content_item("IMAGE", "1.2.3.4")]
+    root = content_item("CONTAINER")
+    root.ContentSequence = [group]
+    sr_module._check_content(root, {"1.2.3.4"})  # the evidence alone: accepted
+    root.ContentSequence[0].ContentSequence.append(item)
+    with pytest.raises(ValueError, match=message):
+        sr_module._check_content(root, {"1.2.3.4"})
 
 
 def test_test_model_output_has_its_own_series() -> None:
