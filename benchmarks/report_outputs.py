@@ -9,8 +9,9 @@ after its generate ends, over the output processes (one per core): at batch 256 
 This stores ``--reports`` reports of new studies (copies of a real CR, SQLite in a temporary
 data directory) and prints the median per report, the parts inside it, and beside them in
 the same run their references: the SR re-read for its query methods (``build_sr``'s default,
-which the outputs leave out) and the ORU's strict parse-back alone (the validation every ORU
-passes: the floor of ``build_oru``).
+which the outputs leave out), the SR as highdicom's constructor builds it given the whole
+content tree (``dicom_node.sr._comprehensive_sr`` gives it the root alone) and the ORU's strict
+parse-back alone (the validation every ORU passes: the floor of ``build_oru``).
 
     python -m benchmarks.report_outputs [--reports 40] [--answer chest|narrative]
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import highdicom as hd
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
@@ -143,14 +145,25 @@ def references(parts: Parts) -> dict[str, float]:
     oru_args, oru_kwargs = parts.last_call["ORU built"]
     text = oru_module.build_oru(*oru_args, **oru_kwargs)
     queryable = {**sr_kwargs, "queryable": True}
+    with mock.patch.object(sr_module, "_comprehensive_sr", highdicom_around_the_whole_tree):
+        whole_tree = median_of(lambda: sr_module.build_sr(*sr_args, **sr_kwargs))
     return {
         "SR built, re-read for its query methods": median_of(
             lambda: sr_module.build_sr(*sr_args, **queryable)
         ),
+        "SR built, highdicom given the whole tree": whole_tree,
         "ORU strict parse-back alone": median_of(
             lambda: parse_message(text, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
         ),
     }
+
+
+def highdicom_around_the_whole_tree(
+    content: Any, evidence: Any, **attributes: Any
+) -> hd.sr.ComprehensiveSR:
+    """The SR as highdicom builds it given the whole content tree (before ``_comprehensive_sr``:
+    a deep copy and three searches of the tree)."""
+    return hd.sr.ComprehensiveSR(evidence=evidence, content=content, **attributes)
 
 
 def median_of(function: Callable[[], object], runs: int = 20) -> float:
