@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import StorageError
+from storage.sqlite_writes import LockingConnection
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -86,10 +87,16 @@ class Database:
         self.engine.dispose()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, write_lock: bool = True) -> Engine:
+    """The engine of ``url``; on SQLite each connection takes the node's write lock before
+    its transaction's first write (storage/sqlite_writes.py), unless ``write_lock`` is False
+    (the reference of benchmarks/sqlite_writes.py)."""
     if url.startswith("sqlite"):
         _ensure_sqlite_parent(url)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        connect_args: dict[str, Any] = {"timeout": 30, "check_same_thread": False}
+        if write_lock:
+            connect_args["factory"] = LockingConnection
+        engine = create_engine(url, connect_args=connect_args)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
