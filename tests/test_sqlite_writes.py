@@ -8,6 +8,7 @@ import fcntl
 import multiprocessing
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -113,6 +114,28 @@ def test_another_processs_writer_waits_for_the_lock_file(database: Database) -> 
     assert writer.exitcode == 0
     with database.session() as session:
         assert session.execute(text("SELECT x FROM t")).scalars().all() == [2]
+
+
+def test_a_thread_of_the_same_process_waits_for_the_holders_commit(database: Database) -> None:
+    """Connections of one process share its hold of the lock file: a thread lock orders them."""
+    started, done = threading.Event(), threading.Event()
+
+    def insert() -> None:
+        started.set()
+        with database.session() as session:
+            session.execute(text("INSERT INTO t VALUES (2)"))
+        done.set()
+
+    writer = threading.Thread(target=insert)
+    with database.session() as session:
+        session.execute(text("INSERT INTO t VALUES (1)"))
+        writer.start()
+        assert started.wait(10)
+        assert not done.wait(0.3)  # the process's hold is this transaction's
+    assert done.wait(30)
+    writer.join(30)
+    with database.session() as session:
+        assert session.execute(text("SELECT x FROM t ORDER BY rowid")).scalars().all() == [1, 2]
 
 
 def test_a_writer_that_cannot_have_it_gets_sqlites_error(tmp_path: Path) -> None:
