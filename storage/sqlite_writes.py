@@ -22,12 +22,15 @@ error SQLite itself would give ("database is locked").
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Statements that never write (their first word); anything else takes the lock first.
 _READS = frozenset(
@@ -71,13 +74,14 @@ class WriteLock:
 
     def release(self) -> None:
         try:
-            fcntl.flock(self._file(), fcntl.LOCK_UN)
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._threads.release()
 
     def _flock(self, deadline: float) -> None:
         descriptor, pause = self._file(), 0.00005
-        while True:
+        while descriptor is not None:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
@@ -89,11 +93,18 @@ class WriteLock:
                 time.sleep(pause)
                 pause = min(pause * 2, _LONGEST_PAUSE)
 
-    def _file(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            # Read-only suffices for flock: a user who may only read the lock file can write.
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            self._pid = os.getpid()
+    def _file(self) -> int | None:
+        """The lock file, open in this process; None when it cannot be opened: SQLite's own
+        lock still keeps writers apart, only the hand-over is SQLite's again."""
+        if self._pid != os.getpid():
+            self._fd, self._pid = None, os.getpid()
+            try:
+                # Read-only suffices for flock: a user who may only read the file can take it.
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                log.warning(
+                    "cannot open the write lock file %s (%s): SQLite's lock alone", self.path, exc
+                )
         return self._fd
 
 

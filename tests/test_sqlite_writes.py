@@ -150,3 +150,16 @@ def test_a_writer_that_cannot_have_it_gets_sqlites_error(tmp_path: Path) -> None
     lock = WriteLock(lock_file)
     lock.acquire(timeout=0.05)  # free now
     lock.release()
+
+
+def test_without_a_lock_file_sqlites_lock_alone_keeps_writers_apart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock file that cannot be created (no such directory here, a read-only data directory
+    in the field): the writer goes on, with a warning."""
+    lock = WriteLock(tmp_path / "missing" / "node.db-write.lock")
+    lock.acquire(timeout=0.05)
+    lock.release()
+    lock.acquire(timeout=0.05)  # the thread lock was given back
+    lock.release()
+    assert "cannot open the write lock file" in caplog.text
