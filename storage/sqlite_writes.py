@@ -27,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,20 +148,18 @@ class LockingConnection(sqlite3.Connection):
         return self.cursor().executescript(script)
 
     def commit(self) -> None:
-        try:
-            super().commit()
-        finally:
-            self._let_go()
+        self._ending(super().commit)
 
     def rollback(self) -> None:
-        try:
-            super().rollback()
-        finally:
-            self._let_go()
+        self._ending(super().rollback)
 
     def close(self) -> None:
+        self._ending(super().close)
+
+    def _ending(self, end: Callable[[], None]) -> None:
+        """The transaction ends (or the connection): the lock goes back, whatever ``end`` did."""
         try:
-            super().close()
+            end()
         finally:
             self._let_go()
 
@@ -187,33 +186,21 @@ class LockingConnection(sqlite3.Connection):
 
 class LockingCursor(sqlite3.Cursor):
     def execute(self, sql: str, parameters: Any = (), /) -> LockingCursor:
-        connection = self._locking_connection()
-        connection.before(sql)
-        try:
-            super().execute(sql, parameters)
-        finally:
-            connection.after()
-        return self
+        return self._run(sql, super().execute, sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> LockingCursor:
-        connection = self._locking_connection()
-        connection.before(sql)
-        try:
-            super().executemany(sql, parameters)
-        finally:
-            connection.after()
-        return self
+        return self._run(sql, super().executemany, sql, parameters)
 
     def executescript(self, script: str, /) -> LockingCursor:
-        connection = self._locking_connection()
-        connection.before(script)
+        return self._run(script, super().executescript, script)
+
+    def _run(self, statement: str, run: Callable[..., object], *arguments: Any) -> LockingCursor:
+        """``run(*arguments)`` with the lock taken first when ``statement`` may write."""
+        connection = self.connection
+        assert isinstance(connection, LockingConnection)
+        connection.before(statement)
         try:
-            super().executescript(script)
+            run(*arguments)
         finally:
             connection.after()
         return self
-
-    def _locking_connection(self) -> LockingConnection:
-        connection = self.connection
-        assert isinstance(connection, LockingConnection)
-        return connection
