@@ -7,13 +7,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from benchmarks.report_outputs import highdicom_around_the_whole_tree
 from dicom_node import finding_codes as fc
 from dicom_node import sr as sr_module
 from dicom_node.output_common import pixel_spacing_mm, write_datasets
@@ -132,13 +132,6 @@ def test_an_sr_built_without_the_re_read_is_the_same_file(tmp_path: Path) -> Non
     (written,) = write_datasets([plain], tmp_path / "plain")
     assert written.path.name == queryable.path.name
     assert written.path.read_bytes() == queryable.path.read_bytes()
-
-
-def highdicom_around_the_whole_tree(
-    content: hd.sr.MeasurementReport, evidence: list[pydicom.Dataset], **attributes: object
-) -> hd.sr.ComprehensiveSR:
-    """highdicom's constructor given the whole content tree, as the reference."""
-    return hd.sr.ComprehensiveSR(evidence=evidence, content=content, **attributes)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kind", ["boxed, prior, predecessor", "no findings, Chinese"])
