@@ -131,8 +131,9 @@ class LockingConnection(sqlite3.Connection):
         super().__init__(database, *args, **kwargs)
         self._busy_timeout = float(kwargs.get("timeout", 5.0))
         path = str(database)
-        in_memory = path == ":memory:" or path.startswith("file:") or not path
-        self._lock = None if in_memory else write_lock_for(Path(path))
+        # In memory, or a URI (the node never opens one): no file to put the lock beside.
+        plain_path = path not in ("", ":memory:") and not path.startswith("file:")
+        self._lock = write_lock_for(Path(path)) if plain_path else None
         self._holding = False
 
     def cursor(self, factory: Any = None) -> sqlite3.Cursor:  # type: ignore[override]
