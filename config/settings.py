@@ -191,6 +191,13 @@ class ModelSettings(Section):
     # Studies that come due while a batch decodes on the fast path join it in the rows its
     # bucket leaves free (inference/decode_joins.py), instead of waiting for the next batch.
     join_running_batch: bool = True
+    # With render processes and nothing due, the worker runs studies still in their quiet
+    # period and stores each answer only once its study is complete with the instances it
+    # was made from, else drops it (inference/early_start.py): the GPU works through the
+    # quiet period instead of waiting for it. Radiograph studies whose quiet period is at
+    # most early_start_max_quiet_s; volumes (CT, MR) always wait.
+    early_start: bool = True
+    early_start_max_quiet_s: float = Field(default=10.0, ge=0)
     # Long prompts on the fast path (CT/MR: up to 85 slices, ~22,300 tokens; README "GPU
     # sizing"): the memory their buffers may take, in KV columns (rows x tokens) of every
     # layer. Local layers keep only their 1,024-token window there, so an 85-slice study takes

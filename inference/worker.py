@@ -32,6 +32,11 @@ prepared pieces into the rows it leaves free as it decodes ([model] join_running
 inference/decode_joins.py). A batch built ahead and never run (stop()) goes back to the
 queue with its attempt not counted.
 
+Early start ([model] early_start, with render processes): with no job due, the batch (and the
+next one, while it tops up) takes studies still in their quiet period, and each answer is
+stored only once its study's job can be claimed for the instances it was made from
+(inference/early_start.py). Claiming and building batches: inference/worker_build.py.
+
 Processes (``render_processes``, ``store_processes``; `serve` sets them from [model]): DICOM
 reading and rendering (inference/render_pool.py) and the storing of each answer with its
 outputs (inference/report_store.py: SR, GSPS, ORU, JSON, outbox rows, one commit) run in
@@ -55,7 +60,8 @@ from config.settings import NodeSettings
 from core.errors import InferenceError
 from core.loop import LoopThread
 from core.redaction import error_text
-from inference.batch_pieces import PieceFeed, PiecewiseBuild, Render, Rendered, piece_size
+from inference.batch_pieces import PieceFeed, piece_size
+from inference.early_start import EarlyStart, is_early
 from inference.engine import (
     BatchPartlyFailed,
     Engine,
@@ -65,9 +71,7 @@ from inference.engine import (
     GenerationRequest,
     GenerationResult,
     GenerationSettings,
-    JoiningEngine,
     OutOfMemory,
-    PreparedBatch,
     PreparingEngine,
     RowJoiningEngine,
     SquareInputEngine,
@@ -76,7 +80,6 @@ from inference.interactive import InteractiveLane
 from inference.job_questions import JobQuestions
 from inference.lane_steps import LaneBetweenSteps
 from inference.prefetch import Prefetcher, TopUp
-from inference.preprocess import PreprocessError, prepare_study
 from inference.prompts import PromptLibrary
 from inference.render_pool import RenderPool
 from inference.report_store import (
@@ -88,24 +91,20 @@ from inference.report_store import (
     store_task,
 )
 from inference.scope import StudyOutOfScope
+from inference.worker_build import BatchBuilding
 from inference.worker_jobs import (
     ClaimedBatch,
     PermanentJobError,
     PreparedJob,
     WorkerStats,
-    batch_sources,
     generate_halving,
-    job_source,
-    map_side_by_side,
     renew_old_leases,
 )
 from storage.db import Database
 from storage.doorbell import DELIVERY_DOORBELL, WORKER_DOORBELL, Doorbell, ring
 from storage.jobs import (
     NO_RETRY,
-    claim_jobs,
     fail_job,
-    has_due_jobs,
     job_retry_policy,
     release_jobs,
     skip_job,
@@ -118,7 +117,7 @@ log = logging.getLogger(__name__)
 EngineProvider = Callable[[], Engine | None]
 
 
-class InferenceWorker:
+class InferenceWorker(BatchBuilding):
     """A supervised part: start() runs the loop in a thread, stop() ends it."""
 
     def __init__(
@@ -192,6 +191,7 @@ class InferenceWorker:
         self.process_setup = process_setup
         self._render_pool: RenderPool | None = None
         self._store_pool: StorePool | None = None
+        self.early = EarlyStart(db, settings, self.owner)  # studies run in their quiet period
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -228,6 +228,7 @@ class InferenceWorker:
             # The loop released its batch built ahead on the way out; this covers run_once
             # driven without the thread. While a late batch still runs, the loop does it.
             self._release_prefetched()
+        self.early.stop()
         self.close_pools()
         if self.doorbell is not None:
             self.doorbell.close()
@@ -258,6 +259,7 @@ class InferenceWorker:
             log.exception("building the next batch failed")
             return
         job_ids = [job.job_id for job in batch.jobs] if batch is not None else []
+        self._drop_early(job_ids, "its batch did not run")
         if job_ids:
             release_jobs(self.db, job_ids, self.owner)
             log.info("released %d jobs prepared ahead back to the queue", len(job_ids))
@@ -311,145 +313,6 @@ class InferenceWorker:
         state = getattr(self.engine_provider, "state", None) or {}
         return str(state.get("message") or "the model is not loaded")
 
-    def _claim_and_load(
-        self, top_up: bool = False, engine: PreparingEngine | None = None
-    ) -> ClaimedBatch:
-        """Claim a batch and load it (``top_up``, ``engine``: see _render_in_pool)."""
-        claimed = time.time()
-        job_ids = self._claim_batch()
-        pool = self._render_pool
-        if pool is not None and pool.ready:  # until its processes have started: in threads
-            stamps = {"claimed": claimed}
-            joiner = engine if isinstance(engine, JoiningEngine) else None
-            ways = (self._questions_for, self._request, self._fail)
-            build = PiecewiseBuild(joiner, *ways, self._piece, job_ids)
-            inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
-            stamps.setdefault("built", time.time())
-            return ClaimedBatch(job_ids, build.jobs, inputs, stamps=stamps)
-        loaded = map_side_by_side(self._prepare, job_ids, self.prior_finder is not None)
-        stamps = {"claimed": claimed, "built": time.time()}
-        return ClaimedBatch(job_ids, [job for job in loaded if job], stamps=stamps)
-
-    def _render_in_pool(
-        self, pool: RenderPool, ids: list[int], stamps: dict[str, float], top_up: bool,
-        build: PiecewiseBuild,
-    ) -> PreparedBatch | None:  # fmt: skip
-        """Render the batch's studies in the render processes as they are claimed; with
-        ``top_up`` it grows (``ids`` in place) while the batch before runs, and (an engine
-        that joins) is questioned and prepared in pieces meanwhile: its inputs, else None."""
-        build.add(self._submit_renders(pool, ids))
-        stamps["sources"] = time.time()
-        with self._feed.offering(build if top_up else None):  # its studies are on their way
-            if top_up:
-                self._top_up(pool, ids, build)
-                stamps["topped_up"] = time.time()
-            return build.finish(stamps)
-
-    def _questions_for(self, rendered: list[Rendered]) -> list[PreparedJob]:
-        jobs = map_side_by_side(self._question_for, rendered, self.prior_finder is not None)
-        return [job for job in jobs if job]
-
-    def _submit_renders(self, pool: RenderPool, job_ids: list[int]) -> list[Render]:
-        """Each job's study sent to the render processes (a job that cannot be read fails)."""
-        found = (batch_sources(self.db, self.data_dir, job_ids) if job_ids else None) or {}
-        renders = []
-        for job_id in job_ids:
-            try:
-                source = found.get(job_id) or job_source(self.db, self.data_dir, job_id)
-                renders.append((source, pool.submit(source.paths, self._image_side)))
-            except Exception as exc:
-                self._fail(job_id, exc)
-        return renders
-
-    def _top_up(self, pool: RenderPool, job_ids: list[int], build: PiecewiseBuild) -> None:
-        """While the batch before runs: claim what came due (its kind, up to max_batch), render
-        and build it; full, go on while that batch takes pieces. At most half the lease."""
-        limit, lease = self.model_settings.max_batch, self.model_settings.lease_seconds
-        deadline = time.monotonic() + lease / 2
-        while len(job_ids) < limit or self._feed.taking:
-            running = self._topping_up.still_running()
-            if not running or self.stop_event.is_set() or time.monotonic() > deadline:
-                break
-            build.harvest()
-            if len(job_ids) >= limit or not has_due_jobs(self.db):
-                continue
-            like = job_ids[0] if job_ids else None
-            more = self._claim(limit - len(job_ids), like)
-            job_ids += more
-            build.add(self._submit_renders(pool, more))
-
-    def _question_for(self, item: Rendered) -> PreparedJob | None:
-        """A rendered study with its question (and prior); None when that failed the job."""
-        source, prepared, seconds = item
-        try:
-            return self.questions.prepared_job(source, prepared, seconds)
-        except Exception as exc:
-            self._fail(source.job_id, exc)
-            return None
-
-    def _prefetch_next(self, engine: Engine) -> None:
-        """Start building the next batch in the background, when the engine can and more jobs
-        are due, or may come due while this batch runs (render processes: topped up)."""
-        if not isinstance(engine, PreparingEngine) or self.stop_event.is_set():
-            return
-        pool = self._render_pool
-        offers = pool is not None and pool.ready  # built in pieces, offered to this batch
-        if offers or has_due_jobs(self.db):
-            # With render processes the batch is topped up while this one runs, so it is
-            # started even when nothing is due yet: the studies of a burst are still arriving.
-            build = lambda: self._claim_and_build(engine)  # noqa: E731
-            self._prefetcher.start(self._feed.starting(build) if offers else build)
-
-    def _claim_and_build(self, engine: PreparingEngine) -> ClaimedBatch:
-        """The prefetch thread: claim, load and preprocess, then the engine's inputs (built
-        in pieces meanwhile when the engine joins them, else here)."""
-        if self.stop_event.is_set():
-            return ClaimedBatch([], [])
-        batch = self._claim_and_load(top_up=True, engine=engine)
-        piece = self._piece if batch.inputs else None
-        if batch.jobs and batch.inputs is None and not self.stop_event.is_set():
-            try:
-                batch.inputs = engine.prepare([self._request(job) for job in batch.jobs])
-                batch.stamps["built"] = time.time()
-            except Exception:
-                # Runs later as an unprepared batch: engine.generate meets the same error,
-                # and the usual handling (halving on OutOfMemory, failing the jobs) applies.
-                log.warning("preparing the next batch failed", exc_info=True)
-        if batch.inputs is not None:
-            built = batch.stamps["built"]
-            tail = built - batch.stamps.get("rendered", built)  # for TopUp's limit
-            self._topping_up.record_tail(len(batch.jobs), tail, piece)
-        return batch
-
-    def _claim_batch(self) -> list[int]:
-        limit = self.model_settings.max_batch
-        job_ids = self._claim(limit)
-        if job_ids and len(job_ids) < limit and self.model_settings.batch_wait_ms > 0:
-            # A burst arrives over a few milliseconds: wait briefly to serve it as one batch.
-            time.sleep(self.model_settings.batch_wait_ms / 1000)
-            job_ids += self._claim(limit - len(job_ids), job_ids[0])
-        return job_ids
-
-    def _claim(self, limit: int, like: int | None = None) -> list[int]:
-        """Due jobs leased to this worker, a report id for each put in ``_report_ids``."""
-        lease = self.model_settings.lease_seconds
-        ids = self._report_ids
-        return claim_jobs(self.db, self.owner, limit, lease, like=like, report_ids=ids)
-
-    def _prepare(self, job_id: int) -> PreparedJob | None:
-        """Read, render and question one job in this process; None when that failed it."""
-        try:
-            source = job_source(self.db, self.data_dir, job_id)
-            started = time.perf_counter()
-            try:
-                prepared = prepare_study(source.paths, self._image_side)
-            except PreprocessError as exc:
-                raise PermanentJobError(str(exc)) from exc
-            return self.questions.prepared_job(source, prepared, time.perf_counter() - started)
-        except Exception as exc:
-            self._fail(job_id, exc)
-            return None
-
     def _run_batch(self, engine: Engine, batch: ClaimedBatch) -> int:
         """Run the batch and store or fail each job; return how many went back to the queue
         unrun (the engine's backend was out of reach)."""
@@ -485,7 +348,9 @@ class InferenceWorker:
         # takes its own (report_store._stage).
         report_ids = (self._report_ids.popleft() if self._report_ids else None for _ in jobs)
         for job, outcome in zip(jobs, outcomes, strict=True):
-            if isinstance(outcome, EngineUnavailable):
+            if is_early(job.job_id) and isinstance(outcome, GenerationResult):
+                self.early.answered(job, self._store_later(engine, job, outcome, batch.stamps))
+            elif isinstance(outcome, EngineUnavailable):
                 lost[job.job_id] = outcome
             elif isinstance(outcome, InferenceError):
                 self._fail(job.job_id, outcome)
@@ -520,9 +385,21 @@ class InferenceWorker:
             with self._stats_lock:
                 self.stats.jobs_done += 1
 
+    def _store_later(
+        self, engine: Engine, job: PreparedJob, result: GenerationResult, stamps: dict[str, float]
+    ) -> Callable[[int | None], None]:
+        """The store of an answer made early, once its job is claimed (early_start.py)."""
+        return lambda report_id: self._store_or_fail(engine, job, result, stamps, report_id)
+
+    def _drop_early(self, job_ids: list[int], why: str) -> None:
+        for job_id in job_ids:
+            if is_early(job_id):
+                self.early.drop(job_id, why)
+
     def _engine_lost(self, exc: EngineUnavailable, jobs: list[PreparedJob]) -> None:
         """The backend cannot be reached: nothing ran, so the jobs (and a batch built ahead)
         go back to the queue with the attempt not counted; the provider is asked again."""
+        self._drop_early([job.job_id for job in jobs], "the engine is unavailable")
         release_jobs(self.db, [job.job_id for job in jobs], self.owner)
         self.engine = None
         try:
@@ -531,6 +408,7 @@ class InferenceWorker:
             log.exception("building the next batch failed")
             ahead = None
         if ahead is not None and ahead.job_ids:
+            self._drop_early(ahead.job_ids, "the engine is unavailable")
             release_jobs(self.db, ahead.job_ids, self.owner)
         log.warning("engine unavailable, %d jobs back in the queue: %s", len(jobs), exc)
 
@@ -587,6 +465,9 @@ class InferenceWorker:
                 self.stats.jobs_done += 1
 
     def _fail(self, job_id: int, exc: BaseException) -> None:
+        if is_early(job_id):  # no job yet: once complete, the study runs (and fails) as usual
+            self.early.drop(job_id, error_text(exc))
+            return
         if isinstance(exc, StudyOutOfScope):  # [scope] out_of_scope = "skip": not a failure
             if skip_job(self.db, job_id, self.owner, str(exc)):
                 log.info("job %d skipped: outside the validated scope: %s", job_id, exc)

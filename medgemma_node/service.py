@@ -181,6 +181,11 @@ class Node:
     ) -> None:
         scp = self.scp = StorageSCP(self.settings, db, salt)
         scp.make_room = make_room  # serve sets its own once its retention part exists
+        if self.settings.model.early_start:
+            # An idle worker runs studies during their quiet period (inference/early_start.py):
+            # it hears of each one as its instances arrive, not at its next poll.
+            data_dir = self.data_dir
+            scp.on_instance_stored.append(lambda _item: ring(data_dir, WORKER_DOORBELL))
         if self.settings.dicom.mpps:
             self._add_mpps(scp, on_mpps_completed)
         scp.start()
@@ -526,5 +531,6 @@ def _model_state(state: RuntimeState, provider: EngineProvider, worker: Inferenc
         "last_batch_seconds": round(stats.last_batch_seconds, 3),
         "inference_seconds_total": round(stats.inference_seconds_total, 3),
         "processes_ready": worker.pools_ready,  # its render and store processes have started
+        "early_start": dict(worker.early.counts),  # studies run in their quiet period
         "last_error": worker.last_error,
     }

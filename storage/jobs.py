@@ -18,7 +18,7 @@ SQLite: one worker process; its single writer lock serialises claims.
 from __future__ import annotations
 
 import traceback
-from collections.abc import MutableSequence
+from collections.abc import Collection, MutableSequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -74,6 +74,11 @@ def _due(now: datetime) -> tuple[ColumnElement[bool], ...]:
     return (Job.status == JobStatus.QUEUED, Job.available_at <= now)
 
 
+def _not_of(studies: Collection[int]) -> tuple[ColumnElement[bool], ...]:
+    """Jobs not of ``studies`` (the query joins ``StudyVersion``)."""
+    return (StudyVersion.study_id.not_in(list(studies)),) if studies else ()
+
+
 def claim_jobs(
     db: Database,
     owner: str,
@@ -82,6 +87,7 @@ def claim_jobs(
     *,
     like: int | None = None,
     report_ids: MutableSequence[int] | None = None,
+    exclude_studies: Collection[int] = (),
 ) -> list[int]:
     """Lease up to ``limit`` due jobs to ``owner``; return their ids (oldest, highest first).
 
@@ -89,7 +95,8 @@ def claim_jobs(
     claim that fills the same batch), else that of the first due job. With ``report_ids``,
     one new report id per claimed job is taken in the same transaction and appended to it
     (storage/report_ids.py): the worker then stores a batch's answers without a write of its
-    own between two batches."""
+    own between two batches. ``exclude_studies``: jobs of these studies are left queued (the
+    worker already runs them early: storage/early_jobs.py)."""
     now = utcnow()
     with db.session() as session:
         volumes = _claim_kind(session, now, like)
@@ -99,21 +106,35 @@ def claim_jobs(
             select(Job)
             .join(StudyVersion, StudyVersion.id == Job.study_version_id)
             .where(*_due(now), _is_volume() if volumes else ~_is_volume())
+            .where(*_not_of(exclude_studies))
             .order_by(Job.priority.desc(), Job.id)
             .limit(limit)
         )
         if not db.is_sqlite:
             query = query.with_for_update(skip_locked=True, of=Job)
         jobs = list(session.scalars(query))
-        for job in jobs:
-            job.status = JobStatus.RUNNING
-            job.lease_owner = owner
-            job.lease_expires_at = now + timedelta(seconds=lease_seconds)
-            job.attempts += 1
-        _audit(session, jobs, "job.claimed", owner, attempts=None)
-        if report_ids is not None and jobs:
-            report_ids.extend(take_report_ids(session.connection(), len(jobs)))
+        lease_jobs(session, jobs, owner, lease_seconds, report_ids)
         return [job.id for job in jobs]
+
+
+def lease_jobs(
+    session: Session,
+    jobs: list[Job],
+    owner: str,
+    lease_seconds: float,
+    report_ids: MutableSequence[int] | None = None,
+) -> None:
+    """Queued ``jobs`` leased to ``owner`` in the caller's transaction, audited; with
+    ``report_ids``, one new report id per job appended to it (claim_jobs)."""
+    expires = utcnow() + timedelta(seconds=lease_seconds)
+    for job in jobs:
+        job.status = JobStatus.RUNNING
+        job.lease_owner = owner
+        job.lease_expires_at = expires
+        job.attempts += 1
+    _audit(session, jobs, "job.claimed", owner, attempts=None)
+    if report_ids is not None and jobs:
+        report_ids.extend(take_report_ids(session.connection(), len(jobs)))
 
 
 def _study_uids(session: Session, job_ids: list[int]) -> dict[int, str]:
@@ -149,10 +170,14 @@ def _audit(session: Session, jobs: list[Job], kind: str, actor: str, **detail: o
     )
 
 
-def has_due_jobs(db: Database) -> bool:
-    """Whether any queued job is due now (one indexed lookup, no lock taken)."""
+def has_due_jobs(db: Database, exclude_studies: Collection[int] = ()) -> bool:
+    """Whether any queued job is due now (one indexed lookup, no lock taken), jobs of
+    ``exclude_studies`` left out."""
     with db.session() as session:
         query = select(Job.id).where(*_due(utcnow())).limit(1)
+        if exclude_studies:
+            query = query.join(StudyVersion, StudyVersion.id == Job.study_version_id)
+            query = query.where(*_not_of(exclude_studies))
         return session.scalar(query) is not None
 
 

@@ -66,9 +66,9 @@ def make_settings(tmp_path: Path, db_url: str, **model: object) -> NodeSettings:
     settings = load_settings()
     settings.storage.data_dir = tmp_path / "data"
     settings.storage.database_url = db_url
-    settings.model = settings.model.model_copy(
-        update={"batch_wait_ms": 0, "retry_backoff_s": 0.0, "max_new_tokens": 8, **model}
-    )
+    # Studies are queued complete here; tests/test_early_start.py runs them early.
+    defaults = {"batch_wait_ms": 0, "retry_backoff_s": 0.0, "max_new_tokens": 8}
+    settings.model = settings.model.model_copy(update={**defaults, "early_start": False, **model})
     settings.destinations = []
     return settings
 
