@@ -133,6 +133,7 @@ def node_sections(args: argparse.Namespace, case: dict[str, Any], work: Path) ->
         "prompts_dir": str(args.prompts),
         "lease_seconds": 3600.0,
         "join_running_batch": not args.no_joins,
+        "early_start": not args.no_early_start,
     }
     for key in ("render_processes", "output_processes"):
         if case.get(key) is not None:
@@ -484,6 +485,12 @@ def print_row(row: dict[str, Any], header: bool) -> None:
             f"{sustained['per_hour'] / row['engine_per_hour']:.3f} x the engine",
             flush=True,
         )
+    early = row["worker"].get("early_start")
+    if early:
+        print(
+            f"    studies run in their quiet period: {early.get('taken', 0)} taken, "
+            f"{early.get('claimed', 0)} stored under their jobs, {early.get('dropped', 0)} dropped"
+        )
     for line in row.get("holds", []):
         print(f"    {line}")
     print(
@@ -552,6 +559,7 @@ def main() -> None:
     parser.add_argument(
         "--no-joins", action="store_true", help="[model] join_running_batch = false"
     )
+    parser.add_argument("--no-early-start", action="store_true", help="[model] early_start = false")
     args = parser.parse_args()  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="node-gpu-", dir=args.work) as directory:
         args.work = Path(directory)
