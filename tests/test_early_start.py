@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -29,7 +28,7 @@ from storage.early_jobs import claim_early_jobs, open_studies
 from storage.ingest import close_quiet_studies
 from storage.jobs import claim_jobs, has_due_jobs
 from storage.models import Job, JobStatus, Report, Study, StudyVersion
-from tests.test_worker import ingest_copy, make_settings
+from tests.test_worker import ingest_copy, ingest_without_pixels, make_settings
 
 NO_QUIET = lambda _modality, _ae: 0.0  # noqa: E731
 CR_5_S = lambda modality, _ae: 5.0 if modality == "CR" else 30.0  # noqa: E731
@@ -191,11 +190,7 @@ def test_a_study_that_cannot_render_is_not_taken_again_and_fails_as_its_job(
 ) -> None:
     settings = make_settings(tmp_path, db.url, max_batch=4, early_start=True)
     data_dir = settings.storage.data_dir
-    uid = ingest_copy(db, data_dir, rg1_unci, tmp_path / "in")
-    for path in data_dir.glob("instances/**/*.dcm"):
-        dataset = pydicom.dcmread(path)
-        del dataset.PixelData
-        dataset.save_as(path)
+    uid = ingest_without_pixels(db, data_dir, rg1_unci, tmp_path / "in")
     engine = ScriptedEngine(texts=[])
     with worker_with_renders(db, settings, engine) as worker:
         assert worker.run_once() == 1  # taken early; its render failed: dropped, no job failed

@@ -86,6 +86,16 @@ def ingest_file(db: Database, data_dir: Path, copy: Path) -> str:
     return store_received(db, data_dir, copy, calling_ae="MODALITY", patient_hash="x")[0]
 
 
+def ingest_without_pixels(db: Database, data_dir: Path, source: Path, work: Path) -> str:
+    """A study received whose image has no Pixel Data (it cannot be rendered); its UID."""
+    study_uid = ingest_copy(db, data_dir, source, work)
+    for path in data_dir.glob(f"instances/{uid_component(study_uid)}/**/*.dcm"):
+        dataset = pydicom.dcmread(path)
+        del dataset.PixelData
+        dataset.save_as(path)
+    return study_uid
+
+
 def queue_studies(db: Database, data_dir: Path, source: Path, work: Path, count: int) -> list[int]:
     for _ in range(count):
         ingest_copy(db, data_dir, source, work)
@@ -191,11 +201,7 @@ def test_study_without_pixel_data_fails_at_once(
 ) -> None:
     settings = make_settings(tmp_path, db.url)
     data_dir = settings.storage.data_dir
-    study_uid = ingest_copy(db, data_dir, rg1_unci, tmp_path / "in")
-    for path in data_dir.glob("instances/**/*.dcm"):
-        dataset = pydicom.dcmread(path)
-        del dataset.PixelData
-        dataset.save_as(path)
+    study_uid = ingest_without_pixels(db, data_dir, rg1_unci, tmp_path / "in")
     [job_id] = close_quiet_studies(db, lambda _m, _a: 0.0)
     worker = InferenceWorker(db, settings, lambda: ScriptedEngine(texts=[CHEST_ANSWER]), None)
     assert worker.run_once() == 1
