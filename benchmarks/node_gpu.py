@@ -236,9 +236,10 @@ def run_node(args: argparse.Namespace, case: dict[str, Any], files: list[Path]) 
         flush_s = flush_page_cache()
         time.sleep(1.0)
         studies = files[: case["studies"]]
-        chunks = [studies[k :: args.associations] for k in range(args.associations)]
+        associations = min(args.associations, len(studies))  # no sender without a study
+        chunks = [studies[k::associations] for k in range(associations)]
         spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.associations, mp_context=spawn) as senders:
+        with ProcessPoolExecutor(associations, mp_context=spawn) as senders:
             for future in [senders.submit(_ready) for _ in chunks]:
                 future.result()
             sent = [senders.submit(send_files, node.port, chunk) for chunk in chunks]

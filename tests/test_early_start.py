@@ -20,14 +20,17 @@ from inference.engine import Engine
 from inference.scripted_engine import ScriptedEngine
 from inference.transformers_engine import TransformersEngine
 from inference.worker import InferenceWorker
+from medgemma_node.service import Node
 from peers.dicom_files import copy_with_new_uids
 from peers.local_ingest import store_received
-from peers.net import wait_for
+from peers.net import free_port, wait_for
 from storage.db import Database
+from storage.doorbell import WORKER_DOORBELL, Doorbell
 from storage.early_jobs import claim_early_jobs, open_studies
 from storage.ingest import close_quiet_studies
 from storage.jobs import claim_jobs, has_due_jobs
 from storage.models import Job, JobStatus, Report, Study, StudyVersion
+from tests.nodecheck import store_with_pynetdicom
 from tests.test_worker import ingest_copy, ingest_without_pixels, make_settings
 
 NO_QUIET = lambda _modality, _ae: 0.0  # noqa: E731
@@ -220,3 +223,32 @@ def test_open_studies_run_early_only_when_asked_and_below_the_quiet_limit(
         settings.completion.default_seconds = 5.0
         assert worker.run_once() == (1 if early_start else 0)
     assert len(engine.calls) == (1 if early_start else 0)
+
+
+@pytest.mark.parametrize("early_start", [True, False])
+def test_the_receiver_rings_the_workers_doorbell_for_each_instance_when_early_start_is_on(
+    tmp_path: Path, rg1_unci: Path, early_start: bool, restore_logging: None
+) -> None:
+    """A real SCP (the node's wiring) and a real C-STORE: the idle worker hears of a study
+    still in its quiet period at once, not at its next poll."""
+    settings = NodeSettings.model_validate(
+        {
+            "storage": {"data_dir": tmp_path / "data"},
+            "dicom": {"bind_address": "127.0.0.1", "port": free_port(), "mpps": False},
+            "model": {"early_start": early_start},
+        }
+    )
+    node = Node(settings)
+    db = node.prepare()
+    doorbell = Doorbell(settings.storage.data_dir, WORKER_DOORBELL)
+    try:
+        node._start_scp(db, b"salt", lambda: None)
+        assert node.scp is not None
+        copy = copy_with_new_uids(rg1_unci, tmp_path / "in" / "one.dcm")
+        assert store_with_pynetdicom(node.scp.port, [copy]) == [0]
+        assert doorbell.wait(5.0 if early_start else 0.5) is early_start
+    finally:
+        doorbell.close()
+        if node.scp is not None:
+            node.scp.stop()
+        db.dispose()
