@@ -53,6 +53,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.tag import Tag
+from pydicom.uid import ComprehensiveSRStorage
 
 from dicom_node import finding_codes as fc
 from dicom_node.image_library import image_library
@@ -124,6 +125,24 @@ class SrReference:
         reference.SOPClassUID = self.sop_class_uid
         reference.SOPInstanceUID = self.sop_instance_uid
         return reference
+
+
+def load_standard_tables() -> None:
+    """Read highdicom's tables of the standard's modules (PS3.3 IODs) now.
+
+    highdicom checks each object it builds against them, reading them from JSON on first use
+    (0.3-0.4 s) and keeping them: the first report a process builds paid for it, and for a
+    lone study that is its report's latency. A store process calls this as it starts. A
+    throwaway object of the SR's class is the public way there."""
+    hd.SOPClass(
+        study_instance_uid=hd.UID(),
+        series_instance_uid=hd.UID(),
+        series_number=1,
+        sop_instance_uid=hd.UID(),
+        sop_class_uid=ComprehensiveSRStorage,
+        instance_number=1,
+        modality="SR",
+    )
 
 
 def build_sr(

@@ -49,8 +49,9 @@ from dicom_node.output_common import (
     pdf_instance_uid,
     write_datasets,
 )
-from dicom_node.sr import SrReference, build_sr
+from dicom_node.sr import SrReference, build_sr, load_standard_tables
 from hl7_out.oru import OruBuildError, OruHeader, build_oru, hl7_control_id
+from medgemma_node.logs import setup_logging
 from storage import audit
 from storage.files import write_durably
 from storage.installation import ensure_installation_id
@@ -392,3 +393,10 @@ def previous_sr(session: Session, document: ReportDocument, data_dir: Path) -> S
     if path is None:
         return None
     return SrReference.of(dcmread(data_dir / path, stop_before_pixels=True))
+
+
+def start_store_process(log_level: str, log_file: Path) -> None:
+    """A report store process's start (inference/report_store.py): it logs as the worker does,
+    and reads highdicom's standard tables before its first report (load_standard_tables)."""
+    setup_logging(log_level, log_file, rotate=False)  # the worker (or serve) rotates the file
+    load_standard_tables()

@@ -486,7 +486,7 @@ def start_worker(node: Node) -> None:
     # `echo` and the other commands start in a second instead of several.
     from inference.loader import EngineProvider
     from inference.worker import InferenceWorker
-    from medgemma_node.outputs import ReportOutputs
+    from medgemma_node.outputs import ReportOutputs, start_store_process
 
     db = node.db or node.prepare()
     provider = EngineProvider(node.settings)
@@ -508,10 +508,9 @@ def start_worker(node: Node) -> None:
         store_processes=output,
         # Each process logs as this one does (level, file, PHI filter).
         process_setup=partial(
-            setup_logging,
+            start_store_process,
             logging_settings.level,
             logging_settings.file or node.data_dir / "logs" / "node.log",
-            rotate=False,  # the worker (or serve above it) rotates the file
         ),
     )
     # Before start(): the first status file already says what the model is doing.

@@ -4,6 +4,8 @@ boxes, the inputs, and sources that break their VRs or lack type 2 attributes.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -446,3 +448,18 @@ def test_model_text_reaches_the_sr_clean(tmp_path: Path) -> None:
     assert texts_named(evaluations, fc.IMPRESSION) == ["Nodule.\nNo effusion."]
     assert texts_named(evaluations, fc.RECOMMENDATION) == ["CT in 3 months."]
     assert texts_named(evaluations, fc.NARRATIVE) == ["Line one\nline two\nline three"]
+
+
+def test_a_store_process_reads_the_standard_tables_before_its_first_report(tmp_path: Path) -> None:
+    """highdicom reads its PS3.3 module tables on first use and keeps them per process: a
+    fresh interpreter has none, and has them once a store process's start has run."""
+    check = (
+        "from pathlib import Path\n"
+        "from highdicom._standard_utils import get_module_attribute_map as tables\n"
+        "from medgemma_node.outputs import start_store_process\n"
+        "assert tables.cache_info().currsize == 0\n"
+        f"start_store_process('INFO', Path({str(tmp_path / 'node.log')!r}))\n"
+        "assert tables.cache_info().currsize == 1\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=root, timeout=120)
