@@ -156,8 +156,7 @@ class EarlyStart:
 
     def stop(self) -> None:
         """Drop what is kept aside (the jobs run as any other) and end the binding thread."""
-        if self._binder.is_alive():
-            self._binder.stop()
+        self._binder.stop()  # also keeps a thread never started from starting
         with self._lock:
             kept, self._studies = len(self._studies), {}
         if kept:
