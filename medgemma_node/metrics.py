@@ -98,12 +98,22 @@ class NodeCollector(Collector):
                 labels=["worker"],
             ),
         }
+        # Studies run in their quiet period (inference/early_start.py), by what became of them.
+        early = CounterMetricFamily(
+            "medgemma_early_start_studies",
+            "Studies run in their quiet period: taken, claimed (stored as their job's report) "
+            "or dropped (their job runs as any other), per worker",
+            labels=["worker", "outcome"],
+        )
         for state in read_worker_states(self.data_dir):
             worker: dict[str, Any] = state.get("model", {}).get("worker", {})
             name = f"{state.get('host', '?')}:{state.get('pid', '?')}"
             for key, family in families.items():
                 family.add_metric([name], float(worker.get(key, 0)))
+            for outcome, count in (worker.get("early_start") or {}).items():
+                early.add_metric([name, str(outcome)], float(count))
         yield from families.values()
+        yield early
 
 
 def _outbox_metrics(rows: Sequence[Any]) -> Iterator[Metric]:

@@ -7,11 +7,13 @@ the requests the engine was given."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import select
 
 from config.settings import NodeSettings
@@ -20,6 +22,7 @@ from inference.engine import Engine
 from inference.scripted_engine import ScriptedEngine
 from inference.transformers_engine import TransformersEngine
 from inference.worker import InferenceWorker
+from medgemma_node.metrics import NodeCollector
 from medgemma_node.service import Node
 from peers.dicom_files import copy_with_new_uids
 from peers.local_ingest import store_received
@@ -252,3 +255,19 @@ def test_the_receiver_rings_the_workers_doorbell_for_each_instance_when_early_st
         if node.scp is not None:
             node.scp.stop()
         db.dispose()
+
+
+def test_the_metrics_count_the_studies_run_early_by_outcome(tmp_path: Path, db: Database) -> None:
+    """What the worker's status file says (service._model_state) reaches the Prometheus
+    endpoint's collector."""
+    data_dir = tmp_path / "data"
+    (data_dir / "run").mkdir(parents=True)
+    counts = {"taken": 130, "claimed": 127, "dropped": 3}
+    state = {"host": "gpu1", "pid": 42, "model": {"worker": {"batches": 2, "early_start": counts}}}
+    (data_dir / "run" / "worker-gpu1-42.json").write_text(json.dumps(state))
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(db, data_dir, lambda: None))
+    text = generate_latest(registry).decode()
+    for outcome, count in counts.items():
+        labels = f'outcome="{outcome}",worker="gpu1:42"'
+        assert f"medgemma_early_start_studies_total{{{labels}}} {count}.0" in text
