@@ -35,7 +35,7 @@ from config.settings import NodeSettings
 from core.loop import LoopThread
 from inference.worker_jobs import JobSource, PreparedJob
 from storage.db import Database
-from storage.early_jobs import EarlyClaim, claim_early_jobs, open_studies
+from storage.early_jobs import EarlyClaim, OpenStudy, claim_early_jobs, open_studies
 from storage.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ REMEMBERED_DROPS = 4096
 IDLE_S = 1.0  # the binding thread's wait with nothing kept aside (it is woken for answers)
 
 # Stores an answer kept aside as its job's report, given the report id claimed with the job.
-StoreAnswer = Callable[[int | None], None]
+StoreAnswer = Callable[[int], None]
 
 
 def is_early(job_id: int) -> bool:
@@ -103,20 +103,19 @@ class EarlyStart:
                 give_up = study.quiet_ends_at + self._grace
                 self._studies[study.study_id] = _EarlyStudy(study.instance_ids, give_up)
                 self.counts["taken"] += 1
-                sources.append(self._source(study.study_id, study.study_uid, study.calling_ae,
-                                            study.paths))  # fmt: skip
+                sources.append(self._source(study))
         if sources:
             log.info("%d studies taken in their quiet period to run early", len(sources))
         return sources
 
-    def _source(self, study_id: int, uid: str, calling_ae: str, paths: list[str]) -> JobSource:
+    def _source(self, study: OpenStudy) -> JobSource:
         return JobSource(
-            job_id=-study_id,
-            study_id=study_id,
+            job_id=-study.study_id,
+            study_id=study.study_id,
             study_version_id=0,
-            study_uid=uid,
-            calling_ae=calling_ae,
-            paths=[self.data_dir / path for path in paths],
+            study_uid=study.study_uid,
+            calling_ae=study.calling_ae,
+            paths=[self.data_dir / path for path in study.paths],
         )
 
     def exclude(self) -> frozenset[int]:
@@ -171,7 +170,7 @@ class EarlyStart:
             return IDLE_S
         expected = {study_id: study.instance_ids for study_id, study in waiting.items()}
         lease = self.settings.model.lease_seconds
-        claims = claim_early_jobs(self.db, self.owner, expected, lease, report_ids=[])
+        claims = claim_early_jobs(self.db, self.owner, expected, lease)
         now = utcnow()
         for study_id, study in waiting.items():
             if study_id in claims:

@@ -387,7 +387,7 @@ class InferenceWorker(BatchBuilding):
 
     def _store_later(
         self, engine: Engine, job: PreparedJob, result: GenerationResult, stamps: dict[str, float]
-    ) -> Callable[[int | None], None]:
+    ) -> Callable[[int], None]:
         """The store of an answer made early, once its job is claimed (early_start.py)."""
         return lambda report_id: self._store_or_fail(engine, job, result, stamps, report_id)
 

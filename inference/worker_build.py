@@ -30,7 +30,6 @@ from inference.preprocess import PreprocessError, prepare_study
 from inference.render_pool import RenderPool
 from inference.worker_jobs import (
     ClaimedBatch,
-    JobSource,
     PermanentJobError,
     PreparedJob,
     batch_sources,
@@ -74,12 +73,9 @@ class BatchBuilding:
         pool = self._render_pool
         if pool is not None and pool.ready:  # until its processes have started: in threads
             stamps = {"claimed": claimed}
-            early = [] if job_ids or top_up else self.early.take(self.model_settings.max_batch)
-            job_ids += [source.job_id for source in early]
             joiner = engine if isinstance(engine, JoiningEngine) else None
             ways = (self._questions_for, self._request, self._fail)
             build = PiecewiseBuild(joiner, *ways, self._piece, job_ids)
-            build.add(self._submit_sources(pool, early))
             inputs = self._render_in_pool(pool, job_ids, stamps, top_up, build)
             stamps.setdefault("built", time.time())
             return ClaimedBatch(job_ids, build.jobs, inputs, stamps=stamps)
@@ -94,7 +90,9 @@ class BatchBuilding:
         """Render the batch's studies in the render processes as they are claimed; with
         ``top_up`` it grows (``ids`` in place) while the batch before runs, and (an engine
         that joins) is questioned and prepared in pieces meanwhile: its inputs, else None."""
-        build.add(self._submit_renders(pool, [i for i in ids if not is_early(i)]))
+        build.add(self._submit_renders(pool, ids))
+        if not ids and not top_up:  # nothing due: the studies on their way
+            self._add_early(pool, ids, build, self.model_settings.max_batch)
         stamps["sources"] = time.time()
         with self._feed.offering(build if top_up else None):  # its studies are on their way
             if top_up:
@@ -118,9 +116,14 @@ class BatchBuilding:
                 self._fail(job_id, exc)
         return renders
 
-    def _submit_sources(self, pool: RenderPool, sources: list[JobSource]) -> list[Render]:
-        """Studies taken early (inference/early_start.py) sent to the render processes."""
-        return [(source, pool.submit(source.paths, self._image_side)) for source in sources]
+    def _add_early(
+        self, pool: RenderPool, job_ids: list[int], build: PiecewiseBuild, limit: int
+    ) -> None:
+        """Up to ``limit`` studies still in their quiet period (inference/early_start.py) added
+        to the batch being built (``job_ids`` in place) and sent to the render processes."""
+        early = self.early.take(limit)
+        job_ids += [source.job_id for source in early]
+        build.add([(source, pool.submit(source.paths, self._image_side)) for source in early])
 
     def _top_up(self, pool: RenderPool, job_ids: list[int], build: PiecewiseBuild) -> None:
         """While the batch before runs: claim what came due (its kind, up to max_batch), render
@@ -135,9 +138,7 @@ class BatchBuilding:
             if len(job_ids) >= limit:
                 continue
             if not has_due_jobs(self.db, self.early.exclude()):
-                early = self.early.take(limit - len(job_ids))  # nothing due: what is coming
-                job_ids += [source.job_id for source in early]
-                build.add(self._submit_sources(pool, early))
+                self._add_early(pool, job_ids, build, limit - len(job_ids))  # nothing due
                 continue
             like = next((job_id for job_id in job_ids if not is_early(job_id)), None)
             more = self._claim(limit - len(job_ids), like)

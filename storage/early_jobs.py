@@ -16,18 +16,17 @@ instance) waits for its quiet period, as do volumes (CT, MR: many instances over
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, MutableSequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import Exists, exists, func, select
 from sqlalchemy.orm import Session
 
-from core.modalities import CROSS_SECTIONAL_MODALITIES
 from storage.db import Database
 from storage.ingest import QuietPeriod
-from storage.jobs import lease_jobs
-from storage.models import Instance, Job, JobStatus, Series, Study, StudyVersion, version_instances
+from storage.jobs import has_volume, lease_jobs
+from storage.models import Instance, Job, JobStatus, Study, StudyVersion, version_instances
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class EarlyClaim:
 
     job_id: int
     study_version_id: int
-    report_id: int | None
+    report_id: int
 
 
 def open_studies(
@@ -65,7 +64,7 @@ def open_studies(
         query = (
             select(Study.id, Study.study_instance_uid, Study.modality, Study.calling_ae)
             .add_columns(Study.last_received_at)
-            .where(Study.has_unversioned.is_(True), ~_has_version(), ~_has_volume())
+            .where(Study.has_unversioned.is_(True), ~_has_version(), ~has_volume(Study.id))
             .order_by(Study.last_received_at, Study.id)
         )
         if exclude:
@@ -74,7 +73,8 @@ def open_studies(
         for study_id, uid, modality, calling_ae, last_received in session.execute(query):
             quiet = quiet_seconds(modality, calling_ae)
             if quiet <= max_quiet_s:
-                found.append((study_id, uid, calling_ae, _plus(last_received, quiet)))
+                ends = last_received + timedelta(seconds=quiet)
+                found.append((study_id, uid, calling_ae, ends))
             if len(found) == limit:
                 break
         files = _instances(session, [study_id for study_id, *_ in found])
@@ -93,12 +93,11 @@ def claim_early_jobs(
     owner: str,
     expected: Mapping[int, frozenset[int]],
     lease_seconds: float,
-    report_ids: MutableSequence[int] | None = None,
 ) -> dict[int, EarlyClaim | None]:
     """For each study of ``expected`` (study id: the instances its answer was made from):
 
     * an ``EarlyClaim`` when its first version covers exactly those instances and its job
-      was queued: the job is now leased to ``owner`` (with a report id when ``report_ids``);
+      was queued: the job is now leased to ``owner``, with a new report id for its answer;
     * None when that can no longer be: the study has other instances now, or its job is not
       queued (another worker has it; an MPPS step discontinued it);
     * nothing while the study is still open with those instances (ask again later).
@@ -106,7 +105,7 @@ def claim_early_jobs(
     if not expected:
         return {}
     with db.session() as session:
-        versions = _first_versions(session, list(expected))
+        versions = _first_versions(session, list(expected), lock=not db.is_sqlite)
         counts = _instance_counts(session, [s for s in expected if s not in versions])
         covered = _covered(session, [version.id for version, _ in versions.values()])
         outcome: dict[int, EarlyClaim | None] = {}
@@ -120,29 +119,15 @@ def claim_early_jobs(
                     leased.append((study_id, version, job))
             elif counts.get(study_id, 0) != len(instances):
                 outcome[study_id] = None  # instances only come (or go to retention): changed
-        ids: list[int] = []
-        wanted = ids if report_ids is not None else None
-        lease_jobs(session, [job for *_, job in leased], owner, lease_seconds, wanted)
-        if report_ids is not None:
-            report_ids.extend(ids)
-        numbered = iter(ids)
-        for study_id, version, job in leased:
-            outcome[study_id] = EarlyClaim(job.id, version.id, next(numbered, None))
+        report_ids: list[int] = []
+        lease_jobs(session, [job for *_, job in leased], owner, lease_seconds, report_ids)
+        for (study_id, version, job), report_id in zip(leased, report_ids, strict=True):
+            outcome[study_id] = EarlyClaim(job.id, version.id, report_id)
     return outcome
-
-
-def _plus(moment: datetime, seconds: float) -> datetime:
-    return moment + timedelta(seconds=seconds)
 
 
 def _has_version() -> Exists:
     return exists().where(StudyVersion.study_id == Study.id)
-
-
-def _has_volume() -> Exists:
-    return exists().where(
-        Series.study_id == Study.id, Series.modality.in_(CROSS_SECTIONAL_MODALITIES)
-    )
 
 
 def _instances(session: Session, study_ids: list[int]) -> dict[int, list[tuple[int, str]]]:
@@ -172,14 +157,17 @@ def _instance_counts(session: Session, study_ids: list[int]) -> dict[int, int]:
     return {int(study_id): int(count) for study_id, count in rows}
 
 
-def _first_versions(session: Session, study_ids: list[int]) -> dict[int, tuple[StudyVersion, Job]]:
-    """Each study's first version with its job (made together: storage/ingest.py)."""
+def _first_versions(
+    session: Session, study_ids: list[int], *, lock: bool
+) -> dict[int, tuple[StudyVersion, Job]]:
+    """Each study's first version with its job (made together: storage/ingest.py); with
+    ``lock`` (PostgreSQL) the jobs' rows locked, those locked already left out."""
     query = (
         select(StudyVersion, Job)
         .join(Job, Job.study_version_id == StudyVersion.id)
         .where(StudyVersion.study_id.in_(study_ids), StudyVersion.version_number == 1)
     )
-    if session.get_bind().dialect.name != "sqlite":
+    if lock:
         # Two workers asking for one job: the second finds it locked and asks again later.
         query = query.with_for_update(skip_locked=True, of=Job)
     return {version.study_id: (version, job) for version, job in session.execute(query).all()}

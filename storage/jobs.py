@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Exists, exists, func, or_, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from core.modalities import CROSS_SECTIONAL_MODALITIES
 from core.redaction import error_text, scrub_traceback
@@ -46,12 +46,17 @@ def job_retry_policy(max_attempts: int, backoff_s: float) -> RetryPolicy:
     )
 
 
-def _is_volume() -> ColumnElement[bool]:
-    """The job's study has a CT or MR series (correlated to the query's ``StudyVersion``)."""
+def has_volume(study_id: ColumnElement[int] | InstrumentedAttribute[int]) -> Exists:
+    """The study ``study_id`` (a column of the query it is correlated to) has a CT or MR
+    series."""
     return exists().where(
-        Series.study_id == StudyVersion.study_id,
-        Series.modality.in_(CROSS_SECTIONAL_MODALITIES),
+        Series.study_id == study_id, Series.modality.in_(CROSS_SECTIONAL_MODALITIES)
     )
+
+
+def _is_volume() -> Exists:
+    """The job's study has a CT or MR series (correlated to the query's ``StudyVersion``)."""
+    return has_volume(StudyVersion.study_id)
 
 
 def _claim_kind(session: Session, now: datetime, like: int | None) -> bool | None:

@@ -33,6 +33,7 @@ from storage.early_jobs import claim_early_jobs, open_studies
 from storage.ingest import close_quiet_studies
 from storage.jobs import claim_jobs, has_due_jobs
 from storage.models import Job, JobStatus, Report, Study, StudyVersion
+from storage.report_ids import reserve_report_ids
 from tests.nodecheck import store_with_pynetdicom
 from tests.test_worker import ingest_copy, ingest_without_pixels, make_settings
 
@@ -86,11 +87,12 @@ def test_a_job_is_claimed_for_an_early_answer_only_with_the_instances_it_was_mad
     # Another instance came: that answer can no longer be the study's.
     assert claim_early_jobs(db, "w", expected, 600.0) == {ran[grew].study_id: None}
     close_quiet_studies(db, NO_QUIET)
-    ids: list[int] = []
-    claims = claim_early_jobs(db, "w", expected, 600.0, report_ids=ids)
+    claims = claim_early_jobs(db, "w", expected, 600.0)
     claim = claims[ran[same].study_id]
     assert claim is not None and claims[ran[grew].study_id] is None
-    assert claim.report_id is not None and ids == [claim.report_id]
+    # Its report id was taken from the installation's sequence with the claim: the next one
+    # handed out follows it.
+    assert list(reserve_report_ids(db, 1)) == [claim.report_id + 1]
     with db.session() as session:
         job = session.get_one(Job, claim.job_id)
         version = session.get_one(StudyVersion, claim.study_version_id)
